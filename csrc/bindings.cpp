@@ -1,0 +1,287 @@
+// The only file that knows about Python: argument checking, GIL release, and mapping pydetox::Error to
+// pydetox.errors.NativeError. Every array is checked here so that bad input raises instead of crashing.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "error.hpp"
+#include "ggml_api.hpp"
+#include "kernels.hpp"
+#include "tensor_edit.hpp"
+
+namespace py = pybind11;
+using pydetox::Error;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using U8 = py::array_t<uint8_t, py::array::c_style>;
+
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// A writable float32 C-contiguous 2-D matrix, edited in place.
+py::array_t<float> matrix(py::array W) {
+    if (!py::isinstance<py::array_t<float>>(W) || W.ndim() != 2 || !(W.flags() & py::array::c_style) ||
+        !W.writeable()) {
+        throw Error("expected a writable float32 C-contiguous 2-D matrix, got dtype " +
+                    std::string(py::str(W.dtype())) + " with shape " + shape_str(W));
+    }
+    return py::reinterpret_borrow<py::array_t<float>>(W);
+}
+
+void expect_shape(const F32& a, std::vector<int64_t> shape, const char* what) {
+    bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+    for (size_t i = 0; ok && i < shape.size(); ++i) ok = a.shape(i) == shape[i];
+    if (!ok) {
+        std::string want = "(";
+        for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+        throw Error(std::string(what) + ": expected shape " + want + (shape.size() == 1 ? ",)" : ")") + ", got " +
+                    shape_str(a));
+    }
+}
+
+int64_t basis_rank(const F32& basis, int64_t n, const char* what) {
+    if (basis.ndim() != 2 || basis.shape(1) != n || basis.shape(0) < 1) {
+        throw Error(std::string(what) + ": expected a basis of shape (k, " + std::to_string(n) + ") with k >= 1, got " +
+                    shape_str(basis));
+    }
+    return basis.shape(0);
+}
+
+const float* gain_ptr(const F32* gain, int64_t k) {
+    if (gain == nullptr) return nullptr;
+    expect_shape(*gain, {k}, "gain");
+    return gain->data();
+}
+
+py::dict stats_dict(const pydetox::TensorStats& st) {
+    py::dict d;
+    d["dequantize_s"] = st.dequantize_s;
+    d["edit_s"] = st.edit_s;
+    d["quantize_s"] = st.quantize_s;
+    d["verify_s"] = st.verify_s;
+    d["norm_orig"] = st.norm_orig;
+    d["norm_delta"] = st.norm_delta;
+    d["norm_quant_err"] = st.norm_quant_err;
+    py::list ops;
+    for (const auto& o : st.ops) {
+        py::dict od;
+        od["removed"] = o.removed;
+        od["survived_f32"] = o.survived_f32;
+        od["survived"] = o.survived;
+        ops.append(od);
+    }
+    d["ops"] = ops;
+    return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "pydetox native core: weight-edit kernels and the tensor pipeline over libggml's quantizers";
+    py::register_exception<Error>(m, "NativeError", py::module_::import("pydetox.errors").attr("PydetoxError"));
+
+    m.def("load_ggml", &pydetox::ggml::load, py::arg("path"));
+    m.def("ggml_loaded", &pydetox::ggml::loaded);
+    m.def(
+        "type_info",
+        [](int type) {
+            const auto& t = pydetox::ggml::traits(type);
+            return py::make_tuple(std::string(t.type_name), t.blck_size, t.type_size, t.is_quantized,
+                                  type == 0 || t.to_float != nullptr);
+        },
+        py::arg("type"));
+    m.def(
+        "requires_imatrix", [](int type) { return pydetox::ggml::api().quantize_requires_imatrix(type); },
+        py::arg("type"));
+    m.def(
+        "check_quantizable", [](int type, int64_t cols) { pydetox::check_quantizable(type, cols); }, py::arg("type"),
+        py::arg("cols"));
+
+    m.def(
+        "project_out",
+        [](py::array W, const F32& basis, std::optional<F32> gain, int threads) {
+            auto w = matrix(W);
+            const int64_t rows = w.shape(0), cols = w.shape(1);
+            const int64_t k = basis_rank(basis, rows, "project_out basis");
+            const float* g = gain_ptr(gain ? &*gain : nullptr, k);
+            float* p = w.mutable_data();
+            py::gil_scoped_release release;
+            pydetox::kernels::project_out(p, rows, cols, basis.data(), k, g, threads);
+        },
+        py::arg("W"), py::arg("basis"), py::arg("gain") = py::none(), py::arg("threads") = 1);
+    m.def(
+        "project_in",
+        [](py::array W, const F32& basis, std::optional<F32> gain, int threads) {
+            auto w = matrix(W);
+            const int64_t rows = w.shape(0), cols = w.shape(1);
+            const int64_t k = basis_rank(basis, cols, "project_in basis");
+            const float* g = gain_ptr(gain ? &*gain : nullptr, k);
+            float* p = w.mutable_data();
+            py::gil_scoped_release release;
+            pydetox::kernels::project_in(p, rows, cols, basis.data(), k, g, threads);
+        },
+        py::arg("W"), py::arg("basis"), py::arg("gain") = py::none(), py::arg("threads") = 1);
+    m.def(
+        "low_rank",
+        [](py::array W, const F32& left, const F32& right, int threads) {
+            auto w = matrix(W);
+            const int64_t rows = w.shape(0), cols = w.shape(1);
+            const int64_t k = basis_rank(left, rows, "low_rank left factor");
+            expect_shape(right, {k, cols}, "low_rank right factor");
+            float* p = w.mutable_data();
+            py::gil_scoped_release release;
+            pydetox::kernels::low_rank(p, rows, cols, left.data(), right.data(), k, threads);
+        },
+        py::arg("W"), py::arg("left"), py::arg("right"), py::arg("threads") = 1);
+    m.def(
+        "scale_rows",
+        [](py::array W, const F32& s, int threads) {
+            auto w = matrix(W);
+            expect_shape(s, {w.shape(0)}, "row scales");
+            float* p = w.mutable_data();
+            py::gil_scoped_release release;
+            pydetox::kernels::scale_rows(p, w.shape(0), w.shape(1), s.data(), threads);
+        },
+        py::arg("W"), py::arg("scales"), py::arg("threads") = 1);
+    m.def(
+        "scale_cols",
+        [](py::array W, const F32& s, int threads) {
+            auto w = matrix(W);
+            expect_shape(s, {w.shape(1)}, "column scales");
+            float* p = w.mutable_data();
+            py::gil_scoped_release release;
+            pydetox::kernels::scale_cols(p, w.shape(0), w.shape(1), s.data(), threads);
+        },
+        py::arg("W"), py::arg("scales"), py::arg("threads") = 1);
+
+    m.def(
+        "dequantize",
+        [](const U8& src, int type, int64_t rows, int64_t cols, int threads) {
+            const size_t need = static_cast<size_t>(rows) * pydetox::ggml::row_bytes(type, cols);
+            if (rows <= 0 || static_cast<size_t>(src.size()) != need) {
+                throw Error("dequantize: " + std::to_string(rows) + " rows of " + std::to_string(cols) + " " +
+                            pydetox::ggml::type_name(type) + " need " + std::to_string(need) + " bytes, got " +
+                            std::to_string(src.size()));
+            }
+            py::array_t<float> out({rows, cols});
+            float* dst = out.mutable_data();
+            {
+                py::gil_scoped_release release;
+                pydetox::dequantize(src.data(), type, rows, cols, dst, threads);
+            }
+            return out;
+        },
+        py::arg("src"), py::arg("type"), py::arg("rows"), py::arg("cols"), py::arg("threads") = 1);
+    m.def(
+        "quantize",
+        [](const F32& W, int type, std::optional<F32> imatrix, int threads) {
+            if (W.ndim() != 2) throw Error("quantize: expected a 2-D matrix, got shape " + shape_str(W));
+            const int64_t rows = W.shape(0), cols = W.shape(1);
+            pydetox::check_quantizable(type, cols);
+            const float* im = nullptr;
+            if (imatrix) {
+                expect_shape(*imatrix, {cols}, "importance matrix");
+                im = imatrix->data();
+            }
+            U8 out(static_cast<py::ssize_t>(rows * pydetox::ggml::row_bytes(type, cols)));
+            uint8_t* dst = out.mutable_data();
+            {
+                py::gil_scoped_release release;
+                pydetox::quantize(W.data(), type, rows, cols, im, dst, threads);
+            }
+            return out;
+        },
+        py::arg("W"), py::arg("type"), py::arg("imatrix") = py::none(), py::arg("threads") = 1);
+
+    m.def(
+        "process_tensor",
+        [](const U8& src, int src_type, int64_t rows, int64_t cols, const py::list& ops, int dst_type,
+           std::optional<F32> imatrix, int threads, bool verify) {
+            if (rows <= 0 || cols <= 0) {
+                throw Error("process_tensor: shape must be positive, got " + std::to_string(rows) + " x " +
+                            std::to_string(cols));
+            }
+            const size_t need = static_cast<size_t>(rows) * pydetox::ggml::row_bytes(src_type, cols);
+            if (static_cast<size_t>(src.size()) != need) {
+                throw Error("process_tensor: " + std::to_string(rows) + " rows of " + std::to_string(cols) + " " +
+                            pydetox::ggml::type_name(src_type) + " need " + std::to_string(need) + " bytes, got " +
+                            std::to_string(src.size()));
+            }
+            pydetox::check_quantizable(dst_type, cols);
+            std::vector<F32> keep;  // owns converted arrays while the pointers below are in use
+            keep.reserve(3 * ops.size());
+            std::vector<pydetox::Op> native;
+            for (const auto& item : ops) {
+                auto t = item.cast<py::tuple>();
+                if (t.size() != 4) throw Error("process_tensor: each op is (kind, a, b, gain)");
+                pydetox::Op op;
+                const int kind = t[0].cast<int>();
+                op.kind = static_cast<pydetox::OpKind>(kind);
+                auto arr = [&](py::handle h) -> const F32* {
+                    if (h.is_none()) return nullptr;
+                    keep.push_back(F32::ensure(h));
+                    if (!keep.back()) throw Error("process_tensor: op arrays must be numeric");
+                    return &keep.back();
+                };
+                const F32* a = arr(t[1]);
+                const F32* b = arr(t[2]);
+                const F32* g = arr(t[3]);
+                if (a == nullptr) throw Error("process_tensor: op " + std::to_string(native.size()) + " has no data");
+                switch (op.kind) {
+                    case pydetox::OpKind::ProjectOut:
+                        op.k = basis_rank(*a, rows, "project_out basis");
+                        break;
+                    case pydetox::OpKind::ProjectIn:
+                        op.k = basis_rank(*a, cols, "project_in basis");
+                        break;
+                    case pydetox::OpKind::LowRank:
+                        op.k = basis_rank(*a, rows, "low_rank left factor");
+                        if (b == nullptr) throw Error("low_rank needs a right factor");
+                        expect_shape(*b, {op.k, cols}, "low_rank right factor");
+                        op.b = b->data();
+                        break;
+                    case pydetox::OpKind::ScaleRows:
+                        expect_shape(*a, {rows}, "row scales");
+                        break;
+                    case pydetox::OpKind::ScaleCols:
+                        expect_shape(*a, {cols}, "column scales");
+                        break;
+                    default:
+                        throw Error("process_tensor: unknown op kind " + std::to_string(kind));
+                }
+                op.a = a->data();
+                if (g != nullptr) {
+                    if (op.kind != pydetox::OpKind::ProjectOut && op.kind != pydetox::OpKind::ProjectIn) {
+                        throw Error("process_tensor: only projections take a gain");
+                    }
+                    op.gain = gain_ptr(g, op.k);
+                }
+                native.push_back(op);
+            }
+            const float* im = nullptr;
+            if (imatrix) {
+                expect_shape(*imatrix, {cols}, "importance matrix");
+                im = imatrix->data();
+            }
+            U8 out(static_cast<py::ssize_t>(rows * pydetox::ggml::row_bytes(dst_type, cols)));
+            uint8_t* dst = out.mutable_data();
+            pydetox::TensorStats st;
+            {
+                py::gil_scoped_release release;
+                st = pydetox::process_tensor(src.data(), src_type, rows, cols, native, dst_type, im, dst, threads,
+                                             verify);
+            }
+            return py::make_tuple(out, stats_dict(st));
+        },
+        py::arg("src"), py::arg("src_type"), py::arg("rows"), py::arg("cols"), py::arg("ops"), py::arg("dst_type"),
+        py::arg("imatrix") = py::none(), py::arg("threads") = 1, py::arg("verify") = true);
+}

@@ -1,0 +1,185 @@
+"""The `pydetox` command. Heavy imports happen inside each subcommand, so `pydetox --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from pathlib import Path
+
+from pydetox import __version__
+from pydetox.errors import PydetoxError
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from pydetox.assets import ASSETS, fetch
+
+    if args.list:
+        for a in ASSETS.values():
+            print(f"{a.name:<24} {a.description} [{a.licence}]")
+        return 0
+    if not args.name:
+        raise PydetoxError("name an asset to fetch, or pass --list")
+    print(fetch(args.name, cache=args.cache))
+    return 0
+
+
+def _cmd_plan_random(args: argparse.Namespace) -> int:
+    from pydetox.assets import resolve_model
+    from pydetox.gguf_io import ModelFile
+    from pydetox.plan import EditKind, random_plan
+
+    path = resolve_model(args.model)
+    with ModelFile(path) as model:
+        shapes = [(n, t.shape) for n, t in model.tensors.items() if len(t.ne) == 2 and fnmatch.fnmatchcase(n, args.tensors)]
+        arch = model.arch
+        name = model.get_str("general.name") or path.name
+    if not shapes:
+        raise PydetoxError(f"no 2-D tensor of {path} matches {args.tensors!r}")
+    plan = random_plan(arch, shapes, EditKind(args.kind), args.rank, args.seed, model=name)
+    plan.save(args.output)
+    print(f"wrote {args.output}: {len(plan.edits)} {args.kind} edits of rank {args.rank} for {arch}")
+    return 0
+
+
+def _apply_options(args: argparse.Namespace) -> object:
+    from pydetox import ggml
+    from pydetox.apply import ApplyOptions
+
+    return ApplyOptions(
+        ftype=ggml.parse_ftype(args.type) if args.type else None,
+        threads=args.threads,
+        imatrix=args.imatrix,
+        verify=not args.no_verify,
+        overwrite=args.force,
+        progress=not args.quiet,
+    )
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from pydetox.apply import apply_plan
+    from pydetox.assets import resolve_model
+    from pydetox.plan import EditPlan
+
+    plan = None if args.plan == "-" else EditPlan.load(args.plan)
+    report = apply_plan(plan, resolve_model(args.model), args.output, _apply_options(args), plan_path=None if plan is None else args.plan)  # type: ignore[arg-type]
+    print(report.table())
+    if args.report:
+        report.write_json(args.report)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from pydetox.gguf_io import ModelFile
+
+    with ModelFile(args.model) as model:
+        types: dict[str, int] = {}
+        for t in model.tensors.values():
+            types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+        info = {
+            "path": str(model.path),
+            "arch": model.arch,
+            "name": model.get_str("general.name"),
+            "bytes": model.size,
+            "tensors": len(model.tensors),
+            "types": types,
+            "pydetox": {k: model.get_field(k) for k in model.reader.fields if k.startswith("pydetox.")},
+        }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The main job until discovery lands: fetch the bundled model, apply a random rank-8 projection plan to every
+    ffn_down and attn_output while requantizing to Q4_K_M, report leakage and timings, and generate from both
+    files with llama.cpp to show the output runs."""
+    from pydetox import ggml
+    from pydetox.apply import ApplyOptions, apply_plan
+    from pydetox.assets import fetch
+    from pydetox.gguf_io import ModelFile
+    from pydetox.plan import EditKind, random_plan
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = fetch("smollm2-135m-instruct")
+    with ModelFile(src) as model:
+        shapes = [(n, t.shape) for n, t in model.tensors.items() if n.endswith(("ffn_down.weight", "attn_output.weight"))]
+        arch = model.arch
+    plan = random_plan(arch, shapes, EditKind.PROJECT_OUT, rank=8, seed=0, model=src.name)
+    plan_path = plan.save(out / "random-rank8.plan.gguf")
+    dst = out / "smollm2-135m-instruct.random-rank8.Q4_K_M.gguf"
+    report = apply_plan(plan, src, dst, ApplyOptions(ftype=ggml.parse_ftype("Q4_K_M"), overwrite=True), plan_path=plan_path)
+    report.write_json(out / "apply-report.json")
+    print(report.table())
+    print(f"\nwrote {dst} and {out / 'apply-report.json'}")
+    print("note: the plan is random (a test of the engine), not a detox; `pydetox detox` will replace this demo.\n")
+
+    from pydetox.runtime import load_llama
+
+    prompt = "The capital of France is"
+    for path in (src, dst):
+        llm = load_llama(path, n_ctx=128, seed=0)
+        text = llm(prompt, max_tokens=16, temperature=0.0)["choices"][0]["text"]  # type: ignore[index]
+        print(f"llama.cpp, {path.name}, greedy: {prompt!r} -> {text!r}")
+        del llm
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pydetox", description=__doc__)
+    p.add_argument("--version", action="version", version=f"pydetox {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch", help="download a named real asset into the cache and print its path")
+    f.add_argument("name", nargs="?", help="asset name (see --list)")
+    f.add_argument("--list", action="store_true", help="list the known assets")
+    f.add_argument("--cache", help="cache folder (default: $PYDETOX_CACHE or ~/.cache/pydetox)")
+    f.set_defaults(func=_cmd_fetch)
+
+    pl = sub.add_parser("plan", help="make edit plans without discovery")
+    plsub = pl.add_subparsers(dest="plan_command", required=True)
+    r = plsub.add_parser("random", help="a plan of random edits, for tests and benchmarks")
+    r.add_argument("--model", required=True, help="GGUF file or asset name the plan is for")
+    r.add_argument("--tensors", required=True, help="glob over tensor names, e.g. 'blk.*.ffn_down.weight'")
+    r.add_argument("--rank", type=int, default=8, help="directions per tensor (default 8)")
+    r.add_argument("--kind", default="project_out", choices=["project_out", "project_in", "low_rank", "scale_rows", "scale_cols"])
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("-o", "--output", required=True, help="plan file to write")
+    r.set_defaults(func=_cmd_plan_random)
+
+    a = sub.add_parser("apply", help="apply an edit plan to a GGUF and write a new GGUF")
+    a.add_argument("plan", help="edit plan file ('-' for none: only requantize)")
+    a.add_argument("model", help="input GGUF file or asset name")
+    a.add_argument("-o", "--output", required=True, help="output GGUF file")
+    a.add_argument("--type", help="requantize the whole model like llama-quantize (Q4_K_M, Q8_0, F16, ...)")
+    a.add_argument("--threads", type=int, help="threads (default: all cores)")
+    a.add_argument("--imatrix", help="importance matrix from llama-imatrix (needed by IQ1/IQ2/IQ3_XXS types)")
+    a.add_argument("--report", help="write the JSON report here")
+    a.add_argument("--no-verify", action="store_true", help="skip the leakage measurement")
+    a.add_argument("--force", action="store_true", help="replace an existing output file")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_cmd_apply)
+
+    i = sub.add_parser("info", help="print a GGUF's architecture, tensor types and pydetox provenance as JSON")
+    i.add_argument("model")
+    i.set_defaults(func=_cmd_info)
+
+    d = sub.add_parser("demo", help="run the engine end to end on the bundled SmolLM2 model")
+    d.add_argument("--out", default="pydetox-demo", help="output folder (default ./pydetox-demo)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PydetoxError as exc:
+        print(f"pydetox: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Edit plans: what to change in which tensor, as one small, versioned, portable file.
+
+A plan is the output of discovery and the input of `pydetox apply`. It holds bases and vectors, never full
+matrices, names the architecture and the (rows, cols) shape of every tensor it edits, and is refused by a model it
+does not fit. On disk it is a GGUF file of its own (like repeng's `ControlVector.export_gguf`): the edit list is
+JSON metadata, the arrays are F32 tensors, and loading it executes no code.
+
+Edit kinds (W is a tensor as a (rows, cols) matrix, torch's (out, in)):
+- project_out: W <- (I - U^T diag(1 - g) U) W, U (k, rows) orthonormal: remove (g = 0) or damp a subspace of what
+  the matrix writes (GloSS, ProFS on down-projections).
+- project_in: W <- W (I - V^T diag(1 - g) V), V (k, cols) orthonormal: the same on what the matrix reads. With V the
+  top right singular vectors of the output layer and g the damping, this is EigenShift's spectral edit, stored as
+  k x d numbers instead of a vocab x d matrix.
+- low_rank: W <- W + L^T R, L (k, rows), R (k, cols): rank-one edits (TRNE).
+- scale_rows / scale_cols: W <- diag(s) W / W diag(s): neuron gains (AurA, Meow2X).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import numpy.typing as npt
+
+from pydetox import __version__
+from pydetox.errors import PlanError, PlanMismatchError
+
+PLAN_VERSION = 1
+PLAN_TYPE = "pydetox.edit_plan"  # general.type of a plan file
+KEY_VERSION = "pydetox.plan.version"
+KEY_METHOD = "pydetox.plan.method"
+KEY_PARAMS = "pydetox.plan.params"
+KEY_EDITS = "pydetox.plan.edits"
+KEY_MODEL = "pydetox.plan.model"
+KEY_TOOL = "pydetox.version"
+
+# How far from orthonormal a basis may be (max |B B^T - I|): float32 round-off of a QR is ~1e-6.
+ORTHONORMAL_TOL = 1e-3
+
+Array = npt.NDArray[np.float32]
+
+
+class EditKind(str, Enum):
+    PROJECT_OUT = "project_out"
+    PROJECT_IN = "project_in"
+    LOW_RANK = "low_rank"
+    SCALE_ROWS = "scale_rows"
+    SCALE_COLS = "scale_cols"
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """How one edit kind is checked and handed to the native core."""
+
+    native_id: int  # pydetox::OpKind
+    shapes: Callable[[int, int, int], dict[str, tuple[int, ...]]]  # (rows, cols, k) -> expected array shapes
+    orthonormal: bool  # `a` must have orthonormal rows
+    takes_gain: bool
+
+
+EDIT_KINDS: dict[EditKind, KindSpec] = {}
+
+
+def register_kind(kind: EditKind, spec: KindSpec) -> None:
+    EDIT_KINDS[kind] = spec
+
+
+register_kind(EditKind.PROJECT_OUT, KindSpec(0, lambda r, c, k: {"a": (k, r), "gain": (k,)}, True, True))
+register_kind(EditKind.PROJECT_IN, KindSpec(1, lambda r, c, k: {"a": (k, c), "gain": (k,)}, True, True))
+register_kind(EditKind.LOW_RANK, KindSpec(2, lambda r, c, k: {"a": (k, r), "b": (k, c)}, False, False))
+register_kind(EditKind.SCALE_ROWS, KindSpec(3, lambda r, c, k: {"a": (r,)}, False, False))
+register_kind(EditKind.SCALE_COLS, KindSpec(4, lambda r, c, k: {"a": (c,)}, False, False))
+
+
+@dataclass(frozen=True, eq=False)
+class Edit:
+    """One change to one tensor.
+
+    `source` names the tensor an absent `tensor` is created from: an output-layer edit on a model with tied
+    embeddings (no output.weight) starts from token_embd.weight and adds a separate output tensor.
+    """
+
+    tensor: str
+    kind: EditKind
+    shape: tuple[int, int]
+    a: Array
+    b: Array | None = None
+    gain: Array | None = None
+    source: str | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0]) if self.a.ndim == 2 else 0
+
+    def arrays(self) -> dict[str, Array]:
+        out = {"a": self.a}
+        if self.b is not None:
+            out["b"] = self.b
+        if self.gain is not None:
+            out["gain"] = self.gain
+        return out
+
+    def native(self) -> tuple[int, Array, Array | None, Array | None]:
+        return (EDIT_KINDS[self.kind].native_id, self.a, self.b, self.gain)
+
+    def validate(self) -> None:
+        where = f"edit of {self.tensor} ({self.kind.value})"
+        spec = EDIT_KINDS.get(self.kind)
+        if spec is None:
+            raise PlanError(f"{where}: unknown kind")
+        rows, cols = self.shape
+        if rows <= 0 or cols <= 0:
+            raise PlanError(f"{where}: shape must be positive, got {self.shape}")
+        expected = spec.shapes(rows, cols, self.rank)
+        for name, arr in self.arrays().items():
+            if name not in expected:
+                raise PlanError(f"{where}: kind takes no {name!r} array")
+            if arr.shape != expected[name] or (self.rank == 0 and arr.ndim == 2):
+                raise PlanError(f"{where}: array {name!r} should have shape {expected[name]}, got {arr.shape}")
+            if not np.all(np.isfinite(arr)):
+                raise PlanError(f"{where}: array {name!r} holds NaN or inf values")
+        if "b" in expected and self.b is None:
+            raise PlanError(f"{where}: needs a right factor 'b'")
+        if spec.orthonormal:
+            a64 = self.a.astype(np.float64)
+            err = float(np.abs(a64 @ a64.T - np.eye(self.rank)).max())
+            if err > ORTHONORMAL_TOL:
+                raise PlanError(
+                    f"{where}: basis rows must be orthonormal (max |B B^T - I| <= {ORTHONORMAL_TOL}), got {err:.3g}; "
+                    "orthonormalise it (e.g. numpy.linalg.qr) before saving"
+                )
+
+
+@dataclass(eq=False)
+class EditPlan:
+    """A list of edits for one model, with the method and parameters that produced it."""
+
+    arch: str
+    edits: list[Edit]
+    method: str = "manual"
+    params: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    tool: str = f"pydetox {__version__}"
+    version: int = PLAN_VERSION
+
+    def validate(self) -> None:
+        if not self.edits:
+            raise PlanError("the plan has no edits")
+        for e in self.edits:
+            e.validate()
+
+    @property
+    def tensors(self) -> list[str]:
+        return list(dict.fromkeys(e.tensor for e in self.edits))
+
+    def for_tensor(self, name: str) -> list[Edit]:
+        return [e for e in self.edits if e.tensor == name]
+
+    def check_fits(self, arch: str, shapes: dict[str, tuple[int, int]]) -> None:
+        """Refuse a model whose architecture or tensor shapes differ from the ones the plan was made for."""
+        if arch != self.arch:
+            raise PlanMismatchError(f"plan was made for architecture {self.arch!r}, the model is {arch!r}")
+        for e in self.edits:
+            found = shapes.get(e.tensor)
+            if found is None and e.source is not None:
+                found = shapes.get(e.source)
+                if found is None:
+                    raise PlanMismatchError(f"plan edits {e.tensor!r} (from {e.source!r}); the model has neither")
+            if found is None:
+                raise PlanMismatchError(f"plan edits tensor {e.tensor!r}, which the model does not have")
+            if found != e.shape:
+                raise PlanMismatchError(
+                    f"plan edits {e.tensor!r} as a {e.shape[0]}x{e.shape[1]} matrix, the model's is {found[0]}x{found[1]}"
+                )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the plan (atomically: a temporary file renamed when complete)."""
+        self.validate()
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        writer = gguf.GGUFWriter(tmp, self.arch)
+        writer.add_type(PLAN_TYPE)
+        writer.add_uint32(KEY_VERSION, self.version)
+        writer.add_string(KEY_METHOD, self.method)
+        writer.add_string(KEY_PARAMS, json.dumps(self.params, sort_keys=True))
+        writer.add_string(KEY_MODEL, self.model)
+        writer.add_string(KEY_TOOL, self.tool)
+        index = []
+        for i, e in enumerate(self.edits):
+            arrays = {}
+            for name, arr in e.arrays().items():
+                tname = f"edit.{i}.{name}"
+                writer.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float32))
+                arrays[name] = tname
+            index.append({"tensor": e.tensor, "kind": e.kind.value, "shape": list(e.shape), "source": e.source, "arrays": arrays})
+        writer.add_string(KEY_EDITS, json.dumps(index))
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EditPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"expected an edit plan file at {path}, found nothing")
+        try:
+            reader = gguf.GGUFReader(path, "r")
+            fields = {name: f for name, f in reader.fields.items()}
+
+            def get(key: str) -> Any:
+                if key not in fields:
+                    raise PlanError(f"{path} is not a pydetox edit plan: key {key!r} is missing")
+                return fields[key].contents()
+
+            if get(gguf.Keys.General.TYPE) != PLAN_TYPE:
+                raise PlanError(f"{path} is a GGUF but not a pydetox edit plan (general.type is {get(gguf.Keys.General.TYPE)!r})")
+            version = int(get(KEY_VERSION))
+            if version > PLAN_VERSION or version < 1:
+                raise PlanError(f"{path} is plan format version {version}; this pydetox reads versions 1..{PLAN_VERSION}")
+            arrays = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+            index = json.loads(get(KEY_EDITS))
+            edits = []
+            for item in index:
+                named = {k: arrays[v] for k, v in item["arrays"].items()}
+                edits.append(
+                    Edit(
+                        tensor=str(item["tensor"]),
+                        kind=EditKind(item["kind"]),
+                        shape=(int(item["shape"][0]), int(item["shape"][1])),
+                        a=named["a"],
+                        b=named.get("b"),
+                        gain=named.get("gain"),
+                        source=None if item.get("source") is None else str(item["source"]),
+                    )
+                )
+            plan = cls(
+                arch=str(get(gguf.Keys.General.ARCHITECTURE)),
+                edits=edits,
+                method=str(get(KEY_METHOD)),
+                params=json.loads(get(KEY_PARAMS)),
+                model=str(get(KEY_MODEL)),
+                tool=str(get(KEY_TOOL)),
+                version=version,
+            )
+        except PlanError:
+            raise
+        except Exception as exc:  # corrupt GGUF, bad JSON, missing arrays, wrong types: all one clear error
+            raise PlanError(f"{path} is not a readable edit plan ({type(exc).__name__}: {exc})") from exc
+        plan.validate()
+        return plan
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def random_orthonormal(rng: np.random.Generator, k: int, n: int) -> Array:
+    """k orthonormal rows of length n (QR of a Gaussian matrix)."""
+    if k > n:
+        raise PlanError(f"cannot make {k} orthonormal directions in dimension {n}")
+    q, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    return np.ascontiguousarray(q.T, dtype=np.float32)
+
+
+def random_plan(
+    arch: str, shapes: Iterable[tuple[str, tuple[int, int]]], kind: EditKind, rank: int, seed: int = 0, model: str = ""
+) -> EditPlan:
+    """A plan of random edits (orthonormal bases, small low-rank factors, gains near 1) for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    edits = []
+    for name, (rows, cols) in shapes:
+        if kind is EditKind.PROJECT_OUT:
+            edits.append(Edit(name, kind, (rows, cols), random_orthonormal(rng, rank, rows)))
+        elif kind is EditKind.PROJECT_IN:
+            edits.append(Edit(name, kind, (rows, cols), random_orthonormal(rng, rank, cols)))
+        elif kind is EditKind.LOW_RANK:
+            scale = 0.01 / np.sqrt(rank)
+            a = (rng.standard_normal((rank, rows)) * scale).astype(np.float32)
+            b = (rng.standard_normal((rank, cols)) * scale).astype(np.float32)
+            edits.append(Edit(name, kind, (rows, cols), a, b))
+        elif kind is EditKind.SCALE_ROWS:
+            edits.append(Edit(name, kind, (rows, cols), rng.uniform(0.5, 1.0, rows).astype(np.float32)))
+        else:
+            edits.append(Edit(name, kind, (rows, cols), rng.uniform(0.5, 1.0, cols).astype(np.float32)))
+    params = {"kind": kind.value, "rank": rank, "seed": seed}
+    return EditPlan(arch=arch, edits=edits, method="random", params=params, model=model)
