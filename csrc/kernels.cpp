@@ -147,8 +147,12 @@ void gram_in(const float* W, int64_t rows, int64_t cols, const float* Vt, int64_
 void gram_out(const float* W, int64_t rows, int64_t cols, const float* U, int64_t k, float* C, int nthreads) {
     // Columns are split over threads so each thread owns its slice of C: no reduction, and the result does not
     // depend on the thread count.
-    parallel_for(cols, nthreads, kMinCols,
-                 [&](int64_t b, int64_t e) { col_gram(W, rows, cols, b, e, U, k, C); });
+    // Threads split whole vectors of columns, so a column takes the vector or the scalar-tail path by its own
+    // index, never by where a thread's range happens to end.
+    const int64_t nvec = (cols + VW - 1) / VW;
+    parallel_for(nvec, nthreads, kMinCols / VW, [&](int64_t b, int64_t e) {
+        col_gram(W, rows, cols, b * VW, std::min(cols, e * VW), U, k, C);
+    });
 }
 
 void project_in(float* W, int64_t rows, int64_t cols, const float* Vt, int64_t k, const float* gain, int nthreads) {

@@ -72,6 +72,15 @@ class ModelFile:
             self.reader = gguf.GGUFReader(self.path, "r")
         except Exception as exc:  # gguf-py raises ValueError, IndexError, struct and Unicode errors on bad input
             raise GGUFFileError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+        # Decode every metadata value now: a damaged string or array is refused here, before anything is written.
+        self.metadata: dict[str, Any] = {}
+        for key, fld in self.reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                self.metadata[key] = fld.contents()
+            except Exception as exc:
+                raise GGUFFileError(f"{self.path}: metadata key {key!r} cannot be decoded ({type(exc).__name__}: {exc})") from exc
         self.tensors: dict[str, TensorEntry] = {}
         for t in self.reader.tensors:
             try:
@@ -96,13 +105,7 @@ class ModelFile:
         self._fd: int | None = None
 
     def get_field(self, key: str) -> Any:
-        field = self.reader.get_field(key)
-        if field is None:
-            return None
-        try:
-            return field.contents()
-        except Exception as exc:
-            raise GGUFFileError(f"{self.path}: metadata key {key!r} cannot be decoded ({exc})") from exc
+        return self.metadata.get(key)
 
     def get_str(self, key: str) -> str | None:
         value = self.get_field(key)
@@ -181,20 +184,19 @@ class OutTensor:
     n_bytes: int
 
 
-def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, replace: dict[str, tuple[Any, gguf.GGUFValueType]]) -> None:
+def _copy_metadata(model: ModelFile, writer: gguf.GGUFWriter, replace: dict[str, tuple[Any, gguf.GGUFValueType]]) -> None:
     # Follows gguf-py's scripts/gguf_new_metadata.py: copy every field but the virtual GGUF.* ones and the
     # architecture (GGUFWriter writes it), replacing the values named in `replace`.
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+    for name, value in model.metadata.items():
+        if name == gguf.Keys.General.ARCHITECTURE or name in replace:
             continue
-        if field.name in replace:
+        if name == gguf.Keys.General.ALIGNMENT:
+            writer.add_custom_alignment(int(value))
             continue
-        if field.name == gguf.Keys.General.ALIGNMENT:
-            writer.add_custom_alignment(int(field.contents()))
-            continue
+        field = model.reader.fields[name]
         val_type = field.types[0]
         sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+        writer.add_key_value(name, value, val_type, sub_type=sub_type)
     for key, (value, vtype) in replace.items():
         writer.add_key_value(key, value, vtype)
 
@@ -218,9 +220,10 @@ class AtomicGGUFWriter:
         folder = self.dest.parent
         if not folder.is_dir():
             raise OutputError(f"output folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise OutputError(f"output folder {folder} is not writable")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=folder)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise OutputError(f"cannot create a file in output folder {folder}: {exc.strerror}") from exc
         os.close(fd)
         self.tmp = Path(tmp)
         self._committed = False
@@ -235,7 +238,7 @@ class AtomicGGUFWriter:
         self, source: ModelFile, tensors: Sequence[OutTensor], metadata: dict[str, tuple[Any, gguf.GGUFValueType]]
     ) -> None:
         writer = gguf.GGUFWriter(self.tmp, source.arch)
-        _copy_metadata(source.reader, writer, metadata)
+        _copy_metadata(source, writer, metadata)
         for t in tensors:
             # numpy order (reversed ne); dtype float32 tells GGUFWriter the shape is in elements, raw_dtype the type.
             writer.add_tensor_info(t.name, tuple(reversed(t.ne)), np.dtype(np.float32), t.n_bytes, raw_dtype=t.qtype)

@@ -222,8 +222,10 @@ class EditPlan:
             reader = gguf.GGUFReader(path, "r")
             fields = {name: f for name, f in reader.fields.items()}
 
-            def get(key: str) -> Any:
+            def get(key: str, default: Any = None) -> Any:
                 if key not in fields:
+                    if default is not None:
+                        return default
                     raise PlanError(f"{path} is not a pydetox edit plan: key {key!r} is missing")
                 return fields[key].contents()
 
@@ -251,10 +253,10 @@ class EditPlan:
             plan = cls(
                 arch=str(get(gguf.Keys.General.ARCHITECTURE)),
                 edits=edits,
-                method=str(get(KEY_METHOD)),
+                method=str(get(KEY_METHOD, "")),
                 params=json.loads(get(KEY_PARAMS)),
-                model=str(get(KEY_MODEL)),
-                tool=str(get(KEY_TOOL)),
+                model=str(get(KEY_MODEL, "")),  # GGUFWriter drops empty strings
+                tool=str(get(KEY_TOOL, "")),
                 version=version,
             )
         except PlanError:

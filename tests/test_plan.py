@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from pydetox.errors import PlanError, PlanMismatchError
+from pydetox.plan import PLAN_VERSION, Edit, EditKind, EditPlan, random_orthonormal, random_plan
+
+SHAPES = [("blk.0.ffn_down.weight", (256, 512)), ("blk.0.attn_output.weight", (256, 256))]
+
+
+@pytest.mark.parametrize("kind", list(EditKind))
+def test_round_trip_every_kind(tmp_path: Path, kind: EditKind) -> None:
+    plan = random_plan("llama", SHAPES, kind, rank=3, seed=1, model="tiny")
+    path = plan.save(tmp_path / "p.gguf")
+    back = EditPlan.load(path)
+    assert (back.arch, back.method, back.params, back.model, back.version) == ("llama", "random", plan.params, "tiny", PLAN_VERSION)
+    for a, b in zip(plan.edits, back.edits):
+        assert (a.tensor, a.kind, a.shape, a.source) == (b.tensor, b.kind, b.shape, b.source)
+        for name, arr in a.arrays().items():
+            np.testing.assert_array_equal(arr, b.arrays()[name])
+    # small: bases and vectors, not matrices
+    assert path.stat().st_size < 4 * 3 * (256 + 512) * 4 + 16_384
+
+
+def test_gain_and_source_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    e = Edit("output.weight", EditKind.PROJECT_IN, (300, 64), random_orthonormal(rng, 4, 64),
+             gain=np.full(4, 0.1, np.float32), source="token_embd.weight")
+    back = EditPlan.load(EditPlan("llama", [e]).save(tmp_path / "p.gguf")).edits[0]
+    assert back.source == "token_embd.weight"
+    np.testing.assert_array_equal(back.gain, e.gain)
+
+
+def _edit(**kw: object) -> Edit:
+    base: dict[str, object] = {"tensor": "t", "kind": EditKind.PROJECT_OUT, "shape": (8, 4),
+                               "a": np.eye(8, dtype=np.float32)[:2]}
+    base.update(kw)
+    return Edit(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_edit(a=np.full((2, 8), np.nan, np.float32)), "NaN or inf"),
+        (_edit(a=np.ones((2, 8), np.float32)), "orthonormal"),
+        (_edit(a=np.eye(4, dtype=np.float32)[:2]), r"should have shape \(2, 8\)"),
+        (_edit(gain=np.zeros(3, np.float32)), r"'gain' should have shape \(2,\)"),
+        (_edit(kind=EditKind.LOW_RANK, a=np.ones((2, 8), np.float32)), "right factor"),
+        (_edit(kind=EditKind.SCALE_ROWS, a=np.ones(8, np.float32), b=np.ones(4, np.float32)), "takes no 'b'"),
+        (_edit(shape=(0, 4)), "positive"),
+    ],
+)
+def test_invalid_edits_are_refused(tmp_path: Path, edit: Edit, match: str) -> None:
+    with pytest.raises(PlanError, match=match):
+        EditPlan("llama", [edit]).save(tmp_path / "p.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_fits() -> None:
+    plan = random_plan("llama", SHAPES, EditKind.PROJECT_OUT, rank=2)
+    shapes = dict(SHAPES)
+    plan.check_fits("llama", shapes)
+    with pytest.raises(PlanMismatchError, match="architecture 'llama', the model is 'gemma3'"):
+        plan.check_fits("gemma3", shapes)
+    with pytest.raises(PlanMismatchError, match="does not have"):
+        plan.check_fits("llama", {"blk.0.ffn_down.weight": (256, 512)})
+    with pytest.raises(PlanMismatchError, match="as a 256x512 matrix, the model's is 576x1536"):
+        plan.check_fits("llama", {**shapes, "blk.0.ffn_down.weight": (576, 1536)})
+
+
+def test_newer_version_and_foreign_files_are_refused(tmp_path: Path) -> None:
+    plan = random_plan("llama", SHAPES, EditKind.SCALE_COLS, rank=1)
+    plan.version = PLAN_VERSION + 1
+    path = plan.save(tmp_path / "future.gguf")
+    with pytest.raises(PlanError, match=f"version {PLAN_VERSION + 1}"):
+        EditPlan.load(path)
+    model = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(model, "llama")
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(PlanError, match="not a pydetox edit plan"):
+        EditPlan.load(model)
+    (tmp_path / "junk").write_bytes(b"not a gguf at all")
+    with pytest.raises(PlanError, match="not a readable edit plan"):
+        EditPlan.load(tmp_path / "junk")
+    with pytest.raises(PlanError, match="found nothing"):
+        EditPlan.load(tmp_path / "missing")
