@@ -1,7 +1,7 @@
 """`pydetox apply --type Q4_K_M` of a random rank-8 plan on every ffn_down and attn_output of SmolLM2-135M-Instruct
 against llama.cpp's own `llama_model_quantize` producing Q4_K_M from the same F16 input, both on all cores, in the
 same run; and peak memory of apply against the model size, each measured in a fresh process.
-Run: python -m pytest bench/bench_apply.py -s"""
+Run: pytest bench/bench_apply.py -s"""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _child_peak_rss(code: str) -> int:
     # VmHWM, not getrusage: Linux carries ru_maxrss over fork + exec, so a child started from a big pytest process
     # would report the parent's peak.
     tail = "; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-    proc = subprocess.run([sys.executable, "-c", code + tail], check=True, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code + tail], check=True, capture_output=True, text=True, cwd="/")
     return int(proc.stdout.strip().splitlines()[-1]) * 1024
 
 

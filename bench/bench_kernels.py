@@ -1,5 +1,5 @@
 """Edit kernels on a 4096 x 11008 float32 matrix (a 7B model's down-projection), k = 16, against numpy + OpenBLAS
-doing the same edit in place with the fewest temporaries. Run: python -m pytest bench/bench_kernels.py"""
+doing the same edit in place with the fewest temporaries. Run: pytest bench/bench_kernels.py"""
 
 from __future__ import annotations
 

@@ -196,7 +196,9 @@ def apply_plan(
             qtype = targets[name]
             work.append((OutTensor(name, qtype, entry.ne, _nbytes(qtype, entry.ne)), entry, edits_by_tensor.pop(name, [])))
         for name, edits in edits_by_tensor.items():  # tensors the plan creates (tied output layer)
-            source = model.tensors[edits[0].source]  # check_fits made sure it exists
+            source_name = edits[0].source
+            assert source_name is not None  # check_fits refuses an absent tensor without a source
+            source = model.tensors[source_name]
             qtype = targets[source.name]
             work.append((OutTensor(name, qtype, source.ne, _nbytes(qtype, source.ne)), source, edits))
 
@@ -314,7 +316,7 @@ def _process(
         delta = st["norm_delta"]
         report.rel_edit = delta / st["norm_orig"] if st["norm_orig"] > 0 else None
         report.quant_noise_to_edit = st["norm_quant_err"] / delta if delta > 0 else None
-        for e, s in zip(edits, st["ops"]):
+        for e, s in zip(edits, st["ops"], strict=True):
             removed = s["removed"]
             projection = e.kind.value.startswith("project")
             report.edits.append(

@@ -7,9 +7,13 @@ import fnmatch
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydetox import __version__
 from pydetox.errors import PydetoxError
+
+if TYPE_CHECKING:
+    from pydetox.apply import ApplyOptions
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -43,7 +47,7 @@ def _cmd_plan_random(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_options(args: argparse.Namespace) -> object:
+def _apply_options(args: argparse.Namespace) -> ApplyOptions:
     from pydetox import ggml
     from pydetox.apply import ApplyOptions
 
@@ -63,7 +67,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from pydetox.plan import EditPlan
 
     plan = None if args.plan == "-" else EditPlan.load(args.plan)
-    report = apply_plan(plan, resolve_model(args.model), args.output, _apply_options(args), plan_path=None if plan is None else args.plan)  # type: ignore[arg-type]
+    report = apply_plan(plan, resolve_model(args.model), args.output, _apply_options(args), plan_path=None if plan is None else args.plan)
     print(report.table())
     if args.report:
         report.write_json(args.report)
@@ -121,7 +125,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     prompt = "The capital of France is"
     for path in (src, dst):
         llm = load_llama(path, n_ctx=128, seed=0)
-        text = llm(prompt, max_tokens=16, temperature=0.0)["choices"][0]["text"]  # type: ignore[index]
+        text = llm(prompt, max_tokens=16, temperature=0.0)["choices"][0]["text"]
         print(f"llama.cpp, {path.name}, greedy: {prompt!r} -> {text!r}")
         del llm
     return 0

@@ -17,7 +17,7 @@ import gguf
 
 from pydetox.errors import RuntimeUnavailableError, UnsupportedTypeError
 
-Q = gguf.GGMLQuantizationType
+Q = gguf.GGMLQuantizationType  # an alias for brevity
 
 # Whole-model targets of `--type`, as llama-quantize names them. They map onto llama.cpp's `llama_ftype`, which
 # gguf-py mirrors as LlamaFileType (MOSTLY_Q4_K_M, ...); ALL_F32 is llama-quantize's "F32".
@@ -83,7 +83,7 @@ def type_info(qtype: gguf.GGMLQuantizationType) -> TypeInfo:
 def parse_type(name: str) -> gguf.GGMLQuantizationType:
     """A tensor type from its name (case-insensitive), e.g. 'q4_k' -> Q4_K."""
     try:
-        return Q[name.upper()]
+        return gguf.GGMLQuantizationType[name.upper()]
     except KeyError:
         known = ", ".join(t.name for t in Q)
         raise UnsupportedTypeError(f"unknown tensor type {name!r}; expected one of: {known}") from None

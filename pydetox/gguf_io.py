@@ -120,9 +120,10 @@ class ModelFile:
                     f"but the file has {self.size} bytes"
                 )
             self.tensors[t.name] = entry
-        self.arch = self.get_str(gguf.Keys.General.ARCHITECTURE)
-        if self.arch is None:
+        arch = self.get_str(gguf.Keys.General.ARCHITECTURE)
+        if arch is None:
             raise GGUFFileError(f"{self.path} has no {gguf.Keys.General.ARCHITECTURE} key; not a model GGUF")
+        self.arch: str = arch
         self._fd: int | None = None
 
     def get_field(self, key: str) -> Any:
@@ -137,7 +138,7 @@ class ModelFile:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         buf = np.empty(entry.n_bytes, dtype=np.uint8)
-        view = memoryview(buf)
+        view = memoryview(buf.data)
         done = 0
         while done < entry.n_bytes:
             n = os.preadv(self._fd, [view[done:]], entry.offset + done)
@@ -294,7 +295,8 @@ class AtomicGGUFWriter:
         self._pwrite(self.offsets[name], data)
 
     def _pwrite(self, pos: int, data: npt.NDArray[np.uint8] | bytes) -> None:
-        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else data)
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data if isinstance(data, np.ndarray) else data
+        view = memoryview(raw)
         try:
             while len(view):
                 n = os.pwrite(self.fd, view, pos)

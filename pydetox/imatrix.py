@@ -7,6 +7,7 @@ are divided by ncall as `llama-quantize` does when it loads them).
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -23,7 +24,7 @@ class ImatrixError(PydetoxError):
     """An importance matrix file cannot be read."""
 
 
-def load_imatrix(path: str | Path) -> Imatrix:
+def load_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     path = Path(path)
     if not path.is_file():
         raise ImatrixError(f"expected an importance matrix file at {path}, found nothing")
@@ -84,5 +85,5 @@ def _load_legacy(path: Path) -> Imatrix:
             raise ImatrixError(f"{path}: entry {name!r} claims {nval} values past the end of the file")
         values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
         pos += 4 * nval
-        out[name] = values / ncall if ncall > 0 else values
+        out[name] = (values / ncall).astype(np.float32) if ncall > 0 else values
     return out

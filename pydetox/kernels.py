@@ -39,8 +39,12 @@ def _target(W: npt.ArrayLike, inplace: bool) -> FloatArray:
     return np.array(W, dtype=np.float32, order="C", copy=True)
 
 
-def _vec(x: npt.ArrayLike | None) -> FloatArray | None:
-    return None if x is None else np.ascontiguousarray(x, dtype=np.float32)
+def _vec(x: npt.ArrayLike) -> FloatArray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _opt(x: npt.ArrayLike | None) -> FloatArray | None:
+    return None if x is None else _vec(x)
 
 
 def project_out(
@@ -49,7 +53,7 @@ def project_out(
 ) -> FloatArray:
     """(I - U^T diag(1 - gain) U) W for an orthonormal basis U of shape (k, rows)."""
     out = _target(W, inplace)
-    _core.project_out(out, _vec(basis), _vec(gain), _threads(threads))
+    _core.project_out(out, _vec(basis), _opt(gain), _threads(threads))
     return out
 
 
@@ -59,7 +63,7 @@ def project_in(
 ) -> FloatArray:
     """W (I - V^T diag(1 - gain) V) for an orthonormal basis V of shape (k, cols)."""
     out = _target(W, inplace)
-    _core.project_in(out, _vec(basis), _vec(gain), _threads(threads))
+    _core.project_in(out, _vec(basis), _opt(gain), _threads(threads))
     return out
 
 
@@ -107,6 +111,6 @@ def quantize(
     """A float32 (rows, cols) matrix to raw `qtype` bytes, with libggml's `ggml_quantize_chunk`."""
     ggml.load()
     result: npt.NDArray[np.uint8] = _core.quantize(
-        np.ascontiguousarray(W, dtype=np.float32), int(qtype), _vec(imatrix), _threads(threads)
+        np.ascontiguousarray(W, dtype=np.float32), int(qtype), _opt(imatrix), _threads(threads)
     )
     return result

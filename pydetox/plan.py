@@ -220,7 +220,7 @@ class EditPlan:
             raise PlanError(f"expected an edit plan file at {path}, found nothing")
         try:
             reader = gguf.GGUFReader(path, "r")
-            fields = {name: f for name, f in reader.fields.items()}
+            fields = dict(reader.fields)
 
             def get(key: str, default: Any = None) -> Any:
                 if key not in fields:

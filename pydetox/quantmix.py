@@ -43,7 +43,7 @@ def llama_cpp_type_mix(model_path: str | Path, ftype: gguf.LlamaFileType) -> dic
 
     lines: list[str] = []
 
-    @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+    @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)  # type: ignore[untyped-decorator]
     def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         lines.append(text.decode("utf-8", errors="replace"))
 

@@ -110,7 +110,8 @@ def test_edited_quantized_output_runs_in_llama_cpp(tiny_f32: Path, tmp_path: Pat
     out = tmp_path / "q.gguf"
     report = apply_plan(plan, tiny_f32, out, ApplyOptions(ftype=gguf.LlamaFileType.MOSTLY_Q4_K_M, progress=False))
     leak = [e.survival for t in report.tensors for e in t.edits if e.survival is not None]
-    assert leak and all(0 < x < 0.5 for x in leak)  # quantization brings a little of the subspace back
+    assert leak
+    assert all(0 < x < 0.5 for x in leak)  # quantization brings a little of the subspace back
     llm = load_llama(out, n_ctx=64, seed=0)
     result = llm("the cat", max_tokens=6, temperature=0.0)
     assert result["usage"]["completion_tokens"] > 0
@@ -182,9 +183,9 @@ def test_bad_requests_leave_nothing(tiny_f32: Path, tmp_path: Path) -> None:
     wrong = random_plan("llama", [(FFN_DOWN, (512, 256))], EditKind.PROJECT_OUT, rank=2)
     with pytest.raises(PlanMismatchError, match="the model's is 256x512"):
         apply_plan(wrong, tiny_f32, tmp_path / "o.gguf", ApplyOptions(progress=False))
-    with pytest.raises(PydetoxError, match="unknown model type"):
-        from pydetox.ggml import parse_ftype
+    from pydetox.ggml import parse_ftype
 
+    with pytest.raises(PydetoxError, match="unknown model type"):
         parse_ftype("Q4_K_Z")
     assert not (tmp_path / "o.gguf").exists()
     assert not leftovers(tmp_path)
@@ -207,12 +208,14 @@ def test_full_disk_leaves_no_partial_file(tiny_f32: Path, tmp_path: Path) -> Non
         from pydetox.apply import ApplyOptions, apply_plan
         from pydetox.errors import OutputError
         try:
-            apply_plan(None, {str(tiny_f32)!r}, {str(out)!r}, ApplyOptions(ftype=__import__("gguf").LlamaFileType.MOSTLY_F16, progress=False))
+            opts = ApplyOptions(ftype=__import__("gguf").LlamaFileType.MOSTLY_F16, progress=False)
+            apply_plan(None, {str(tiny_f32)!r}, {str(out)!r}, opts)
         except OutputError as exc:
             print("OutputError:", exc)
             sys.exit(3)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    # cwd: `python -c` puts the working folder on sys.path, where a source checkout would shadow the installed package
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert "File too large" in proc.stdout
     assert not out.exists()

@@ -18,7 +18,7 @@ def test_round_trip_every_kind(tmp_path: Path, kind: EditKind) -> None:
     path = plan.save(tmp_path / "p.gguf")
     back = EditPlan.load(path)
     assert (back.arch, back.method, back.params, back.model, back.version) == ("llama", "random", plan.params, "tiny", PLAN_VERSION)
-    for a, b in zip(plan.edits, back.edits):
+    for a, b in zip(plan.edits, back.edits, strict=True):
         assert (a.tensor, a.kind, a.shape, a.source) == (b.tensor, b.kind, b.shape, b.source)
         for name, arr in a.arrays().items():
             np.testing.assert_array_equal(arr, b.arrays()[name])

@@ -1,0 +1,39 @@
+"""pydetox's native core (csrc/). Call it through pydetox.kernels and pydetox.apply, not directly."""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pydetox.errors import PydetoxError
+
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+
+class NativeError(PydetoxError): ...
+
+def load_ggml(path: str) -> None: ...
+def ggml_loaded() -> bool: ...
+def type_info(type: int) -> tuple[str, int, int, bool, bool]:
+    """(name, block size, bytes per block, is quantized, can dequantize) as libggml reports them."""
+def requires_imatrix(type: int) -> bool: ...
+def check_quantizable(type: int, cols: int) -> None: ...
+def project_out(W: F32, basis: npt.ArrayLike, gain: npt.ArrayLike | None = None, threads: int = 1) -> None: ...
+def project_in(W: F32, basis: npt.ArrayLike, gain: npt.ArrayLike | None = None, threads: int = 1) -> None: ...
+def low_rank(W: F32, left: npt.ArrayLike, right: npt.ArrayLike, threads: int = 1) -> None: ...
+def scale_rows(W: F32, scales: npt.ArrayLike, threads: int = 1) -> None: ...
+def scale_cols(W: F32, scales: npt.ArrayLike, threads: int = 1) -> None: ...
+def dequantize(src: U8, type: int, rows: int, cols: int, threads: int = 1) -> F32: ...
+def quantize(W: npt.ArrayLike, type: int, imatrix: npt.ArrayLike | None = None, threads: int = 1) -> U8: ...
+def process_tensor(
+    src: U8,
+    src_type: int,
+    rows: int,
+    cols: int,
+    ops: list[tuple[int, F32, F32 | None, F32 | None]],
+    dst_type: int,
+    imatrix: F32 | None = None,
+    threads: int = 1,
+    verify: bool = True,
+) -> tuple[U8, dict[str, Any]]:
+    """Dequantize, apply ops, requantize, measure; returns (bytes, stats with *_s timings and norms)."""
