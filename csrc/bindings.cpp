@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <optional>
 #include <string>
 #include <vector>
@@ -68,6 +69,7 @@ py::dict stats_dict(const pydetox::TensorStats& st) {
     d["edit_s"] = st.edit_s;
     d["quantize_s"] = st.quantize_s;
     d["verify_s"] = st.verify_s;
+    d["write_s"] = st.write_s;
     d["norm_orig"] = st.norm_orig;
     d["norm_delta"] = st.norm_delta;
     d["norm_quant_err"] = st.norm_quant_err;
@@ -87,7 +89,11 @@ py::dict stats_dict(const pydetox::TensorStats& st) {
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "pydetox native core: weight-edit kernels and the tensor pipeline over libggml's quantizers";
-    py::register_exception<Error>(m, "NativeError", py::module_::import("pydetox.errors").attr("PydetoxError"));
+    auto errors = py::module_::import("pydetox.errors");
+    py::register_exception<Error>(m, "NativeError", errors.attr("PydetoxError"));
+    // registered second, so it is tried first for an IoError (pybind11 tries translators newest first)
+    py::register_exception<pydetox::IoError>(m, "NativeIOError", errors.attr("OutputError"));
+    m.def("release_workspace", &pydetox::release_workspace);
 
     m.def("load_ggml", &pydetox::ggml::load, py::arg("path"));
     m.def("ggml_loaded", &pydetox::ggml::loaded);
@@ -205,7 +211,7 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "process_tensor",
         [](const U8& src, int src_type, int64_t rows, int64_t cols, const py::list& ops, int dst_type,
-           std::optional<F32> imatrix, int threads, bool verify) {
+           std::optional<F32> imatrix, int threads, bool verify, int out_fd, int64_t out_offset) {
             if (rows <= 0 || cols <= 0) {
                 throw Error("process_tensor: shape must be positive, got " + std::to_string(rows) + " x " +
                             std::to_string(cols));
@@ -272,16 +278,32 @@ PYBIND11_MODULE(_core, m) {
                 expect_shape(*imatrix, {cols}, "importance matrix");
                 im = imatrix->data();
             }
-            U8 out(static_cast<py::ssize_t>(rows * pydetox::ggml::row_bytes(dst_type, cols)));
-            uint8_t* dst = out.mutable_data();
+            const size_t out_bytes = static_cast<size_t>(rows) * pydetox::ggml::row_bytes(dst_type, cols);
             pydetox::TensorStats st;
+            if (out_fd >= 0) {
+                // Straight from the reused workspace to the file: no Python buffer, no fresh pages per tensor.
+                if (out_offset < 0) throw Error("process_tensor: negative output offset");
+                {
+                    py::gil_scoped_release release;
+                    uint8_t* dst = pydetox::output_workspace(out_bytes);
+                    st = pydetox::process_tensor(src.data(), src_type, rows, cols, native, dst_type, im, dst,
+                                                 threads, verify);
+                    const auto t0 = std::chrono::steady_clock::now();
+                    pydetox::write_all(out_fd, dst, out_bytes, out_offset);
+                    st.write_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                }
+                return py::tuple(py::make_tuple(py::none(), stats_dict(st)));
+            }
+            U8 out(static_cast<py::ssize_t>(out_bytes));
+            uint8_t* dst = out.mutable_data();
             {
                 py::gil_scoped_release release;
                 st = pydetox::process_tensor(src.data(), src_type, rows, cols, native, dst_type, im, dst, threads,
                                              verify);
             }
-            return py::make_tuple(out, stats_dict(st));
+            return py::tuple(py::make_tuple(out, stats_dict(st)));
         },
         py::arg("src"), py::arg("src_type"), py::arg("rows"), py::arg("cols"), py::arg("ops"), py::arg("dst_type"),
-        py::arg("imatrix") = py::none(), py::arg("threads") = 1, py::arg("verify") = true);
+        py::arg("imatrix") = py::none(), py::arg("threads") = 1, py::arg("verify") = true, py::arg("out_fd") = -1,
+        py::arg("out_offset") = 0);
 }

@@ -10,4 +10,10 @@ class Error : public std::runtime_error {
     explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+// Writing the output failed (full disk, file too large, I/O error); the bindings map it to pydetox.errors.OutputError.
+class IoError : public Error {
+  public:
+    explicit IoError(const std::string& what) : Error(what) {}
+};
+
 }  // namespace pydetox

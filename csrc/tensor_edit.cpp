@@ -1,7 +1,10 @@
 #include "tensor_edit.hpp"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
+#include <cerrno>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -20,6 +23,19 @@ constexpr ggml::Type kQuantizable[] = {0,  1,  2,  3,  6,  7,  8,  10, 11, 12, 1
                                        20, 21, 22, 23, 29, 30, 34, 35, 39, 40, 41};
 
 using Clock = std::chrono::steady_clock;
+
+struct Workspace {
+    std::vector<float> w, w0;
+    std::vector<uint8_t> out;
+};
+thread_local Workspace g_ws;
+
+// resize without shrinking capacity: after the largest tensor, no more allocations
+template <typename T>
+T* grow(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+}
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 // Sum over rows of f(row index), accumulated in double per row then summed in row order: deterministic for any
@@ -37,6 +53,7 @@ double frob(const float* A, int64_t rows, int64_t cols, int nthreads) {
     return std::sqrt(row_sum(rows, nthreads, [&](int64_t r) {
         double s = 0.0;
         const float* a = A + r * cols;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < cols; ++i) s += double(a[i]) * a[i];
         return s;
     }));
@@ -47,6 +64,7 @@ double frob_diff(const float* A, const float* B, int64_t rows, int64_t cols, int
         double s = 0.0;
         const float* a = A + r * cols;
         const float* b = B + r * cols;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < cols; ++i) {
             const double d = double(a[i]) - b[i];
             s += d * d;
@@ -98,10 +116,11 @@ double removed_norm(const std::vector<float>& ref, const Op& op, int64_t cols) {
 void check_finite(const float* W, int64_t rows, int64_t cols, int nthreads, const char* what) {
     const double bad = row_sum(rows, nthreads, [&](int64_t r) {
         const float* w = W + r * cols;
-        for (int64_t i = 0; i < cols; ++i) {
-            if (!std::isfinite(w[i])) return 1.0;
-        }
-        return 0.0;
+        // x * 0 is 0 for every finite x and NaN for NaN and inf: one branch-free pass the compiler vectorizes.
+        float probe = 0.f;
+#pragma omp simd reduction(+ : probe)
+        for (int64_t i = 0; i < cols; ++i) probe += w[i] * 0.f;
+        return probe == 0.f ? 0.0 : 1.0;
     });
     if (bad > 0) {
         throw Error(std::string(what) + ": " + std::to_string(static_cast<int64_t>(bad)) +
@@ -189,56 +208,76 @@ TensorStats process_tensor(const void* src, ggml::Type src_type, int64_t rows, i
     const size_t n = static_cast<size_t>(rows * cols);
 
     auto t0 = Clock::now();
-    std::vector<float> W(n);
-    dequantize(src, src_type, rows, cols, W.data(), nthreads);
+    float* W = grow(g_ws.w, n);
+    dequantize(src, src_type, rows, cols, W, nthreads);
     st.dequantize_s = seconds_since(t0);
 
     const bool measure = verify && !ops.empty();
-    std::vector<float> W0;
+    float* W0 = nullptr;
     std::vector<std::vector<float>> ref(ops.size());
     if (measure) {
         t0 = Clock::now();
-        W0 = W;
-        st.norm_orig = frob(W0.data(), rows, cols, nthreads);
+        W0 = grow(g_ws.w0, n);
+        std::memcpy(W0, W, n * sizeof(float));
+        st.norm_orig = frob(W0, rows, cols, nthreads);
         for (size_t i = 0; i < ops.size(); ++i) {
             if (!is_projection(ops[i])) continue;
-            ref[i] = coordinates(W0.data(), rows, cols, ops[i], nthreads);
+            ref[i] = coordinates(W0, rows, cols, ops[i], nthreads);
             st.ops[i].removed = removed_norm(ref[i], ops[i], cols);
         }
         st.verify_s += seconds_since(t0);
     }
 
     t0 = Clock::now();
-    apply_ops(W.data(), rows, cols, ops, nthreads);
-    if (!ops.empty()) check_finite(W.data(), rows, cols, nthreads, "the edited tensor");
+    apply_ops(W, rows, cols, ops, nthreads);
+    if (!ops.empty()) check_finite(W, rows, cols, nthreads, "the edited tensor");
     st.edit_s = seconds_since(t0);
 
     if (measure) {
         t0 = Clock::now();
-        st.norm_delta = frob_diff(W.data(), W0.data(), rows, cols, nthreads);
+        st.norm_delta = frob_diff(W, W0, rows, cols, nthreads);
         for (size_t i = 0; i < ops.size(); ++i) {
             if (!is_projection(ops[i])) continue;
-            st.ops[i].survived_f32 = residual(coordinates(W.data(), rows, cols, ops[i], nthreads), ref[i], ops[i], cols);
+            st.ops[i].survived_f32 = residual(coordinates(W, rows, cols, ops[i], nthreads), ref[i], ops[i], cols);
         }
         st.verify_s += seconds_since(t0);
     }
 
     t0 = Clock::now();
-    quantize(W.data(), dst_type, rows, cols, imatrix, dst, nthreads);
+    quantize(W, dst_type, rows, cols, imatrix, dst, nthreads);
     st.quantize_s = seconds_since(t0);
 
     if (measure) {
         t0 = Clock::now();
         // W0 is no longer needed: reuse it for the dequantized result.
-        dequantize(dst, dst_type, rows, cols, W0.data(), nthreads);
-        st.norm_quant_err = frob_diff(W0.data(), W.data(), rows, cols, nthreads);
+        dequantize(dst, dst_type, rows, cols, W0, nthreads);
+        st.norm_quant_err = frob_diff(W0, W, rows, cols, nthreads);
         for (size_t i = 0; i < ops.size(); ++i) {
             if (!is_projection(ops[i])) continue;
-            st.ops[i].survived = residual(coordinates(W0.data(), rows, cols, ops[i], nthreads), ref[i], ops[i], cols);
+            st.ops[i].survived = residual(coordinates(W0, rows, cols, ops[i], nthreads), ref[i], ops[i], cols);
         }
         st.verify_s += seconds_since(t0);
     }
     return st;
 }
+
+void write_all(int fd, const void* data, size_t n, int64_t offset) {
+    const auto* p = static_cast<const uint8_t*>(data);
+    while (n > 0) {
+        const ssize_t w = ::pwrite(fd, p, n, offset);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            throw IoError(std::string("cannot write the output: ") + std::strerror(errno) + " (errno " +
+                          std::to_string(errno) + ")");
+        }
+        p += w;
+        n -= static_cast<size_t>(w);
+        offset += w;
+    }
+}
+
+uint8_t* output_workspace(size_t n) { return grow(g_ws.out, n); }
+
+void release_workspace() { g_ws = Workspace{}; }
 
 }  // namespace pydetox

@@ -37,6 +37,7 @@ struct TensorStats {
     double edit_s = 0.0;
     double quantize_s = 0.0;
     double verify_s = 0.0;
+    double write_s = 0.0;  // filled in by the caller that writes the result
     double norm_orig = 0.0;       // ||W0||, the dequantized input
     double norm_delta = 0.0;      // ||W_edit - W0||, the edit in float
     double norm_quant_err = 0.0;  // ||Q(W_edit) - W_edit||, what requantization changed
@@ -56,5 +57,13 @@ void apply_ops(float* W, int64_t rows, int64_t cols, const std::vector<Op>& ops,
 TensorStats process_tensor(const void* src, ggml::Type src_type, int64_t rows, int64_t cols,
                            const std::vector<Op>& ops, ggml::Type dst_type, const float* imatrix, void* dst,
                            int nthreads, bool verify);
+
+// Writes n bytes at `offset` of file descriptor `fd` (pwrite until done); throws IoError naming errno's message.
+void write_all(int fd, const void* data, size_t n, int64_t offset);
+
+// Scratch memory kept between calls (per calling thread), so a model's worth of tensors does not pay fresh page
+// faults for every buffer; `release_workspace` returns it.
+uint8_t* output_workspace(size_t n);
+void release_workspace();
 
 }  // namespace pydetox

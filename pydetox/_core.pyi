@@ -5,12 +5,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pydetox.errors import PydetoxError
+from pydetox.errors import OutputError, PydetoxError
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 
 class NativeError(PydetoxError): ...
+class NativeIOError(OutputError): ...
+
+def release_workspace() -> None: ...
 
 def load_ggml(path: str) -> None: ...
 def ggml_loaded() -> bool: ...
@@ -35,5 +38,8 @@ def process_tensor(
     imatrix: F32 | None = None,
     threads: int = 1,
     verify: bool = True,
-) -> tuple[U8, dict[str, Any]]:
-    """Dequantize, apply ops, requantize, measure; returns (bytes, stats with *_s timings and norms)."""
+    out_fd: int = -1,
+    out_offset: int = 0,
+) -> tuple[U8 | None, dict[str, Any]]:
+    """Dequantize, apply ops, requantize, measure; returns (bytes, stats with *_s timings and norms). With out_fd
+    the bytes are written at out_offset of that file instead, and None is returned in their place."""

@@ -10,7 +10,6 @@ the model. The output appears only when complete.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import time
@@ -37,6 +36,7 @@ from pydetox.gguf_io import (
     ModelFile,
     OutTensor,
     TensorEntry,
+    nbytes,
     sha_placeholder,
 )
 from pydetox.imatrix import Imatrix, load_imatrix
@@ -194,13 +194,13 @@ def apply_plan(
         edits_by_tensor = {n: plan.for_tensor(n) for n in plan.tensors} if plan is not None else {}
         for name, entry in model.tensors.items():
             qtype = targets[name]
-            work.append((OutTensor(name, qtype, entry.ne, _nbytes(qtype, entry.ne)), entry, edits_by_tensor.pop(name, [])))
+            work.append((OutTensor(name, qtype, entry.ne, nbytes(qtype, entry.ne)), entry, edits_by_tensor.pop(name, [])))
         for name, edits in edits_by_tensor.items():  # tensors the plan creates (tied output layer)
             source_name = edits[0].source
             assert source_name is not None  # check_fits refuses an absent tensor without a source
             source = model.tensors[source_name]
             qtype = targets[source.name]
-            work.append((OutTensor(name, qtype, source.ne, _nbytes(qtype, source.ne)), source, edits))
+            work.append((OutTensor(name, qtype, source.ne, nbytes(qtype, source.ne)), source, edits))
 
         imatrices: dict[str, np.ndarray | None] = {}
         for out, entry, edits in work:
@@ -248,6 +248,7 @@ def apply_plan(
             t0 = time.perf_counter()
             writer.commit()
             timings["write"] += time.perf_counter() - t0
+        _core.release_workspace()
         timings["total"] = time.perf_counter() - t_start
         return ApplyReport(
             input=str(src),
@@ -278,11 +279,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _nbytes(qtype: Q, ne: tuple[int, ...]) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return math.prod(ne) // block * size
-
-
 def _process(
     model: ModelFile,
     writer: AtomicGGUFWriter,
@@ -298,18 +294,17 @@ def _process(
     raw = model.read(entry)
     timings["read"] += time.perf_counter() - t0
     try:
-        data, st = _core.process_tensor(
+        # The native core writes the result into the output file itself, from a buffer it reuses.
+        _, st = _core.process_tensor(
             raw, int(entry.qtype), entry.rows, entry.cols, [e.native() for e in edits], int(out.qtype),
-            imatrix, threads, verify,
+            imatrix, threads, verify, writer.fd, writer.offsets[out.name],
         )
+    except _core.NativeIOError as exc:
+        raise OutputError(f"cannot write {writer.dest}: {exc}") from None
     except _core.NativeError as exc:
         raise type(exc)(f"tensor {out.name}: {exc}") from None
-    del raw
-    for key in ("dequantize", "edit", "quantize", "verify"):
+    for key in ("dequantize", "edit", "quantize", "verify", "write"):
         timings[key] += st[key + "_s"]
-    t0 = time.perf_counter()
-    writer.write(out.name, data)
-    timings["write"] += time.perf_counter() - t0
     action = "create" if out.name != entry.name else ("edit" if edits else "requantize")
     report = TensorReport(out.name, action, entry.qtype.name, out.qtype.name, out.n_bytes)
     if edits and verify:

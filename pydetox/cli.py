@@ -89,7 +89,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "bytes": model.size,
             "tensors": len(model.tensors),
             "types": types,
-            "pydetox": {k: model.get_field(k) for k in model.reader.fields if k.startswith("pydetox.")},
+            "pydetox": {k: v for k, v in model.metadata.items() if k.startswith("pydetox.")},
         }
     print(json.dumps(info, indent=2))
     return 0

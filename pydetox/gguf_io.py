@@ -1,16 +1,17 @@
 """Reading GGUF models tensor by tensor, and writing a new GGUF without ever leaving a half-written file.
 
-Reading: metadata through gguf-py's `GGUFReader`; tensor bytes with `os.pread`, one tensor at a time, so memory holds
-what is being edited, not the model. Writing: header, metadata and tensor infos through gguf-py's `GGUFWriter`
-(gguf `scripts/gguf_new_metadata.py` does the same), tensor data with `pwrite` and `copy_file_range` (untouched
-tensors are copied byte for byte inside the kernel), all into a temporary file in the destination folder that is
-renamed over the destination only when complete (`os.replace` is atomic on POSIX).
+Reading: the header with `gguf_header.read_header`; tensor bytes with `os.preadv`, one tensor at a time, so memory
+holds what is being edited, not the model. Writing: the source's metadata entries copied as stored plus the new
+ones, tensor data with `pwrite` and `copy_file_range` (untouched tensors are copied byte for byte inside the
+kernel), all into a temporary file in the destination folder that is renamed over the destination only when
+complete (`os.replace` is atomic on POSIX).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -25,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pydetox.errors import GGUFFileError, OutputError
+from pydetox.gguf_header import TensorInfo, encode_header, encode_kv, read_header
 
 # Provenance keys pydetox adds to every file it writes (GGUF's own keys come from gguf.Keys).
 KEY_TOOL = "pydetox.version"
@@ -35,26 +37,6 @@ KEY_SOURCE_SHA256 = "pydetox.source.sha256"
 KEY_SOURCE_NAME = "pydetox.source.name"
 KEY_TARGET_TYPE = "pydetox.target_type"
 _SHA_PLACEHOLDER = "0" * 64
-
-
-class _Reader(gguf.GGUFReader):
-    """gguf-py's reader with a faster `_get`: the stock one slices an `np.memmap`, and every slice of a memmap pays
-    for `memmap.__array_finalize__`; a model's tokenizer has ~100,000 strings, which made opening SmolLM2 take
-    1.6 s. Slicing a plain ndarray view of the same mapping gives the same arrays in 0.4 s."""
-
-    def _get(
-        self, offset: int, dtype: npt.DTypeLike, count: int = 1, override_order: Any = None
-    ) -> npt.NDArray[Any]:
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)
-        dt = np.dtype(dtype)
-        count = int(count)
-        arr = plain[offset : offset + dt.itemsize * count].view(dt)[:count]
-        order = self.byte_order if override_order is None else override_order
-        if order == "I" and dt.byteorder in "=|":
-            return arr
-        return arr.view(dt.newbyteorder(order))
 
 
 @dataclass(frozen=True)
@@ -90,30 +72,22 @@ class ModelFile:
             raise GGUFFileError(f"expected a GGUF file at {self.path}, found {'a folder' if self.path.exists() else 'nothing'}")
         self.size = self.path.stat().st_size
         try:
-            self.reader = _Reader(self.path, "r")
-        except Exception as exc:  # gguf-py raises ValueError, IndexError, struct and Unicode errors on bad input
+            self.header = read_header(self.path)
+        except GGUFFileError:
+            raise
+        except Exception as exc:  # an OSError or an mmap failure on a strange file
             raise GGUFFileError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
-        # Decode every metadata value now: a damaged string or array is refused here, before anything is written.
-        self.metadata: dict[str, Any] = {}
-        for key, fld in self.reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                self.metadata[key] = fld.contents()
-            except Exception as exc:
-                raise GGUFFileError(f"{self.path}: metadata key {key!r} cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        self.metadata: dict[str, Any] = {k: kv.value for k, kv in self.header.kvs.items()}
         self.tensors: dict[str, TensorEntry] = {}
-        for t in self.reader.tensors:
+        for t in self.header.tensors:
             try:
-                qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+                qtype = gguf.GGMLQuantizationType(t.qtype_id)
             except ValueError:
-                raise GGUFFileError(f"{self.path}: tensor {t.name!r} has unknown type id {int(t.tensor_type)}") from None
-            entry = TensorEntry(
-                t.name, qtype, tuple(int(x) for x in t.shape), int(t.n_bytes), int(t.data_offset)  # absolute in gguf-py
-            )
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            if entry.cols % block or entry.n_bytes != entry.rows * entry.cols // block * size:
-                raise GGUFFileError(f"{self.path}: tensor {t.name!r} of shape {entry.ne} does not fit type {qtype.name}")
+                raise GGUFFileError(f"{self.path}: tensor {t.name!r} has unknown type id {t.qtype_id}") from None
+            entry = TensorEntry(t.name, qtype, t.ne, nbytes(qtype, t.ne), self.header.data_offset + t.offset)
+            block, _size = gguf.GGML_QUANT_SIZES[qtype]
+            if entry.cols % block:
+                raise GGUFFileError(f"{self.path}: tensor {t.name!r} rows of {entry.cols} do not fit {qtype.name} blocks of {block}")
             if entry.offset + entry.n_bytes > self.size:
                 raise GGUFFileError(
                     f"{self.path} is truncated: tensor {t.name!r} ends at byte {entry.offset + entry.n_bytes} "
@@ -125,6 +99,7 @@ class ModelFile:
             raise GGUFFileError(f"{self.path} has no {gguf.Keys.General.ARCHITECTURE} key; not a model GGUF")
         self.arch: str = arch
         self._fd: int | None = None
+        self._buf: npt.NDArray[np.uint8] | None = None
 
     def get_field(self, key: str) -> Any:
         return self.metadata.get(key)
@@ -134,10 +109,14 @@ class ModelFile:
         return value if isinstance(value, str) else None
 
     def read(self, entry: TensorEntry) -> npt.NDArray[np.uint8]:
-        """The raw bytes of one tensor, read from disk (not mapped), so they can be freed after use."""
+        """The raw bytes of one tensor, read from disk (not mapped, so memory holds one tensor, not the model)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        buf = np.empty(entry.n_bytes, dtype=np.uint8)
+        # One buffer, grown to the largest tensor read so far and reused: fresh pages for every tensor would
+        # cost a page fault per 4 KiB. The returned array is valid until the next read.
+        if self._buf is None or self._buf.size < entry.n_bytes:
+            self._buf = np.empty(entry.n_bytes, dtype=np.uint8)
+        buf = self._buf[: entry.n_bytes]
         view = memoryview(buf.data)
         done = 0
         while done < entry.n_bytes:
@@ -156,14 +135,18 @@ class ModelFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        # np.memmap closes its mapping when the last view goes away.
-        self.reader = None  # type: ignore[assignment]
+        self._buf = None
 
     def __enter__(self) -> ModelFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def nbytes(qtype: gguf.GGMLQuantizationType, ne: tuple[int, ...]) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(ne) // block * size
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 8 << 20) -> str:
@@ -174,22 +157,74 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def _hash_cache_path() -> Path:
+    from pydetox.assets import cache_dir
+
+    return cache_dir() / "sha256-cache.json"
+
+
+def _stat_key(path: Path) -> tuple[str, dict[str, int]]:
+    st = path.stat()
+    return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
+
+
+def cached_sha256(path: Path) -> str | None:
+    """A file's sha256 remembered from an earlier run, if size, mtime, inode and device are unchanged (the same
+    check git's index makes before trusting a cached hash)."""
+    try:
+        table = json.loads(_hash_cache_path().read_text())
+        key, stat = _stat_key(path)
+        entry = table.get(key)
+        if entry and all(entry.get(k) == v for k, v in stat.items()):
+            digest = entry.get("sha256")
+            return digest if isinstance(digest, str) and len(digest) == 64 else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    cache = _hash_cache_path()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(cache.read_text())
+            if not isinstance(table, dict):
+                table = {}
+            table = {k: v for k, v in table.items() if os.path.exists(k)}  # forget deleted files
+        except (OSError, ValueError):
+            table = {}
+        key, stat = _stat_key(path)
+        table[key] = {**stat, "sha256": digest}
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache only costs the next run a re-hash
+
+
 class BackgroundHash:
-    """sha256 of a file computed in a thread while the main work goes on."""
+    """sha256 of a file computed in a thread while the main work goes on; remembered across runs for an unchanged
+    file (hashing costs ~0.2 s per 270 MB of CPU that the quantizers would otherwise use)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._result: str | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
-        self._thread.start()
+        self.path = Path(path)
+        self._result: str | BaseException | None = cached_sha256(self.path)
+        self._thread: threading.Thread | None = None
+        if self._result is None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
 
-    def _run(self, path: str | os.PathLike[str]) -> None:
+    def _run(self) -> None:
         try:
-            self._result = sha256_file(path)
+            self._result = sha256_file(self.path)
+            remember_sha256(self.path, self._result)
         except BaseException as exc:
             self._result = exc
 
     def result(self) -> str:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if isinstance(self._result, BaseException):
             raise GGUFFileError(f"cannot hash the input file: {self._result}") from self._result
         assert self._result is not None
@@ -204,23 +239,6 @@ class OutTensor:
     qtype: gguf.GGMLQuantizationType
     ne: tuple[int, ...]
     n_bytes: int
-
-
-def _copy_metadata(model: ModelFile, writer: gguf.GGUFWriter, replace: dict[str, tuple[Any, gguf.GGUFValueType]]) -> None:
-    # Follows gguf-py's scripts/gguf_new_metadata.py: copy every field but the virtual GGUF.* ones and the
-    # architecture (GGUFWriter writes it), replacing the values named in `replace`.
-    for name, value in model.metadata.items():
-        if name == gguf.Keys.General.ARCHITECTURE or name in replace:
-            continue
-        if name == gguf.Keys.General.ALIGNMENT:
-            writer.add_custom_alignment(int(value))
-            continue
-        field = model.reader.fields[name]
-        val_type = field.types[0]
-        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, value, val_type, sub_type=sub_type)
-    for key, (value, vtype) in replace.items():
-        writer.add_key_value(key, value, vtype)
 
 
 class AtomicGGUFWriter:
@@ -259,37 +277,29 @@ class AtomicGGUFWriter:
     def _start(
         self, source: ModelFile, tensors: Sequence[OutTensor], metadata: dict[str, tuple[Any, gguf.GGUFValueType]]
     ) -> None:
-        writer = gguf.GGUFWriter(self.tmp, source.arch)
-        _copy_metadata(source, writer, metadata)
+        # The source's metadata entries are copied as stored (see gguf_header), except the ones `metadata` replaces,
+        # which are appended after them with the new keys.
+        entries = [kv.raw for key, kv in source.header.kvs.items() if key not in metadata]
+        self._sha_offset = None
+        pos = 24 + sum(len(e) for e in entries)
+        for key, (value, vtype) in metadata.items():
+            entry = encode_kv(key, value, vtype)
+            if key == KEY_SOURCE_SHA256:
+                self._sha_offset = pos + len(entry) - len(_SHA_PLACEHOLDER)
+            entries.append(entry)
+            pos += len(entry)
+        self.alignment = source.header.alignment
+        infos = []
+        rel = 0
         for t in tensors:
-            # numpy order (reversed ne); dtype float32 tells GGUFWriter the shape is in elements, raw_dtype the type.
-            writer.add_tensor_info(t.name, tuple(reversed(t.ne)), np.dtype(np.float32), t.n_bytes, raw_dtype=t.qtype)
-        try:
-            writer.write_header_to_file(self.tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            assert writer.fout is not None
-            fout = writer.fout[0]
-            writer.write_padding(fout, fout.tell())
-            fout.flush()
-            self.data_start = fout.tell()
-        finally:
-            writer.close()
-        self.alignment = writer.data_alignment
-        self.offsets: dict[str, int] = {}
-        pos = self.data_start
-        for t in tensors:
-            self.offsets[t.name] = pos
-            pos += gguf.GGUFWriter.ggml_pad(t.n_bytes, self.alignment)
-        self.end = pos
-        with open(self.tmp, "rb") as f:
-            header = f.read(self.data_start)
-        key = KEY_SOURCE_SHA256.encode()
-        at = header.find(len(key).to_bytes(8, "little") + key)
-        if at >= 0:
-            # key length (8) + key + value type (4) + string length (8), then the 64 placeholder characters
-            self._sha_offset = at + 8 + len(key) + 4 + 8
+            infos.append(TensorInfo(t.name, t.ne, int(t.qtype), rel))
+            rel += -(-t.n_bytes // self.alignment) * self.alignment
+        head = encode_header(entries, infos, self.alignment)
+        self.data_start = len(head)
+        self.offsets = {t.name: self.data_start + info.offset for t, info in zip(tensors, infos, strict=True)}
+        self.end = self.data_start + rel
         self.fd = os.open(self.tmp, os.O_WRONLY)
+        self._pwrite(0, head)
 
     def write(self, name: str, data: npt.NDArray[np.uint8] | bytes) -> None:
         self._pwrite(self.offsets[name], data)
