@@ -220,3 +220,18 @@ def test_full_disk_leaves_no_partial_file(tiny_f32: Path, tmp_path: Path) -> Non
     assert "File too large" in proc.stdout
     assert not out.exists()
     assert not leftovers(tmp_path)
+
+
+def test_gguf_importance_matrix_is_read(tmp_path: Path) -> None:
+    from pydetox.imatrix import load_imatrix
+
+    path = tmp_path / "imatrix.gguf"
+    w = gguf.GGUFWriter(path, "imatrix")
+    w.add_tensor("blk.0.ffn_down.weight.in_sum2", np.array([[2.0, 4.0, 6.0]], np.float32))
+    w.add_tensor("blk.0.ffn_down.weight.counts", np.array([2.0], np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = load_imatrix(path)
+    np.testing.assert_array_equal(got["blk.0.ffn_down.weight"], [1.0, 2.0, 3.0])

@@ -60,3 +60,22 @@ def test_q4_k_m_leakage_is_reported_per_tensor(smollm2: Path, tmp_path: Path) ->
     assert np.all(leaks > 0)
     assert np.all(leaks < 0.5)  # requantization brings back a share of the removed subspace, not all of it
     assert {t.dst_type for t in edited} >= {"Q6_K", "Q5_0"}  # llama.cpp's mix: 576-wide rows fall back from K-quants
+
+
+def test_gemma3_k_quant_model_takes_a_plan(tmp_path: Path) -> None:
+    """The second bundled model: gemma3 architecture, K-quant and Q5_0 source tensors requantized to their own types."""
+    from pydetox.assets import fetch
+    from pydetox.runtime import load_llama
+
+    src = fetch("gemma3-270m", quiet=True)
+    with ModelFile(src) as m:
+        assert m.arch == "gemma3"
+        shapes = [(n, t.shape) for n, t in m.tensors.items() if n.endswith("ffn_down.weight")]
+        types = {m.tensors[n].qtype for n, _ in shapes}
+    plan = random_plan("gemma3", shapes, EditKind.PROJECT_OUT, rank=4, seed=3)
+    out = tmp_path / "gemma-edited.gguf"
+    report = apply_plan(plan, src, out, ApplyOptions(progress=False))
+    assert {t.dst_type for t in report.tensors if t.action == "edit"} == {q.name for q in types}
+    assert all(e.survival < 0.5 for t in report.tensors for e in t.edits if e.survival is not None)
+    llm = load_llama(out, n_ctx=128, seed=0)
+    assert llm("Once upon a time", max_tokens=8, temperature=0.0)["usage"]["completion_tokens"] > 0
