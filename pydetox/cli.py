@@ -25,6 +25,11 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise PydetoxError("name an asset to fetch, or pass --list")
+    if args.name not in ASSETS and "/" in args.name:
+        from pydetox.assets import fetch_hub
+
+        print(fetch_hub(args.name))
+        return 0
     print(fetch(args.name, cache=args.cache))
     return 0
 
@@ -137,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fetch", help="download a named real asset into the cache and print its path")
-    f.add_argument("name", nargs="?", help="asset name (see --list)")
+    f.add_argument("name", nargs="?", help="asset name (see --list), or org/repo:file.gguf on the Hugging Face Hub")
     f.add_argument("--list", action="store_true", help="list the known assets")
     f.add_argument("--cache", help="cache folder (default: $PYDETOX_CACHE or ~/.cache/pydetox)")
     f.set_defaults(func=_cmd_fetch)

@@ -11,8 +11,10 @@ from pydetox.errors import AssetError
 def test_unknown_asset_is_named_in_the_error(tmp_path: Path) -> None:
     with pytest.raises(AssetError, match="unknown asset 'nope'; known: gemma3-270m, smollm2-135m-instruct"):
         fetch("nope", cache=tmp_path)
-    with pytest.raises(AssetError, match="neither a file nor a known asset"):
+    with pytest.raises(AssetError, match="neither a file, a known asset"):
         resolve_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(AssetError, match="org/repo:file.gguf"):
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct:model.safetensors")
 
 
 def test_registry_pins_versions_and_hashes() -> None:
