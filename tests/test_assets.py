@@ -13,7 +13,7 @@ def test_unknown_asset_is_named_in_the_error(tmp_path: Path) -> None:
         fetch("nope", cache=tmp_path)
     with pytest.raises(AssetError, match="neither a file, a known asset"):
         resolve_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(AssetError, match="org/repo:file.gguf"):
+    with pytest.raises(AssetError, match=r"org/repo:file\.gguf"):
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct:model.safetensors")
 
 
