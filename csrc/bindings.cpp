@@ -112,30 +112,23 @@ PYBIND11_MODULE(_core, m) {
         "check_quantizable", [](int type, int64_t cols) { pydetox::check_quantizable(type, cols); }, py::arg("type"),
         py::arg("cols"));
 
-    m.def(
-        "project_out",
-        [](py::array W, const F32& basis, std::optional<F32> gain, int threads) {
-            auto w = matrix(W);
-            const int64_t rows = w.shape(0), cols = w.shape(1);
-            const int64_t k = basis_rank(basis, rows, "project_out basis");
-            const float* g = gain_ptr(gain ? &*gain : nullptr, k);
-            float* p = w.mutable_data();
-            py::gil_scoped_release release;
-            pydetox::kernels::project_out(p, rows, cols, basis.data(), k, g, threads);
-        },
-        py::arg("W"), py::arg("basis"), py::arg("gain") = py::none(), py::arg("threads") = 1);
-    m.def(
-        "project_in",
-        [](py::array W, const F32& basis, std::optional<F32> gain, int threads) {
-            auto w = matrix(W);
-            const int64_t rows = w.shape(0), cols = w.shape(1);
-            const int64_t k = basis_rank(basis, cols, "project_in basis");
-            const float* g = gain_ptr(gain ? &*gain : nullptr, k);
-            float* p = w.mutable_data();
-            py::gil_scoped_release release;
-            pydetox::kernels::project_in(p, rows, cols, basis.data(), k, g, threads);
-        },
-        py::arg("W"), py::arg("basis"), py::arg("gain") = py::none(), py::arg("threads") = 1);
+    // Output side: the basis spans the rows; input side: the columns.
+    for (const bool out_side : {true, false}) {
+        const char* name = out_side ? "project_out" : "project_in";
+        m.def(
+            name,
+            [out_side, name](py::array W, const F32& basis, std::optional<F32> gain, int threads) {
+                auto w = matrix(W);
+                const int64_t rows = w.shape(0), cols = w.shape(1);
+                const int64_t k = basis_rank(basis, out_side ? rows : cols, (std::string(name) + " basis").c_str());
+                const float* g = gain_ptr(gain ? &*gain : nullptr, k);
+                float* p = w.mutable_data();
+                py::gil_scoped_release release;
+                (out_side ? pydetox::kernels::project_out : pydetox::kernels::project_in)(p, rows, cols, basis.data(),
+                                                                                           k, g, threads);
+            },
+            py::arg("W"), py::arg("basis"), py::arg("gain") = py::none(), py::arg("threads") = 1);
+    }
     m.def(
         "low_rank",
         [](py::array W, const F32& left, const F32& right, int threads) {
