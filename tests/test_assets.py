@@ -9,7 +9,7 @@ from pydetox.errors import AssetError
 
 
 def test_unknown_asset_is_named_in_the_error(tmp_path: Path) -> None:
-    with pytest.raises(AssetError, match="unknown asset 'nope'; known: gemma3-270m, smollm2-135m-instruct"):
+    with pytest.raises(AssetError, match="unknown asset 'nope'; known: bilstm-toxic, clean-text, gemma3-270m, "):
         fetch("nope", cache=tmp_path)
     with pytest.raises(AssetError, match="neither a file, a known asset"):
         resolve_model(str(tmp_path / "missing.gguf"))
@@ -19,8 +19,9 @@ def test_unknown_asset_is_named_in_the_error(tmp_path: Path) -> None:
 
 def test_registry_pins_versions_and_hashes() -> None:
     for asset in ASSETS.values():
-        assert len(asset.sha256) == 64
-        assert all("==" in part.requirement for part in asset.parts)
+        for spec in asset.files:
+            assert len(spec.sha256) == 64
+            assert all("==" in part.requirement for part in spec.parts)
 
 
 def test_local_path_is_used_as_is(tiny_f32: Path) -> None:
