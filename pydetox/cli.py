@@ -136,6 +136,68 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pydetox import report as rep
+    from pydetox.assets import resolve_model
+    from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+    from pydetox.prompts import load_prompts
+    from pydetox.scorers import get_scorer
+
+    settings = EvalSettings(
+        prompts=args.prompts, n_prompts=args.limit, samples=args.samples, max_tokens=args.max_tokens,
+        temperature=args.temperature if args.samples > 1 or args.temperature else 0.0, top_p=args.top_p,
+        seed=args.seed, evaluators=tuple(args.evaluators.split(",")), clean_text=args.clean_text,
+        ppl_tokens=args.ppl_tokens, window=args.window, batch=args.batch, threads=args.threads,
+    )
+    if settings.samples > 1 and settings.temperature <= 0:
+        raise PydetoxError("several samples per prompt need sampling: pass --temperature (e.g. 1.0)")
+    prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
+    scorers = [get_scorer(name) for name in settings.evaluators]
+    for s in scorers:
+        s.score(["warm-up"])  # fail now, not after generation, when an evaluator cannot run
+    models = [resolve_model(m) for m in args.models]
+    reference = resolve_model(args.reference) if args.reference else None
+    results = evaluate_models(models, settings, prompts, scorers, reference, progress=not args.quiet)
+    report = report_json(results, settings, prompts, reference, scorers, include_texts=args.texts)
+    print(rep.table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(rep.markdown(report))
+    if args.plot:
+        rep.plot(report, args.plot)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from pydetox.assets import resolve_model
+    from pydetox.runtime import load_llama
+
+    llm = load_llama(resolve_model(args.model), n_ctx=args.ctx, seed=args.seed)
+    history: list[dict[str, str]] = []
+    prompts = [args.prompt] if args.prompt else None
+    while True:
+        if prompts is not None:
+            if not prompts:
+                return 0
+            user = prompts.pop()
+        else:
+            try:
+                user = input("> ")
+            except EOFError:
+                return 0
+            if user.strip() in ("/exit", "/quit"):
+                return 0
+        history.append({"role": "user", "content": user})
+        reply = []
+        for chunk in llm.create_chat_completion(history, max_tokens=args.max_tokens, temperature=args.temperature, stream=True):
+            piece = chunk["choices"][0]["delta"].get("content", "")
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pydetox", description=__doc__)
     p.add_argument("--version", action="version", version=f"pydetox {__version__}")
@@ -174,6 +236,40 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a GGUF's architecture, tensor types and pydetox provenance as JSON")
     i.add_argument("model")
     i.set_defaults(func=_cmd_info)
+
+    e = sub.add_parser("eval", help="toxicity (several evaluators), perplexity and KL of GGUF models on llama.cpp")
+    e.add_argument("models", nargs="+", help="GGUF files or asset names")
+    e.add_argument("--prompts", default="rtp-challenging",
+                   help="rtp-challenging, rtp-perspective, toxigen-200, or a .txt/.jsonl/.json file")
+    e.add_argument("--limit", type=int, help="use this many prompts (seeded, category-balanced subset)")
+    e.add_argument("--samples", type=int, default=1, help="continuations per prompt (default 1; RTP used 25)")
+    e.add_argument("--max-tokens", type=int, default=20, help="tokens per continuation (default 20)")
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); RTP used 1.0 with top-p 0.9")
+    e.add_argument("--top-p", type=float, default=0.9)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--evaluators", default="profanity-check,bilstm,hatesonar",
+                   help="comma-separated: profanity-check, bilstm, hatesonar, detoxify, perspective")
+    e.add_argument("--reference", help="GGUF to measure KL against (the unedited or full-precision model)")
+    e.add_argument("--clean-text", default="news", help="news, wiki, or a text file")
+    e.add_argument("--ppl-tokens", type=int, default=8192, help="clean-text tokens for perplexity/KL (0 = skip)")
+    e.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
+    e.add_argument("--batch", type=int, default=16, help="sequences decoded together")
+    e.add_argument("--threads", type=int)
+    e.add_argument("--json", help="write the machine-readable report here")
+    e.add_argument("--markdown", help="write a markdown table here")
+    e.add_argument("--plot", help="write a toxicity-vs-perplexity (or KL) plot here (.png)")
+    e.add_argument("--texts", action="store_true", help="include the continuations in the JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("chat", help="chat with a GGUF model in the terminal (streams the reply)")
+    c.add_argument("model", help="GGUF file or asset name")
+    c.add_argument("--prompt", help="one message instead of an interactive session")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--ctx", type=int, default=2048)
+    c.set_defaults(func=_cmd_chat)
 
     d = sub.add_parser("demo", help="run the engine end to end on the bundled SmolLM2 model")
     d.add_argument("--out", default="pydetox-demo", help="output folder (default ./pydetox-demo)")

@@ -9,9 +9,13 @@ llama-cpp-python's `Llama` does not expose that field, so it is set on the defau
 
 from __future__ import annotations
 
+import ctypes
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pydetox.errors import RuntimeUnavailableError
 
@@ -39,3 +43,205 @@ def load_llama(path: str | Path, *, repack: bool = False, **kwargs: Any) -> Any:
             return llama_cpp.Llama(model_path=str(path), **kwargs)
         finally:
             llama_mod.llama_cpp.llama_model_default_params = original  # type: ignore[attr-defined]
+
+
+def _quiet_llama_cpp() -> None:
+    # llama-cpp-python's log callback prints every loader line unless its logger is set to errors only.
+    try:
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)
+    except ImportError:
+        pass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. temperature 0 is greedy; otherwise llama.cpp's samplers: temperature, then top-p, then a
+    seeded draw (RealToxicityPrompts used nucleus sampling with p = 0.9, 25 samples, 20 tokens)."""
+
+    temperature: float = 0.0
+    top_p: float = 0.9
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def describe(self) -> str:
+        return "greedy" if self.greedy else f"sampled, temperature {self.temperature}, top-p {self.top_p}, seed {self.seed}"
+
+
+class LlamaRuntime:
+    """One GGUF loaded in llama.cpp through llama-cpp-python's C API, for batched generation and for scoring
+    text (log-probabilities of every next token). Several sequences share one context, so one forward pass per
+    step advances all of them: on a CPU this is where the throughput comes from."""
+
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_seq: int = 1, n_batch: int = 512,
+                 threads: int | None = None, logits_all: bool = False) -> None:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise RuntimeUnavailableError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36") from exc
+        from pydetox.kernels import default_threads
+
+        self.lib = llama_cpp
+        self.path = Path(path)
+        _quiet_llama_cpp()
+        if not self.path.is_file():
+            raise RuntimeUnavailableError(f"expected a GGUF model at {self.path}, found nothing")
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = False  # see the module docstring: the AMX path crashes here
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            raise RuntimeUnavailableError(f"llama.cpp could not load {self.path}")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = True
+        cparams.n_threads = cparams.n_threads_batch = threads or default_threads()
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RuntimeUnavailableError(f"llama.cpp could not create a context for {self.path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, n_batch
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.lib.llama_model_free(self.model)
+            self.ctx = None
+
+    def __enter__(self) -> LlamaRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        buf = (self.lib.llama_token * (len(raw) + 8))()
+        n = self.lib.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_special, False)
+        if n < 0:
+            buf = (self.lib.llama_token * (-n))()
+            n = self.lib.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_special, False)
+        return list(buf[:n])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        out = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for t in tokens:
+            n = self.lib.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
+            out += buf.raw[: max(n, 0)]
+        return out.decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def _clear(self) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """items: (token, position, sequence, wants logits)."""
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(items)
+        rc = self.lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeUnavailableError(f"llama_decode failed with code {rc} (context of {self.n_ctx} tokens full?)")
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, sampling: Sampling, seeds: list[int]) -> list[list[int]]:
+        """Continue up to `n_seq` tokenized prompts at once; returns the generated tokens of each."""
+        lib = self.lib
+        if len(prompts) > self.n_seq:
+            raise ValueError(f"{len(prompts)} prompts, but the context holds {self.n_seq} sequences")
+        need = sum(len(p) + max_tokens for p in prompts)
+        if need > self.n_ctx:
+            raise ValueError(f"{need} tokens of prompts and continuations exceed the context of {self.n_ctx}")
+        samplers = []
+        for seed in seeds:
+            chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+            if sampling.greedy:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            else:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(sampling.temperature))
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(sampling.top_p, 1))
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+            samplers.append(chain)
+        try:
+            self._clear()
+            out: list[list[int]] = [[] for _ in prompts]
+            next_tok: dict[int, int] = {}
+            # Prompts: packed into batches of n_batch tokens; a sequence is sampled right after the batch that
+            # holds its last prompt token (the next decode would overwrite those logits).
+            pending: list[tuple[int, int, int, bool]] = []
+            owners: list[int] = []
+            for s, p in enumerate(prompts):
+                for j, tok in enumerate(p):
+                    pending.append((tok, j, s, j == len(p) - 1))
+                    if len(pending) == self.n_batch:
+                        self._decode(pending)
+                        self._sample_last(pending, samplers, next_tok)
+                        pending = []
+                owners.append(s)
+            if pending:
+                self._decode(pending)
+                self._sample_last(pending, samplers, next_tok)
+            pos = [len(p) for p in prompts]
+            active = list(range(len(prompts)))
+            for _ in range(max_tokens):
+                still = []
+                for s in active:
+                    tok = next_tok[s]
+                    if self.is_eog(tok):
+                        continue
+                    out[s].append(tok)
+                    if len(out[s]) < max_tokens:
+                        still.append(s)
+                active = still
+                if not active:
+                    break
+                step = [(next_tok[s], pos[s], s, True) for s in active]
+                self._decode(step)
+                for i, s in enumerate(active):
+                    next_tok[s] = lib.llama_sampler_sample(samplers[s], self.ctx, i)
+                    pos[s] += 1
+            return out
+        finally:
+            for chain in samplers:
+                lib.llama_sampler_free(chain)
+
+    def _sample_last(self, items: list[tuple[int, int, int, bool]], samplers: list[Any], next_tok: dict[int, int]) -> None:
+        for i, (_tok, _pos, seq, logits) in enumerate(items):
+            if logits:
+                next_tok[seq] = self.lib.llama_sampler_sample(samplers[seq], self.ctx, i)
+
+    def logprobs(self, tokens: list[int]) -> np.ndarray:
+        """log p(token[i+1] | tokens[:i+1]) over the whole vocabulary, for i < len(tokens) - 1: an
+        (n - 1, n_vocab) float32 array from one window of at most n_ctx tokens (sequence 0)."""
+        n = len(tokens)
+        if not 2 <= n <= min(self.n_ctx, self.n_batch):
+            raise ValueError(f"a scoring window holds 2..{min(self.n_ctx, self.n_batch)} tokens, got {n}")
+        self._clear()
+        self._decode([(t, i, 0, i < n - 1) for i, t in enumerate(tokens)])
+        ptr = self.lib.llama_get_logits(self.ctx)
+        logits = np.ctypeslib.as_array(ptr, shape=(n - 1, self.n_vocab)).astype(np.float32)
+        logits -= logits.max(axis=1, keepdims=True)
+        logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return logits

@@ -1,0 +1,53 @@
+"""Capability on clean text through llama.cpp: perplexity, and KL divergence of next-token distributions against a
+reference model (the unedited or full-precision one).
+
+The clean documents are joined with blank lines, tokenized once by the evaluated model, cut to `max_tokens`, and
+split into non-overlapping windows of `window` tokens; every token of a window but the first is predicted from the
+ones before it in that window. Perplexity = exp(mean negative log-likelihood); KL = mean over those positions of
+KL(P_reference || P_model), in nats, over the full vocabulary. Both models must share the tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from pydetox.errors import PydetoxError
+from pydetox.runtime import LlamaRuntime
+
+
+@dataclass(frozen=True)
+class Capability:
+    perplexity: float
+    kl: float | None
+    n_tokens: int
+    window: int
+
+
+def windows(runtime: LlamaRuntime, documents: list[str], max_tokens: int, window: int) -> list[list[int]]:
+    tokens = runtime.tokenize("\n\n".join(documents), add_special=True)[:max_tokens]
+    out = [tokens[i : i + window] for i in range(0, len(tokens), window)]
+    return [w for w in out if len(w) >= 2]
+
+
+def capability(runtime: LlamaRuntime, documents: list[str], *, reference: LlamaRuntime | None = None,
+               max_tokens: int = 8192, window: int = 512, progress: bool = True, label: str = "") -> Capability:
+    wins = windows(runtime, documents, max_tokens, window)
+    if not wins:
+        raise PydetoxError("the clean text is too short to score")
+    if reference is not None and reference.n_vocab != runtime.n_vocab:
+        raise PydetoxError(f"KL needs one vocabulary: the reference has {reference.n_vocab} tokens, the model {runtime.n_vocab}")
+    nll = 0.0
+    kl = 0.0
+    count = 0
+    for w in tqdm(wins, desc=f"perplexity {label}".strip(), disable=not progress, leave=False):
+        lp = runtime.logprobs(w)
+        targets = np.asarray(w[1:])
+        nll -= float(lp[np.arange(len(targets)), targets].astype(np.float64).sum())
+        if reference is not None:
+            ref = reference.logprobs(w)
+            kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
+        count += len(targets)
+    return Capability(float(np.exp(nll / count)), None if reference is None else kl / count, count, window)

@@ -1,0 +1,166 @@
+"""`pydetox eval`: generate from toxic prompts on llama.cpp, score with several evaluators side by side, measure
+perplexity and KL on clean text, for any number of GGUF files in one run."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pydetox.capability import Capability, capability
+from pydetox.metrics import ToxicityStats, disagreement, spearman, toxicity_stats
+from pydetox.prompts import PromptSet, load_clean_text
+from pydetox.runtime import LlamaRuntime, Sampling
+from pydetox.scorers import Scorer
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything that decides an evaluation's numbers; it is written into every report."""
+
+    prompts: str = "rtp-challenging"  # prompt set name or file
+    n_prompts: int | None = None  # a seeded, category-balanced subset; None = all
+    samples: int = 1  # continuations per prompt (RealToxicityPrompts used 25)
+    max_tokens: int = 20  # tokens per continuation (RealToxicityPrompts used 20)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 0.9
+    seed: int = 0
+    evaluators: tuple[str, ...] = ("profanity-check", "bilstm", "hatesonar")
+    clean_text: str = "news"  # for perplexity / KL: news, wiki or a file
+    ppl_tokens: int = 8192
+    window: int = 512
+    batch: int = 16  # sequences decoded together; greedy outputs can differ in the last bits with another batch size
+    threads: int | None = None
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p, self.seed)
+
+
+@dataclass
+class ModelResult:
+    path: str
+    toxicity: dict[str, ToxicityStats]
+    perplexity: float | None
+    kl: float | None
+    tokens_per_s: float
+    generated_tokens: int
+    generation_s: float
+    agreement: dict[str, dict[str, float]] = field(default_factory=dict)
+    continuations: list[list[str]] = field(default_factory=list)  # (prompts, samples)
+
+
+def sequence_seed(seed: int, prompt: int, sample: int) -> int:
+    """Seed of one continuation: independent of batching, so any batch size draws the same sampler seeds."""
+    return zlib.crc32(f"{seed}/{prompt}/{sample}".encode())
+
+
+def generate(runtime: LlamaRuntime, prompts: list[str], settings: EvalSettings, progress: bool = True,
+             label: str = "") -> tuple[list[list[str]], int, float]:
+    """Continuations (prompts x samples), the number of generated tokens, and the seconds generation took."""
+    tokenized = [runtime.tokenize(p) for p in prompts]
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(settings.samples)]
+    out: list[list[str]] = [[""] * settings.samples for _ in prompts]
+    n_tokens = 0
+    t0 = time.perf_counter()
+    with tqdm(total=len(jobs), desc=f"generate {label}".strip(), unit="seq", disable=not progress, leave=False) as bar:
+        for start in range(0, len(jobs), runtime.n_seq):
+            wave = jobs[start : start + runtime.n_seq]
+            gen = runtime.generate([tokenized[i] for i, _ in wave], settings.max_tokens, settings.sampling,
+                                   [sequence_seed(settings.seed, i, j) for i, j in wave])
+            for (i, j), toks in zip(wave, gen, strict=True):
+                out[i][j] = runtime.detokenize(toks)
+                n_tokens += len(toks)
+            bar.update(len(wave))
+    return out, n_tokens, time.perf_counter() - t0
+
+
+def score_all(continuations: list[list[str]], scorers: list[Scorer]) -> dict[str, np.ndarray]:
+    flat = [t for row in continuations for t in row]
+    shape = (len(continuations), len(continuations[0]) if continuations else 0)
+    return {s.name: s.score(flat).probs.reshape(shape) for s in scorers}
+
+
+def agreement(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    names = list(scores)
+    out = {}
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            x, y = scores[names[a]], scores[names[b]]
+            out[f"{names[a]} vs {names[b]}"] = {"spearman": spearman(x, y), "disagreement": disagreement(x, y)}
+    return out
+
+
+def evaluate_models(models: list[Path], settings: EvalSettings, prompts: PromptSet, scorers: list[Scorer],
+                    reference: Path | None = None, progress: bool = True) -> list[ModelResult]:
+    documents = load_clean_text(settings.clean_text) if settings.ppl_tokens > 0 else []
+    max_prompt = 0
+    results = []
+    ref_rt = None
+    try:
+        if reference is not None and documents:
+            ref_rt = LlamaRuntime(reference, n_ctx=settings.window, n_batch=settings.window, threads=settings.threads)
+        for path in models:
+            label = path.name
+            with LlamaRuntime(path, n_ctx=1024, n_batch=settings.window, threads=settings.threads) as probe:
+                max_prompt = max(len(probe.tokenize(p)) for p in prompts.prompts)
+            n_ctx = settings.batch * (max_prompt + settings.max_tokens)
+            n_ctx = max(settings.window, -(-n_ctx // 256) * 256)
+            with LlamaRuntime(path, n_ctx=n_ctx, n_seq=settings.batch, n_batch=max(settings.window, 512),
+                              threads=settings.threads) as rt:
+                texts, n_tok, secs = generate(rt, prompts.prompts, settings, progress, label)
+                cap: Capability | None = None
+                if documents:
+                    cap = capability(rt, documents, reference=ref_rt, max_tokens=settings.ppl_tokens,
+                                     window=settings.window, progress=progress, label=label)
+            scores = score_all(texts, scorers)
+            results.append(ModelResult(
+                path=str(path),
+                toxicity={name: toxicity_stats(s, seed=settings.seed) for name, s in scores.items()},
+                perplexity=None if cap is None else cap.perplexity,
+                kl=None if cap is None else cap.kl,
+                tokens_per_s=n_tok / secs if secs > 0 else 0.0,
+                generated_tokens=n_tok,
+                generation_s=secs,
+                agreement=agreement(scores),
+                continuations=texts,
+            ))
+    finally:
+        if ref_rt is not None:
+            ref_rt.close()
+    return results
+
+
+def report_json(results: list[ModelResult], settings: EvalSettings, prompts: PromptSet, reference: Path | None,
+                scorers: list[Scorer], include_texts: bool = False) -> dict[str, Any]:
+    models = []
+    for r in results:
+        m: dict[str, Any] = {
+            "path": r.path,
+            "toxicity": {name: asdict(stats) for name, stats in r.toxicity.items()},
+            "perplexity": r.perplexity,
+            "kl": r.kl,
+            "tokens_per_s": r.tokens_per_s,
+            "generated_tokens": r.generated_tokens,
+            "generation_s": r.generation_s,
+            "agreement": r.agreement,
+        }
+        if include_texts:
+            m["continuations"] = [{"prompt": p, "continuations": c} for p, c in zip(prompts.prompts, r.continuations, strict=True)]
+        models.append(m)
+    return {
+        "settings": {
+            **asdict(settings),
+            "prompt_set": prompts.name,
+            "prompt_count": len(prompts.prompts),
+            "decoding": settings.sampling.describe(),
+            "reference": None if reference is None else str(reference),
+            "evaluator_descriptions": {s.name: s.description for s in scorers},
+        },
+        "models": models,
+    }
