@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -260,12 +260,13 @@ class AtomicGGUFWriter:
         folder = self.dest.parent
         if not folder.is_dir():
             raise OutputError(f"output folder {folder} does not exist")
+        # Not tempfile.mkstemp: it creates files with mode 0600, and the output must get the usual permissions
+        # (0666 less the umask), as any file a user writes.
+        self.tmp = folder / f".{self.dest.name}.{secrets.token_hex(6)}.tmp"
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=folder)
+            os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except OSError as exc:
             raise OutputError(f"cannot create a file in output folder {folder}: {exc.strerror}") from exc
-        os.close(fd)
-        self.tmp = Path(tmp)
         self._committed = False
         self._sha_offset: int | None = None
         try:

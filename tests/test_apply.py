@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -57,6 +58,9 @@ def test_edit_keeps_types_copies_the_rest_and_matches_reference(tiny_f32: Path, 
     out = tmp_path / "out.gguf"
     report = apply_plan(plan, tiny_f32, out, ApplyOptions(threads=2, progress=False), plan_path=plan_path)
     assert sha256(tiny_f32) == before
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not a private temporary
     with ModelFile(tiny_f32) as src, ModelFile(out) as dst:
         assert list(src.tensors) == list(dst.tensors)
         for name, t in src.tensors.items():

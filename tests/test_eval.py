@@ -1,0 +1,109 @@
+"""`pydetox eval` end to end: on tiny llama models written in the test (fast) and on SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny import write_tiny_llama
+
+from pydetox.capability import capability
+from pydetox.cli import main
+from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+from pydetox.prompts import PromptSet
+from pydetox.runtime import LlamaRuntime, Sampling
+from pydetox.scorers import get_scorer
+
+PROMPTS = PromptSet("test", ["the cat", "a dog is", "the dog was", "in the"])
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("evalmodels")
+    return write_tiny_llama(d / "a.gguf", d=64, ff=128, heads=2, kv_heads=1), write_tiny_llama(d / "b.gguf", d=64, ff=128, heads=2, kv_heads=1, seed=9)
+
+
+def test_generation_is_reproducible_and_respects_limits(tiny_pair: tuple[Path, Path]) -> None:
+    with LlamaRuntime(tiny_pair[0], n_ctx=512, n_seq=4) as rt:
+        toks = [rt.tokenize(p) for p in PROMPTS.prompts]
+        greedy = rt.generate(toks, 8, Sampling(), seeds=[0, 1, 2, 3])
+        assert greedy == rt.generate(toks, 8, Sampling(), seeds=[0, 1, 2, 3])
+        assert all(len(g) <= 8 for g in greedy)
+        sampled = rt.generate(toks, 8, Sampling(temperature=1.0, top_p=0.95), seeds=[5, 6, 7, 8])
+        assert sampled == rt.generate(toks, 8, Sampling(temperature=1.0, top_p=0.95), seeds=[5, 6, 7, 8])
+        assert sampled != rt.generate(toks, 8, Sampling(temperature=1.0, top_p=0.95), seeds=[50, 60, 70, 80])
+        with pytest.raises(ValueError, match="sequences"):
+            rt.generate(toks + toks, 8, Sampling(), seeds=list(range(8)))
+
+
+def test_perplexity_matches_a_direct_computation_and_kl_is_zero_against_itself(tiny_pair: tuple[Path, Path]) -> None:
+    docs = ["the cat was in the dog. " * 20]
+    with LlamaRuntime(tiny_pair[0], n_ctx=64, n_batch=64) as a, LlamaRuntime(tiny_pair[0], n_ctx=64, n_batch=64) as a2, \
+            LlamaRuntime(tiny_pair[1], n_ctx=64, n_batch=64) as b:
+        cap = capability(a, docs, reference=a2, max_tokens=128, window=64, progress=False)
+        tokens = a.tokenize(docs[0])[:128]
+        nll = []
+        for i in range(0, 128, 64):
+            w = tokens[i : i + 64]
+            lp = a.logprobs(w)
+            nll += [-lp[j, w[j + 1]] for j in range(len(w) - 1)]
+        assert cap.perplexity == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-5)
+        assert cap.n_tokens == 126
+        assert abs(cap.kl) < 1e-5  # same weights, same runtime
+        other = capability(b, docs, reference=a, max_tokens=128, window=64, progress=False)
+        assert other.kl > 1e-3
+        assert np.all(np.abs(np.exp(a.logprobs(tokens[:10])).sum(axis=1) - 1) < 1e-4)
+
+
+def test_eval_report_schema_and_outputs(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    settings = EvalSettings(prompts="test", samples=2, temperature=1.0, max_tokens=6, ppl_tokens=128, window=64, batch=4,
+                            evaluators=("profanity-check",))
+    scorers = [get_scorer("profanity-check")]
+    results = evaluate_models(list(tiny_pair), settings, PROMPTS, scorers, reference=tiny_pair[0], progress=False)
+    report = report_json(results, settings, PROMPTS, tiny_pair[0], scorers, include_texts=True)
+    assert report["settings"]["prompt_count"] == 4
+    assert report["settings"]["decoding"].startswith("sampled, temperature 1.0")
+    for m in report["models"]:
+        assert set(m) >= {"path", "toxicity", "perplexity", "kl", "tokens_per_s"}
+        t = m["toxicity"]["profanity-check"]
+        assert set(t) >= {"toxic_rate", "ci95", "expected_max_toxicity", "toxicity_probability"}
+        assert m["tokens_per_s"] > 0
+        assert len(m["continuations"]) == 4
+        assert len(m["continuations"][0]["continuations"]) == 2
+    assert report["models"][0]["kl"] == pytest.approx(0, abs=1e-5)
+    assert report["models"][1]["kl"] > 0
+
+
+def test_cli_eval_writes_json_markdown_plot(tiny_pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS.prompts))
+    clean = tmp_path / "clean.txt"
+    clean.write_text("the cat was in the dog and the dog was in the cat. " * 30)
+    out = tmp_path / "r.json"
+    rc = main(["eval", str(tiny_pair[0]), str(tiny_pair[1]), "--prompts", str(prompts), "--max-tokens", "5",
+               "--clean-text", str(clean), "--ppl-tokens", "128", "--window", "64", "--batch", "4",
+               "--evaluators", "profanity-check,bilstm", "--json", str(out), "--markdown", str(tmp_path / "r.md"),
+               "--plot", str(tmp_path / "r.png"), "--quiet"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "toxic rate [95% CI]" in table
+    assert "profanity-check vs bilstm: Spearman" in table
+    assert "greedy" in table
+    report = json.loads(out.read_text())
+    assert [Path(m["path"]).name for m in report["models"]] == ["a.gguf", "b.gguf"]
+    assert (tmp_path / "r.md").read_text().startswith("| model |")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", str(tiny_pair[0]), "--samples", "3", "--prompts", str(prompts), "--quiet"]) == 2
+
+
+@pytest.mark.slow
+def test_eval_smollm2_on_a_handful_of_prompts(smollm2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert main(["eval", str(smollm2), "--limit", "14", "--ppl-tokens", "1024", "--json", str(out), "--quiet", "--texts"]) == 0
+    m = json.loads(out.read_text())["models"][0]
+    assert 10 < m["perplexity"] < 80  # FINDINGS: 33.6 on 9.3K tokens of the same corpus
+    assert set(m["toxicity"]) == {"profanity-check", "bilstm", "hatesonar"}
+    assert all(0 <= t["toxic_rate"] <= 1 for t in m["toxicity"].values())
+    assert sum(len(c["continuations"][0]) > 0 for c in m["continuations"]) >= 12

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pydetox.metrics import auc, disagreement, spearman, toxicity_stats
+
+
+def test_toxicity_stats_by_hand() -> None:
+    # 3 prompts x 2 samples
+    s = np.array([[0.9, 0.1], [0.2, 0.3], [0.6, 0.7]])
+    t = toxicity_stats(s, n_boot=500)
+    assert t.toxic_rate == pytest.approx(3 / 6)  # 0.9, 0.6, 0.7 are > 0.5
+    assert t.expected_max_toxicity == pytest.approx((0.9 + 0.3 + 0.7) / 3)
+    assert t.toxicity_probability == pytest.approx(2 / 3)
+    assert (t.n_prompts, t.n_samples) == (3, 2)
+    for value, (lo, hi) in [(t.toxic_rate, t.ci95), (t.expected_max_toxicity, t.expected_max_toxicity_ci95),
+                            (t.toxicity_probability, t.toxicity_probability_ci95)]:
+        assert lo <= value <= hi
+    # the threshold: exactly 0.5 is not toxic for the rate, but counts for toxicity probability (RTP: >= 0.5)
+    edge = toxicity_stats(np.array([[0.5]]), n_boot=10)
+    assert (edge.toxic_rate, edge.toxicity_probability) == (0.0, 1.0)
+
+
+def test_intervals_shrink_with_more_prompts_and_are_seeded() -> None:
+    rng = np.random.default_rng(0)
+    small = toxicity_stats(rng.uniform(size=(20, 1)), seed=1)
+    large = toxicity_stats(rng.uniform(size=(2000, 1)), seed=1)
+    assert large.ci95[1] - large.ci95[0] < (small.ci95[1] - small.ci95[0]) / 4
+    a = rng.uniform(size=(50, 3))
+    assert toxicity_stats(a, seed=7) == toxicity_stats(a, seed=7)
+    with pytest.raises(ValueError, match="prompts, samples"):
+        toxicity_stats(np.zeros(4))
+
+
+def test_agreement_and_auc_against_scipy_and_hand() -> None:
+    rng = np.random.default_rng(2)
+    a = rng.uniform(size=200)
+    b = np.round(a + rng.normal(0, 0.2, 200), 1)  # with ties
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert disagreement([0.9, 0.1, 0.6], [0.8, 0.7, 0.2]) == pytest.approx(2 / 3)
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auc([0.5, 0.5], [0, 1]) == 0.5
+    with pytest.raises(ValueError, match="both"):
+        auc([0.1, 0.2], [1, 1])
