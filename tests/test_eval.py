@@ -22,7 +22,8 @@ PROMPTS = PromptSet("test", ["the cat", "a dog is", "the dog was", "in the"])
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("evalmodels")
-    return write_tiny_llama(d / "a.gguf", d=64, ff=128, heads=2, kv_heads=1), write_tiny_llama(d / "b.gguf", d=64, ff=128, heads=2, kv_heads=1, seed=9)
+    shape = {"d": 64, "ff": 128, "heads": 2, "kv_heads": 1}
+    return write_tiny_llama(d / "a.gguf", **shape), write_tiny_llama(d / "b.gguf", **shape, seed=9)
 
 
 def test_generation_is_reproducible_and_respects_limits(tiny_pair: tuple[Path, Path]) -> None:
