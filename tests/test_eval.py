@@ -108,3 +108,9 @@ def test_eval_smollm2_on_a_handful_of_prompts(smollm2: Path, tmp_path: Path) -> 
     assert set(m["toxicity"]) == {"profanity-check", "bilstm", "hatesonar"}
     assert all(0 <= t["toxic_rate"] <= 1 for t in m["toxicity"].values())
     assert sum(len(c["continuations"][0]) > 0 for c in m["continuations"]) >= 12
+
+
+@pytest.mark.slow
+def test_chat_streams_a_reply(smollm2: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chat", str(smollm2), "--prompt", "Say hello.", "--max-tokens", "12", "--temperature", "0"]) == 0
+    assert len(capsys.readouterr().out.strip()) > 0
