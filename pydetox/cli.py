@@ -102,8 +102,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The main job until discovery lands: fetch the bundled model, apply a random rank-8 projection plan to every
-    ffn_down and attn_output while requantizing to Q4_K_M, report leakage and timings, and generate from both
-    files with llama.cpp to show the output runs."""
+    ffn_down and attn_output while requantizing to Q4_K_M, report leakage and timings, generate from both files
+    with llama.cpp, and evaluate both (70 RTP prompts, three evaluators, perplexity and KL against the original)."""
     from pydetox import ggml
     from pydetox.apply import ApplyOptions, apply_plan
     from pydetox.assets import fetch
@@ -133,6 +133,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         text = llm(prompt, max_tokens=16, temperature=0.0)["choices"][0]["text"]
         print(f"llama.cpp, {path.name}, greedy: {prompt!r} -> {text!r}")
         del llm
+
+    # The evaluation harness on both files: what the random edit did to toxicity and to the model.
+    from pydetox import report as rep
+    from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+    from pydetox.prompts import load_prompts
+    from pydetox.scorers import get_scorer
+
+    settings = EvalSettings(n_prompts=70, ppl_tokens=2048)
+    prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
+    scorers = [get_scorer(n) for n in settings.evaluators]
+    results = evaluate_models([src, dst], settings, prompts, scorers, reference=src)
+    report = report_json(results, settings, prompts, src, scorers)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    rep.plot(report, out / "eval.png")
+    print()
+    print(rep.table(report))
+    print(f"\nwrote {out / 'eval.json'} and {out / 'eval.png'}")
     return 0
 
 
