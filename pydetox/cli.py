@@ -144,12 +144,56 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
     scorers = [get_scorer(n) for n in settings.evaluators]
     results = evaluate_models([src, dst], settings, prompts, scorers, reference=src)
-    report = report_json(results, settings, prompts, src, scorers)
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    rep.plot(report, out / "eval.png")
+    evaluation = report_json(results, settings, prompts, src, scorers)
+    (out / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    rep.plot(evaluation, out / "eval.png")
     print()
-    print(rep.table(report))
+    print(rep.table(evaluation))
     print(f"\nwrote {out / 'eval.json'} and {out / 'eval.png'}")
+    return 0
+
+
+def _overrides(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PydetoxError(f"--param takes key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from pydetox.assets import resolve_model
+    from pydetox.discover import Discovery
+
+    model = resolve_model(args.model) if not Path(args.model).is_dir() else Path(args.model)
+    d = Discovery(model, data=args.data, n_pairs=args.pairs, seed=args.seed, progress=not args.quiet)
+    plan = d.plan(args.method, _overrides(args.param))
+    plan.save(args.output)
+    print(f"{args.method}: {len(plan.edits)} edits on {plan.arch}; model load {d.load_s:.1f} s, activations "
+          f"{d.activation_s:.1f} s, method {plan.params['method_s']:.2f} s -> {args.output}")
+    return 0
+
+
+def _cmd_detox(args: argparse.Namespace) -> int:
+    from pydetox.assets import resolve_model
+    from pydetox.detox import DetoxJob, run
+    from pydetox.evaluate import EvalSettings
+
+    methods = tuple(m.strip() for m in args.method.split(","))
+    overrides: dict[str, dict[str, str]] = {}
+    for item in args.param or []:
+        method, _, kv = item.partition(":")
+        if not kv:
+            raise PydetoxError(f"--param takes method:key=value, got {item!r}")
+        overrides.setdefault(method, {}).update(_overrides([kv]))
+    job = DetoxJob(
+        model=resolve_model(args.model), methods=methods, types=tuple(t.strip() for t in args.types.split(",")),
+        out=Path(args.out), overrides=overrides, data=args.data, n_pairs=args.pairs, seed=args.seed,
+        eval_settings=EvalSettings(n_prompts=args.limit, ppl_tokens=args.ppl_tokens, seed=args.seed),
+    )
+    run(job, progress=not args.quiet)
     return 0
 
 
@@ -253,6 +297,31 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a GGUF's architecture, tensor types and pydetox provenance as JSON")
     i.add_argument("model")
     i.set_defaults(func=_cmd_info)
+
+    ds = sub.add_parser("discover", help="compute an edit plan with a detox method on a full-precision model")
+    ds.add_argument("--method", required=True, help="aura, gloss, eigenshift, profs")
+    ds.add_argument("--model", required=True, help="GGUF file, asset name, HF folder or hub id")
+    ds.add_argument("--data", default="paradetox-3000", help="JSONL of {toxic, neutral} pairs (default: embedded ParaDetox sample)")
+    ds.add_argument("--pairs", type=int, default=500, help="pairs to use (default 500)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--param", action="append", help="method parameter key=value (repeatable)")
+    ds.add_argument("-o", "--output", required=True, help="plan file to write")
+    ds.add_argument("--quiet", action="store_true")
+    ds.set_defaults(func=_cmd_discover)
+
+    dx = sub.add_parser("detox", help="discover, apply at several types, evaluate before/after, report")
+    dx.add_argument("--model", default="smollm2-135m-instruct", help="GGUF file or asset name (default: the bundled SmolLM2)")
+    dx.add_argument("--method", default="aura", help="one or more methods, comma-separated")
+    dx.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="types to write and evaluate")
+    dx.add_argument("--out", default="pydetox-detox", help="output folder")
+    dx.add_argument("--data", default="paradetox-3000")
+    dx.add_argument("--pairs", type=int, default=500)
+    dx.add_argument("--seed", type=int, default=0)
+    dx.add_argument("--param", action="append", help="method:key=value (repeatable)")
+    dx.add_argument("--limit", type=int, default=140, help="RTP challenging prompts to evaluate on (default 140; all: 700)")
+    dx.add_argument("--ppl-tokens", type=int, default=4096)
+    dx.add_argument("--quiet", action="store_true")
+    dx.set_defaults(func=_cmd_detox)
 
     e = sub.add_parser("eval", help="toxicity (several evaluators), perplexity and KL of GGUF models on llama.cpp")
     e.add_argument("models", nargs="+", help="GGUF files or asset names")

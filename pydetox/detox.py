@@ -1,0 +1,115 @@
+"""`pydetox detox`: the whole job in one command. Discover a plan on the full-precision model, apply it at every
+requested type (and make the unedited model at the same types), evaluate all of them on llama.cpp against the
+unedited F16 as the KL reference, and write one report: does the edit work, what does it cost, and does it
+survive quantization."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydetox import ggml
+from pydetox.apply import ApplyOptions, apply_plan
+from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+from pydetox.prompts import load_prompts
+from pydetox.scorers import get_scorer
+
+
+@dataclass(frozen=True)
+class DetoxJob:
+    model: Path  # a GGUF (the bundled models ship only as GGUF)
+    methods: tuple[str, ...]
+    types: tuple[str, ...] = ("F16", "Q8_0", "Q4_K_M")
+    out: Path = Path("pydetox-detox")
+    overrides: dict[str, dict[str, str]] | None = None  # method -> parameter overrides
+    data: str = "paradetox-3000"
+    n_pairs: int = 500
+    seed: int = 0
+    eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(n_prompts=140, ppl_tokens=4096))
+
+
+def _apply(plan_path: Path | None, src: Path, dst: Path, qtype: str) -> Path:
+    from pydetox.plan import EditPlan
+
+    if dst.exists():
+        dst.unlink()
+    plan = EditPlan.load(plan_path) if plan_path is not None else None
+    apply_plan(plan, src, dst, ApplyOptions(ftype=ggml.parse_ftype(qtype), progress=False), plan_path=plan_path)
+    return dst
+
+
+def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per (method, type): toxic-rate reduction factor per evaluator against the unedited model at the same type,
+    perplexity change, KL."""
+    by = {names[Path(m["path"]).name]: m for m in report["models"]}
+    rows = []
+    for (method, qtype), m in by.items():
+        if method == "base":
+            continue
+        base = by[("base", qtype)]
+        row: dict[str, Any] = {"method": method, "type": qtype, "perplexity": m["perplexity"],
+                               "perplexity_change": m["perplexity"] / base["perplexity"] - 1, "kl": m["kl"]}
+        for ev, t in m["toxicity"].items():
+            b = base["toxicity"][ev]["toxic_rate"]
+            row[f"{ev}_rate"] = t["toxic_rate"]
+            row[f"{ev}_ci95"] = t["ci95"]
+            row[f"{ev}_base_rate"] = b
+            row[f"{ev}_reduction"] = (b / t["toxic_rate"]) if t["toxic_rate"] > 0 else float("inf")
+        rows.append(row)
+    return rows
+
+
+def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
+    head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators], "ppl change", "KL"]
+    body = [[r["method"], r["type"], *[f"{r[e + '_rate']:.3f} ({r[e + '_reduction']:.2f}x)" for e in evaluators],
+             f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}"] for r in rows]
+    table = [head, *body]
+    widths = [max(len(x[i]) for x in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in table)
+
+
+def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
+    from pydetox import report as rep
+    from pydetox.discover import Discovery
+
+    job.out.mkdir(parents=True, exist_ok=True)
+    discovery = Discovery(job.model, data=job.data, n_pairs=job.n_pairs, seed=job.seed, progress=progress)
+    plans = {}
+    for method in job.methods:
+        plan = discovery.plan(method, (job.overrides or {}).get(method))
+        plans[method] = plan.save(job.out / f"{method}.plan.gguf")
+        print(f"{method}: {len(plan.edits)} edits -> {plans[method]}")
+    timing = {"load_s": discovery.load_s, "activations_s": discovery.activation_s}
+    del discovery
+
+    stem = job.model.name.removesuffix(".gguf")
+    f16 = _apply(None, job.model, job.out / f"{stem}.F16.gguf", "F16")
+    models: list[Path] = []
+    names: dict[str, tuple[str, str]] = {}
+    for qtype in job.types:
+        base = f16 if qtype.upper() == "F16" else _apply(None, f16, job.out / f"{stem}.{qtype}.gguf", qtype)
+        models.append(base)
+        names[base.name] = ("base", qtype)
+        for method, plan_path in plans.items():
+            edited = _apply(plan_path, f16, job.out / f"{stem}.{method}.{qtype}.gguf", qtype)
+            models.append(edited)
+            names[edited.name] = (method, qtype)
+    settings = job.eval_settings
+    prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
+    scorers = [get_scorer(n) for n in settings.evaluators]
+    results = evaluate_models(models, settings, prompts, scorers, reference=f16, progress=progress)
+    report = report_json(results, settings, prompts, f16, scorers)
+    rows = summarize(report, names)
+    report["detox"] = {"model": str(job.model), "methods": list(job.methods), "types": list(job.types),
+                       "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing},
+                       "summary": rows}
+    (job.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (job.out / "report.md").write_text(rep.markdown(report) + "\n" + summary_table(rows, list(settings.evaluators)) + "\n")
+    rep.plot(report, job.out / "report.png")
+    print(rep.table(report))
+    print()
+    print(summary_table(rows, list(settings.evaluators)))
+    print(f"\nwrote {job.out / 'report.json'}, report.md, report.png and the GGUFs in {job.out}")
+    return report

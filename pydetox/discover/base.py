@@ -1,0 +1,121 @@
+"""The contract every detox method follows: activations and weights in, edits out; one registry of methods."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from pydetox.discover.activations import Activations
+from pydetox.discover.data import DiscoveryData
+from pydetox.discover.model import FullPrecisionModel
+from pydetox.errors import PydetoxError
+from pydetox.plan import Edit
+
+
+@dataclass
+class Context:
+    """What a method may look at: the model, the data, and activations on both sides of the data."""
+
+    fp: FullPrecisionModel
+    data: DiscoveryData
+    toxic: Activations
+    neutral: Activations
+    badwords: list[str]
+
+    def down_weight(self, layer: int) -> npt.NDArray[np.float32]:
+        """(d_model, d_ff) float32 copy of a layer's FFN down-projection."""
+        out: npt.NDArray[np.float32] = self.fp.down_proj(layer).weight.detach().numpy().astype(np.float32)
+        return out
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    Params: ClassVar[type]
+
+    @abstractmethod
+    def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:
+        """The edits, and diagnostics worth keeping in the plan's parameters."""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise PydetoxError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def make_params(method: Method, overrides: dict[str, str]) -> Any:
+    """The method's parameter dataclass with `key=value` overrides, values converted to the field's type."""
+    known = {f.name: f for f in fields(method.Params)}
+    values: dict[str, Any] = {}
+    for key, raw in overrides.items():
+        if key not in known:
+            raise PydetoxError(f"{method.name} has no parameter {key!r}; it has: {', '.join(known)}")
+        default = getattr(method.Params(), key)
+        try:
+            if isinstance(default, bool):
+                values[key] = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, tuple):
+                values[key] = tuple(int(x) for x in raw.split(",") if x)
+            elif default is None:
+                values[key] = int(raw)
+            else:
+                values[key] = type(default)(raw)
+        except ValueError as exc:
+            raise PydetoxError(f"{method.name}.{key}: cannot read {raw!r} as {type(default).__name__}") from exc
+    return method.Params(**values)
+
+
+def massive_dims(ctx: Context, factor: float = 20.0) -> npt.NDArray[np.int64]:
+    """Residual-stream channels with "massive activations" (Sun et al., 2024): mean |activation| over the neutral
+    texts more than `factor` times the median channel in some layer. They dominate any raw difference of hidden
+    states (shared/FINDINGS.md: dims 247, 507, 17 on SmolLM2) and must not be projected out."""
+    dims: set[int] = set()
+    for layer in ctx.neutral.residual_mean:
+        mag = np.abs(layer).mean(axis=0)
+        dims |= set(np.flatnonzero(mag > factor * np.median(mag)).tolist())
+    return np.array(sorted(dims), dtype=np.int64)
+
+
+def token_strings(ctx: Context) -> list[str]:
+    tok = ctx.fp.tokenizer
+    return [tok.convert_tokens_to_string([t]).strip().lower() for t in tok.convert_ids_to_tokens(list(range(len(tok))))]
+
+
+_SUFFIXES = ("", "s", "es", "ed", "er", "ers", "ing", "in", "y", "ty", "head", "heads", "hole", "holes")
+
+
+def badword_token_mask(ctx: Context, strings: list[str], vocab: int) -> npt.NDArray[np.bool_]:
+    """Tokens that are a bad word or one of its inflections ('fucking' <- 'fuck' + 'ing'); no free prefix match,
+    which would take 'analysis' for 'anal' and 'button' for 'butt'."""
+    words = {w.lower() for w in ctx.badwords if w and " " not in w and w.isalpha()}
+    forms = {w + suffix for w in words for suffix in _SUFFIXES}
+    mask = np.zeros(vocab, dtype=bool)
+    for i, s in enumerate(strings[:vocab]):
+        w = "".join(ch for ch in s if ch.isalpha())
+        mask[i] = len(w) >= 3 and w in forms
+    return mask
+
+
+def logit_lens(ctx: Context) -> npt.NDArray[np.float64]:
+    """(vocab, d) matrix reading a residual direction as logits: the output layer after the final norm's scale
+    (the norm's division by the RMS only rescales a direction, its weight reweights channels)."""
+    w = ctx.fp.unembedding().numpy().astype(np.float64)
+    norm = ctx.fp.spec.final_norm(ctx.fp.model)
+    gamma = norm.weight.detach().numpy().astype(np.float64)
+    if getattr(ctx.fp.model.config, "model_type", "").startswith("gemma"):
+        gamma = 1.0 + gamma  # Gemma's RMSNorm scales by (1 + weight)
+    lens: npt.NDArray[np.float64] = w * gamma[None, :]
+    return lens

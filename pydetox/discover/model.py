@@ -1,0 +1,115 @@
+"""The full-precision model that discovery works on, and where each of its matrices lives in a GGUF.
+
+Sources: a local Hugging Face folder or a hub id (transformers), or a GGUF file dequantized to float32 by
+transformers' GGUF loader (the bundled models ship only as GGUF). One registry maps each architecture's torch
+modules to GGUF tensor names (llama.cpp `convert_hf_to_gguf.py` names). Only matrices whose edited side is not
+permuted by the converter are named here: llama.cpp permutes the rows of q_proj/k_proj, but ffn_down and the output
+layer line up with the HF weights directly (measured in shared/FINDINGS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from pydetox.errors import PydetoxError
+
+T = gguf.MODEL_TENSOR
+
+
+def _name(kind: gguf.MODEL_TENSOR, bid: int | None = None) -> str:
+    base = gguf.TENSOR_NAMES[kind]
+    return (base.format(bid=bid) if bid is not None else base) + ".weight"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where an architecture keeps the matrices pydetox edits."""
+
+    gguf_arch: str
+    layers: Callable[[Any], Any]  # model -> list of decoder layers
+    down_proj: Callable[[Any], Any]  # layer -> the FFN down-projection Linear (d_model x d_ff)
+    final_norm: Callable[[Any], Any]  # model -> the norm before the output layer
+
+
+ARCHS: dict[str, ArchSpec] = {}
+
+
+def register_arch(hf_model_type: str, spec: ArchSpec) -> None:
+    ARCHS[hf_model_type] = spec
+
+
+for _hf, _gguf in (("llama", "llama"), ("qwen2", "qwen2"), ("gemma3_text", "gemma3"), ("gemma3", "gemma3")):
+    register_arch(_hf, ArchSpec(
+        gguf_arch=_gguf,
+        layers=lambda m: m.model.layers,
+        down_proj=lambda layer: layer.mlp.down_proj,
+        final_norm=lambda m: m.model.norm,
+    ))
+
+
+class FullPrecisionModel:
+    """A causal LM in float32 torch, its tokenizer, and the GGUF names of its matrices."""
+
+    def __init__(self, source: str | Path) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:
+            raise PydetoxError("discovery needs torch and transformers: pip install torch==2.13.0 transformers accelerate") from exc
+        self.torch = torch
+        path = Path(source)
+        kwargs: dict[str, Any] = {}
+        if path.is_file() and path.suffix == ".gguf":
+            folder, kwargs["gguf_file"] = str(path.parent), path.name
+        else:
+            folder = str(source)  # a local HF folder, or a hub id for online users
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+            self.model.eval()  # type: ignore[no-untyped-call]
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        except Exception as exc:
+            raise PydetoxError(f"transformers could not load {source}: {exc}") from exc
+        self.source = str(source)
+        model_type = self.model.config.model_type
+        if model_type not in ARCHS:
+            raise PydetoxError(f"architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(ARCHS))}")
+        self.spec = ARCHS[model_type]
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+
+    @property
+    def arch(self) -> str:
+        return self.spec.gguf_arch
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.spec.layers(self.model))
+
+    @property
+    def tied(self) -> bool:
+        return bool(getattr(self.model.config, "tie_word_embeddings", False))
+
+    def down_proj(self, layer: int) -> Any:
+        return self.spec.down_proj(self.spec.layers(self.model)[layer])
+
+    def down_proj_name(self, layer: int) -> str:
+        return _name(T.FFN_DOWN, layer)
+
+    @property
+    def output_name(self) -> str:
+        return _name(T.OUTPUT)
+
+    @property
+    def output_source(self) -> str | None:
+        """Where llama.cpp finds the output layer of a tied model: the token embedding."""
+        return _name(T.TOKEN_EMBD) if self.tied else None
+
+    def unembedding(self) -> Any:
+        """(vocab, d) float32 tensor of the output layer."""
+        return self.model.get_output_embeddings().weight.detach()  # type: ignore[no-untyped-call]

@@ -1,0 +1,153 @@
+"""Detox methods: each recovers a direction (or neurons) planted in synthetic activations of a tiny model, and
+their plans, discovered on real text, apply to tiny GGUFs that llama.cpp runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from tiny import write_tiny_llama
+
+pytest.importorskip("torch")
+
+from pydetox.apply import ApplyOptions, apply_plan
+from pydetox.discover import Discovery
+from pydetox.discover.activations import Activations
+from pydetox.discover.base import Context, get_method, logit_lens, make_params, token_strings
+from pydetox.discover.data import DiscoveryData, load_pairs
+from pydetox.discover.model import FullPrecisionModel
+from pydetox.errors import PydetoxError
+from pydetox.plan import EditKind
+
+SHAPE = {"d": 64, "ff": 128, "heads": 2, "kv_heads": 1}
+N = 200
+
+
+@pytest.fixture(scope="module")
+def fp(tmp_path_factory: pytest.TempPathFactory) -> FullPrecisionModel:
+    return FullPrecisionModel(write_tiny_llama(tmp_path_factory.mktemp("disc") / "t.gguf", **SHAPE))
+
+
+def synthetic(fp: FullPrecisionModel, rng: np.random.Generator) -> tuple[Activations, Activations]:
+    """Neutral activations: noise. Toxic: the same texts' noise (paired) plus what each test plants."""
+    layers, d, ff = fp.n_layers, SHAPE["d"], SHAPE["ff"]
+
+    def acts() -> Activations:
+        neurons = [rng.normal(0, 1, (N, ff)).astype(np.float32) for _ in range(layers)]
+        residual = [rng.normal(0, 1, (N, d)).astype(np.float32) for _ in range(layers)]
+        return Activations(neurons, [x.copy() for x in neurons], residual, rng.normal(0, 1, (N, d)).astype(np.float32))
+
+    neutral = acts()
+    toxic = Activations([x + rng.normal(0, 0.1, x.shape).astype(np.float32) for x in neutral.neurons_mean],
+                        [x + rng.normal(0, 0.1, x.shape).astype(np.float32) for x in neutral.neurons_max],
+                        [x + rng.normal(0, 0.1, x.shape).astype(np.float32) for x in neutral.residual_mean],
+                        neutral.final_mean + rng.normal(0, 0.1, neutral.final_mean.shape).astype(np.float32))
+    return toxic, neutral
+
+
+def context(fp: FullPrecisionModel, toxic: Activations, neutral: Activations, badwords: list[str]) -> Context:
+    return Context(fp, DiscoveryData(["t"] * N, ["n"] * N, "synthetic"), toxic, neutral, badwords)
+
+
+def test_profs_recovers_a_planted_residual_direction(fp: FullPrecisionModel) -> None:
+    rng = np.random.default_rng(0)
+    toxic, neutral = synthetic(fp, rng)
+    u = rng.normal(size=SHAPE["d"])
+    u /= np.linalg.norm(u)
+    for layer in range(fp.n_layers):
+        toxic.residual_mean[layer] += (rng.uniform(2, 4, (N, 1)) * u).astype(np.float32)
+    edits, _ = get_method("profs").edits(context(fp, toxic, neutral, []), make_params(get_method("profs"), {"k": "1", "first_layer": "0"}))
+    assert [e.kind for e in edits] == [EditKind.PROJECT_OUT] * fp.n_layers
+    for e in edits:
+        assert abs(float(e.a[0] @ u)) > 0.95
+
+
+def test_gloss_keeps_directions_that_read_as_bad_words(fp: FullPrecisionModel) -> None:
+    rng = np.random.default_rng(1)
+    toxic, neutral = synthetic(fp, rng)
+    ctx = context(fp, toxic, neutral, [])
+    strings = token_strings(ctx)
+    lens = logit_lens(ctx)
+    # the "bad words": a few whole-word tokens of the tiny vocabulary; the planted direction promotes them
+    words = [i for i, t in enumerate(strings) if t in ("cat", "dog", "was", "and", "the")]
+    u = lens[words].sum(axis=0)
+    u /= np.linalg.norm(u)
+    w = fp.down_proj(1).weight.detach().numpy().astype(np.float64)
+    a_star = np.linalg.pinv(w) @ u  # neuron pattern whose FFN output is u
+    toxic.neurons_mean[1] += (rng.uniform(2, 4, (N, 1)) * a_star).astype(np.float32)
+    ctx.badwords = [strings[i] for i in words]
+    assert len(ctx.badwords) >= 3
+    method = get_method("gloss")
+    edits, diag = method.edits(ctx, make_params(method, {"rank": "1", "min_bad": "3", "top_tokens": "20"}))
+    assert 1 in {d["layer"] for d in diag["kept_directions"]}
+    assert abs(float(edits[0].a[0] @ u)) > 0.95
+    ctx.badwords = []
+    with pytest.raises(PydetoxError, match="kept no direction"):
+        method.edits(ctx, make_params(method, {}))
+
+
+def test_aura_dampens_exactly_the_planted_neurons(fp: FullPrecisionModel) -> None:
+    rng = np.random.default_rng(2)
+    toxic, neutral = synthetic(fp, rng)
+    planted = [3, 17, 40, 99]
+    for i in planted:
+        toxic.neurons_mean[0][:, i] += 3.0
+    method = get_method("aura")
+    edits, _ = method.edits(context(fp, toxic, neutral, []), make_params(method, {"min_auroc": "0.7"}))
+    assert [e.tensor for e in edits] == ["blk.0.ffn_down.weight"]
+    gains = edits[0].a
+    assert np.flatnonzero(gains < 1.0).tolist() == planted
+    assert np.all(gains[planted] < 0.05)  # AUROC ~1 -> gain 2(1 - AUROC) ~0
+
+
+def test_eigenshift_damps_the_planted_output_component(fp: FullPrecisionModel) -> None:
+    rng = np.random.default_rng(3)
+    toxic, neutral = synthetic(fp, rng)
+    w = fp.unembedding().numpy().astype(np.float64)
+    u, _, vt = np.linalg.svd(w, full_matrices=False)
+    j = 5
+    toxic.final_mean += (rng.uniform(2, 4, (N, 1)) * vt[j]).astype(np.float32)
+    ctx = context(fp, toxic, neutral, [])
+    strings = token_strings(ctx)
+    ctx.badwords = [strings[i] for i in np.argsort(u[:, j])[::-1][:30]]
+    method = get_method("eigenshift")
+    edits, diag = method.edits(ctx, make_params(method, {"k_fraction": "0.02"}))
+    assert diag["components"][0] == j
+    e = edits[0]
+    assert (e.tensor, e.kind, e.shape) == ("output.weight", EditKind.PROJECT_IN, w.shape)
+    assert abs(float(e.a[0] @ vt[j])) > 0.999
+    np.testing.assert_allclose(e.gain, 0.9)
+
+
+def test_discovery_data_excludes_evaluation_prompts_and_checks_files(tmp_path: Path) -> None:
+    data = load_pairs(n=50, seed=1)
+    assert len(data.toxic) == len(data.neutral) == 50
+    assert data.toxic != data.neutral
+    excluded = load_pairs(n=50, seed=1, exclude={data.toxic[0]})
+    assert data.toxic[0] not in excluded.toxic
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"toxic": "x"}\n')
+    with pytest.raises(PydetoxError, match="'toxic' and 'neutral'"):
+        load_pairs(str(bad), n=1)
+    with pytest.raises(PydetoxError, match="3000 usable pairs; 5000"):
+        load_pairs(n=5000)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_plans_from_real_text_apply_to_tiny_ggufs(tmp_path: Path, tied: bool) -> None:
+    from pydetox.runtime import load_llama
+
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE, tied=tied)
+    d = Discovery(model, n_pairs=24, max_tokens=24, progress=False)
+    for method, overrides in [("aura", {}), ("profs", {}), ("gloss", {"min_bad": "0"}), ("eigenshift", {})]:
+        plan = d.plan(method, overrides)
+        plan_path = plan.save(tmp_path / f"{method}.plan.gguf")
+        out = tmp_path / f"{method}.gguf"
+        report = apply_plan(plan, model, out, ApplyOptions(ftype=gguf.LlamaFileType.MOSTLY_Q8_0, progress=False), plan_path=plan_path)
+        assert any(t.action in ("edit", "create") for t in report.tensors)
+        if method == "eigenshift":
+            assert [t.action for t in report.tensors if t.name == "output.weight"] == ["create" if tied else "edit"]
+        llm = load_llama(out, n_ctx=64, seed=0)
+        assert llm("the cat", max_tokens=3, temperature=0.0)["usage"]["completion_tokens"] > 0
