@@ -9,7 +9,7 @@ from pydetox.errors import AssetError
 
 
 def test_unknown_asset_is_named_in_the_error(tmp_path: Path) -> None:
-    with pytest.raises(AssetError, match="unknown asset 'nope'; known: bilstm-toxic, clean-text, gemma3-270m, "):
+    with pytest.raises(AssetError, match="unknown asset 'nope'; known: badwords, bilstm-toxic, clean-text, "):
         fetch("nope", cache=tmp_path)
     with pytest.raises(AssetError, match="neither a file, a known asset"):
         resolve_model(str(tmp_path / "missing.gguf"))
