@@ -102,6 +102,32 @@ def test_aura_dampens_exactly_the_planted_neurons(fp: FullPrecisionModel) -> Non
     assert np.all(gains[planted] < 0.05)  # AUROC ~1 -> gain 2(1 - AUROC) ~0
 
 
+def test_meow2x_and_trne_act_on_the_planted_early_neurons(fp: FullPrecisionModel) -> None:
+    rng = np.random.default_rng(4)
+    toxic, neutral = synthetic(fp, rng)
+    planted = [5, 60, 120]
+    for i in planted:
+        toxic.neurons_mean[0][:, i] += 2.5
+    ctx = context(fp, toxic, neutral, [])
+    meow = get_method("meow2x")
+    edits, _ = meow.edits(ctx, make_params(meow, {"top": "3"}))
+    assert [e.tensor for e in edits] == ["blk.0.ffn_down.weight"]
+    assert np.flatnonzero(edits[0].a == 0.0).tolist() == planted
+    trne = get_method("trne")
+    edits, diag = trne.edits(ctx, make_params(trne, {"top": "3", "max_norm_ratio": "1.0"}))
+    e = edits[0]
+    assert (e.kind, e.rank) == (EditKind.LOW_RANK, 1)
+    assert np.flatnonzero(e.b[0]).tolist() == planted  # only the chosen neurons' columns change
+    w = fp.down_proj(0).weight.detach().numpy().astype(np.float64)
+    u = -e.a[0] / diag["scale"][0]
+    edited = w + e.a.T.astype(np.float64) @ e.b.astype(np.float64)
+    assert np.abs(u @ edited[:, planted]).max() < 1e-4  # the toxic direction is gone from those columns
+    tight, diag_tight = trne.edits(ctx, make_params(trne, {"top": "3", "max_norm_ratio": "0.01"}))
+    delta = np.linalg.norm(tight[0].a.T.astype(np.float64) @ tight[0].b.astype(np.float64))
+    assert delta <= 0.01 * np.linalg.norm(w[:, planted]) * 1.0001
+    assert diag_tight["scale"][0] < 1.0
+
+
 def test_eigenshift_damps_the_planted_output_component(fp: FullPrecisionModel) -> None:
     rng = np.random.default_rng(3)
     toxic, neutral = synthetic(fp, rng)
@@ -141,7 +167,8 @@ def test_plans_from_real_text_apply_to_tiny_ggufs(tmp_path: Path, tied: bool) ->
 
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE, tied=tied)
     d = Discovery(model, n_pairs=24, max_tokens=24, progress=False)
-    for method, overrides in [("aura", {}), ("profs", {}), ("gloss", {"min_bad": "0"}), ("eigenshift", {})]:
+    for method, overrides in [("aura", {}), ("profs", {}), ("gloss", {"min_bad": "0"}), ("eigenshift", {}),
+                              ("meow2x", {"top": "8"}), ("trne", {"top": "8"})]:
         plan = d.plan(method, overrides)
         plan_path = plan.save(tmp_path / f"{method}.plan.gguf")
         out = tmp_path / f"{method}.gguf"
