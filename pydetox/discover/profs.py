@@ -5,6 +5,10 @@ matrix of paired hidden states P = (toxic - non-toxic) / 2 is centred by removin
 non-toxic mean, decomposed (SVD), and its top-k right singular vectors are projected out of that layer's
 down-projection (`project_out`). Layers from `first_layer` on (the paper edits the upper half).
 
+Defaults measured on SmolLM2-135M-Instruct (700 RTP challenging prompts, greedy, F16): k = 1 on the last third of
+the layers cut the toxic rate 1.21-1.29x (three evaluators) for +4.7% perplexity and KL 0.046; k = 2 on the upper
+half cut it 1.28-1.41x for +14.8% perplexity and KL 0.146.
+
 shared/FINDINGS.md measured that on SmolLM2 the naive version breaks the model: from layer ~12 the leading
 direction is dominated by massive-activation channels. Here those channels are zeroed before the decomposition
 and in the basis, and the first token is left out of the pooling; `k` and `first_layer` are parameters.
@@ -23,8 +27,8 @@ from pydetox.plan import Edit, EditKind
 
 @dataclass(frozen=True)
 class ProFSParams:
-    k: int = 2
-    first_layer: int = -1  # -1: the upper half
+    k: int = 1
+    first_layer: int = -1  # -1: the last third of the layers
     gain: float = 0.0
 
 
@@ -37,7 +41,7 @@ class ProFS(Method):
     def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:
         p: ProFSParams = params
         n = ctx.fp.n_layers
-        first = n // 2 if p.first_layer < 0 else p.first_layer
+        first = n - n // 3 if p.first_layer < 0 else p.first_layer
         skip = massive_dims(ctx)
         edits, svals = [], {}
         for layer in range(first, n):
