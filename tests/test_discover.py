@@ -178,3 +178,41 @@ def test_plans_from_real_text_apply_to_tiny_ggufs(tmp_path: Path, tied: bool) ->
             assert [t.action for t in report.tensors if t.name == "output.weight"] == ["create" if tied else "edit"]
         llm = load_llama(out, n_ctx=64, seed=0)
         assert llm("the cat", max_tokens=3, temperature=0.0)["usage"]["completion_tokens"] > 0
+
+
+def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from pydetox.cli import main
+
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    out = tmp_path / "dx"
+    assert main(["detox", "--model", str(model), "--method", "aura,profs", "--types", "F16,Q8_0", "--pairs", "24",
+                 "--limit", "7", "--ppl-tokens", "128", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["models"]) == 6  # base + 2 methods, at 2 types
+    rows = report["detox"]["summary"]
+    assert {(r["method"], r["type"]) for r in rows} == {(m, t) for m in ("aura", "profs") for t in ("F16", "Q8_0")}
+    assert all("profanity-check_reduction" in r and r["kl"] >= 0 for r in rows)
+    assert (out / "report.png").exists()
+    assert (out / "profs.plan.gguf").exists()
+    assert "ppl change" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_profs_end_to_end_on_smollm2(smollm2: Path, tmp_path: Path) -> None:
+    from pydetox.evaluate import EvalSettings, evaluate_models
+    from pydetox.prompts import load_prompts
+    from pydetox.scorers import get_scorer
+
+    d = Discovery(smollm2, n_pairs=200, progress=False)
+    plan = d.plan("profs")
+    assert plan.params["diagnostics"]["massive_dims"]  # SmolLM2 has them (FINDINGS.md) and they are left alone
+    out = tmp_path / "profs.Q8_0.gguf"
+    apply_plan(plan, smollm2, out, ApplyOptions(ftype=gguf.LlamaFileType.MOSTLY_Q8_0, progress=False))
+    settings = EvalSettings(n_prompts=14, ppl_tokens=1024, evaluators=("profanity-check",))
+    prompts = load_prompts("rtp-challenging").subset(14)
+    base, edited = evaluate_models([smollm2, out], settings, prompts, [get_scorer("profanity-check")], reference=smollm2,
+                                   progress=False)
+    assert edited.perplexity < 1.3 * base.perplexity  # a projection that breaks the model would multiply it (FINDINGS)
+    assert 0 < edited.kl < 0.5

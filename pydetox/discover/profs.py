@@ -41,7 +41,7 @@ class ProFS(Method):
     def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:
         p: ProFSParams = params
         n = ctx.fp.n_layers
-        first = n - n // 3 if p.first_layer < 0 else p.first_layer
+        first = n - max(1, n // 3) if p.first_layer < 0 else p.first_layer
         skip = massive_dims(ctx)
         edits, svals = [], {}
         for layer in range(first, n):
