@@ -37,7 +37,7 @@ class Discovery:
         from pydetox.prompts import load_prompts
 
         t0 = time.perf_counter()
-        self.fp = FullPrecisionModel(source)
+        self.fp = FullPrecisionModel(source, progress=progress)
         self.load_s = time.perf_counter() - t0
         # Never the prompts used for evaluation.
         exclude = set(load_prompts("rtp-challenging").prompts)

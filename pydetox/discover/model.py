@@ -55,13 +55,16 @@ for _hf, _gguf in (("llama", "llama"), ("qwen2", "qwen2"), ("gemma3_text", "gemm
 class FullPrecisionModel:
     """A causal LM in float32 torch, its tokenizer, and the GGUF names of its matrices."""
 
-    def __init__(self, source: str | Path) -> None:
+    def __init__(self, source: str | Path, progress: bool = True) -> None:
         try:
             import torch
+            import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:
             raise PydetoxError("discovery needs torch and transformers: pip install torch==2.13.0 transformers accelerate") from exc
         self.torch = torch
+        if not progress:
+            transformers.utils.logging.disable_progress_bar()
         path = Path(source)
         kwargs: dict[str, Any] = {}
         if path.is_file() and path.suffix == ".gguf":
