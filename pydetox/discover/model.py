@@ -64,7 +64,7 @@ class FullPrecisionModel:
             raise PydetoxError("discovery needs torch and transformers: pip install torch==2.13.0 transformers accelerate") from exc
         self.torch = torch
         if not progress:
-            transformers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         path = Path(source)
         kwargs: dict[str, Any] = {}
         if path.is_file() and path.suffix == ".gguf":
