@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pydetox.discover.base import Context, Method, badword_token_mask, logit_lens, massive_dims, register_method, token_strings
+from pydetox.errors import PydetoxError
 from pydetox.plan import Edit, EditKind
 
 
@@ -60,14 +61,15 @@ class GloSS(Method):
             mean = diff.mean(axis=0)
             _, s, vt = np.linalg.svd(diff, full_matrices=False)
             for j in range(min(p.candidates, len(s))):
-                v = vt[j] * (1.0 if v_dot(vt[j], mean) >= 0 else -1.0)  # orient toward the toxic side
+                v = vt[j] * (1.0 if float(vt[j] @ mean) >= 0 else -1.0)  # orient toward the toxic side
                 top = np.argsort(unembed @ v)[::-1][: p.top_tokens]
                 n_bad = int(bad[top].sum())
                 if n_bad >= p.min_bad:
                     kept.append(s[j] * v)
                     info.append({"layer": layer, "component": j, "bad_tokens": n_bad, "singular_value": float(s[j])})
         if not kept:
-            raise_empty(p)
+            raise PydetoxError(f"GloSS kept no direction: none of the top {p.top_tokens} tokens of any candidate held "
+                               f"{p.min_bad} bad words; lower min_bad or raise candidates")
         _, s2, basis = np.linalg.svd(np.stack(kept), full_matrices=False)
         basis = basis[: min(p.rank, len(s2))]
         basis[:, skip] = 0.0
@@ -80,14 +82,3 @@ class GloSS(Method):
             w = ctx.fp.down_proj(layer).weight
             edits.append(Edit(ctx.fp.down_proj_name(layer), EditKind.PROJECT_OUT, (w.shape[0], w.shape[1]), basis, gain=gain))
         return edits, {"kept_directions": info, "massive_dims": skip.tolist(), "global_singular_values": s2[: p.rank].tolist()}
-
-
-def v_dot(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b))
-
-
-def raise_empty(p: GloSSParams) -> None:
-    from pydetox.errors import PydetoxError
-
-    raise PydetoxError(f"GloSS kept no direction: none of the top {p.top_tokens} tokens of any candidate held "
-                       f"{p.min_bad} bad words; lower min_bad or raise candidates")
