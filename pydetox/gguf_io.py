@@ -16,7 +16,7 @@ import math
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,9 +302,6 @@ class AtomicGGUFWriter:
         self.fd = os.open(self.tmp, os.O_WRONLY)
         self._pwrite(0, head)
 
-    def write(self, name: str, data: npt.NDArray[np.uint8] | bytes) -> None:
-        self._pwrite(self.offsets[name], data)
-
     def _pwrite(self, pos: int, data: npt.NDArray[np.uint8] | bytes) -> None:
         raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data if isinstance(data, np.ndarray) else data
         view = memoryview(raw)
@@ -378,7 +375,3 @@ class AtomicGGUFWriter:
 
 def sha_placeholder() -> str:
     return _SHA_PLACEHOLDER
-
-
-def iter_2d(model: ModelFile) -> Iterator[TensorEntry]:
-    return (t for t in model.tensors.values() if len(t.ne) == 2)
