@@ -37,11 +37,12 @@ from pydetox.gguf_io import (
     OutTensor,
     TensorEntry,
     nbytes,
+    sha256_file,
     sha_placeholder,
 )
 from pydetox.imatrix import Imatrix, load_imatrix
 from pydetox.kernels import default_threads
-from pydetox.plan import Edit, EditPlan, sha256_of
+from pydetox.plan import Edit, EditPlan
 from pydetox.quantmix import llama_cpp_type_mix
 
 Q = gguf.GGMLQuantizationType
@@ -219,7 +220,7 @@ def apply_plan(
         if opts.ftype is not None:
             metadata[gguf.Keys.General.FILE_TYPE] = (int(opts.ftype), V.UINT32)
             metadata[KEY_TARGET_TYPE] = (ggml.ftype_name(opts.ftype), V.STRING)
-        plan_sha = sha256_of(plan_path) if plan_path is not None else None
+        plan_sha = sha256_file(plan_path) if plan_path is not None else None
         if plan is not None:
             metadata[KEY_PLAN_METHOD] = (plan.method, V.STRING)
             metadata[KEY_PLAN_PARAMS] = (json.dumps(plan.params, sort_keys=True), V.STRING)

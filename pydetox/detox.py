@@ -13,6 +13,7 @@ from typing import Any
 from pydetox import ggml
 from pydetox.apply import ApplyOptions, apply_plan
 from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+from pydetox.plan import EditPlan
 from pydetox.prompts import load_prompts
 from pydetox.scorers import get_scorer
 
@@ -30,12 +31,9 @@ class DetoxJob:
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(n_prompts=140, ppl_tokens=4096))
 
 
-def _apply(plan_path: Path | None, src: Path, dst: Path, qtype: str) -> Path:
-    from pydetox.plan import EditPlan
-
+def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, qtype: str) -> Path:
     if dst.exists():
         dst.unlink()
-    plan = EditPlan.load(plan_path) if plan_path is not None else None
     apply_plan(plan, src, dst, ApplyOptions(ftype=ggml.parse_ftype(qtype), progress=False), plan_path=plan_path)
     return dst
 
@@ -76,24 +74,24 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
 
     job.out.mkdir(parents=True, exist_ok=True)
     discovery = Discovery(job.model, data=job.data, n_pairs=job.n_pairs, seed=job.seed, progress=progress)
-    plans = {}
+    plans: dict[str, tuple[EditPlan, Path]] = {}
     for method in job.methods:
         plan = discovery.plan(method, (job.overrides or {}).get(method))
-        plans[method] = plan.save(job.out / f"{method}.plan.gguf")
-        print(f"{method}: {len(plan.edits)} edits -> {plans[method]}")
+        plans[method] = (plan, plan.save(job.out / f"{method}.plan.gguf"))
+        print(f"{method}: {len(plan.edits)} edits -> {plans[method][1]}")
     timing = {"load_s": discovery.load_s, "activations_s": discovery.activation_s}
     del discovery
 
     stem = job.model.name.removesuffix(".gguf")
-    f16 = _apply(None, job.model, job.out / f"{stem}.F16.gguf", "F16")
+    f16 = _apply(None, None, job.model, job.out / f"{stem}.F16.gguf", "F16")
     models: list[Path] = []
     names: dict[str, tuple[str, str]] = {}
     for qtype in job.types:
-        base = f16 if qtype.upper() == "F16" else _apply(None, f16, job.out / f"{stem}.{qtype}.gguf", qtype)
+        base = f16 if qtype.upper() == "F16" else _apply(None, None, f16, job.out / f"{stem}.{qtype}.gguf", qtype)
         models.append(base)
         names[base.name] = ("base", qtype)
-        for method, plan_path in plans.items():
-            edited = _apply(plan_path, f16, job.out / f"{stem}.{method}.{qtype}.gguf", qtype)
+        for method, (plan, plan_path) in plans.items():
+            edited = _apply(plan, plan_path, f16, job.out / f"{stem}.{method}.{qtype}.gguf", qtype)
             models.append(edited)
             names[edited.name] = (method, qtype)
     settings = job.eval_settings

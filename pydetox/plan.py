@@ -17,7 +17,6 @@ Edit kinds (W is a tensor as a (rows, cols) matrix, torch's (out, in)):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -265,10 +264,6 @@ class EditPlan:
             raise PlanError(f"{path} is not a readable edit plan ({type(exc).__name__}: {exc})") from exc
         plan.validate()
         return plan
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def random_orthonormal(rng: np.random.Generator, k: int, n: int) -> Array:

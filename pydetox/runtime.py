@@ -191,7 +191,6 @@ class LlamaRuntime:
             # Prompts: packed into batches of n_batch tokens; a sequence is sampled right after the batch that
             # holds its last prompt token (the next decode would overwrite those logits).
             pending: list[tuple[int, int, int, bool]] = []
-            owners: list[int] = []
             for s, p in enumerate(prompts):
                 for j, tok in enumerate(p):
                     pending.append((tok, j, s, j == len(p) - 1))
@@ -199,7 +198,6 @@ class LlamaRuntime:
                         self._decode(pending)
                         self._sample_last(pending, samplers, next_tok)
                         pending = []
-                owners.append(s)
             if pending:
                 self._decode(pending)
                 self._sample_last(pending, samplers, next_tok)
