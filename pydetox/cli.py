@@ -7,7 +7,7 @@ import fnmatch
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydetox import __version__
 from pydetox.errors import PydetoxError
@@ -223,7 +223,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     scorers = [get_scorer(name) for name in settings.evaluators]
     for s in scorers:
         s.score(["warm-up"])  # fail now, not after generation, when an evaluator cannot run
-    models = [resolve_model(m) for m in args.models]
+    models: list[Any] = [resolve_model(m) for m in args.models]
+    if args.calibrator:
+        from pydetox.evaluate import ModelSpec
+
+        alphas = _alphas(args.alpha)
+        models = [ModelSpec(m, Path(args.calibrator), a) for m in models for a in alphas]
+    elif args.alpha is not None:
+        raise PydetoxError("--alpha needs --calibrator CAL.gguf")
     reference = resolve_model(args.reference) if args.reference else None
     results = evaluate_models(models, settings, prompts, scorers, reference, progress=not args.quiet)
     report = report_json(results, settings, prompts, reference, scorers, include_texts=args.texts)
@@ -237,11 +244,50 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alphas(text: str | None) -> list[float]:
+    try:
+        values = [float(a) for a in (text or "0.4").split(",")]
+    except ValueError:
+        raise PydetoxError(f"--alpha takes numbers in [0, 1], comma-separated; got {text!r}") from None
+    bad = [a for a in values if not 0.0 <= a <= 1.0]
+    if bad:
+        raise PydetoxError(f"--alpha takes numbers in [0, 1]; got {bad}")
+    return values
+
+
+def _cmd_calibrate_train(args: argparse.Namespace) -> int:
+    from pydetox.assets import resolve_model
+    from pydetox.calibrate import CalibrateSettings, train
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise PydetoxError(f"{out} exists; pass --force to replace it")
+    settings = CalibrateSettings(
+        layers=args.layers, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+        pairs=args.data, clean_text=args.clean_text, clean_tokens=args.clean_tokens, output_type=args.output_type,
+        seed=args.seed, threads=args.threads,
+    )
+    res = train(resolve_model(args.model), out, settings, progress=not args.quiet)
+    print(f"calibrator  {res.calibrator}\nalignment   {res.alignment}\nlog         {res.log}\nloss plot   {res.plot}")
+    print(f"held-out loss {res.val_loss_start:.3f} -> {res.val_loss:.3f} nats/token; {res.seconds:.0f} s")
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
     from pydetox.runtime import load_llama
 
-    llm = load_llama(resolve_model(args.model), n_ctx=args.ctx, seed=args.seed)
+    target = resolve_model(args.model)
+    llm = load_llama(target, n_ctx=args.ctx, seed=args.seed)
+    processors = None
+    if args.calibrator:
+        from llama_cpp import LogitsProcessorList
+
+        from pydetox.fusion import FusionLogitsProcessor
+
+        processors = LogitsProcessorList([FusionLogitsProcessor(target, args.calibrator, _alphas(args.alpha)[0], n_ctx=args.ctx)])
+    elif args.alpha is not None:
+        raise PydetoxError("--alpha needs --calibrator CAL.gguf")
     history: list[dict[str, str]] = []
     prompts = [args.prompt] if args.prompt else None
     while True:
@@ -258,7 +304,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 return 0
         history.append({"role": "user", "content": user})
         reply = []
-        for chunk in llm.create_chat_completion(history, max_tokens=args.max_tokens, temperature=args.temperature, stream=True):
+        for chunk in llm.create_chat_completion(history, max_tokens=args.max_tokens, temperature=args.temperature,
+                                                stream=True, logits_processor=processors):
             piece = chunk["choices"][0]["delta"].get("content", "")
             reply.append(piece)
             print(piece, end="", flush=True)
@@ -360,7 +407,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", help="write a toxicity-vs-perplexity (or KL) plot here (.png)")
     e.add_argument("--texts", action="store_true", help="include the continuations in the JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--calibrator", help="fuse each model with this calibration GGUF (pydetox calibrate train)")
+    e.add_argument("--alpha", help="fusion weight(s) in [0, 1], comma-separated: one result per value (default 0.4)")
     e.set_defaults(func=_cmd_eval)
+
+    cal = sub.add_parser("calibrate", help="calibration-model fusion: train a calibrator for a target GGUF")
+    calsub = cal.add_subparsers(dest="calibrate_command", required=True)
+    ct = calsub.add_parser("train", help="train a calibrator on non-toxic text and write CAL.gguf + CAL.align.gguf")
+    ct.add_argument("--model", default="smollm2-135m-instruct", help="target GGUF file or asset name")
+    ct.add_argument("--out", required=True, help="calibrator GGUF to write (alignment, log and loss plot beside it)")
+    ct.add_argument("--steps", type=int, default=400, help="language-modelling steps (default 400)")
+    ct.add_argument("--layers", type=int, default=3, help="transformer layers taken from the target (default 3)")
+    ct.add_argument("--batch", type=int, default=16)
+    ct.add_argument("--seq-len", type=int, default=64)
+    ct.add_argument("--lr", type=float, default=3e-4)
+    ct.add_argument("--data", default="paradetox-3000", help="JSONL of {toxic, neutral} pairs; the neutral side is used")
+    ct.add_argument("--clean-text", default="wiki", help="wiki or a text file (not news: perplexity is measured there)")
+    ct.add_argument("--clean-tokens", type=int, default=60000)
+    ct.add_argument("--output-type", default="Q8_0", help="type of the calibrator's matrices (default Q8_0)")
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--threads", type=int)
+    ct.add_argument("--force", action="store_true", help="replace an existing calibrator")
+    ct.add_argument("--quiet", action="store_true")
+    ct.set_defaults(func=_cmd_calibrate_train)
 
     c = sub.add_parser("chat", help="chat with a GGUF model in the terminal (streams the reply)")
     c.add_argument("model", help="GGUF file or asset name")
@@ -369,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.7)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--ctx", type=int, default=2048)
+    c.add_argument("--calibrator", help="fuse with this calibration GGUF at the output layer")
+    c.add_argument("--alpha", help="fusion weight in [0, 1] (default 0.4)")
     c.set_defaults(func=_cmd_chat)
 
     d = sub.add_parser("demo", help="run the engine end to end on the bundled SmolLM2 model")

@@ -42,6 +42,28 @@ class EvalSettings:
         return Sampling(self.temperature, self.top_p, self.seed)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: a GGUF, optionally fused with a calibrator at `alpha` (pydetox.fusion)."""
+
+    path: Path
+    calibrator: Path | None = None
+    alpha: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.calibrator is None:
+            return self.path.name
+        return f"{self.path.name} + {self.calibrator.name} a={self.alpha:g}"
+
+    def open(self, **kwargs: Any) -> LlamaRuntime:
+        if self.calibrator is None:
+            return LlamaRuntime(self.path, **kwargs)
+        from pydetox.fusion import FusedRuntime
+
+        return FusedRuntime(self.path, self.calibrator, self.alpha, **kwargs)
+
+
 @dataclass
 class ModelResult:
     path: str
@@ -53,6 +75,9 @@ class ModelResult:
     generation_s: float
     agreement: dict[str, dict[str, float]] = field(default_factory=dict)
     continuations: list[list[str]] = field(default_factory=list)  # (prompts, samples)
+    label: str = ""
+    calibrator: str | None = None
+    alpha: float | None = None
 
 
 def sequence_seed(seed: int, prompt: int, sample: int) -> int:
@@ -96,7 +121,7 @@ def agreement(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate_models(models: list[Path], settings: EvalSettings, prompts: PromptSet, scorers: list[Scorer],
+def evaluate_models(models: list[Path | ModelSpec], settings: EvalSettings, prompts: PromptSet, scorers: list[Scorer],
                     reference: Path | None = None, progress: bool = True) -> list[ModelResult]:
     documents = load_clean_text(settings.clean_text) if settings.ppl_tokens > 0 else []
     max_prompt = 0
@@ -105,14 +130,15 @@ def evaluate_models(models: list[Path], settings: EvalSettings, prompts: PromptS
     try:
         if reference is not None and documents:
             ref_rt = LlamaRuntime(reference, n_ctx=settings.window, n_batch=settings.window, threads=settings.threads)
-        for path in models:
-            label = path.name
+        for item in models:
+            spec = item if isinstance(item, ModelSpec) else ModelSpec(Path(item))
+            path, label = spec.path, spec.label
             with LlamaRuntime(path, n_ctx=1024, n_batch=settings.window, threads=settings.threads) as probe:
                 max_prompt = max(len(probe.tokenize(p)) for p in prompts.prompts)
             n_ctx = settings.batch * (max_prompt + settings.max_tokens)
             n_ctx = max(settings.window, -(-n_ctx // 256) * 256)
-            with LlamaRuntime(path, n_ctx=n_ctx, n_seq=settings.batch, n_batch=max(settings.window, 512),
-                              threads=settings.threads) as rt:
+            with spec.open(n_ctx=n_ctx, n_seq=settings.batch, n_batch=max(settings.window, 512),
+                           threads=settings.threads) as rt:
                 texts, n_tok, secs = generate(rt, prompts.prompts, settings, progress, label)
                 cap: Capability | None = None
                 if documents:
@@ -129,6 +155,9 @@ def evaluate_models(models: list[Path], settings: EvalSettings, prompts: PromptS
                 generation_s=secs,
                 agreement=agreement(scores),
                 continuations=texts,
+                label=label,
+                calibrator=None if spec.calibrator is None else str(spec.calibrator),
+                alpha=None if spec.calibrator is None else spec.alpha,
             ))
     finally:
         if ref_rt is not None:
@@ -142,6 +171,9 @@ def report_json(results: list[ModelResult], settings: EvalSettings, prompts: Pro
     for r in results:
         m: dict[str, Any] = {
             "path": r.path,
+            "label": r.label or Path(r.path).name,
+            "calibrator": r.calibrator,
+            "alpha": r.alpha,
             "toxicity": {name: asdict(stats) for name, stats in r.toxicity.items()},
             "perplexity": r.perplexity,
             "kl": r.kl,

@@ -298,6 +298,7 @@ class AtomicGGUFWriter:
         head = encode_header(entries, infos, self.alignment)
         self.data_start = len(head)
         self.offsets = {t.name: self.data_start + info.offset for t, info in zip(tensors, infos, strict=True)}
+        self.sizes = {t.name: t.n_bytes for t in tensors}
         self.end = self.data_start + rel
         self.fd = os.open(self.tmp, os.O_WRONLY)
         self._pwrite(0, head)
@@ -312,6 +313,14 @@ class AtomicGGUFWriter:
                 pos += n
         except OSError as exc:
             raise OutputError(f"cannot write {self.dest}: {exc.strerror} (errno {exc.errno})") from exc
+
+    def write(self, name: str, data: npt.NDArray[Any]) -> None:
+        """Write a tensor's bytes (already in its type) at its place."""
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        expected = self.sizes[name]
+        if raw.nbytes != expected:
+            raise OutputError(f"tensor {name!r} needs {expected} bytes, got {raw.nbytes}")
+        self._pwrite(self.offsets[name], raw)
 
     def copy_from(self, name: str, src_fd: int, src_offset: int, n_bytes: int) -> None:
         """Copy a tensor's bytes from another file without passing them through Python."""

@@ -10,7 +10,7 @@ from typing import Any
 def _rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for m in report["models"]:
-        name = Path(m["path"]).name
+        name = label(m)
         ppl = "-" if m["perplexity"] is None else f"{m['perplexity']:.2f}"
         kl = "-" if m["kl"] is None else f"{m['kl']:.4f}"
         for i, (ev, t) in enumerate(m["toxicity"].items()):
@@ -21,6 +21,11 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
                 ppl if i == 0 else "", kl if i == 0 else "", f"{m['tokens_per_s']:.0f}" if i == 0 else "",
             ])
     return rows
+
+
+def label(m: dict[str, Any]) -> str:
+    """A model's name in tables: its file name, and its calibrator and alpha when fused."""
+    return str(m.get("label") or Path(m["path"]).name)
 
 
 HEADER = ["model", "evaluator", "toxic rate [95% CI]", "exp. max tox.", "tox. prob.", "perplexity", "KL vs ref", "tok/s"]
@@ -45,7 +50,7 @@ def table(report: dict[str, Any]) -> str:
     lines.append(settings_line(report))
     for m in report["models"]:
         for pair, a in m["agreement"].items():
-            lines.append(f"{Path(m['path']).name}: {pair}: Spearman {a['spearman']:.2f}, disagree on {a['disagreement']:.1%} of texts")
+            lines.append(f"{label(m)}: {pair}: Spearman {a['spearman']:.2f}, disagree on {a['disagreement']:.1%} of texts")
     return "\n".join(lines)
 
 
@@ -65,7 +70,7 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     use_kl = all(m["kl"] is not None for m in report["models"])
-    key, label = ("kl", "KL divergence vs reference (nats/token)") if use_kl else ("perplexity", "perplexity on clean text")
+    key, axis_label = ("kl", "KL divergence vs reference (nats/token)") if use_kl else ("perplexity", "perplexity on clean text")
     evaluators = list(report["models"][0]["toxicity"]) if report["models"] else []
     # One panel per evaluator: they disagree, so each gets its own axis rather than points on top of each other.
     fig, axes = plt.subplots(1, max(1, len(evaluators)), figsize=(4.2 * max(1, len(evaluators)), 4.6), sharey=True, squeeze=False)
@@ -77,9 +82,9 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
             t = m["toxicity"][ev]
             lo, hi = t["ci95"]
             ax.errorbar([x], [t["toxic_rate"]], yerr=[[t["toxic_rate"] - lo], [hi - t["toxic_rate"]]], fmt="o",
-                        color=f"C{mi}", capsize=3, label=Path(m["path"]).name)
+                        color=f"C{mi}", capsize=3, label=label(m))
         ax.set_title(ev, fontsize=10)
-        ax.set_xlabel(label, fontsize=9)
+        ax.set_xlabel(axis_label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("toxic-continuation rate (score > 0.5), 95% CI", fontsize=9)
     axes[0][-1].legend(fontsize=7, loc="best")

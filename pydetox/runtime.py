@@ -78,7 +78,7 @@ class LlamaRuntime:
     step advances all of them: on a CPU this is where the throughput comes from."""
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_seq: int = 1, n_batch: int = 512,
-                 threads: int | None = None, logits_all: bool = False) -> None:
+                 threads: int | None = None, logits_all: bool = False, embeddings: bool = False) -> None:
         try:
             import llama_cpp
         except ImportError as exc:
@@ -104,13 +104,19 @@ class LlamaRuntime:
         cparams.kv_unified = True
         cparams.n_threads = cparams.n_threads_batch = threads or default_threads()
         cparams.no_perf = True
+        if embeddings:
+            # Final hidden states (after the output norm) of every output token, next to its logits.
+            cparams.embeddings = True
+            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise RuntimeUnavailableError(f"llama.cpp could not create a context for {self.path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, n_batch
+        self.embeddings = embeddings
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
 
     def close(self) -> None:
@@ -218,17 +224,25 @@ class LlamaRuntime:
                 step = [(next_tok[s], pos[s], s, True) for s in active]
                 self._decode(step)
                 for i, s in enumerate(active):
-                    next_tok[s] = lib.llama_sampler_sample(samplers[s], self.ctx, i)
+                    next_tok[s] = self._sample(samplers[s], i)
                     pos[s] += 1
             return out
         finally:
             for chain in samplers:
                 lib.llama_sampler_free(chain)
 
+    def _sample(self, chain: Any, i: int) -> int:
+        """Draw the next token of the sequence at position `i` of the last decoded batch (llama.cpp's `idx`)."""
+        return int(self.lib.llama_sampler_sample(chain, self.ctx, i))
+
     def _sample_last(self, items: list[tuple[int, int, int, bool]], samplers: list[Any], next_tok: dict[int, int]) -> None:
         for i, (_tok, _pos, seq, logits) in enumerate(items):
             if logits:
-                next_tok[seq] = self.lib.llama_sampler_sample(samplers[seq], self.ctx, i)
+                next_tok[seq] = self._sample(samplers[seq], i)
+
+    def _output_logits(self, n: int) -> np.ndarray:
+        """The logits of the `n` output rows of the last decode (a view into llama.cpp's buffer)."""
+        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(n, self.n_vocab))
 
     def logprobs(self, tokens: list[int]) -> np.ndarray:
         """log p(token[i+1] | tokens[:i+1]) over the whole vocabulary, for i < len(tokens) - 1: an
@@ -238,8 +252,7 @@ class LlamaRuntime:
             raise ValueError(f"a scoring window holds 2..{min(self.n_ctx, self.n_batch)} tokens, got {n}")
         self._clear()
         self._decode([(t, i, 0, i < n - 1) for i, t in enumerate(tokens)])
-        ptr = self.lib.llama_get_logits(self.ctx)
-        logits = np.ctypeslib.as_array(ptr, shape=(n - 1, self.n_vocab)).astype(np.float32)
+        logits = self._output_logits(n - 1).astype(np.float32)
         logits -= logits.max(axis=1, keepdims=True)
         logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
         return logits

@@ -1,0 +1,369 @@
+"""`pydetox calibrate train`: the calibration model of output-layer fusion (see `pydetox.fusion`), trained in torch on
+CPU and written as a GGUF that llama.cpp loads, with its alignment file beside it.
+
+The calibrator is the target's first `layers` transformer layers (3, as in the paper) with the target's token
+embedding, tokenizer and final norm: initialised from the target, so its hidden space starts out as the target's.
+Training, on non-toxic text only (the neutral side of the ParaDetox pairs, and Wikipedia paragraphs; never the
+`news` text perplexity is measured on, nor the evaluation prompts):
+
+1. Alignment. A linear map A (d_target x d_cal) from the calibrator's hidden space to the target's, learned with a
+   contrastive (InfoNCE) loss over the shared vocabulary: the calibrator's representation of token v, mapped by A,
+   must be closer to the target's output embedding of v than to those of the other tokens of the batch.
+2. Language modelling through the target's frozen output layer W: next-token cross-entropy of
+   W LN(A h_c) (LN(u) = g * u / rms(u)) on the non-toxic text, training the calibrator's layers, A and g, with the
+   contrastive loss kept as a regulariser of A. The queries and keys of the attention (q_proj, k_proj) stay the
+   target's: the calibrator keeps the target's attention patterns, and llama.cpp's row permutation of those
+   matrices never has to be undone.
+
+Output: `CAL.gguf` (token embedding copied byte for byte from the target; trained layers at `output_type`; its
+output tensor W' = W diag(g) A, so that llama.cpp computes the calibrator's half of the fused logits), `CAL.align.gguf`
+(A, g), `CAL.train.json` (settings and loss curves) and `CAL.loss.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from pydetox import ggml, kernels
+from pydetox.errors import PydetoxError
+from pydetox.fusion import Alignment, alignment_path, vocab_fingerprint
+from pydetox.gguf_io import AtomicGGUFWriter, ModelFile, OutTensor, nbytes
+
+KEY_TARGET = "pydetox.calibrator.target"
+KEY_LAYERS = "pydetox.calibrator.layers"
+
+
+@dataclass(frozen=True)
+class CalibrateSettings:
+    layers: int = 3  # transformer layers of the calibrator (the paper uses 3)
+    steps: int = 400  # language-modelling steps
+    batch: int = 16  # sequences per step
+    seq_len: int = 64  # tokens per sequence (texts are packed, separated by EOS)
+    lr: float = 3e-4  # AdamW, linear warm-up over 20 steps, cosine decay
+    weight_decay: float = 0.0
+    align_steps: int = 100  # contrastive steps that fit A before language modelling
+    contrastive_weight: float = 0.1  # weight of the contrastive loss during language modelling
+    tau: float = 0.05  # InfoNCE temperature
+    vocab_sample: int = 2048  # tokens per contrastive batch
+    pairs: str = "paradetox-3000"  # ParaDetox pairs; the neutral side is used
+    clean_text: str = "wiki"  # non-toxic clean text (not `news`: perplexity is measured there)
+    clean_tokens: int = 60_000
+    val_fraction: float = 0.05
+    eval_every: int = 25
+    output_type: str = "Q8_0"  # type of the calibrator's matrices in the GGUF (token_embd keeps the target's)
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class CalibrateResult:
+    calibrator: Path
+    alignment: Path
+    log: Path
+    plot: Path | None
+    train_loss: float
+    val_loss: float
+    val_loss_start: float
+    seconds: float
+
+
+def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], str]:
+    """Non-toxic texts: the neutral side of the pairs, then clean-text paragraphs; evaluation prompts excluded."""
+    from pydetox.discover.data import _read
+    from pydetox.prompts import load_clean_text, load_prompts
+
+    rows, source = _read(settings.pairs)
+    exclude = {p.strip().lower() for p in load_prompts("rtp-challenging").prompts}
+    neutral = [r["neutral"] for r in rows if r["neutral"].strip().lower() not in exclude and r["toxic"].strip().lower() not in exclude]
+    clean: list[str] = []
+    if settings.clean_tokens > 0:
+        if settings.clean_text == "news":
+            raise PydetoxError("the calibrator must not train on `news`: that is where perplexity is measured; use wiki or a file")
+        clean = load_clean_text(settings.clean_text)
+    return neutral, clean, f"{len(neutral)} neutral sentences of {source} + {settings.clean_text} (up to {settings.clean_tokens} tokens)"
+
+
+def pack(tokenizer: Any, texts: list[str], n_neutral: int, clean_tokens: int, seq_len: int) -> np.ndarray:
+    """Token rows of `seq_len`: each text tokenized without special tokens and followed by EOS, concatenated, cut."""
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id
+    stream: list[int] = []
+    clean_used = 0
+    for i, t in enumerate(texts):
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if i >= n_neutral:
+            if clean_used >= clean_tokens:
+                break
+            clean_used += len(ids)
+        stream += ids + ([eos] if eos is not None else [])
+    body = seq_len - (1 if bos is not None else 0)
+    n = len(stream) // body
+    if n < 2:
+        raise PydetoxError(f"{len(stream)} training tokens make fewer than two rows of {seq_len}")
+    rows = np.asarray(stream[: n * body], dtype=np.int64).reshape(n, body)
+    if bos is not None:
+        rows = np.concatenate([np.full((n, 1), bos, np.int64), rows], axis=1)
+    return rows
+
+
+def _truncate(fp: Any, layers: int) -> None:
+    model = fp.model
+    n = len(model.model.layers)
+    if not 1 <= layers < n:
+        raise PydetoxError(f"a calibrator takes 1..{n - 1} of the target's {n} layers, not {layers}")
+    model.model.layers = model.model.layers[:layers]
+    cfg = model.config
+    cfg.num_hidden_layers = layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:layers]
+
+
+def _trainable(name: str, layers: int) -> bool:
+    if "embed_tokens" in name or "lm_head" in name:
+        return False
+    if ".q_proj." in name or ".k_proj." in name:
+        return False  # see the module docstring
+    return name.startswith("model.layers.") or name.startswith("model.norm.")
+
+
+def train(target: str | Path, out: str | Path, settings: CalibrateSettings = CalibrateSettings(),
+          progress: bool = True, plot: bool = True) -> CalibrateResult:
+    """Train a calibrator for the GGUF `target` and write `out` (a GGUF), its alignment, log and loss plot."""
+    import torch
+
+    from pydetox.discover.model import FullPrecisionModel
+
+    t_start = time.perf_counter()
+    target = Path(target)
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise PydetoxError(f"the calibrator is written as a GGUF: expected an output name ending in .gguf, got {out.name}")
+    if not out.parent.is_dir():
+        raise PydetoxError(f"output folder {out.parent} does not exist")
+    if out.resolve() == target.resolve():
+        raise PydetoxError("the calibrator would overwrite its target; choose another output name")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+
+    fp = FullPrecisionModel(target, progress=progress)
+    model, tok = fp.model, fp.tokenizer
+    neutral, clean, data_desc = training_texts(settings)
+    rows = pack(tok, neutral + clean, len(neutral), settings.clean_tokens, settings.seq_len)
+    order = rng.permutation(len(rows))
+    n_val = max(1, int(len(rows) * settings.val_fraction))
+    val_rows, train_rows = torch.from_numpy(rows[order[:n_val]]), torch.from_numpy(rows[order[n_val:]])
+
+    W = fp.unembedding().clone()  # (V, d_target), frozen: the target's output layer
+    final_norm = fp.spec.final_norm(model)
+    with torch.no_grad():
+        g0 = final_norm(torch.ones(1, W.shape[1])).reshape(-1)  # the final norm's effective gain
+    _truncate(fp, settings.layers)
+    params = {n: p for n, p in model.named_parameters()}
+    for n, p in params.items():
+        p.requires_grad_(_trainable(n, settings.layers))
+    trained = {n: p for n, p in params.items() if p.requires_grad}
+    initial = {n: p.detach().clone() for n, p in trained.items()}
+    d_t, d_c = W.shape[1], model.config.hidden_size
+    A = torch.nn.Parameter(torch.eye(d_t, d_c))
+    # h_c already carries the final norm's gain g0; LN(A h_c) ~ h_c at the start needs g = rms(g0).
+    g = torch.nn.Parameter(torch.full((d_t,), float(g0.pow(2).mean().sqrt())))
+    eps = 1e-6
+    E_cal = model.get_input_embeddings().weight.detach()
+    used = torch.from_numpy(np.unique(rows))
+
+    def contrastive() -> Any:
+        ids = used[torch.from_numpy(rng.choice(len(used), min(settings.vocab_sample, len(used)), replace=False))]
+        c = torch.nn.functional.normalize(E_cal[ids] @ A.T, dim=1)
+        t = torch.nn.functional.normalize(W[ids], dim=1)
+        logits = c @ t.T / settings.tau
+        return torch.nn.functional.cross_entropy(logits, torch.arange(len(ids)))
+
+    def lm_loss(batch: Any) -> Any:
+        h = model.model(input_ids=batch).last_hidden_state  # after the final norm
+        u = h @ A.T
+        z = g * u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
+        logits = z[:, :-1] @ W.T
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    def validate() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = [float(lm_loss(val_rows[i : i + settings.batch])) for i in range(0, len(val_rows), settings.batch)]
+        return float(np.mean(losses))
+
+    log: dict[str, Any] = {"settings": asdict(settings), "target": str(target), "data": data_desc,
+                           "rows": {"train": len(train_rows), "val": len(val_rows), "seq_len": settings.seq_len},
+                           "align": [], "train": [], "val": []}
+    # 1. alignment
+    opt_a = torch.optim.Adam([A], lr=1e-3)
+    for step in tqdm(range(settings.align_steps), desc="align", disable=not progress, leave=False):
+        loss = contrastive()
+        opt_a.zero_grad()
+        loss.backward()
+        opt_a.step()
+        log["align"].append([step, float(loss.detach())])
+    # 2. language modelling
+    val_start = validate()
+    log["val"].append([0, val_start])
+    opt = torch.optim.AdamW([*trained.values(), A, g], lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def lr_at(step: int) -> float:
+        warm = 20
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, settings.steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ema = None
+    bar = tqdm(range(settings.steps), desc="calibrate", disable=not progress)
+    for step in bar:
+        model.train()
+        idx = torch.from_numpy(rng.integers(0, len(train_rows), settings.batch))
+        lm = lm_loss(train_rows[idx])
+        loss = lm + settings.contrastive_weight * contrastive() if settings.contrastive_weight > 0 else lm
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*trained.values(), A, g], 1.0)
+        opt.step()
+        sched.step()
+        lm_value = float(lm.detach())
+        ema = lm_value if ema is None else 0.9 * ema + 0.1 * lm_value
+        log["train"].append([step + 1, lm_value])
+        if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
+            log["val"].append([step + 1, validate()])
+        bar.set_postfix(loss=f"{ema:.3f}", val=f"{log['val'][-1][1]:.3f}")
+    bar.close()
+    model.eval()
+
+    with torch.no_grad():
+        W_fused = (W * g[None, :]) @ A  # (V, d_cal): W diag(g) A
+        deltas = {n: (p.detach() - initial[n]).numpy() for n, p in trained.items()}
+    with ModelFile(target) as src:
+        write_calibrator(src, out, fp.arch, settings.layers, deltas, W_fused.numpy(), settings.output_type,
+                         threads=settings.threads)
+    with ModelFile(out) as cal:
+        fingerprint = vocab_fingerprint(cal)
+    with torch.no_grad():
+        row = val_rows[0]
+        h_torch = model.model(input_ids=row[None]).last_hidden_state[0].numpy()
+    h_llama = calibrator_hidden(out, row.tolist(), threads=settings.threads)
+    check = {"tokens": len(row), "max_abs_diff": float(np.abs(h_llama - h_torch).max()),
+             "rel_rms_diff": float(np.sqrt(((h_llama - h_torch) ** 2).mean() / (h_torch**2).mean()))}
+    log["llama_cpp_check"] = check
+    info = {"llama_cpp_check": check, "target": target.name, "layers": settings.layers, "data": data_desc, "train_loss_final": ema,
+            "val_loss": log["val"][-1][1], "val_loss_start": val_start, "steps": settings.steps}
+    align_file = Alignment(A.detach().numpy(), g.detach().numpy(), eps, fingerprint, info).save(alignment_path(out))
+    seconds = time.perf_counter() - t_start
+    log["seconds"] = seconds
+    log_path = out.with_name(out.name.removesuffix(".gguf") + ".train.json")
+    log_path.write_text(json.dumps(log, indent=1) + "\n")
+    plot_path = out.with_name(out.name.removesuffix(".gguf") + ".loss.png") if plot else None
+    if plot_path is not None:
+        plot_losses(log, plot_path)
+    return CalibrateResult(out, align_file, log_path, plot_path, float(ema or 0.0), log["val"][-1][1], val_start, seconds)
+
+
+def write_calibrator(src: ModelFile, out: Path, arch: str, layers: int, deltas: dict[str, np.ndarray],
+                     output: np.ndarray, output_type: str, threads: int | None = None) -> Path:
+    """The target's token embedding (bytes as they are), its first `layers` blocks plus the trained deltas, its final
+    norm plus delta, and `output` as the output tensor, with the target's metadata and `block_count` = layers."""
+    qtype = ggml.parse_type(output_type)
+    try:
+        arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    except StopIteration:
+        raise PydetoxError(f"no GGUF tensor map for architecture {arch!r}") from None
+    tmap = gguf.get_tensor_name_map(arch_enum, layers)
+    by_gguf: dict[str, np.ndarray] = {}
+    for hf_name, delta in deltas.items():
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise PydetoxError(f"no GGUF name for the trained parameter {hf_name!r}")
+        by_gguf[name] = delta
+    keep: list[tuple[str, Any]] = []
+    for name, entry in src.tensors.items():
+        if name.startswith("blk."):
+            if int(name.split(".")[1]) < layers:
+                keep.append((name, entry))
+        elif name != "output.weight":
+            keep.append((name, entry))  # token_embd, output_norm, rope tables
+    missing = set(by_gguf) - {n for n, _ in keep}
+    if missing:
+        raise PydetoxError(f"trained parameters without a tensor in {src.path.name}: {sorted(missing)}")
+    plan: list[tuple[OutTensor, Any, np.ndarray | None]] = []
+    for name, entry in keep:
+        delta = by_gguf.get(name)
+        if delta is None:
+            plan.append((OutTensor(name, entry.qtype, entry.ne, entry.n_bytes), entry, None))
+            continue
+        W = kernels.dequantize(src.read(entry), entry.qtype, entry.rows, entry.cols, threads=threads)
+        W = W + delta.reshape(W.shape).astype(np.float32)
+        t = qtype if len(entry.ne) == 2 and entry.cols % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else gguf.GGMLQuantizationType.F32
+        plan.append((OutTensor(name, t, entry.ne, nbytes(t, entry.ne)), entry, W))
+    out_ne = (output.shape[1], output.shape[0])
+    plan.append((OutTensor("output.weight", qtype, out_ne, nbytes(qtype, out_ne)), None, output.astype(np.float32)))
+    V = gguf.GGUFValueType
+    metadata = {
+        f"{arch}.block_count": (layers, V.UINT32),
+        gguf.Keys.General.NAME: (f"{src.get_str(gguf.Keys.General.NAME) or src.path.stem} calibrator ({layers} layers)", V.STRING),
+        KEY_TARGET: (src.path.name, V.STRING),
+        KEY_LAYERS: (layers, V.UINT32),
+    }
+    with AtomicGGUFWriter(out, src, [p[0] for p in plan], metadata) as writer:
+        for ot, entry, data in plan:
+            if data is None:
+                writer.copy_from(ot.name, src.fileno(), entry.offset, entry.n_bytes)
+            elif ot.qtype == gguf.GGMLQuantizationType.F32:
+                writer.write(ot.name, np.ascontiguousarray(data, np.float32))
+            else:
+                writer.write(ot.name, kernels.quantize(data.reshape(ot.ne[1], ot.ne[0]) if data.ndim == 2 else data,
+                                                       ot.qtype, threads=threads))
+        writer.commit()
+    return out
+
+
+def calibrator_hidden(path: Path, tokens: list[int], threads: int | None = None) -> np.ndarray:
+    """The calibrator's final hidden states for `tokens` as llama.cpp computes them, (n, d)."""
+    from pydetox.runtime import LlamaRuntime
+
+    with LlamaRuntime(path, n_ctx=max(64, len(tokens)), n_batch=max(64, len(tokens)), threads=threads,
+                      embeddings=True) as rt:
+        rt._decode([(t, i, 0, True) for i, t in enumerate(tokens)])
+        ptr = rt.lib.llama_get_embeddings(rt.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(len(tokens), rt.n_embd)).copy()
+
+
+def plot_losses(log: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = np.asarray(log["train"])
+    if len(tr):
+        k = max(1, len(tr) // 50)
+        smooth = np.convolve(tr[:, 1], np.ones(k) / k, mode="valid")
+        ax.plot(tr[:, 0], tr[:, 1], color="0.8", lw=0.8, label="train (per step)")
+        ax.plot(tr[k - 1 :, 0], smooth, color="C0", label=f"train (mean of {k})")
+    va = np.asarray(log["val"])
+    if len(va):
+        ax.plot(va[:, 0], va[:, 1], "o-", color="C1", label="held-out non-toxic text")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token cross-entropy through the target's output layer (nats)")
+    ax.set_title(f"calibrator for {Path(log['target']).name}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,171 @@
+"""Calibration-model fusion: a tiny calibrator trained in the test on a tiny llama GGUF, written as a GGUF that
+llama.cpp runs, fused with its target by the same code `pydetox eval` and `pydetox chat` use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny import write_tiny_llama
+
+from pydetox import kernels
+from pydetox.calibrate import CalibrateSettings, train
+from pydetox.fusion import Alignment, FusedRuntime, FusionError, FusionLogitsProcessor, alignment_path
+from pydetox.gguf_io import ModelFile
+from pydetox.runtime import LlamaRuntime, Sampling
+
+SHAPE = {"d": 64, "ff": 128, "layers": 3, "heads": 4, "kv_heads": 2}
+TINY = CalibrateSettings(layers=1, steps=4, batch=4, seq_len=32, align_steps=3, eval_every=2, clean_tokens=0,
+                         output_type="F32", vocab_sample=64)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("fusion")
+    target = write_tiny_llama(folder / "target.gguf", **SHAPE, tied=request.param)
+    res = train(target, folder / "cal.gguf", TINY, progress=False)
+    return target, res.calibrator
+
+
+def test_training_writes_a_calibrator_llama_cpp_runs_as_torch_does(trained: tuple[Path, Path]) -> None:
+    target, cal = trained
+    log = json.loads(cal.with_name("cal.train.json").read_text())
+    assert cal.with_name("cal.loss.png").stat().st_size > 0
+    assert len(log["train"]) == TINY.steps and len(log["align"]) == TINY.align_steps
+    # llama.cpp's forward pass of the written GGUF against torch's of the trained model (F32 weights: float noise)
+    assert log["llama_cpp_check"]["rel_rms_diff"] < 1e-3, log["llama_cpp_check"]
+    with ModelFile(cal) as m, ModelFile(target) as t:
+        assert m.get_field("llama.block_count") == 1
+        assert sorted(n for n in m.tensors if n.startswith("blk.")) == sorted(n for n in t.tensors if n.startswith("blk.0."))
+        assert m.tensors["token_embd.weight"].qtype == t.tensors["token_embd.weight"].qtype
+        assert m.read(m.tensors["token_embd.weight"]).tobytes() == t.read(t.tensors["token_embd.weight"]).tobytes()
+        for frozen in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):  # kept as the target's, byte for byte
+            assert m.read(m.tensors[frozen]).tobytes() == t.read(t.tensors[frozen]).tobytes()
+        trained_down = m.read(m.tensors["blk.0.ffn_down.weight"]).tobytes()
+        assert trained_down != t.read(t.tensors["blk.0.ffn_down.weight"]).tobytes()
+
+
+def _prompts(rt: LlamaRuntime) -> list[list[int]]:
+    return [rt.tokenize(t) for t in ("the cat is", "a dog was in the", "the", "and of to in the a cat")]
+
+
+def test_alpha_zero_is_exactly_the_target(trained: tuple[Path, Path]) -> None:
+    """Fused logits at alpha = 0 equal the target's own (tolerance 0: (1 - 0) * z + 0 * z' is z in float32), and
+    llama.cpp's samplers on them draw the same tokens, greedy and sampled."""
+    target, cal = trained
+    with LlamaRuntime(target, n_ctx=512, n_seq=4) as plain, FusedRuntime(target, cal, 0.0, n_ctx=512, n_seq=4) as fused:
+        prompts = _prompts(plain)
+        window = [t for p in prompts for t in p]
+        assert np.array_equal(fused.logprobs(window), plain.logprobs(window))
+        for sampling in (Sampling(), Sampling(temperature=1.0, top_p=0.9, seed=3)):
+            assert fused.generate(prompts, 8, sampling, [1, 2, 3, 4]) == plain.generate(prompts, 8, sampling, [1, 2, 3, 4])
+
+
+def test_fused_logits_match_the_formula(trained: tuple[Path, Path]) -> None:
+    """(1 - a) W h_t + a W LN(A h_c), computed here from the target's float output layer, the alignment and the
+    calibrator's hidden states, against what FusedRuntime gets from llama.cpp (W' = W diag(g) A folded in the GGUF)."""
+    target, cal = trained
+    align = Alignment.load(alignment_path(cal))
+    with ModelFile(target) as t:
+        e = t.tensors.get("output.weight") or t.tensors["token_embd.weight"]
+        W = kernels.dequantize(t.read(e), e.qtype, e.rows, e.cols)
+    a = 0.6
+    with LlamaRuntime(target, n_ctx=256) as plain, LlamaRuntime(cal, n_ctx=256, embeddings=True) as c, \
+            FusedRuntime(target, cal, a, n_ctx=256) as fused:
+        toks = [t for p in _prompts(plain) for t in p]
+        n = len(toks)
+        plain._decode([(tok, i, 0, True) for i, tok in enumerate(toks)])
+        zt = plain._output_logits(n).copy()
+        c._decode([(tok, i, 0, True) for i, tok in enumerate(toks)])
+        h = np.ctypeslib.as_array(c.lib.llama_get_embeddings(c.ctx), shape=(n, c.n_embd)).copy()
+        u = h @ align.A.T
+        ln = align.g * u / np.sqrt((u**2).mean(1, keepdims=True) + align.eps)
+        expected = (1 - a) * zt + a * ln @ W.T
+        fused._clear()
+        fused._decode([(tok, i, 0, True) for i, tok in enumerate(toks)])
+        got = fused._output_logits(n)
+        assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
+        lp = fused.logprobs(toks)
+        assert np.allclose(np.exp(lp).sum(1), 1.0, atol=1e-4)
+
+
+def test_chat_processor_follows_the_conversation(trained: tuple[Path, Path]) -> None:
+    """The logits processor used by `pydetox chat` keeps the calibrator's cache in step with growing, and rewound,
+    token sequences and gives the fused logits FusedRuntime gives for the same prefix."""
+    target, cal = trained
+    a = 0.5
+    proc = FusionLogitsProcessor(target, cal, a, n_ctx=256)
+    with LlamaRuntime(target, n_ctx=256) as plain, FusedRuntime(target, cal, a, n_ctx=256) as fused:
+        toks = [t for p in _prompts(plain) for t in p]
+        ref = fused.logprobs(toks + [toks[0]])
+        order = [5, 6, 7, 9, 3, 4, 12, len(toks)]  # grow, jump, rewind, grow again
+        for k in order:
+            scores = plain.logprobs(toks[:k] + [toks[0]])[k - 1]  # the target's logits (up to a constant) at k
+            out = proc(np.asarray(toks[:k], dtype=np.intc), scores.astype(np.single))
+            out = out - np.log(np.exp(out - out.max()).sum()) - out.max()
+            # llama.cpp's float results depend a little on how many tokens a batch holds: 5e-3 nats of slack
+            assert np.abs(out - ref[k - 1]).max() < 5e-3, k
+    proc.close()
+
+
+def test_mismatches_are_refused(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    target, cal = trained
+    with pytest.raises(FusionError, match=r"alpha must lie in \[0, 1\]"):
+        FusedRuntime(target, cal, 1.5)
+    lone = tmp_path / "lone.gguf"
+    shutil.copy(cal, lone)
+    with pytest.raises(FusionError, match="alignment file"):
+        FusedRuntime(target, lone, 0.3)
+    # a target with another tokenizer: the tiny vocabulary with one token renamed
+    other = write_tiny_llama(tmp_path / "other.gguf", **SHAPE)
+    raw = other.read_bytes().replace(b"\xe2\x96\x81dog", b"\xe2\x96\x81cow", 1)
+    other.write_bytes(raw)
+    with pytest.raises(FusionError, match="another tokenizer"):
+        FusedRuntime(other, cal, 0.3)
+    bad = tmp_path / "bad.align.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 40)
+    with pytest.raises(FusionError, match="not a readable calibrator alignment"):
+        Alignment.load(bad)
+    mismatched = Alignment(np.eye(4, dtype=np.float32), np.ones(3, np.float32), 1e-6, "x")
+    with pytest.raises(FusionError, match="do not fit"):
+        mismatched.save(tmp_path / "x.align.gguf")
+    assert not (tmp_path / "x.align.gguf").exists()
+
+
+def test_eval_command_sweeps_alpha(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    target, cal = trained
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat is\na dog was\nthe\n")
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pydetox.cli", "eval", str(target), "--calibrator", str(cal), "--alpha", "0,0.5",
+         "--prompts", str(prompts), "--evaluators", "profanity-check", "--ppl-tokens", "0", "--max-tokens", "6",
+         "--json", str(out), "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [m["alpha"] for m in report["models"]] == [0.0, 0.5]
+    assert all(m["calibrator"] == str(cal) for m in report["models"])
+    assert "a=0.5" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "pydetox.cli", "eval", str(target), "--alpha", "0.3"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "--alpha needs --calibrator" in bad.stderr
+
+
+def test_training_refuses_bad_settings(tmp_path: Path) -> None:
+    target = write_tiny_llama(tmp_path / "t.gguf", **SHAPE)
+    from pydetox.errors import PydetoxError
+
+    with pytest.raises(PydetoxError, match="takes 1..2 of the target's 3 layers"):
+        train(target, tmp_path / "c.gguf", CalibrateSettings(layers=3, steps=1, clean_tokens=0), progress=False)
+    with pytest.raises(PydetoxError, match="ending in .gguf"):
+        train(target, tmp_path / "c.bin", TINY, progress=False)
+    with pytest.raises(PydetoxError, match="must not train on `news`"):
+        train(target, tmp_path / "c.gguf", CalibrateSettings(layers=1, clean_text="news"), progress=False)
+    assert not (tmp_path / "c.gguf").exists()
