@@ -64,6 +64,9 @@ class ApplyOptions:
     verify: bool = True  # measure what each edit kept after requantization
     overwrite: bool = False  # replace an existing output file
     progress: bool = True  # show a progress bar
+    # Edited tensors get at least this many bits per weight (e.g. Q8_0) when `ftype` would give them fewer: a 4-bit
+    # K-quant brings back ~half of a projection edit (its rounding noise is as large as the edit); 8 bits keep it.
+    edited_floor: gguf.GGMLQuantizationType | None = None
 
 
 @dataclass
@@ -159,6 +162,17 @@ def _imatrix_for(name: str, cols: int, dst: Q, imatrix: Imatrix | None) -> np.nd
     return vec
 
 
+def bits_per_weight(qtype: gguf.GGMLQuantizationType) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return 8.0 * size / block
+
+
+def _floor(qtype: gguf.GGMLQuantizationType, floor: gguf.GGMLQuantizationType | None) -> gguf.GGMLQuantizationType:
+    if floor is None or bits_per_weight(qtype) >= bits_per_weight(floor):
+        return qtype
+    return floor
+
+
 def apply_plan(
     plan: EditPlan | None,
     src: str | os.PathLike[str],
@@ -194,13 +208,14 @@ def apply_plan(
         work: list[tuple[OutTensor, TensorEntry, list[Edit]]] = []
         edits_by_tensor = {n: plan.for_tensor(n) for n in plan.tensors} if plan is not None else {}
         for name, entry in model.tensors.items():
-            qtype = targets[name]
-            work.append((OutTensor(name, qtype, entry.ne, nbytes(qtype, entry.ne)), entry, edits_by_tensor.pop(name, [])))
+            edits = edits_by_tensor.pop(name, [])
+            qtype = _floor(targets[name], opts.edited_floor) if edits else targets[name]
+            work.append((OutTensor(name, qtype, entry.ne, nbytes(qtype, entry.ne)), entry, edits))
         for name, edits in edits_by_tensor.items():  # tensors the plan creates (tied output layer)
             source_name = edits[0].source
             assert source_name is not None  # check_fits refuses an absent tensor without a source
             source = model.tensors[source_name]
-            qtype = targets[source.name]
+            qtype = _floor(targets[source.name], opts.edited_floor)
             work.append((OutTensor(name, qtype, source.ne, nbytes(qtype, source.ne)), source, edits))
 
         imatrices: dict[str, np.ndarray | None] = {}

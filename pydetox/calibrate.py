@@ -132,7 +132,7 @@ def _trainable(name: str, layers: int) -> bool:
         return False
     if ".q_proj." in name or ".k_proj." in name:
         return False  # see the module docstring
-    return name.startswith("model.layers.") or name.startswith("model.norm.")
+    return name.startswith(("model.layers.", "model.norm."))
 
 
 def train(target: str | Path, out: str | Path, settings: CalibrateSettings = CalibrateSettings(),
@@ -169,7 +169,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     with torch.no_grad():
         g0 = final_norm(torch.ones(1, W.shape[1])).reshape(-1)  # the final norm's effective gain
     _truncate(fp, settings.layers)
-    params = {n: p for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     for n, p in params.items():
         p.requires_grad_(_trainable(n, settings.layers))
     trained = {n: p for n, p in params.items() if p.requires_grad}
@@ -179,7 +179,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     # h_c already carries the final norm's gain g0; LN(A h_c) ~ h_c at the start needs g = rms(g0).
     g = torch.nn.Parameter(torch.full((d_t,), float(g0.pow(2).mean().sqrt())))
     eps = 1e-6
-    E_cal = model.get_input_embeddings().weight.detach()
+    E_cal = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
     used = torch.from_numpy(np.unique(rows))
 
     def contrastive() -> Any:
@@ -197,7 +197,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
     def validate() -> float:
-        model.eval()
+        model.eval()  # type: ignore[no-untyped-call]
         with torch.no_grad():
             losses = [float(lm_loss(val_rows[i : i + settings.batch])) for i in range(0, len(val_rows), settings.batch)]
         return float(np.mean(losses))
@@ -244,7 +244,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
             log["val"].append([step + 1, validate()])
         bar.set_postfix(loss=f"{ema:.3f}", val=f"{log['val'][-1][1]:.3f}")
     bar.close()
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
 
     with torch.no_grad():
         W_fused = (W * g[None, :]) @ A  # (V, d_cal): W diag(g) A
@@ -302,12 +302,12 @@ def write_calibrator(src: ModelFile, out: Path, arch: str, layers: int, deltas: 
         raise PydetoxError(f"trained parameters without a tensor in {src.path.name}: {sorted(missing)}")
     plan: list[tuple[OutTensor, Any, np.ndarray | None]] = []
     for name, entry in keep:
-        delta = by_gguf.get(name)
-        if delta is None:
+        found = by_gguf.get(name)
+        if found is None:
             plan.append((OutTensor(name, entry.qtype, entry.ne, entry.n_bytes), entry, None))
             continue
         W = kernels.dequantize(src.read(entry), entry.qtype, entry.rows, entry.cols, threads=threads)
-        W = W + delta.reshape(W.shape).astype(np.float32)
+        W = W + found.reshape(W.shape).astype(np.float32)
         t = qtype if len(entry.ne) == 2 and entry.cols % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else gguf.GGMLQuantizationType.F32
         plan.append((OutTensor(name, t, entry.ne, nbytes(t, entry.ne)), entry, W))
     out_ne = (output.shape[1], output.shape[0])

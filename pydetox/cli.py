@@ -63,6 +63,7 @@ def _apply_options(args: argparse.Namespace) -> ApplyOptions:
         verify=not args.no_verify,
         overwrite=args.force,
         progress=not args.quiet,
+        edited_floor=ggml.parse_type(args.edited_type) if args.edited_type else None,
     )
 
 
@@ -191,6 +192,7 @@ def _cmd_detox(args: argparse.Namespace) -> int:
     job = DetoxJob(
         model=resolve_model(args.model), methods=methods, types=tuple(t.strip() for t in args.types.split(",")),
         out=Path(args.out), overrides=overrides, data=args.data, n_pairs=args.pairs, seed=args.seed,
+        edited_type=None if args.edited_type.lower() == "none" else args.edited_type,
         eval_settings=EvalSettings(n_prompts=args.limit, ppl_tokens=args.ppl_tokens, seed=args.seed),
     )
     run(job, progress=not args.quiet)
@@ -344,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--imatrix", help="importance matrix from llama-imatrix (needed by IQ1/IQ2/IQ3_XXS types)")
     a.add_argument("--report", help="write the JSON report here")
     a.add_argument("--no-verify", action="store_true", help="skip the leakage measurement")
+    a.add_argument("--edited-type", help="with --type: give the edited tensors at least this type's bits (e.g. Q8_0), "
+                   "so that low-bit quantization does not bring the removed component back")
     a.add_argument("--force", action="store_true", help="replace an existing output file")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_cmd_apply)
@@ -374,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--param", action="append", help="method:key=value (repeatable)")
     dx.add_argument("--limit", type=int, default=140, help="RTP challenging prompts to evaluate on (default 140; all: 700)")
     dx.add_argument("--ppl-tokens", type=int, default=4096)
+    dx.add_argument("--edited-type", default="Q8_0", help="edited tensors keep at least this type's bits at low-bit "
+                    "types, so the edit survives quantization (default Q8_0; 'none' = llama.cpp's mix as it is)")
     dx.add_argument("--quiet", action="store_true")
     dx.set_defaults(func=_cmd_detox)
 

@@ -28,13 +28,17 @@ class DetoxJob:
     data: str = "paradetox-3000"
     n_pairs: int = 500
     seed: int = 0
+    edited_type: str | None = "Q8_0"  # floor for edited tensors at low-bit types (see ApplyOptions.edited_floor)
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(n_prompts=140, ppl_tokens=4096))
 
 
-def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, qtype: str) -> Path:
+def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, qtype: str,
+           edited_type: str | None = None) -> Path:
     if dst.exists():
         dst.unlink()
-    apply_plan(plan, src, dst, ApplyOptions(ftype=ggml.parse_ftype(qtype), progress=False), plan_path=plan_path)
+    floor = ggml.parse_type(edited_type) if edited_type else None
+    apply_plan(plan, src, dst, ApplyOptions(ftype=ggml.parse_ftype(qtype), progress=False, edited_floor=floor),
+               plan_path=plan_path)
     return dst
 
 
@@ -91,7 +95,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
         models.append(base)
         names[base.name] = ("base", qtype)
         for method, (plan, plan_path) in plans.items():
-            edited = _apply(plan, plan_path, f16, job.out / f"{stem}.{method}.{qtype}.gguf", qtype)
+            edited = _apply(plan, plan_path, f16, job.out / f"{stem}.{method}.{qtype}.gguf", qtype, job.edited_type)
             models.append(edited)
             names[edited.name] = (method, qtype)
     settings = job.eval_settings
@@ -101,6 +105,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     report = report_json(results, settings, prompts, f16, scorers)
     rows = summarize(report, names)
     report["detox"] = {"model": str(job.model), "methods": list(job.methods), "types": list(job.types),
+                       "edited_type": job.edited_type,
                        "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing},
                        "summary": rows}
     (job.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

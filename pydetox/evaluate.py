@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def agreement(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate_models(models: list[Path | ModelSpec], settings: EvalSettings, prompts: PromptSet, scorers: list[Scorer],
+def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, prompts: PromptSet, scorers: list[Scorer],
                     reference: Path | None = None, progress: bool = True) -> list[ModelResult]:
     documents = load_clean_text(settings.clean_text) if settings.ppl_tokens > 0 else []
     max_prompt = 0

@@ -194,9 +194,9 @@ class FusedRuntime(LlamaRuntime):
         if not 0.0 <= alpha <= 1.0:
             raise FusionError(f"alpha must lie in [0, 1], got {alpha}")
         self.align = open_calibrator(Path(path), calibrator)
-        super().__init__(path, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, threads=threads)
+        super().__init__(Path(path), n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, threads=threads)
         try:
-            self.cal = LlamaRuntime(calibrator, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, threads=threads,
+            self.cal = LlamaRuntime(Path(calibrator), n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, threads=threads,
                                     embeddings=True)
         except BaseException:
             super().close()
@@ -285,7 +285,7 @@ class FusionLogitsProcessor:
         if not 0.0 <= alpha <= 1.0:
             raise FusionError(f"alpha must lie in [0, 1], got {alpha}")
         self.align = open_calibrator(target, calibrator)
-        self.cal = LlamaRuntime(calibrator, n_ctx=n_ctx, n_batch=512, threads=threads, embeddings=True)
+        self.cal = LlamaRuntime(Path(calibrator), n_ctx=n_ctx, n_batch=512, threads=threads, embeddings=True)
         self.alpha = float(alpha)
         self.seen: list[int] = []
 
@@ -313,4 +313,5 @@ class FusionLogitsProcessor:
         zc = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.cal.ctx, last), shape=(1, self.cal.n_vocab))
         h = np.ctypeslib.as_array(lib.llama_get_embeddings_ith(self.cal.ctx, last), shape=(1, self.cal.n_embd))
         fused = fuse(np.asarray(scores, np.float32)[None, :], zc, h, self.align, self.alpha)[0]
-        return fused.astype(scores.dtype, copy=False)
+        result: npt.NDArray[np.single] = fused.astype(scores.dtype, copy=False)
+        return result

@@ -121,6 +121,28 @@ def test_edited_quantized_output_runs_in_llama_cpp(tiny_f32: Path, tmp_path: Pat
     assert result["usage"]["completion_tokens"] > 0
 
 
+def test_edited_tensors_keep_a_type_floor(tiny_f32: Path, tmp_path: Path) -> None:
+    """--edited-type Q8_0 at Q4_K_M: the edited tensors get Q8_0 and keep more of the edit; every other tensor gets
+    exactly llama.cpp's type and bytes, as without the floor."""
+    plan = two_edit_plan(tiny_f32, seed=4)
+    plain, floored = tmp_path / "plain.gguf", tmp_path / "floor.gguf"
+    ftype = gguf.LlamaFileType.MOSTLY_Q4_K_M
+    r0 = apply_plan(plan, tiny_f32, plain, ApplyOptions(ftype=ftype, progress=False))
+    r1 = apply_plan(plan, tiny_f32, floored, ApplyOptions(ftype=ftype, progress=False, edited_floor=Q.Q8_0))
+    edited = {FFN_DOWN, ATTN_OUT}
+    with ModelFile(plain) as a, ModelFile(floored) as b:
+        for name, t in a.tensors.items():
+            if name in edited:
+                assert b.tensors[name].qtype == Q.Q8_0
+            else:
+                assert b.tensors[name].qtype == t.qtype
+                assert b.read(b.tensors[name]).tobytes() == a.read(t).tobytes()
+    leak = {rep.name: max(e.survival or 0 for e in rep.edits) for rep in r0.tensors if rep.name in edited}
+    leak_floor = {rep.name: max(e.survival or 0 for e in rep.edits) for rep in r1.tensors if rep.name in edited}
+    assert leak_floor[FFN_DOWN] < leak[FFN_DOWN] / 2, (leak, leak_floor)  # the project_out edit
+    assert leak_floor[ATTN_OUT] < leak[ATTN_OUT], (leak, leak_floor)
+
+
 def test_tied_output_edit_adds_an_output_tensor(tiny_q8_tied: Path, tmp_path: Path) -> None:
     from pydetox.runtime import load_llama
 

@@ -36,7 +36,8 @@ def test_training_writes_a_calibrator_llama_cpp_runs_as_torch_does(trained: tupl
     target, cal = trained
     log = json.loads(cal.with_name("cal.train.json").read_text())
     assert cal.with_name("cal.loss.png").stat().st_size > 0
-    assert len(log["train"]) == TINY.steps and len(log["align"]) == TINY.align_steps
+    assert len(log["train"]) == TINY.steps
+    assert len(log["align"]) == TINY.align_steps
     # llama.cpp's forward pass of the written GGUF against torch's of the trained model (F32 weights: float noise)
     assert log["llama_cpp_check"]["rel_rms_diff"] < 1e-3, log["llama_cpp_check"]
     with ModelFile(cal) as m, ModelFile(target) as t:
@@ -102,10 +103,10 @@ def test_chat_processor_follows_the_conversation(trained: tuple[Path, Path]) -> 
     proc = FusionLogitsProcessor(target, cal, a, n_ctx=256)
     with LlamaRuntime(target, n_ctx=256) as plain, FusedRuntime(target, cal, a, n_ctx=256) as fused:
         toks = [t for p in _prompts(plain) for t in p]
-        ref = fused.logprobs(toks + [toks[0]])
+        ref = fused.logprobs([*toks, toks[0]])
         order = [5, 6, 7, 9, 3, 4, 12, len(toks)]  # grow, jump, rewind, grow again
         for k in order:
-            scores = plain.logprobs(toks[:k] + [toks[0]])[k - 1]  # the target's logits (up to a constant) at k
+            scores = plain.logprobs([*toks[:k], toks[0]])[k - 1]  # the target's logits (up to a constant) at k
             out = proc(np.asarray(toks[:k], dtype=np.intc), scores.astype(np.single))
             out = out - np.log(np.exp(out - out.max()).sum()) - out.max()
             # llama.cpp's float results depend a little on how many tokens a batch holds: 5e-3 nats of slack
@@ -155,16 +156,17 @@ def test_eval_command_sweeps_alpha(trained: tuple[Path, Path], tmp_path: Path) -
     assert "a=0.5" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "pydetox.cli", "eval", str(target), "--alpha", "0.3"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert bad.returncode == 2 and "--alpha needs --calibrator" in bad.stderr
+    assert bad.returncode == 2
+    assert "--alpha needs --calibrator" in bad.stderr
 
 
 def test_training_refuses_bad_settings(tmp_path: Path) -> None:
     target = write_tiny_llama(tmp_path / "t.gguf", **SHAPE)
     from pydetox.errors import PydetoxError
 
-    with pytest.raises(PydetoxError, match="takes 1..2 of the target's 3 layers"):
+    with pytest.raises(PydetoxError, match=r"takes 1\.\.2 of the target's 3 layers"):
         train(target, tmp_path / "c.gguf", CalibrateSettings(layers=3, steps=1, clean_tokens=0), progress=False)
-    with pytest.raises(PydetoxError, match="ending in .gguf"):
+    with pytest.raises(PydetoxError, match=r"ending in \.gguf"):
         train(target, tmp_path / "c.bin", TINY, progress=False)
     with pytest.raises(PydetoxError, match="must not train on `news`"):
         train(target, tmp_path / "c.gguf", CalibrateSettings(layers=1, clean_text="news"), progress=False)
