@@ -168,7 +168,7 @@ def test_plans_from_real_text_apply_to_tiny_ggufs(tmp_path: Path, tied: bool) ->
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE, tied=tied)
     d = Discovery(model, n_pairs=24, max_tokens=24, progress=False)
     for method, overrides in [("aura", {}), ("profs", {}), ("gloss", {"min_bad": "0"}), ("eigenshift", {}),
-                              ("meow2x", {"top": "8"}), ("trne", {"top": "8"})]:
+                              ("meow2x", {"top": "8"}), ("trne", {"top": "8"})]:  # wordfilter: its own test
         plan = d.plan(method, overrides)
         plan_path = plan.save(tmp_path / f"{method}.plan.gguf")
         out = tmp_path / f"{method}.gguf"
@@ -178,6 +178,27 @@ def test_plans_from_real_text_apply_to_tiny_ggufs(tmp_path: Path, tied: bool) ->
             assert [t.action for t in report.tensors if t.name == "output.weight"] == ["create" if tied else "edit"]
         llm = load_llama(out, n_ctx=64, seed=0)
         assert llm("the cat", max_tokens=3, temperature=0.0)["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_wordfilter_lowers_exactly_the_banned_tokens_in_llama_cpp(tmp_path: Path, tied: bool) -> None:
+    from pydetox.runtime import LlamaRuntime
+
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE, tied=tied)
+    d = Discovery(model, n_pairs=24, max_tokens=24, progress=False)
+    d.context.badwords = ["cat", "dog"]
+    plan = d.plan("wordfilter", {"texts": "24", "drop": "8"})
+    banned = [i for i, t in enumerate(token_strings(d.context)) if t in ("cat", "dog")]
+    assert plan.params["diagnostics"]["banned_tokens"] == len(banned) == 2
+    out = tmp_path / "wf.gguf"
+    apply_plan(plan, model, out, ApplyOptions(progress=False))
+    with LlamaRuntime(model, n_ctx=128) as a, LlamaRuntime(out, n_ctx=128) as b:
+        toks = a.tokenize("the cat is a dog and the dog was in the")
+        diff = b.logprobs(toks) - a.logprobs(toks)  # per position: -beta (m.h) on banned tokens, a constant elsewhere
+    others = np.setdiff1d(np.arange(diff.shape[1]), banned)
+    shift = diff[:, others].mean(1, keepdims=True)
+    assert np.abs(diff[:, others] - shift).max() < 1e-3
+    assert np.median(diff[:, banned] - shift) < -8 * 0.9
 
 
 def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

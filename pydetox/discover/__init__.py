@@ -1,6 +1,6 @@
 """Discovery: from a full-precision model and toxic vs non-toxic text, compute an edit plan.
 
-Methods (one registry, `pydetox.discover.base.METHODS`): aura, gloss, eigenshift, profs, meow2x, trne. Each is a module with its
+Methods (one registry, `pydetox.discover.base.METHODS`): aura, gloss, eigenshift, profs, meow2x, trne, wordfilter. Each is a module with its
 paper and parameters documented; each turns activations and weights into `Edit`s that the engine applies to any
 GGUF of the model.
 """
@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pydetox.discover import aura, eigenshift, gloss, meow2x, profs, trne  # noqa: F401  (they register themselves)
+from pydetox.discover import aura, eigenshift, gloss, meow2x, profs, trne, wordfilter  # noqa: F401  (they register themselves)
 from pydetox.discover.activations import Activations, collect
 from pydetox.discover.base import METHODS, Context, get_method, make_params
 from pydetox.discover.data import EMBEDDED, DiscoveryData, load_pairs
