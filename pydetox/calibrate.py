@@ -9,10 +9,14 @@ Training, on non-toxic text only (the neutral side of the ParaDetox pairs, and W
 1. Alignment. A linear map A (d_target x d_cal) from the calibrator's hidden space to the target's, learned with a
    contrastive (InfoNCE) loss over the shared vocabulary: the calibrator's representation of token v, mapped by A,
    must be closer to the target's output embedding of v than to those of the other tokens of the batch.
-2. Language modelling through the target's frozen output layer W: next-token cross-entropy of
-   W LN(A h_c) (LN(u) = g * u / rms(u)) on the non-toxic text, training the calibrator's layers, A and g, with the
-   contrastive loss kept as a regulariser of A. The queries and keys of the attention (q_proj, k_proj) stay the
-   target's: the calibrator keeps the target's attention patterns, and llama.cpp's row permutation of those
+2. Language modelling through the target's frozen output layer W, on the non-toxic text, training the calibrator's
+   layers, A and g (LN(u) = g * u / rms(u)), with the contrastive loss kept as a regulariser of A. Objective
+   `fused` (default): the cross-entropy of the fused model, W (alpha LN(A h_c) + (1 - alpha) h_t), with the frozen
+   target in the loop (its final hidden states h_t computed once for all rows) and alpha drawn per step from
+   `train_alpha`: the calibrator learns what to add to the target so that it continues like non-toxic text.
+   Objective `standalone`: the calibrator alone, W LN(A h_c), a small non-toxic language model (cheaper, and it
+   costs more perplexity once fused: see the README). The queries and keys of the attention (q_proj, k_proj) stay
+   the target's: the calibrator keeps the target's attention patterns, and llama.cpp's row permutation of those
    matrices never has to be undone.
 
 Output: `CAL.gguf` (token embedding copied byte for byte from the target; trained layers at `output_type`; its
@@ -39,6 +43,7 @@ from pydetox.fusion import Alignment, alignment_path, vocab_fingerprint
 from pydetox.gguf_io import AtomicGGUFWriter, ModelFile, OutTensor, nbytes
 
 KEY_TARGET = "pydetox.calibrator.target"
+SKIP_WIKI = 200
 KEY_LAYERS = "pydetox.calibrator.layers"
 
 
@@ -56,9 +61,14 @@ class CalibrateSettings:
     vocab_sample: int = 2048  # tokens per contrastive batch
     pairs: str = "paradetox-3000"  # ParaDetox pairs; the neutral side is used
     clean_text: str = "wiki"  # non-toxic clean text (not `news`: perplexity is measured there)
-    clean_tokens: int = 60_000
+    clean_tokens: int = 300_000
     val_fraction: float = 0.05
     eval_every: int = 25
+    # "fused": the loss is the cross-entropy of the fused model, alpha LN(A h_c) + (1 - alpha) h_t through W, with the
+    # frozen target in the loop (its hidden states computed once), alpha drawn per step from `train_alpha`: the
+    # calibrator learns what to add to the target on non-toxic text. "standalone": the calibrator alone through W.
+    objective: str = "fused"
+    train_alpha: tuple[float, float] = (0.2, 0.6)
     output_type: str = "Q8_0"  # type of the calibrator's matrices in the GGUF (token_embd keeps the target's)
     seed: int = 0
     threads: int | None = None
@@ -89,6 +99,8 @@ def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], s
         if settings.clean_text == "news":
             raise PydetoxError("the calibrator must not train on `news`: that is where perplexity is measured; use wiki or a file")
         clean = load_clean_text(settings.clean_text)
+        if settings.clean_text == "wiki":
+            clean = clean[SKIP_WIKI:]  # `pydetox eval --clean-text wiki` measures perplexity on the first paragraphs
     return neutral, clean, f"{len(neutral)} neutral sentences of {source} + {settings.clean_text} (up to {settings.clean_tokens} tokens)"
 
 
@@ -168,6 +180,13 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     final_norm = fp.spec.final_norm(model)
     with torch.no_grad():
         g0 = final_norm(torch.ones(1, W.shape[1])).reshape(-1)  # the final norm's effective gain
+    H_train = H_val = None
+    if settings.objective == "fused":
+        # The target's final hidden states of every row, once: the fused loss needs them at every step.
+        H_train = _target_hidden(model, train_rows, settings.batch, progress)
+        H_val = _target_hidden(model, val_rows, settings.batch, progress)
+    elif settings.objective != "standalone":
+        raise PydetoxError(f"objective is 'fused' or 'standalone', not {settings.objective!r}")
     _truncate(fp, settings.layers)
     params = dict(model.named_parameters())
     for n, p in params.items():
@@ -181,6 +200,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     eps = 1e-6
     E_cal = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
     used = torch.from_numpy(np.unique(rows))
+    lo, hi = settings.train_alpha
 
     def contrastive() -> Any:
         ids = used[torch.from_numpy(rng.choice(len(used), min(settings.vocab_sample, len(used)), replace=False))]
@@ -189,22 +209,33 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
         logits = c @ t.T / settings.tau
         return torch.nn.functional.cross_entropy(logits, torch.arange(len(ids)))
 
-    def lm_loss(batch: Any) -> Any:
+    def lm_loss(batch: Any, h_t: Any, alpha: float) -> Any:
         h = model.model(input_ids=batch).last_hidden_state  # after the final norm
         u = h @ A.T
         z = g * u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
+        if h_t is not None:
+            z = alpha * z + (1.0 - alpha) * h_t
         logits = z[:, :-1] @ W.T
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    val_alpha = 0.5 * (lo + hi)
 
     def validate() -> float:
         model.eval()  # type: ignore[no-untyped-call]
         with torch.no_grad():
-            losses = [float(lm_loss(val_rows[i : i + settings.batch])) for i in range(0, len(val_rows), settings.batch)]
+            losses = [float(lm_loss(val_rows[i : i + settings.batch], None if H_val is None else H_val[i : i + settings.batch],
+                                    val_alpha)) for i in range(0, len(val_rows), settings.batch)]
         return float(np.mean(losses))
 
     log: dict[str, Any] = {"settings": asdict(settings), "target": str(target), "data": data_desc,
                            "rows": {"train": len(train_rows), "val": len(val_rows), "seq_len": settings.seq_len},
-                           "align": [], "train": [], "val": []}
+                           "val_alpha": val_alpha if H_val is not None else None, "align": [], "train": [], "val": []}
+    if H_val is not None:
+        with torch.no_grad():
+            target_alone = [float(torch.nn.functional.cross_entropy((H_val[i : i + 16, :-1] @ W.T).reshape(-1, W.shape[0]),
+                                                                    val_rows[i : i + 16, 1:].reshape(-1)))
+                            for i in range(0, len(val_rows), 16)]
+        log["val_target_alone"] = float(np.mean(target_alone))
     # 1. alignment
     opt_a = torch.optim.Adam([A], lr=1e-3)
     for step in tqdm(range(settings.align_steps), desc="align", disable=not progress, leave=False):
@@ -230,7 +261,8 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     for step in bar:
         model.train()
         idx = torch.from_numpy(rng.integers(0, len(train_rows), settings.batch))
-        lm = lm_loss(train_rows[idx])
+        alpha = float(rng.uniform(lo, hi))
+        lm = lm_loss(train_rows[idx], None if H_train is None else H_train[idx], alpha)
         loss = lm + settings.contrastive_weight * contrastive() if settings.contrastive_weight > 0 else lm
         opt.zero_grad()
         loss.backward()
@@ -332,6 +364,17 @@ def write_calibrator(src: ModelFile, out: Path, arch: str, layers: int, deltas: 
     return out
 
 
+def _target_hidden(model: Any, rows: Any, batch: int, progress: bool) -> Any:
+    """The full target's final hidden states (after its final norm) of token rows, (n, T, d) float32."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(rows), batch), desc="target hidden states", disable=not progress, leave=False):
+            out.append(model.model(input_ids=rows[i : i + batch]).last_hidden_state)
+    return torch.cat(out)
+
+
 def calibrator_hidden(path: Path, tokens: list[int], threads: int | None = None) -> np.ndarray:
     """The calibrator's final hidden states for `tokens` as llama.cpp computes them, (n, d)."""
     from pydetox.runtime import LlamaRuntime
@@ -357,11 +400,16 @@ def plot_losses(log: dict[str, Any], path: Path) -> Path:
         ax.plot(tr[:, 0], tr[:, 1], color="0.8", lw=0.8, label="train (per step)")
         ax.plot(tr[k - 1 :, 0], smooth, color="C0", label=f"train (mean of {k})")
     va = np.asarray(log["val"])
+    fused = log.get("val_alpha") is not None
     if len(va):
-        ax.plot(va[:, 0], va[:, 1], "o-", color="C1", label="held-out non-toxic text")
+        what = f"held-out, fused at alpha {log['val_alpha']:g}" if fused else "held-out"
+        ax.plot(va[:, 0], va[:, 1], "o-", color="C1", label=what)
+    if log.get("val_target_alone") is not None:
+        ax.axhline(log["val_target_alone"], color="C2", ls="--", label="held-out, target alone")
     ax.set_xlabel("step")
-    ax.set_ylabel("next-token cross-entropy through the target's output layer (nats)")
-    ax.set_title(f"calibrator for {Path(log['target']).name}")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    objective = "fused model" if fused else "calibrator alone"
+    ax.set_title(f"calibrator for {Path(log['target']).name}: {objective} on non-toxic text", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -160,6 +160,19 @@ def test_eval_command_sweeps_alpha(trained: tuple[Path, Path], tmp_path: Path) -
     assert "--alpha needs --calibrator" in bad.stderr
 
 
+def test_standalone_objective_trains_the_calibrator_alone(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    target = write_tiny_llama(tmp_path / "t.gguf", **SHAPE)
+    res = train(target, tmp_path / "c.gguf", replace(TINY, objective="standalone", steps=2), progress=False, plot=False)
+    log = json.loads(res.log.read_text())
+    assert log["val_alpha"] is None
+    assert "val_target_alone" not in log
+    assert res.plot is None
+    with FusedRuntime(target, res.calibrator, 0.5, n_ctx=128) as fused:
+        assert np.isfinite(fused.logprobs(fused.tokenize("the cat was"))).all()
+
+
 def test_training_refuses_bad_settings(tmp_path: Path) -> None:
     target = write_tiny_llama(tmp_path / "t.gguf", **SHAPE)
     from pydetox.errors import PydetoxError
@@ -168,6 +181,8 @@ def test_training_refuses_bad_settings(tmp_path: Path) -> None:
         train(target, tmp_path / "c.gguf", CalibrateSettings(layers=3, steps=1, clean_tokens=0), progress=False)
     with pytest.raises(PydetoxError, match=r"ending in \.gguf"):
         train(target, tmp_path / "c.bin", TINY, progress=False)
+    with pytest.raises(PydetoxError, match="objective is 'fused' or 'standalone'"):
+        train(target, tmp_path / "c.gguf", CalibrateSettings(layers=1, objective="both", clean_tokens=0), progress=False)
     with pytest.raises(PydetoxError, match="must not train on `news`"):
         train(target, tmp_path / "c.gguf", CalibrateSettings(layers=1, clean_text="news"), progress=False)
     assert not (tmp_path / "c.gguf").exists()
