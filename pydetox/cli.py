@@ -193,6 +193,8 @@ def _cmd_detox(args: argparse.Namespace) -> int:
         model=resolve_model(args.model), methods=methods, types=tuple(t.strip() for t in args.types.split(",")),
         out=Path(args.out), overrides=overrides, data=args.data, n_pairs=args.pairs, seed=args.seed,
         edited_type=None if args.edited_type.lower() == "none" else args.edited_type,
+        calibrator=Path(args.calibrator) if args.calibrator else None,
+        alphas=tuple(_alphas(args.alpha)) if args.alpha else (0.2, 0.4),
         eval_settings=EvalSettings(n_prompts=args.limit, ppl_tokens=args.ppl_tokens, seed=args.seed),
     )
     run(job, progress=not args.quiet)
@@ -380,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--ppl-tokens", type=int, default=4096)
     dx.add_argument("--edited-type", default="Q8_0", help="edited tensors keep at least this type's bits at low-bit "
                     "types, so the edit survives quantization (default Q8_0; 'none' = llama.cpp's mix as it is)")
+    dx.add_argument("--calibrator", help="also evaluate the unedited model fused with this calibrator, at each type")
+    dx.add_argument("--alpha", help="fusion weights for --calibrator, comma-separated (default 0.2,0.4)")
     dx.add_argument("--quiet", action="store_true")
     dx.set_defaults(func=_cmd_detox)
 

@@ -12,9 +12,10 @@ from typing import Any
 
 from pydetox import ggml
 from pydetox.apply import ApplyOptions, apply_plan
-from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+from pydetox.evaluate import EvalSettings, ModelSpec, evaluate_models, report_json
 from pydetox.plan import EditPlan
 from pydetox.prompts import load_prompts
+from pydetox.report import label
 from pydetox.scorers import get_scorer
 
 
@@ -29,6 +30,8 @@ class DetoxJob:
     n_pairs: int = 500
     seed: int = 0
     edited_type: str | None = "Q8_0"  # floor for edited tensors at low-bit types (see ApplyOptions.edited_floor)
+    calibrator: Path | None = None  # also evaluate the unedited model fused with this calibrator (pydetox.fusion)
+    alphas: tuple[float, ...] = (0.2, 0.4)
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(n_prompts=140, ppl_tokens=4096))
 
 
@@ -45,7 +48,7 @@ def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, 
 def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
     """Per (method, type): toxic-rate reduction factor per evaluator against the unedited model at the same type,
     perplexity change, KL."""
-    by = {names[Path(m["path"]).name]: m for m in report["models"]}
+    by = {names[label(m)]: m for m in report["models"]}
     rows = []
     for (method, qtype), m in by.items():
         if method == "base":
@@ -88,16 +91,20 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
 
     stem = job.model.name.removesuffix(".gguf")
     f16 = _apply(None, None, job.model, job.out / f"{stem}.F16.gguf", "F16")
-    models: list[Path] = []
+    models: list[ModelSpec] = []
     names: dict[str, tuple[str, str]] = {}
     for qtype in job.types:
         base = f16 if qtype.upper() == "F16" else _apply(None, None, f16, job.out / f"{stem}.{qtype}.gguf", qtype)
-        models.append(base)
-        names[base.name] = ("base", qtype)
+        models.append(ModelSpec(base))
         for method, (plan, plan_path) in plans.items():
             edited = _apply(plan, plan_path, f16, job.out / f"{stem}.{method}.{qtype}.gguf", qtype, job.edited_type)
-            models.append(edited)
-            names[edited.name] = (method, qtype)
+            models.append(ModelSpec(edited))
+            names[models[-1].label] = (method, qtype)
+        if job.calibrator is not None:
+            for a in job.alphas:
+                models.append(ModelSpec(base, job.calibrator, a))
+                names[models[-1].label] = (f"fusion a={a:g}", qtype)
+        names[ModelSpec(base).label] = ("base", qtype)
     settings = job.eval_settings
     prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
     scorers = [get_scorer(n) for n in settings.evaluators]
@@ -106,6 +113,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     rows = summarize(report, names)
     report["detox"] = {"model": str(job.model), "methods": list(job.methods), "types": list(job.types),
                        "edited_type": job.edited_type,
+                       "calibrator": None if job.calibrator is None else str(job.calibrator), "alphas": list(job.alphas),
                        "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing},
                        "summary": rows}
     (job.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -160,6 +160,20 @@ def test_eval_command_sweeps_alpha(trained: tuple[Path, Path], tmp_path: Path) -
     assert "--alpha needs --calibrator" in bad.stderr
 
 
+def test_detox_reports_fusion_next_to_weight_edits(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from pydetox.cli import main
+
+    target, cal = trained
+    out = tmp_path / "dx"
+    assert main(["detox", "--model", str(target), "--method", "aura", "--types", "F16,Q8_0", "--pairs", "24",
+                 "--limit", "5", "--ppl-tokens", "128", "--out", str(out), "--calibrator", str(cal), "--alpha", "0.3",
+                 "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["method"], r["type"]) for r in report["detox"]["summary"]}
+    assert rows == {(m, t) for m in ("aura", "fusion a=0.3") for t in ("F16", "Q8_0")}
+    assert len(report["models"]) == 6
+
+
 def test_standalone_objective_trains_the_calibrator_alone(tmp_path: Path) -> None:
     from dataclasses import replace
 
