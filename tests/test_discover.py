@@ -187,7 +187,7 @@ def test_wordfilter_lowers_exactly_the_banned_tokens_in_llama_cpp(tmp_path: Path
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE, tied=tied)
     d = Discovery(model, n_pairs=24, max_tokens=24, progress=False)
     d.context.badwords = ["cat", "dog"]
-    plan = d.plan("wordfilter", {"texts": "24", "drop": "8"})
+    plan = d.plan("wordfilter", {"texts": "24", "drop": "8", "select": "list"})
     banned = [i for i, t in enumerate(token_strings(d.context)) if t in ("cat", "dog")]
     assert plan.params["diagnostics"]["banned_tokens"] == len(banned) == 2
     out = tmp_path / "wf.gguf"

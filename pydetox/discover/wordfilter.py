@@ -8,12 +8,14 @@ position; beta is set so that the drop is at least `drop` nats at the `quantile`
 neutral texts (m . h is positive at nearly every position: post-norm hidden states share a large common component).
 One `low_rank` edit of rank one (V + d numbers); on tied models it goes to a new output tensor.
 
-Which tokens: those whose text is a word of the list or an inflection (`badword_token_mask`); short words (< 5
-letters, e.g. "ass", "tit") only as whole-word tokens (with a leading space or capital), so that "class", "title" and
-"assess" keep their pieces. It removes the words, not the intent: a toxic sentence without listed words stays, and
-word-based evaluators (profanity-check, and largely the bilstm and hatesonar ones) reward it more than a human would.
+Which tokens: see `banned_tokens`. The list alone misses most profanity on subword vocabularies (SmolLM2 writes
+" fucking" as " f" + "ucking" and " bitch" as " b" + "itch"); the ParaDetox pairs, where the neutral side is the
+same sentence without the offensive words, find those pieces, and Wikipedia text keeps common pieces off the list.
+It removes the words, not the intent: a toxic sentence without listed words stays, and word-based evaluators
+(profanity-check, and largely the bilstm and hatesonar ones) reward it more than a human would.
 
-Parameters: `drop` (nats, default 10), `quantile` (default 0.01), `texts` (neutral texts for the statistics).
+Parameters: `drop` (nats, default 10), `quantile` (default 0.01), `texts` (neutral texts for the statistics of m),
+and the token-selection thresholds of `banned_tokens`.
 """
 
 from __future__ import annotations
@@ -34,21 +36,75 @@ class WordFilterParams:
     quantile: float = 0.01
     texts: int = 200
     min_subword_letters: int = 5
+    min_unseen_letters: int = 5
+    min_count: int = 5
+    max_clean_per_million: float = 30.0
+    select: str = "pairs"  # "pairs": list + pairs + clean-text filters (banned_tokens); "list": the list's tokens only
 
 
-def banned_tokens(ctx: Context, min_subword_letters: int) -> np.ndarray:
+def _counts(tok: Any, texts: list[str], vocab: int) -> np.ndarray:
+    c = np.zeros(vocab, np.int64)
+    for t in texts:
+        ids = np.asarray(tok(t, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        np.add.at(c, ids[ids < vocab], 1)
+    return c
+
+
+def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[str, Any]]:
+    """Tokens to ban, and how they were chosen.
+
+    Candidates: tokens that are a listed bad word or its inflection (`badword_token_mask`; words under
+    `min_subword_letters` letters only as whole-word tokens), and tokens the pairs show are toxic: used at least
+    `min_count` times on the toxic side of the ParaDetox pairs and never on the neutral side (the pairs are
+    paraphrases without the offensive words; on subword vocabularies this is what finds the second pieces of split
+    words, e.g. SmolLM2's ' f' + 'ucking'). Kept: candidates more frequent on the toxic than the neutral side, or,
+    never seen there, listed words (not inflections: 'butt' + 'er' is 'butter') of `min_unseen_letters` letters or
+    more; and rare in clean text (Wikipedia, at most `max_clean_per_million` per million tokens), so that common
+    pieces (' f', ' sh', 'um') are never banned. That rate also bounds the cost on clean text: at 30 per million
+    and a 10-nat drop, at most 3e-4 nats/token of cross-entropy (+0.03% perplexity) on text like Wikipedia."""
+    if p.select not in ("pairs", "list"):
+        raise PydetoxError(f"wordfilter: select is 'pairs' or 'list', not {p.select!r}")
+    from pydetox.calibrate import SKIP_WIKI
+    from pydetox.discover.data import EMBEDDED, _read
+    from pydetox.prompts import load_clean_text, load_prompts
+
     tok = ctx.fp.tokenizer
     vocab = ctx.fp.unembedding().shape[0]
     strings = token_strings(ctx)
-    mask = badword_token_mask(ctx, strings, vocab)
     pieces = tok.convert_ids_to_tokens(list(range(min(len(tok), vocab))))
-    for i in np.flatnonzero(mask):
-        raw = str(pieces[i])
+    listed_mask = badword_token_mask(ctx, strings, vocab)
+    listed = {w.lower() for w in ctx.badwords}
+    if p.select == "list":
+        keep_list = [i for i in np.flatnonzero(listed_mask)
+                     if str(pieces[i])[:1] in ("Ġ", "▁", " ") or str(pieces[i])[:1].isupper()
+                     or sum(ch.isalpha() for ch in strings[i]) >= p.min_subword_letters]
+        return np.asarray(keep_list, dtype=np.int64), {"select": "list"}
+    exclude = {x.strip().lower() for x in load_prompts("rtp-challenging").prompts}
+    rows, _ = _read(EMBEDDED)
+    rows = [r for r in rows if r["toxic"].strip().lower() not in exclude]
+    toxic_texts = list(dict.fromkeys([*ctx.data.toxic, *(r["toxic"] for r in rows)]))
+    neutral_texts = list(dict.fromkeys([*ctx.data.neutral, *(r["neutral"] for r in rows)]))
+    toxic, neutral = _counts(tok, toxic_texts, vocab), _counts(tok, neutral_texts, vocab)
+    clean_texts = load_clean_text("wiki")[SKIP_WIKI:]
+    clean = _counts(tok, clean_texts, vocab)
+    clean_rate = clean / max(1, int(clean.sum())) * 1e6
+    data_mask = (toxic >= p.min_count) & (neutral == 0)
+    keep = np.zeros(vocab, dtype=bool)
+    for i in np.flatnonzero(listed_mask | data_mask):
+        raw = str(pieces[i]) if i < len(pieces) else ""
         word_start = raw[:1] in ("Ġ", "▁", " ") or raw[:1].isupper()
-        letters = sum(ch.isalpha() for ch in strings[i])
-        if letters < min_subword_letters and not word_start:
-            mask[i] = False
-    return np.flatnonzero(mask)
+        word = "".join(ch for ch in strings[i] if ch.isalpha())
+        if clean_rate[i] > p.max_clean_per_million:
+            continue
+        if listed_mask[i] and len(word) < p.min_subword_letters and not word_start:
+            continue
+        if toxic[i] + neutral[i] > 0:
+            keep[i] = toxic[i] > neutral[i]
+        else:
+            keep[i] = word in listed and len(word) >= p.min_unseen_letters
+    info = {"pairs_counted": len(toxic_texts), "clean_tokens_counted": int(clean.sum()),
+            "from_list": int((keep & listed_mask).sum()), "from_pairs_only": int((keep & ~listed_mask).sum())}
+    return np.flatnonzero(keep), info
 
 
 @register_method
@@ -60,7 +116,7 @@ class WordFilter(Method):
     def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:
         p: WordFilterParams = params
         torch = ctx.fp.torch
-        banned = banned_tokens(ctx, p.min_subword_letters)
+        banned, chosen = banned_tokens(ctx, p)
         if len(banned) == 0:
             raise PydetoxError("wordfilter: no token of this vocabulary is a word of the bad-words list")
         texts = ctx.data.neutral[: p.texts]
@@ -87,6 +143,6 @@ class WordFilter(Method):
         L[0, banned] = -beta
         edit = Edit(ctx.fp.output_name, EditKind.LOW_RANK, (w.shape[0], w.shape[1]), L, b=m[None, :].astype(np.float32),
                     source=ctx.fp.output_source)
-        words = [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(banned[:60].tolist())]
-        return [edit], {"banned_tokens": len(banned), "beta": beta, "m_dot_h_quantile": low,
+        words = [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(banned[:200].tolist())]
+        return [edit], {"banned_tokens": len(banned), **chosen, "beta": beta, "m_dot_h_quantile": low,
                         "m_dot_h_median": float(np.median(proj)), "examples": words}
