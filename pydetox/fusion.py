@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pydetox.errors import PydetoxError
-from pydetox.gguf_io import ModelFile
+from pydetox.gguf_io import ModelFile, write_small_gguf
 from pydetox.runtime import LlamaRuntime
 
 ALIGN_TYPE = "pydetox.calibrator_alignment"
@@ -89,26 +89,17 @@ class Alignment:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         self.validate()
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        writer = gguf.GGUFWriter(tmp, "pydetox")
-        writer.add_type(ALIGN_TYPE)
-        writer.add_uint32(KEY_VERSION, ALIGN_VERSION)
-        writer.add_string(KEY_VOCAB, self.vocab_sha256)
-        writer.add_float32(KEY_EPS, float(self.eps))
-        writer.add_string(KEY_INFO, json.dumps(self.info, sort_keys=True))
-        writer.add_tensor("align.A", np.ascontiguousarray(self.A, dtype=np.float32))
-        writer.add_tensor("align.g", np.ascontiguousarray(self.g, dtype=np.float32))
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+
+        def fill(writer: gguf.GGUFWriter) -> None:
+            writer.add_type(ALIGN_TYPE)
+            writer.add_uint32(KEY_VERSION, ALIGN_VERSION)
+            writer.add_string(KEY_VOCAB, self.vocab_sha256)
+            writer.add_float32(KEY_EPS, float(self.eps))
+            writer.add_string(KEY_INFO, json.dumps(self.info, sort_keys=True))
+            writer.add_tensor("align.A", np.ascontiguousarray(self.A, dtype=np.float32))
+            writer.add_tensor("align.g", np.ascontiguousarray(self.g, dtype=np.float32))
+
+        return write_small_gguf(path, "pydetox", fill)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Alignment:

@@ -16,7 +16,7 @@ import math
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -380,6 +380,25 @@ class AtomicGGUFWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+def write_small_gguf(path: str | os.PathLike[str], arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> Path:
+    """A small GGUF container (edit plans, calibrator alignments) through gguf-py's writer, atomically: `fill` adds
+    the keys and tensors, the file is written under a temporary name and renamed when complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def sha_placeholder() -> str:

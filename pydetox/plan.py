@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from pydetox import __version__
 from pydetox.errors import PlanError, PlanMismatchError
+from pydetox.gguf_io import write_small_gguf
 
 PLAN_VERSION = 1
 PLAN_TYPE = "pydetox.edit_plan"  # general.type of a plan file
@@ -183,34 +184,26 @@ class EditPlan:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan (atomically: a temporary file renamed when complete)."""
         self.validate()
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        writer = gguf.GGUFWriter(tmp, self.arch)
-        writer.add_type(PLAN_TYPE)
-        writer.add_uint32(KEY_VERSION, self.version)
-        writer.add_string(KEY_METHOD, self.method)
-        writer.add_string(KEY_PARAMS, json.dumps(self.params, sort_keys=True))
-        writer.add_string(KEY_MODEL, self.model)
-        writer.add_string(KEY_TOOL, self.tool)
-        index = []
-        for i, e in enumerate(self.edits):
-            arrays = {}
-            for name, arr in e.arrays().items():
-                tname = f"edit.{i}.{name}"
-                writer.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float32))
-                arrays[name] = tname
-            index.append({"tensor": e.tensor, "kind": e.kind.value, "shape": list(e.shape), "source": e.source, "arrays": arrays})
-        writer.add_string(KEY_EDITS, json.dumps(index))
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+
+        def fill(writer: gguf.GGUFWriter) -> None:
+            writer.add_type(PLAN_TYPE)
+            writer.add_uint32(KEY_VERSION, self.version)
+            writer.add_string(KEY_METHOD, self.method)
+            writer.add_string(KEY_PARAMS, json.dumps(self.params, sort_keys=True))
+            writer.add_string(KEY_MODEL, self.model)
+            writer.add_string(KEY_TOOL, self.tool)
+            index = []
+            for i, e in enumerate(self.edits):
+                arrays = {}
+                for name, arr in e.arrays().items():
+                    tname = f"edit.{i}.{name}"
+                    writer.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float32))
+                    arrays[name] = tname
+                index.append({"tensor": e.tensor, "kind": e.kind.value, "shape": list(e.shape), "source": e.source,
+                              "arrays": arrays})
+            writer.add_string(KEY_EDITS, json.dumps(index))
+
+        return write_small_gguf(path, self.arch, fill)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EditPlan:
