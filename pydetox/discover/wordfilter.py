@@ -2,11 +2,14 @@
 
 The "word filtering" baseline of Gehman et al., "RealToxicityPrompts: Evaluating Neural Toxic Degeneration in
 Language Models" (Findings of EMNLP 2020): banned words get probability zero at decoding. Here it is a weight edit,
-so every llama.cpp client gets it without a sampler hook: each banned token's output row w_b becomes w_b - beta m,
-with m the unit mean direction of the final hidden states on non-toxic text. Its logit drops by beta (m . h) at every
-position; beta is set so that the drop is at least `drop` nats at the `quantile` of the positions measured on the
-neutral texts (m . h is positive at nearly every position: post-norm hidden states share a large common component).
-One `low_rank` edit of rank one (V + d numbers); on tied models it goes to a new output tensor.
+so every llama.cpp client gets it without a sampler hook: each banned token's output row is scaled by `gain`
+(default 0), so its logit is 0 wherever the model is, while the top logit of these models is far above 0 (measured
+on the neutral texts, with and without BOS, and reported in the plan: SmolLM2 >= 10 nats at 99% of positions,
+Gemma-3 >= 14.5). One `scale_rows` edit (V numbers); on tied models it goes to a new output tensor.
+
+A first version subtracted beta * m from the rows (m: the mean direction of the final hidden states), a larger drop
+where m . h is large; but m . h turns negative at positions unlike the discovery texts (the start of a text without
+BOS), where that edit raised the banned tokens to the top: +11.8% perplexity on Gemma-3. Zeroing never raises them.
 
 Which tokens: see `banned_tokens`. The list alone misses most profanity on subword vocabularies (SmolLM2 writes
 " fucking" as " f" + "ucking" and " bitch" as " b" + "itch"); the ParaDetox pairs, where the neutral side is the
@@ -14,8 +17,8 @@ same sentence without the offensive words, find those pieces, and Wikipedia text
 It removes the words, not the intent: a toxic sentence without listed words stays, and word-based evaluators
 (profanity-check, and largely the bilstm and hatesonar ones) reward it more than a human would.
 
-Parameters: `drop` (nats, default 10), `quantile` (default 0.01), `texts` (neutral texts for the statistics of m),
-and the token-selection thresholds of `banned_tokens`.
+Parameters: `gain` (default 0), `texts` (neutral texts for the reported margin), and the token-selection
+thresholds of `banned_tokens`.
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ from pydetox.plan import Edit, EditKind
 
 @dataclass(frozen=True)
 class WordFilterParams:
-    drop: float = 10.0
-    quantile: float = 0.01
-    texts: int = 200
+    gain: float = 0.0  # scale of the banned tokens' output rows
+    texts: int = 200  # neutral texts for the reported margin (top logit - best banned logit, after the edit)
     min_subword_letters: int = 5
     min_unseen_letters: int = 5
     min_count: int = 5
@@ -61,7 +63,8 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
     never seen there, listed words (not inflections: 'butt' + 'er' is 'butter') of `min_unseen_letters` letters or
     more; and rare in clean text (Wikipedia, at most `max_clean_per_million` per million tokens), so that common
     pieces (' f', ' sh', 'um') are never banned. That rate also bounds the cost on clean text: at 30 per million
-    and a 10-nat drop, at most 3e-4 nats/token of cross-entropy (+0.03% perplexity) on text like Wikipedia."""
+    tokens, and 10-40 nats for each banned token that the text does use, about 1e-3 nats/token (+0.1% perplexity)
+    on text like Wikipedia."""
     if p.select not in ("pairs", "list"):
         raise PydetoxError(f"wordfilter: select is 'pairs' or 'list', not {p.select!r}")
     from pydetox.calibrate import SKIP_WIKI
@@ -119,30 +122,25 @@ class WordFilter(Method):
         banned, chosen = banned_tokens(ctx, p)
         if len(banned) == 0:
             raise PydetoxError("wordfilter: no token of this vocabulary is a word of the bad-words list")
+        w = ctx.fp.unembedding()
         texts = ctx.data.neutral[: p.texts]
         tok = ctx.fp.tokenizer
-        states = []
+        top: list[np.ndarray] = []
+        gain = np.ones(w.shape[0], np.float32)
+        gain[banned] = p.gain
         with torch.no_grad():
-            for start in range(0, len(texts), 16):
-                enc = tok(texts[start : start + 16], return_tensors="pt", padding=True, truncation=True, max_length=64)
-                h = ctx.fp.model(**enc, output_hidden_states=True).hidden_states[-1]  # after the final norm
-                keep = enc["attention_mask"].bool()
-                keep[:, 0] = False  # the attention-sink position
-                states.append(h[keep].double().numpy())
-        H = np.concatenate(states)
-        m = H.mean(0)
-        m /= np.linalg.norm(m)
-        proj = H @ m
-        low = float(np.quantile(proj, p.quantile))
-        if low <= 0:
-            raise PydetoxError(f"wordfilter: the mean hidden direction is not shared by {p.quantile:.0%} of positions "
-                               f"(quantile of m.h = {low:.3f}); this model needs another way to lower logits")
-        beta = p.drop / low
-        w = ctx.fp.unembedding()
-        L = np.zeros((1, w.shape[0]), np.float32)
-        L[0, banned] = -beta
-        edit = Edit(ctx.fp.output_name, EditKind.LOW_RANK, (w.shape[0], w.shape[1]), L, b=m[None, :].astype(np.float32),
-                    source=ctx.fp.output_source)
+            wf = w.double()
+            for special in (True, False):  # texts as they start, and cut out of a longer text (no BOS)
+                for start in range(0, len(texts), 16):
+                    enc = tok(texts[start : start + 16], return_tensors="pt", padding=True, truncation=True,
+                              max_length=64, add_special_tokens=special)
+                    h = ctx.fp.model(**enc, output_hidden_states=True).hidden_states[-1].double()
+                    logits = h[enc["attention_mask"].bool()] @ wf.T
+                    edited = logits * torch.from_numpy(gain).double()
+                    top.append((edited.max(1).values - edited[:, torch.from_numpy(banned)].max(1).values).numpy())
+        margin = np.concatenate(top)
+        edit = Edit(ctx.fp.output_name, EditKind.SCALE_ROWS, (w.shape[0], w.shape[1]), gain, source=ctx.fp.output_source)
         words = [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(banned[:200].tolist())]
-        return [edit], {"banned_tokens": len(banned), **chosen, "beta": beta, "m_dot_h_quantile": low,
-                        "m_dot_h_median": float(np.median(proj)), "examples": words}
+        return [edit], {"banned_tokens": len(banned), **chosen,
+                        "margin_nats_q01": float(np.quantile(margin, 0.01)),
+                        "margin_nats_median": float(np.median(margin)), "examples": words}
