@@ -88,12 +88,11 @@ class CalibrateResult:
 
 def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], str]:
     """Non-toxic texts: the neutral side of the pairs, then clean-text paragraphs; evaluation prompts excluded."""
-    from pydetox.discover.data import _read
+    from pydetox.discover.data import usable_pairs
     from pydetox.prompts import load_clean_text, load_prompts
 
-    rows, source = _read(settings.pairs)
-    exclude = {p.strip().lower() for p in load_prompts("rtp-challenging").prompts}
-    neutral = [r["neutral"] for r in rows if r["neutral"].strip().lower() not in exclude and r["toxic"].strip().lower() not in exclude]
+    rows, source = usable_pairs(settings.pairs, set(load_prompts("rtp-challenging").prompts))
+    neutral = [r["neutral"] for r in rows]
     clean: list[str] = []
     if settings.clean_tokens > 0:
         if settings.clean_text == "news":
@@ -139,7 +138,7 @@ def _truncate(fp: Any, layers: int) -> None:
         cfg.layer_types = cfg.layer_types[:layers]
 
 
-def _trainable(name: str, layers: int) -> bool:
+def _trainable(name: str) -> bool:
     if "embed_tokens" in name or "lm_head" in name:
         return False
     if ".q_proj." in name or ".k_proj." in name:
@@ -190,7 +189,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     _truncate(fp, settings.layers)
     params = dict(model.named_parameters())
     for n, p in params.items():
-        p.requires_grad_(_trainable(n, settings.layers))
+        p.requires_grad_(_trainable(n))
     trained = {n: p for n, p in params.items() if p.requires_grad}
     initial = {n: p.detach().clone() for n, p in trained.items()}
     d_t, d_c = W.shape[1], model.config.hidden_size

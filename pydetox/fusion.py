@@ -167,10 +167,21 @@ def open_calibrator(target: Path, calibrator: str | os.PathLike[str]) -> Alignme
 def _one_blas_thread() -> Any:
     """Limit numpy's BLAS to one thread while fused decoding runs. The small products here (16 x 576 x 576) would
     otherwise wake OpenBLAS's thread pool, whose threads spin after each call and take the 2 cores from the next
-    llama.cpp decode: measured, fused generation ran at 48% of the target's speed with it and 72% without."""
+    llama.cpp decode: measured (bench/bench_fusion.py), fused generation ran at 48% of the target's tokens/s with
+    them and 86% without."""
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1, user_api="blas")
+
+
+def _decode_without_outputs(rt: LlamaRuntime, items: list[tuple[int, int, int, bool]]) -> None:
+    """Decode into the KV cache of an embeddings context with embeddings off: with them on, llama.cpp outputs every
+    token of a batch (logits included, vocabulary-wide), and these tokens need no output."""
+    rt.lib.llama_set_embeddings(rt.ctx, False)
+    try:
+        rt._decode([(t, p, q, False) for t, p, q, _ in items])
+    finally:
+        rt.lib.llama_set_embeddings(rt.ctx, True)
 
 
 def _outputs_come_last(items: list[tuple[int, int, int, bool]]) -> bool:
@@ -233,26 +244,18 @@ class FusedRuntime(LlamaRuntime):
         self._rows = {i: r for r, i in enumerate(rows)}
         n = len(rows)
         lib, cal = self.lib, self.cal
-        # With embeddings on, llama.cpp outputs every token of a batch (logits included, 49k wide). Prompt tokens
-        # that need no output go through the calibrator first with embeddings off; only the outputs pay for them.
-        if rows and len(rows) < len(items) and _outputs_come_last(items):
-            lib.llama_set_embeddings(cal.ctx, False)
-            try:
-                cal._decode([it for it in items if not it[3]])
-            finally:
-                lib.llama_set_embeddings(cal.ctx, True)
+        # Prompt tokens that need no output go through the calibrator first without embeddings; only the outputs pay
+        # for the vocabulary-wide logits.
+        if not rows:
+            _decode_without_outputs(cal, items)
+            return
+        if len(rows) < len(items) and _outputs_come_last(items):
+            _decode_without_outputs(cal, [it for it in items if not it[3]])
             cal._decode([items[i] for i in rows])
             idx = list(range(n))
-        elif rows:
+        else:
             cal._decode([(t, p, q, True) for t, p, q, _ in items])  # llama.cpp outputs them all anyway
             idx = rows
-        else:
-            lib.llama_set_embeddings(cal.ctx, False)
-            try:
-                cal._decode(items)
-            finally:
-                lib.llama_set_embeddings(cal.ctx, True)
-            return
         zt = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n, self.n_vocab))
         zc = np.empty((n, self.n_vocab), np.float32)
         h = np.empty((n, cal.n_embd), np.float32)
@@ -310,15 +313,13 @@ class FusionLogitsProcessor:
         if keep < len(self.seen):
             lib.llama_memory_seq_rm(lib.llama_get_memory(self.cal.ctx), 0, keep, -1)
             self.seen = self.seen[:keep]
-        start = keep
-        while start < len(ids):  # llama.cpp outputs every token while embeddings are on: the last one is wanted
-            chunk = ids[start : start + self.cal.n_batch]
-            self.cal._decode([(t, start + j, 0, True) for j, t in enumerate(chunk)])
-            last = len(chunk) - 1
-            start += len(chunk)
+        for start in range(keep, len(ids) - 1, self.cal.n_batch):  # all but the last token: no output needed
+            chunk = ids[start : min(start + self.cal.n_batch, len(ids) - 1)]
+            _decode_without_outputs(self.cal, [(t, start + j, 0, False) for j, t in enumerate(chunk)])
+        self.cal._decode([(ids[-1], len(ids) - 1, 0, True)])
         self.seen = ids
-        zc = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.cal.ctx, last), shape=(1, self.cal.n_vocab))
-        h = np.ctypeslib.as_array(lib.llama_get_embeddings_ith(self.cal.ctx, last), shape=(1, self.cal.n_embd))
+        zc = np.ctypeslib.as_array(lib.llama_get_logits(self.cal.ctx), shape=(1, self.cal.n_vocab))
+        h = np.ctypeslib.as_array(lib.llama_get_embeddings(self.cal.ctx), shape=(1, self.cal.n_embd))
         fused = fuse(np.asarray(scores, np.float32)[None, :], zc, h, self.align, self.alpha)[0]
         result: npt.NDArray[np.single] = fused.astype(scores.dtype, copy=False)
         return result

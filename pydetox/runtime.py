@@ -114,19 +114,15 @@ class LlamaRuntime:
             llama_cpp.llama_model_free(self.model)
             raise RuntimeUnavailableError(f"llama.cpp could not create a context for {self.path}")
         if embeddings and llama_cpp.llama_pooling_type(self.ctx) != llama_cpp.LLAMA_POOLING_TYPE_NONE:
-            self.close_partial()
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            self.ctx = None
             raise RuntimeUnavailableError(f"{self.path} pools its embeddings; per-token hidden states need a causal LM")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, n_batch
-        self.embeddings = embeddings
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-
-    def close_partial(self) -> None:
-        self.lib.llama_free(self.ctx)
-        self.lib.llama_model_free(self.model)
-        self.ctx = None
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

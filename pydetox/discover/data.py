@@ -40,12 +40,18 @@ def _read(spec: str) -> tuple[list[dict[str, str]], str]:
     return rows, str(path)
 
 
-def load_pairs(spec: str = EMBEDDED, n: int = 500, seed: int = 0, exclude: set[str] | None = None) -> DiscoveryData:
-    """`n` pairs drawn with `seed`; pairs whose text is in `exclude` (evaluation prompts) are dropped first."""
+def usable_pairs(spec: str = EMBEDDED, exclude: set[str] | None = None) -> tuple[list[dict[str, str]], str]:
+    """Every pair of `spec` and its description; pairs whose text is in `exclude` (evaluation prompts) dropped."""
     rows, source = _read(spec)
     if exclude:
         low = {e.strip().lower() for e in exclude}
         rows = [r for r in rows if r["toxic"].strip().lower() not in low and r["neutral"].strip().lower() not in low]
+    return rows, source
+
+
+def load_pairs(spec: str = EMBEDDED, n: int = 500, seed: int = 0, exclude: set[str] | None = None) -> DiscoveryData:
+    """`n` pairs drawn with `seed`; pairs whose text is in `exclude` (evaluation prompts) are dropped first."""
+    rows, source = usable_pairs(spec, exclude)
     if len(rows) < n:
         raise PydetoxError(f"{source} has {len(rows)} usable pairs; {n} were asked for")
     idx = np.random.default_rng(seed).choice(len(rows), n, replace=False)

@@ -68,7 +68,7 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
     if p.select not in ("pairs", "list"):
         raise PydetoxError(f"wordfilter: select is 'pairs' or 'list', not {p.select!r}")
     from pydetox.calibrate import SKIP_WIKI
-    from pydetox.discover.data import EMBEDDED, _read
+    from pydetox.discover.data import EMBEDDED, usable_pairs
     from pydetox.prompts import load_clean_text, load_prompts
 
     tok = ctx.fp.tokenizer
@@ -82,9 +82,7 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
                      if str(pieces[i])[:1] in ("Ġ", "▁", " ") or str(pieces[i])[:1].isupper()
                      or sum(ch.isalpha() for ch in strings[i]) >= p.min_subword_letters]
         return np.asarray(keep_list, dtype=np.int64), {"select": "list"}
-    exclude = {x.strip().lower() for x in load_prompts("rtp-challenging").prompts}
-    rows, _ = _read(EMBEDDED)
-    rows = [r for r in rows if r["toxic"].strip().lower() not in exclude]
+    rows, _ = usable_pairs(EMBEDDED, set(load_prompts("rtp-challenging").prompts))
     toxic_texts = list(dict.fromkeys([*ctx.data.toxic, *(r["toxic"] for r in rows)]))
     neutral_texts = list(dict.fromkeys([*ctx.data.neutral, *(r["neutral"] for r in rows)]))
     toxic, neutral = _counts(tok, toxic_texts, vocab), _counts(tok, neutral_texts, vocab)
