@@ -57,6 +57,25 @@ int64_t basis_rank(const F32& basis, int64_t n, const char* what) {
     return basis.shape(0);
 }
 
+// Row numbers of an add_rows edit: k >= 1 whole numbers in [0, rows), no repeats.
+int64_t row_indices(const F32& idx, int64_t rows) {
+    if (idx.ndim() != 1 || idx.shape(0) < 1) {
+        throw Error("add_rows row numbers: expected shape (k,) with k >= 1, got " + shape_str(idx));
+    }
+    std::vector<bool> seen(static_cast<size_t>(rows), false);
+    const float* p = idx.data();
+    for (py::ssize_t j = 0; j < idx.shape(0); ++j) {
+        const float v = p[j];
+        if (!(v >= 0.f) || v >= static_cast<float>(rows) || v != static_cast<float>(static_cast<int64_t>(v))) {
+            throw Error("add_rows row numbers: expected whole numbers in [0, " + std::to_string(rows) + "), found " +
+                        std::to_string(v) + " at " + std::to_string(j));
+        }
+        if (seen[static_cast<size_t>(v)]) throw Error("add_rows row numbers: row " + std::to_string(v) + " repeats");
+        seen[static_cast<size_t>(v)] = true;
+    }
+    return idx.shape(0);
+}
+
 const float* gain_ptr(const F32* gain, int64_t k) {
     if (gain == nullptr) return nullptr;
     expect_shape(*gain, {k}, "gain");
@@ -253,6 +272,12 @@ PYBIND11_MODULE(_core, m) {
                         break;
                     case pydetox::OpKind::ScaleCols:
                         expect_shape(*a, {cols}, "column scales");
+                        break;
+                    case pydetox::OpKind::AddRows:
+                        op.k = row_indices(*a, rows);
+                        if (b == nullptr) throw Error("add_rows needs the added rows");
+                        expect_shape(*b, {op.k, cols}, "add_rows added rows");
+                        op.b = b->data();
                         break;
                     default:
                         throw Error("process_tensor: unknown op kind " + std::to_string(kind));

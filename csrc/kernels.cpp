@@ -203,6 +203,18 @@ void scale_rows(float* W, int64_t rows, int64_t cols, const float* s, int nthrea
     });
 }
 
+void add_rows(float* W, int64_t rows, int64_t cols, const float* idx, const float* D, int64_t k, int nthreads) {
+    (void)rows;
+    parallel_for(k, nthreads, kMinRows, [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) {
+            float* w = W + static_cast<int64_t>(idx[j]) * cols;
+            const float* d = D + j * cols;
+#pragma omp simd
+            for (int64_t i = 0; i < cols; ++i) w[i] += d[i];
+        }
+    });
+}
+
 void scale_cols(float* W, int64_t rows, int64_t cols, const float* s, int nthreads) {
     parallel_for(rows, nthreads, kMinRows, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {

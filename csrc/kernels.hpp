@@ -29,6 +29,10 @@ void low_rank(float* W, int64_t rows, int64_t cols, const float* L, const float*
 // W[r, :] *= s[r].
 void scale_rows(float* W, int64_t rows, int64_t cols, const float* s, int nthreads);
 
+// W[idx[j], :] += D[j, :] for j < k: learned changes to a few rows (an output layer's rows for chosen tokens).
+// idx holds row numbers as floats (exact below 2^24); the caller checks they are whole, in range and unique.
+void add_rows(float* W, int64_t rows, int64_t cols, const float* idx, const float* D, int64_t k, int nthreads);
+
 // W[:, c] *= s[c].
 void scale_cols(float* W, int64_t rows, int64_t cols, const float* s, int nthreads);
 

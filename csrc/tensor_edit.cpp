@@ -186,6 +186,9 @@ void apply_ops(float* W, int64_t rows, int64_t cols, const std::vector<Op>& ops,
             case OpKind::ScaleCols:
                 kernels::scale_cols(W, rows, cols, op.a, nthreads);
                 break;
+            case OpKind::AddRows:
+                kernels::add_rows(W, rows, cols, op.a, op.b, op.k, nthreads);
+                break;
             default:
                 throw Error("unknown edit kind " + std::to_string(static_cast<int>(op.kind)));
         }

@@ -8,13 +8,14 @@
 
 namespace pydetox {
 
-enum class OpKind : int { ProjectOut = 0, ProjectIn = 1, LowRank = 2, ScaleRows = 3, ScaleCols = 4 };
+enum class OpKind : int { ProjectOut = 0, ProjectIn = 1, LowRank = 2, ScaleRows = 3, ScaleCols = 4, AddRows = 5 };
 
 // Pointers stay owned by the caller. Layouts (W is rows x cols):
 //   ProjectOut: a = basis, k x rows; gain = k values or null (0 = remove, g = keep that share).
 //   ProjectIn:  a = basis, k x cols; gain as above.
 //   LowRank:    a = L, k x rows; b = R, k x cols; W += L^T R.
 //   ScaleRows:  a = rows values.   ScaleCols: a = cols values.
+//   AddRows:    a = k row numbers (whole floats, unique, < rows); b = D, k x cols; W[a[j], :] += D[j, :].
 struct Op {
     OpKind kind;
     const float* a = nullptr;

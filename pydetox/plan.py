@@ -13,6 +13,8 @@ Edit kinds (W is a tensor as a (rows, cols) matrix, torch's (out, in)):
   k x d numbers instead of a vocab x d matrix.
 - low_rank: W <- W + L^T R, L (k, rows), R (k, cols): rank-one edits (TRNE).
 - scale_rows / scale_cols: W <- diag(s) W / W diag(s): neuron gains (AurA, Meow2X).
+- add_rows: W[r_j, :] += D[j, :], r (k,) row numbers, D (k, cols): learned changes to a few rows of a matrix (the
+  output-layer rows of chosen tokens, pydetox.discover.unlikelihood); k x cols numbers instead of a rows x k selector.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class EditKind(str, Enum):
     LOW_RANK = "low_rank"
     SCALE_ROWS = "scale_rows"
     SCALE_COLS = "scale_cols"
+    ADD_ROWS = "add_rows"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ register_kind(EditKind.PROJECT_IN, KindSpec(1, lambda r, c, k: {"a": (k, c), "ga
 register_kind(EditKind.LOW_RANK, KindSpec(2, lambda r, c, k: {"a": (k, r), "b": (k, c)}, False, False))
 register_kind(EditKind.SCALE_ROWS, KindSpec(3, lambda r, c, k: {"a": (r,)}, False, False))
 register_kind(EditKind.SCALE_COLS, KindSpec(4, lambda r, c, k: {"a": (c,)}, False, False))
+register_kind(EditKind.ADD_ROWS, KindSpec(5, lambda r, c, k: {"a": (k,), "b": (k, c)}, False, False))
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,6 +102,8 @@ class Edit:
 
     @property
     def rank(self) -> int:
+        if self.kind is EditKind.ADD_ROWS:
+            return int(self.a.shape[0])  # rows changed
         return int(self.a.shape[0]) if self.a.ndim == 2 else 0
 
     def arrays(self) -> dict[str, Array]:
@@ -123,12 +129,17 @@ class Edit:
         for name, arr in self.arrays().items():
             if name not in expected:
                 raise PlanError(f"{where}: kind takes no {name!r} array")
-            if arr.shape != expected[name] or (self.rank == 0 and arr.ndim == 2):
+            if arr.shape != expected[name] or (self.rank == 0 and arr.ndim == 2) or (self.rank == 0 and name == "b"):
                 raise PlanError(f"{where}: array {name!r} should have shape {expected[name]}, got {arr.shape}")
             if not np.all(np.isfinite(arr)):
                 raise PlanError(f"{where}: array {name!r} holds NaN or inf values")
         if "b" in expected and self.b is None:
             raise PlanError(f"{where}: needs a right factor 'b'")
+        if self.kind is EditKind.ADD_ROWS:
+            r = self.a.astype(np.float64)
+            if np.any(r != np.round(r)) or r.min() < 0 or r.max() >= rows or len(np.unique(r)) != len(r):
+                raise PlanError(f"{where}: 'a' must hold distinct whole row numbers in [0, {rows}), "
+                                f"found values from {r.min():g} to {r.max():g} ({len(r) - len(np.unique(r))} repeated)")
         if spec.orthonormal:
             a64 = self.a.astype(np.float64)
             err = float(np.abs(a64 @ a64.T - np.eye(self.rank)).max())
@@ -285,6 +296,10 @@ def random_plan(
             edits.append(Edit(name, kind, (rows, cols), a, b))
         elif kind is EditKind.SCALE_ROWS:
             edits.append(Edit(name, kind, (rows, cols), rng.uniform(0.5, 1.0, rows).astype(np.float32)))
+        elif kind is EditKind.ADD_ROWS:
+            picked = np.sort(rng.choice(rows, min(rank, rows), replace=False)).astype(np.float32)
+            added = (rng.standard_normal((len(picked), cols)) * 0.01).astype(np.float32)
+            edits.append(Edit(name, kind, (rows, cols), picked, added))
         else:
             edits.append(Edit(name, kind, (rows, cols), rng.uniform(0.5, 1.0, cols).astype(np.float32)))
     params = {"kind": kind.value, "rank": rank, "seed": seed}

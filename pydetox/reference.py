@@ -37,6 +37,12 @@ def scale_cols(W: npt.ArrayLike, scales: npt.ArrayLike) -> F64:
     return np.asarray(W, dtype=np.float64) * np.asarray(scales, np.float64)[None, :]
 
 
+def add_rows(W: npt.ArrayLike, rows: npt.ArrayLike, added: npt.ArrayLike) -> F64:
+    out = np.array(W, dtype=np.float64)
+    out[np.asarray(rows).astype(np.int64)] += np.asarray(added, np.float64)
+    return out
+
+
 def survival_out(W0: npt.ArrayLike, Wq: npt.ArrayLike, basis: npt.ArrayLike, gain: npt.ArrayLike | None = None) -> float:
     """Share of an output-side projection's removed component still present in Wq (see TensorStats)."""
     U = np.asarray(basis, dtype=np.float64)

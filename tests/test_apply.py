@@ -28,6 +28,7 @@ from pydetox.plan import Edit, EditKind, EditPlan, random_orthonormal, random_pl
 Q = gguf.GGMLQuantizationType
 FFN_DOWN = "blk.1.ffn_down.weight"
 ATTN_OUT = "blk.0.attn_output.weight"
+FFN_UP = "blk.1.ffn_up.weight"
 
 
 def matrix(model: ModelFile, name: str) -> np.ndarray:
@@ -38,12 +39,14 @@ def matrix(model: ModelFile, name: str) -> np.ndarray:
 def two_edit_plan(path: Path, seed: int = 0) -> EditPlan:
     rng = np.random.default_rng(seed)
     with ModelFile(path) as m:
-        down, att = m.tensors[FFN_DOWN].shape, m.tensors[ATTN_OUT].shape
+        down, att, up = m.tensors[FFN_DOWN].shape, m.tensors[ATTN_OUT].shape, m.tensors[FFN_UP].shape
         arch = m.arch
     return EditPlan(arch, [
         Edit(FFN_DOWN, EditKind.PROJECT_OUT, down, random_orthonormal(rng, 4, down[0])),
         Edit(ATTN_OUT, EditKind.PROJECT_IN, att, random_orthonormal(rng, 3, att[1]), gain=np.full(3, 0.25, np.float32)),
         Edit(ATTN_OUT, EditKind.SCALE_ROWS, att, rng.uniform(0.5, 1, att[0]).astype(np.float32)),
+        Edit(FFN_UP, EditKind.ADD_ROWS, up, np.array([up[0] - 1, 0, 5], np.float32),
+             rng.standard_normal((3, up[1])).astype(np.float32)),
     ], method="test")
 
 
@@ -65,13 +68,15 @@ def test_edit_keeps_types_copies_the_rest_and_matches_reference(tiny_f32: Path, 
         assert list(src.tensors) == list(dst.tensors)
         for name, t in src.tensors.items():
             assert dst.tensors[name].qtype == t.qtype
-            if name not in (FFN_DOWN, ATTN_OUT):
+            if name not in (FFN_DOWN, ATTN_OUT, FFN_UP):
                 assert dst.read(dst.tensors[name]).tobytes() == src.read(t).tobytes(), name
         w0 = matrix(src, FFN_DOWN)
         np.testing.assert_allclose(matrix(dst, FFN_DOWN), R.project_out(w0, plan.edits[0].a), atol=2e-5)
         a0 = matrix(src, ATTN_OUT)
         want = R.scale_rows(R.project_in(a0, plan.edits[1].a, plan.edits[1].gain), plan.edits[2].a)
         np.testing.assert_allclose(matrix(dst, ATTN_OUT), want, atol=2e-5)
+        want = R.add_rows(matrix(src, FFN_UP), plan.edits[3].a, plan.edits[3].b)
+        np.testing.assert_allclose(matrix(dst, FFN_UP), want, atol=2e-5)
         # metadata is preserved, provenance is added
         for key, kv in src.header.kvs.items():
             assert dst.header.kvs[key].raw == kv.raw, key  # copied as stored
@@ -129,7 +134,7 @@ def test_edited_tensors_keep_a_type_floor(tiny_f32: Path, tmp_path: Path) -> Non
     ftype = gguf.LlamaFileType.MOSTLY_Q4_K_M
     r0 = apply_plan(plan, tiny_f32, plain, ApplyOptions(ftype=ftype, progress=False))
     r1 = apply_plan(plan, tiny_f32, floored, ApplyOptions(ftype=ftype, progress=False, edited_floor=Q.Q8_0))
-    edited = {FFN_DOWN, ATTN_OUT}
+    edited = {FFN_DOWN, ATTN_OUT, FFN_UP}
     with ModelFile(plain) as a, ModelFile(floored) as b:
         for name, t in a.tensors.items():
             if name in edited:

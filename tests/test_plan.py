@@ -52,6 +52,11 @@ def _edit(**kw: object) -> Edit:
         (_edit(kind=EditKind.LOW_RANK, a=np.ones((2, 8), np.float32)), "right factor"),
         (_edit(kind=EditKind.SCALE_ROWS, a=np.ones(8, np.float32), b=np.ones(4, np.float32)), "takes no 'b'"),
         (_edit(shape=(0, 4)), "positive"),
+        (_edit(kind=EditKind.ADD_ROWS, a=np.array([1, 1], np.float32), b=np.ones((2, 4), np.float32)), "1 repeated"),
+        (_edit(kind=EditKind.ADD_ROWS, a=np.array([0, 8], np.float32), b=np.ones((2, 4), np.float32)), r"in \[0, 8\)"),
+        (_edit(kind=EditKind.ADD_ROWS, a=np.array([0, 2.5], np.float32), b=np.ones((2, 4), np.float32)), "whole"),
+        (_edit(kind=EditKind.ADD_ROWS, a=np.array([0, 2], np.float32), b=np.ones((3, 4), np.float32)), r"'b' should have shape \(2, 4\)"),
+        (_edit(kind=EditKind.ADD_ROWS, a=np.array([0, 2], np.float32)), "right factor"),
     ],
 )
 def test_invalid_edits_are_refused(tmp_path: Path, edit: Edit, match: str) -> None:
