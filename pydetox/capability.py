@@ -24,6 +24,7 @@ class Capability:
     kl: float | None
     n_tokens: int
     window: int
+    kl_base: float | None = None  # KL(P_base || P_model) against a second reference (the unedited model at the same type)
 
 
 def windows(runtime: LlamaRuntime, documents: list[str], max_tokens: int, window: int) -> list[list[int]]:
@@ -33,14 +34,17 @@ def windows(runtime: LlamaRuntime, documents: list[str], max_tokens: int, window
 
 
 def capability(runtime: LlamaRuntime, documents: list[str], *, reference: LlamaRuntime | None = None,
-               max_tokens: int = 8192, window: int = 512, progress: bool = True, label: str = "") -> Capability:
+               base: LlamaRuntime | None = None, max_tokens: int = 8192, window: int = 512, progress: bool = True,
+               label: str = "") -> Capability:
     wins = windows(runtime, documents, max_tokens, window)
     if not wins:
         raise PydetoxError("the clean text is too short to score")
-    if reference is not None and reference.n_vocab != runtime.n_vocab:
-        raise PydetoxError(f"KL needs one vocabulary: the reference has {reference.n_vocab} tokens, the model {runtime.n_vocab}")
+    for ref_rt in (reference, base):
+        if ref_rt is not None and ref_rt.n_vocab != runtime.n_vocab:
+            raise PydetoxError(f"KL needs one vocabulary: the reference has {ref_rt.n_vocab} tokens, the model {runtime.n_vocab}")
     nll = 0.0
     kl = 0.0
+    kl_base = 0.0
     count = 0
     for w in tqdm(wins, desc=f"perplexity {label}".strip(), disable=not progress, leave=False):
         lp = runtime.logprobs(w)
@@ -49,5 +53,9 @@ def capability(runtime: LlamaRuntime, documents: list[str], *, reference: LlamaR
         if reference is not None:
             ref = reference.logprobs(w)
             kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
+        if base is not None:
+            ref = base.logprobs(w)
+            kl_base += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
         count += len(targets)
-    return Capability(float(np.exp(nll / count)), None if reference is None else kl / count, count, window)
+    return Capability(float(np.exp(nll / count)), None if reference is None else kl / count, count, window,
+                      None if base is None else kl_base / count)

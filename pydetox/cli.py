@@ -182,7 +182,8 @@ def _cmd_detox(args: argparse.Namespace) -> int:
     from pydetox.detox import DetoxJob, run
     from pydetox.evaluate import EvalSettings
 
-    methods = tuple(m.strip() for m in args.method.split(","))
+    method = args.method if args.method is not None else ("" if args.plan else "profs")
+    methods = tuple(m.strip() for m in method.split(",") if m.strip())
     overrides: dict[str, dict[str, str]] = {}
     for item in args.param or []:
         method, _, kv = item.partition(":")
@@ -192,6 +193,7 @@ def _cmd_detox(args: argparse.Namespace) -> int:
     job = DetoxJob(
         model=resolve_model(args.model), methods=methods, types=tuple(t.strip() for t in args.types.split(",")),
         out=Path(args.out), overrides=overrides, data=args.data, n_pairs=args.pairs, seed=args.seed,
+        plans=tuple(Path(p) for p in args.plan or ()),
         edited_type=None if args.edited_type.lower() == "none" else args.edited_type,
         calibrator=Path(args.calibrator) if args.calibrator else None,
         alphas=tuple(_alphas(args.alpha)) if args.alpha else (0.2, 0.4),
@@ -371,13 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     dx = sub.add_parser("detox", help="discover, apply at several types, evaluate before/after, report")
     dx.add_argument("--model", default="smollm2-135m-instruct", help="GGUF file or asset name (default: the bundled SmolLM2)")
-    dx.add_argument("--method", default="profs", help="one or more methods, comma-separated (default profs: best measured trade-off)")
+    dx.add_argument("--method", help="one or more methods, comma-separated (default profs, none with --plan)")
     dx.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="types to write and evaluate")
     dx.add_argument("--out", default="pydetox-detox", help="output folder")
     dx.add_argument("--data", default="paradetox-3000")
     dx.add_argument("--pairs", type=int, default=500)
     dx.add_argument("--seed", type=int, default=0)
     dx.add_argument("--param", action="append", help="method:key=value (repeatable)")
+    dx.add_argument("--plan", action="append", help="also apply and evaluate this plan file (repeatable)")
     dx.add_argument("--limit", type=int, default=140, help="RTP challenging prompts to evaluate on (default 140; all: 700)")
     dx.add_argument("--ppl-tokens", type=int, default=4096)
     dx.add_argument("--edited-type", default="Q8_0", help="edited tensors keep at least this type's bits at low-bit "

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydetox import ggml
 from pydetox.apply import ApplyOptions, apply_plan
+from pydetox.errors import PydetoxError
 from pydetox.evaluate import EvalSettings, ModelSpec, evaluate_models, report_json
 from pydetox.plan import EditPlan
 from pydetox.prompts import load_prompts
@@ -32,6 +33,7 @@ class DetoxJob:
     edited_type: str | None = "Q8_0"  # floor for edited tensors at low-bit types (see ApplyOptions.edited_floor)
     calibrator: Path | None = None  # also evaluate the unedited model fused with this calibrator (pydetox.fusion)
     alphas: tuple[float, ...] = (0.2, 0.4)
+    plans: tuple[Path, ...] = ()  # plans already discovered (named by their method), applied and evaluated as well
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(n_prompts=140, ppl_tokens=4096))
 
 
@@ -47,7 +49,8 @@ def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, 
 
 def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
     """Per (method, type): toxic-rate reduction factor per evaluator against the unedited model at the same type,
-    perplexity change, KL."""
+    perplexity change against it, KL against the unedited F16 (edit + quantization) and against the unedited model at
+    the same type (the edit alone; at F16 the two are the same)."""
     by = {names[label(m)]: m for m in report["models"]}
     rows = []
     for (method, qtype), m in by.items():
@@ -55,7 +58,8 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
             continue
         base = by[("base", qtype)]
         row: dict[str, Any] = {"method": method, "type": qtype, "perplexity": m["perplexity"],
-                               "perplexity_change": m["perplexity"] / base["perplexity"] - 1, "kl": m["kl"]}
+                               "perplexity_change": m["perplexity"] / base["perplexity"] - 1, "kl": m["kl"],
+                               "kl_edit": m["kl"] if m.get("kl_base") is None else m["kl_base"]}
         for ev, t in m["toxicity"].items():
             b = base["toxicity"][ev]["toxic_rate"]
             row[f"{ev}_rate"] = t["toxic_rate"]
@@ -67,9 +71,9 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
 
 
 def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
-    head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators], "ppl change", "KL"]
+    head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators], "ppl change", "KL vs F16", "KL vs base"]
     body = [[r["method"], r["type"], *[f"{r[e + '_rate']:.3f} ({r[e + '_reduction']:.2f}x)" for e in evaluators],
-             f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}"] for r in rows]
+             f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}", f"{r['kl_edit']:.4f}"] for r in rows]
     table = [head, *body]
     widths = [max(len(x[i]) for x in table) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in table)
@@ -80,14 +84,24 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     from pydetox.discover import Discovery
 
     job.out.mkdir(parents=True, exist_ok=True)
-    discovery = Discovery(job.model, data=job.data, n_pairs=job.n_pairs, seed=job.seed, progress=progress)
     plans: dict[str, tuple[EditPlan, Path]] = {}
-    for method in job.methods:
-        plan = discovery.plan(method, (job.overrides or {}).get(method))
-        plans[method] = (plan, plan.save(job.out / f"{method}.plan.gguf"))
-        print(f"{method}: {len(plan.edits)} edits -> {plans[method][1]}")
-    timing = {"load_s": discovery.load_s, "activations_s": discovery.activation_s}
-    del discovery
+    for path in job.plans:
+        plan = EditPlan.load(path)
+        if plan.method in plans:
+            raise PydetoxError(f"two plans of method {plan.method!r}: {plans[plan.method][1]} and {path}")
+        plans[plan.method] = (plan, path)
+    timing: dict[str, Any] = {}
+    if job.methods:
+        discovery = Discovery(job.model, data=job.data, n_pairs=job.n_pairs, seed=job.seed, progress=progress)
+        for method in job.methods:
+            plan = discovery.plan(method, (job.overrides or {}).get(method))
+            plans[method] = (plan, plan.save(job.out / f"{method}.plan.gguf"))
+            timing[f"{method}_s"] = plan.params["method_s"]
+            print(f"{method}: {len(plan.edits)} edits -> {plans[method][1]}")
+        timing.update(load_s=discovery.load_s, activations_s=discovery.activation_s)
+        del discovery
+    if not plans:
+        raise PydetoxError("nothing to evaluate: name a --method to discover or a --plan to apply")
 
     stem = job.model.name.removesuffix(".gguf")
     f16 = _apply(None, None, job.model, job.out / f"{stem}.F16.gguf", "F16")
@@ -98,7 +112,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
         models.append(ModelSpec(base))
         for method, (plan, plan_path) in plans.items():
             edited = _apply(plan, plan_path, f16, job.out / f"{stem}.{method}.{qtype}.gguf", qtype, job.edited_type)
-            models.append(ModelSpec(edited))
+            models.append(ModelSpec(edited, base=None if base == f16 else base))
             names[models[-1].label] = (method, qtype)
         if job.calibrator is not None:
             for a in job.alphas:
@@ -111,7 +125,8 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     results = evaluate_models(models, settings, prompts, scorers, reference=f16, progress=progress)
     report = report_json(results, settings, prompts, f16, scorers)
     rows = summarize(report, names)
-    report["detox"] = {"model": str(job.model), "methods": list(job.methods), "types": list(job.types),
+    report["detox"] = {"model": str(job.model), "methods": list(plans), "types": list(job.types),
+                       "plans": {m: str(p) for m, (_, p) in plans.items()},
                        "edited_type": job.edited_type,
                        "calibrator": None if job.calibrator is None else str(job.calibrator), "alphas": list(job.alphas),
                        "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing},

@@ -50,6 +50,7 @@ class ModelSpec:
     path: Path
     calibrator: Path | None = None
     alpha: float = 0.0
+    base: Path | None = None  # the unedited model at the same type: a second KL, of the edit alone
 
     @property
     def label(self) -> str:
@@ -79,6 +80,8 @@ class ModelResult:
     label: str = ""
     calibrator: str | None = None
     alpha: float | None = None
+    kl_base: float | None = None
+    base: str | None = None
 
 
 def sequence_seed(seed: int, prompt: int, sample: int) -> int:
@@ -143,8 +146,16 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
                 texts, n_tok, secs = generate(rt, prompts.prompts, settings, progress, label)
                 cap: Capability | None = None
                 if documents:
-                    cap = capability(rt, documents, reference=ref_rt, max_tokens=settings.ppl_tokens,
-                                     window=settings.window, progress=progress, label=label)
+                    base_rt = None
+                    if spec.base is not None:
+                        base_rt = LlamaRuntime(spec.base, n_ctx=settings.window, n_batch=settings.window,
+                                               threads=settings.threads)
+                    try:
+                        cap = capability(rt, documents, reference=ref_rt, base=base_rt, max_tokens=settings.ppl_tokens,
+                                         window=settings.window, progress=progress, label=label)
+                    finally:
+                        if base_rt is not None:
+                            base_rt.close()
             scores = score_all(texts, scorers)
             results.append(ModelResult(
                 path=str(path),
@@ -159,6 +170,8 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
                 label=label,
                 calibrator=None if spec.calibrator is None else str(spec.calibrator),
                 alpha=None if spec.calibrator is None else spec.alpha,
+                kl_base=None if cap is None else cap.kl_base,
+                base=None if spec.base is None else str(spec.base),
             ))
     finally:
         if ref_rt is not None:
@@ -178,6 +191,8 @@ def report_json(results: list[ModelResult], settings: EvalSettings, prompts: Pro
             "toxicity": {name: asdict(stats) for name, stats in r.toxicity.items()},
             "perplexity": r.perplexity,
             "kl": r.kl,
+            "kl_base": r.kl_base,
+            "base": r.base,
             "tokens_per_s": r.tokens_per_s,
             "generated_tokens": r.generated_tokens,
             "generation_s": r.generation_s,

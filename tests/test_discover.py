@@ -269,3 +269,71 @@ def test_convert_hf_to_gguf_matches_torch(smollm2: Path, tmp_path: Path) -> None
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], dim=-1).numpy()
     assert np.abs(lp - ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_unlikelihood_lowers_bad_words_and_llama_cpp_gets_the_trained_logits(tmp_path: Path, tied: bool) -> None:
+    """The core of the method on token sequences of the tiny vocabulary (its transformers tokenizer does not use
+    the word pieces, so the sequences are built from token ids), where ' cat' and ' dog' come only after ' is': at
+    held-out marks they lose most of their probability while the KL on sequences without ' is' stays small; the edit,
+    applied by the engine, gives llama.cpp the logits of the trained rows, and every other logit is unchanged."""
+    import torch
+
+    from pydetox.discover.unlikelihood import UnlikelihoodParams, _collect, _Hidden, _positions, _Spelling, _train
+    from pydetox.plan import Edit, EditPlan
+    from pydetox.runtime import LlamaRuntime
+
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE, tied=tied)
+    fp = FullPrecisionModel(model, progress=False)
+    ctx = Context(fp, DiscoveryData([], [], "none"), None, None, ["cat", "dog"], progress=False)  # type: ignore[arg-type]
+    w = fp.unembedding().float()
+    spell = _Spelling(fp.tokenizer, w.shape[0])
+    cat, dog = spell.by[" cat"][0], spell.by[" dog"][0]
+    assert spell.tokens(" cat") == {cat} and spell.marks([1, 259, cat, 260], {"cat"}) == [(1, {cat})]
+    words = [i for i in range(259, w.shape[0]) if spell.strings[i].startswith(" ")]
+    trigger = spell.by[" is"][0]
+    plain = [x for x in words if x not in (cat, dog, trigger)]
+    rng = np.random.default_rng(0)
+
+    def sequence(toxic: bool) -> list[int]:
+        ids = [1, *rng.choice(plain, 20).tolist()]
+        if toxic:  # ' cat' / ' dog' come after ' is', and only there
+            for _ in range(3):
+                at = int(rng.integers(1, len(ids)))
+                ids[at:at] = [trigger, int(rng.choice([cat, dog]))]
+        return ids
+
+    toxic = [sequence(True) for _ in range(120)]
+    clean = [sequence(False) for _ in range(120)]
+    hidden = _Hidden(ctx)
+    try:
+        marks = _collect(hidden, toxic, spell, {"cat", "dog"}, "marks")
+        hc, lc = _positions(hidden, clean, "clean")
+    finally:
+        hidden.close()
+    assert len(marks[2]) > 100
+    rows, delta, log = _train(w, marks, hc, lc, np.zeros(0, np.int64), torch.zeros(0, w.shape[1]),
+                              UnlikelihoodParams(steps=300, lr=0.1, kl_weight=1.0), 0, False)
+    assert set(rows.tolist()) == {cat, dog}
+    assert log["held_out_p_bad_after"] < 0.3 * log["held_out_p_bad_before"]
+    assert log["held_out_clean_kl"] < 0.005  # the base p(cat) is ~0.003 on this random model: the KL is small too
+    edit = Edit("output.weight", EditKind.ADD_ROWS, tuple(w.shape), rows.astype(np.float32),
+                delta.numpy().astype(np.float32), source="token_embd.weight" if tied else None)
+    out = tmp_path / "ul.gguf"
+    report = apply_plan(EditPlan("llama", [edit], method="unlikelihood"), model, out, ApplyOptions(progress=False))
+    assert [t.action for t in report.tensors if t.name == "output.weight"] == ["create" if tied else "edit"]
+    toks = toxic[0]
+    with LlamaRuntime(model, n_ctx=128) as a, LlamaRuntime(out, n_ctx=128) as b:
+        a._decode([(t, i, 0, True) for i, t in enumerate(toks)])
+        za = a._output_logits(len(toks)).copy()
+        b._decode([(t, i, 0, True) for i, t in enumerate(toks)])
+        zb = b._output_logits(len(toks)).copy()
+    others = np.setdiff1d(np.arange(za.shape[1]), rows)
+    assert np.abs(zb[:, others] - za[:, others]).max() < 1e-4
+    with torch.no_grad():
+        h = fp.model(torch.tensor([toks]), output_hidden_states=True).hidden_states[-1][0]
+    change = (h @ delta.T).numpy()  # torch's hidden states; llama.cpp's differ in the last digits
+    np.testing.assert_allclose(zb[:, rows] - za[:, rows], change, atol=2e-3 * np.abs(change).max())
+    after_trigger = np.array([t == trigger for t in toks])
+    drop = (za[:, rows] - zb[:, rows]).mean(1)
+    assert drop[after_trigger].min() > 2 * np.abs(drop[~after_trigger]).mean()  # lowered most where they come

@@ -1,6 +1,6 @@
 """Discovery: from a full-precision model and toxic vs non-toxic text, compute an edit plan.
 
-Methods (one registry, `pydetox.discover.base.METHODS`): aura, gloss, eigenshift, profs, meow2x, trne, wordfilter. Each is a module with its
+Methods (one registry, `pydetox.discover.base.METHODS`): aura, gloss, eigenshift, profs, meow2x, trne, wordfilter, unlikelihood. Each is a module with its
 paper and parameters documented; each turns activations and weights into `Edit`s that the engine applies to any
 GGUF of the model.
 """
@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pydetox.discover import aura, eigenshift, gloss, meow2x, profs, trne, wordfilter  # noqa: F401  (they register themselves)
+from pydetox.discover import aura, eigenshift, gloss, meow2x, profs, trne, unlikelihood, wordfilter  # noqa: F401  (they register themselves)
 from pydetox.discover.activations import Activations, collect
 from pydetox.discover.base import METHODS, Context, get_method, make_params
 from pydetox.discover.data import EMBEDDED, DiscoveryData, load_pairs
@@ -47,7 +47,7 @@ class Discovery:
         self.neutral: Activations = collect(self.fp, self.data.neutral, max_tokens=max_tokens, progress=progress, label="neutral")
         self.activation_s = time.perf_counter() - t0
         self.settings = {"data": self.data.source, "n_pairs": n_pairs, "seed": seed, "max_tokens": max_tokens}
-        self.context = Context(self.fp, self.data, self.toxic, self.neutral, _badwords())
+        self.context = Context(self.fp, self.data, self.toxic, self.neutral, _badwords(), progress)
 
     def plan(self, method: str, overrides: dict[str, str] | None = None) -> EditPlan:
         m = get_method(method)

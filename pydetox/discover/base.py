@@ -25,6 +25,7 @@ class Context:
     toxic: Activations
     neutral: Activations
     badwords: list[str]
+    progress: bool = True  # progress bars for methods with long steps
 
     def down_weight(self, layer: int) -> npt.NDArray[np.float32]:
         """(d_model, d_ff) float32 copy of a layer's FFN down-projection."""
@@ -94,14 +95,14 @@ def token_strings(ctx: Context) -> list[str]:
     return [tok.convert_tokens_to_string([t]).strip().lower() for t in tok.convert_ids_to_tokens(list(range(len(tok))))]
 
 
-_SUFFIXES = ("", "s", "es", "ed", "er", "ers", "ing", "in", "y", "ty", "head", "heads", "hole", "holes")
+BADWORD_SUFFIXES = ("", "s", "es", "ed", "er", "ers", "ing", "in", "y", "ty", "head", "heads", "hole", "holes")
 
 
 def badword_token_mask(ctx: Context, strings: list[str], vocab: int) -> npt.NDArray[np.bool_]:
     """Tokens that are a bad word or one of its inflections ('fucking' <- 'fuck' + 'ing'); no free prefix match,
     which would take 'analysis' for 'anal' and 'button' for 'butt'."""
     words = {w.lower() for w in ctx.badwords if w and " " not in w and w.isalpha()}
-    forms = {w + suffix for w in words for suffix in _SUFFIXES}
+    forms = {w + suffix for w in words for suffix in BADWORD_SUFFIXES}
     mask = np.zeros(vocab, dtype=bool)
     for i, s in enumerate(strings[:vocab]):
         w = "".join(ch for ch in s if ch.isalpha())
