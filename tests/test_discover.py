@@ -289,7 +289,8 @@ def test_unlikelihood_lowers_bad_words_and_llama_cpp_gets_the_trained_logits(tmp
     w = fp.unembedding().float()
     spell = _Spelling(fp.tokenizer, w.shape[0])
     cat, dog = spell.by[" cat"][0], spell.by[" dog"][0]
-    assert spell.tokens(" cat") == {cat} and spell.marks([1, 259, cat, 260], {"cat"}) == [(1, {cat})]
+    assert spell.tokens(" cat") == {cat}
+    assert spell.marks([1, 259, cat, 260], {"cat"}) == [(1, {cat})]
     words = [i for i in range(259, w.shape[0]) if spell.strings[i].startswith(" ")]
     trigger = spell.by[" is"][0]
     plain = [x for x in words if x not in (cat, dog, trigger)]

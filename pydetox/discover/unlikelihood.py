@@ -59,7 +59,7 @@ class UnlikelihoodParams:
 
 
 def _words(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(re.sub(r"\s?['’]", "", text))]
+    return [w.lower() for w in _WORD.findall(re.sub(r"\s?['\u2019]", "", text))]
 
 
 def bad_words(ctx: Context, p: UnlikelihoodParams, pairs: list[dict[str, str]], clean: list[str]) -> set[str]:
