@@ -129,7 +129,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                        "plans": {m: str(p) for m, (_, p) in plans.items()},
                        "edited_type": job.edited_type,
                        "calibrator": None if job.calibrator is None else str(job.calibrator), "alphas": list(job.alphas),
-                       "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing},
+                       "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing} if job.methods else {},
                        "summary": rows}
     (job.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (job.out / "report.md").write_text(rep.markdown(report) + "\n" + summary_table(rows, list(settings.evaluators)) + "\n")

@@ -218,9 +218,19 @@ def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest
     rows = report["detox"]["summary"]
     assert {(r["method"], r["type"]) for r in rows} == {(m, t) for m in ("aura", "profs") for t in ("F16", "Q8_0")}
     assert all("profanity-check_reduction" in r and r["kl"] >= 0 for r in rows)
+    by = {(r["method"], r["type"]): r for r in rows}
+    assert by[("profs", "F16")]["kl_edit"] == by[("profs", "F16")]["kl"]  # at F16 the base is the KL reference
+    assert by[("profs", "Q8_0")]["kl_edit"] != by[("profs", "Q8_0")]["kl"]  # against the unedited Q8_0
     assert (out / "report.png").exists()
     assert (out / "profs.plan.gguf").exists()
     assert "ppl change" in capsys.readouterr().out
+    # an existing plan, no discovery
+    again = tmp_path / "again"
+    assert main(["detox", "--model", str(model), "--plan", str(out / "profs.plan.gguf"), "--types", "F16", "--limit", "7",
+                 "--ppl-tokens", "128", "--out", str(again), "--quiet"]) == 0
+    report = json.loads((again / "report.json").read_text())
+    assert [(r["method"], r["type"]) for r in report["detox"]["summary"]] == [("profs", "F16")]
+    assert report["detox"]["discovery"] == {}
 
 
 @pytest.mark.slow
