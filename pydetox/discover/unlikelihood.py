@@ -215,7 +215,8 @@ class Unlikelihood(Method):
             for rnd in range(p.rounds):
                 gen = _generate(ctx, prompts, p.max_new_tokens, rows_t, delta, f"round {rnd + 1}: generate")
                 new = _collect(hidden, gen, spell, bad, f"round {rnd + 1}: marks")
-                marks = (torch.cat([marks[0], new[0]]), torch.cat([marks[1], new[1]]), marks[2] + new[2])
+                marks = (torch.cat([marks[0], new[0]]), torch.cat([marks[1], new[1]]), marks[2] + new[2],
+                         torch.cat([marks[3], new[3]]), torch.cat([marks[4], new[4]]))
                 rows_t, delta, log = _train(w, marks, hc, lc, rows_t, delta, p, rnd, ctx.progress)
                 history.append({"round": rnd + 1, "generated_marks": len(new[2]), **log})
         finally:
@@ -255,22 +256,29 @@ def _positions(hidden: _Hidden, seqs: list[list[int]], label: str, batch: int = 
 
 
 def _collect(hidden: _Hidden, seqs: list[list[int]], spell: _Spelling, bad: set[str], label: str,
-             batch: int = 16) -> tuple[Any, Any, list[set[int]]]:
-    """Hidden states, log-sum-exp and penalised tokens at every bad-word position of the sequences."""
+             batch: int = 16) -> tuple[Any, Any, list[set[int]], Any, Any]:
+    """Hidden states, log-sum-exp and penalised tokens at every bad-word position of the sequences, and hidden
+    states and log-sum-exp at every other position of the sequences that have a mark (the KL keeps the edit from
+    raising tokens there: without it greedy decoding fell into loops of raised pieces such as 'vag' + 'gy')."""
     torch = hidden.fp.torch
     d = hidden.fp.unembedding().shape[1]
     marked = [(k, spell.marks(ids, bad)) for k, ids in enumerate(seqs)]
     marked = [(k, m) for k, m in marked if m]
     hs, ls, sets = [torch.zeros(0, d)], [torch.zeros(0)], []
+    hu, lu = [torch.zeros(0, d)], [torch.zeros(0)]
     for s in tqdm(range(0, len(marked), batch), desc=label, leave=False, disable=not hidden.progress):
         chunk = marked[s : s + batch]
         h, lse = hidden.run([seqs[k] for k, _ in chunk])
-        for i, (_, m) in enumerate(chunk):
+        for i, (k, m) in enumerate(chunk):
+            at = sorted({q for q, _ in m})
             pos = torch.tensor([q for q, _ in m])
             hs.append(h[i][pos])
             ls.append(lse[i][pos])
             sets += [tokens for _, tokens in m]
-    return torch.cat(hs), torch.cat(ls), sets
+            rest = torch.tensor([q for q in range(1, len(seqs[k]) - 1) if q not in at], dtype=torch.long)
+            hu.append(h[i][rest])
+            lu.append(lse[i][rest])
+    return torch.cat(hs), torch.cat(ls), sets, torch.cat(hu), torch.cat(lu)
 
 
 def _generate(ctx: Context, prompts: list[str], max_new: int, rows_t: np.ndarray, delta: Any, label: str,
@@ -306,12 +314,13 @@ def _generate(ctx: Context, prompts: list[str], max_new: int, rows_t: np.ndarray
     return seqs
 
 
-def _train(w: Any, marks: tuple[Any, Any, list[set[int]]], hc: Any, lc: Any, rows_t: np.ndarray, delta: Any,
+def _train(w: Any, marks: tuple[Any, Any, list[set[int]], Any, Any], hc: Any, lc: Any, rows_t: np.ndarray, delta: Any,
            p: UnlikelihoodParams, rnd: int, progress: bool) -> tuple[np.ndarray, Any, dict[str, float]]:
-    """Adam on the added rows: unlikelihood of the penalised tokens at the marks + kl_weight x KL on clean text."""
+    """Adam on the added rows: unlikelihood of the penalised tokens at the marks + kl_weight x KL on clean text and
+    on the other positions of the marked texts (half of each batch from either)."""
     import torch
 
-    hm, lm, sets = marks
+    hm, lm, sets, hu, lu = marks
     rows_new = np.array(sorted(set(rows_t.tolist()).union(*sets)), dtype=np.int64)
     where = {int(t): k for k, t in enumerate(rows_new)}
     start = torch.zeros(len(rows_new), w.shape[1])
@@ -322,19 +331,22 @@ def _train(w: Any, marks: tuple[Any, Any, list[set[int]]], hc: Any, lc: Any, row
     for i, tokens in enumerate(sets):
         sel[i, torch.tensor([where[t] for t in tokens])] = True
     wr = w[torch.from_numpy(rows_new)]
-    zm, zc = hm @ wr.T, hc @ wr.T  # unedited logits of the edited rows
     gen = torch.Generator().manual_seed(p.seed + rnd)
+    pick = torch.randperm(len(hu), generator=gen)[: p.clean_positions]
+    hu, lu = hu[pick], lu[pick]
+    zm, zc, zu = hm @ wr.T, hc @ wr.T, hu @ wr.T  # unedited logits of the edited rows
     n_val_m = max(1, len(sets) // 10)
     perm = torch.randperm(len(sets), generator=gen)
     vm, tm = perm[:n_val_m], perm[n_val_m:]
     n_val_c = min(4000, len(hc) // 5)
+    n_val_u = min(4000, len(hu) // 5)
 
     def rest(z: Any, lse: Any) -> Any:
         # log-sum-exp of the logits the edit leaves alone
         share = torch.exp(torch.logsumexp(z, 1) - lse).clamp(max=1 - 1e-6)
         return lse + torch.log1p(-share)
 
-    rm, rc = rest(zm, lm), rest(zc, lc)
+    rm, rc, ru = rest(zm, lm), rest(zc, lc), rest(zu, lu)
 
     def unlikely(i: Any) -> tuple[Any, Any]:
         zn = zm[i] + hm[i] @ D.T
@@ -342,10 +354,10 @@ def _train(w: Any, marks: tuple[Any, Any, list[set[int]]], hc: Any, lc: Any, row
         pbad = torch.logsumexp((zn - lse[:, None]).masked_fill(~sel[i], -1e30), 1).exp().clamp(max=1 - 1e-6)
         return -torch.log1p(-pbad), pbad
 
-    def kl(i: Any) -> Any:
-        z0, zn = zc[i], zc[i] + hc[i] @ D.T
-        lse0 = torch.logaddexp(rc[i], torch.logsumexp(z0, 1))
-        lse1 = torch.logaddexp(rc[i], torch.logsumexp(zn, 1))
+    def kl(i: Any, h: Any = hc, z: Any = zc, r: Any = rc) -> Any:
+        z0, zn = z[i], z[i] + h[i] @ D.T
+        lse0 = torch.logaddexp(r[i], torch.logsumexp(z0, 1))
+        lse1 = torch.logaddexp(r[i], torch.logsumexp(zn, 1))
         p0 = torch.exp(z0 - lse0[:, None])
         return (lse1 - lse0) + (p0 * (z0 - zn)).sum(1)
 
@@ -353,15 +365,19 @@ def _train(w: Any, marks: tuple[Any, Any, list[set[int]]], hc: Any, lc: Any, row
         _, base_val = unlikely(vm)
     opt = torch.optim.Adam([D], lr=p.lr)
     for _ in tqdm(range(p.steps), desc=f"round {rnd + 1}: train", leave=False, disable=not progress):
-        batch = torch.randint(n_val_c, len(hc), (8192,), generator=gen)
-        ul, _ = unlikely(tm)
-        loss = ul.mean() + p.kl_weight * kl(batch).mean()
+        batch = torch.randint(n_val_c, len(hc), (4096,), generator=gen)
+        loss = unlikely(tm)[0].mean() + p.kl_weight * kl(batch).mean()
+        if len(hu) > n_val_u:
+            other = torch.randint(n_val_u, len(hu), (4096,), generator=gen)
+            loss = loss + p.kl_weight * kl(other, hu, zu, ru).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
         _, val = unlikely(vm)
         val_kl = kl(torch.arange(n_val_c))
+        val_kl_u = kl(torch.arange(n_val_u), hu, zu, ru) if n_val_u else torch.zeros(1)
     return rows_new, D.detach(), {"marks": len(sets), "rows": len(rows_new),
                                   "held_out_p_bad_before": float(base_val.mean()), "held_out_p_bad_after": float(val.mean()),
-                                  "held_out_clean_kl": float(val_kl.mean())}
+                                  "held_out_clean_kl": float(val_kl.mean()),
+                                  "held_out_unmarked_kl": float(val_kl_u.mean())}
