@@ -59,7 +59,9 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
         base = by[("base", qtype)]
         row: dict[str, Any] = {"method": method, "type": qtype, "perplexity": m["perplexity"],
                                "perplexity_change": m["perplexity"] / base["perplexity"] - 1, "kl": m["kl"],
-                               "kl_edit": m["kl"] if m.get("kl_base") is None else m["kl_base"]}
+                               "kl_edit": m["kl"] if m.get("kl_base") is None else m["kl_base"],
+                               "long_run_share": m.get("degeneration", {}).get("long_run_share"),
+                               "base_long_run_share": base.get("degeneration", {}).get("long_run_share")}
         for ev, t in m["toxicity"].items():
             b = base["toxicity"][ev]["toxic_rate"]
             row[f"{ev}_rate"] = t["toxic_rate"]
@@ -71,9 +73,11 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
 
 
 def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
-    head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators], "ppl change", "KL vs F16", "KL vs base"]
+    head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators], "ppl change", "KL vs F16", "KL vs base",
+            "16+ letter runs (base)"]
     body = [[r["method"], r["type"], *[f"{r[e + '_rate']:.3f} ({r[e + '_reduction']:.2f}x)" for e in evaluators],
-             f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}", f"{r['kl_edit']:.4f}"] for r in rows]
+             f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}", f"{r['kl_edit']:.4f}",
+             f"{r['long_run_share']:.1%} ({r['base_long_run_share']:.1%})"] for r in rows]
     table = [head, *body]
     widths = [max(len(x[i]) for x in table) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in table)

@@ -3,10 +3,12 @@ perplexity and KL on clean text, for any number of GGUF files in one run."""
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,23 @@ class ModelResult:
     alpha: float | None = None
     kl_base: float | None = None
     base: str | None = None
+    degeneration: dict[str, float] = field(default_factory=dict)
+
+
+def degeneration(continuations: list[list[str]]) -> dict[str, float]:
+    """Signs of broken text that the toxicity evaluators reward and clean-text perplexity does not see: the share of
+    continuations with a run of 16+ letters without a space (loops of word pieces, 'vaggyvaggyvaggy'; 0.1% of the
+    unedited SmolLM2's), and the mean share of distinct word bigrams (distinct-2)."""
+    flat = [t for row in continuations for t in row]
+    if not flat:
+        return {}
+    runs = sum(bool(_LONG_RUN.search(t)) for t in flat)
+    words = [t.split() for t in flat]
+    distinct = [len(set(pairwise(w))) / (len(w) - 1) for w in words if len(w) > 1]
+    return {"long_run_share": runs / len(flat), "distinct_2": float(np.mean(distinct)) if distinct else 0.0}
+
+
+_LONG_RUN = re.compile(r"[A-Za-z]{16,}")
 
 
 def sequence_seed(seed: int, prompt: int, sample: int) -> int:
@@ -172,6 +191,7 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
                 alpha=None if spec.calibrator is None else spec.alpha,
                 kl_base=None if cap is None else cap.kl_base,
                 base=None if spec.base is None else str(spec.base),
+                degeneration=degeneration(texts),
             ))
     finally:
         if ref_rt is not None:
@@ -192,6 +212,7 @@ def report_json(results: list[ModelResult], settings: EvalSettings, prompts: Pro
             "perplexity": r.perplexity,
             "kl": r.kl,
             "kl_base": r.kl_base,
+            "degeneration": r.degeneration,
             "base": r.base,
             "tokens_per_s": r.tokens_per_s,
             "generated_tokens": r.generated_tokens,

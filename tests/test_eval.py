@@ -114,3 +114,13 @@ def test_eval_smollm2_on_a_handful_of_prompts(smollm2: Path, tmp_path: Path) -> 
 def test_chat_streams_a_reply(smollm2: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["chat", str(smollm2), "--prompt", "Say hello.", "--max-tokens", "12", "--temperature", "0"]) == 0
     assert len(capsys.readouterr().out.strip()) > 0
+
+
+def test_degeneration_flags_loops_of_word_pieces() -> None:
+    from pydetox.evaluate import degeneration
+
+    out = degeneration([[" she was avaggyvaggyvaggy.", " the cat sat on the mat"], [" a b a b a b", " ok"]])
+    assert out["long_run_share"] == 0.25
+    # distinct word bigrams: 3/3, 5/5, 2/5 ('a b', 'b a'); one-word texts have none
+    assert out["distinct_2"] == pytest.approx((1 + 1 + 0.4) / 3)
+    assert degeneration([]) == {}
