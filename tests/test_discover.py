@@ -325,7 +325,8 @@ def test_unlikelihood_lowers_bad_words_and_llama_cpp_gets_the_trained_logits(tmp
         hidden.close()
     assert len(marks[2]) > 100
     rows, delta, log = _train(w, marks, hc, lc, np.zeros(0, np.int64), torch.zeros(0, w.shape[1]),
-                              UnlikelihoodParams(steps=300, lr=0.1, kl_weight=1.0), 0, False)
+                              UnlikelihoodParams(steps=300, lr=0.1, kl_weight=1.0, unmarked_kl_weight=1.0),
+                              0, False)
     assert set(rows.tolist()) == {cat, dog}
     assert log["held_out_p_bad_after"] < 0.3 * log["held_out_p_bad_before"]
     assert log["held_out_clean_kl"] < 0.005  # the base p(cat) is ~0.003 on this random model: the KL is small too

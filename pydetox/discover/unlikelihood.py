@@ -20,8 +20,12 @@ A bad word is a word of the bad-words list (with inflections) or a word the Para
 At a bad word, the penalised tokens are every token that spells a prefix of the rest of the word (' f', ' fu',
 ' fuck'), or that the rest of the word is a prefix of (' fucking'), in lower, capitalised and upper case.
 
-Parameters: `rounds`, `steps` (Adam steps per round), `lr`, `kl_weight`, `clean_positions`, `pairs`, `prompts`
-(discovery prompt set), `max_new_tokens`, `min_count`, `ratio`, `max_clean_per_million`.
+Measured on SmolLM2 (README, docs/detox-smollm2-unlikelihood*): without the KL on the unmarked positions the edit
+raised pieces in toxic contexts and greedy decoding looped on them ('vaggyvaggy...') in 36% of the continuations,
+which the evaluators scored as 2-4x less toxic at +0.4% clean-text perplexity; with it, 1.2-1.4x for +0.4%.
+
+Parameters: `rounds`, `steps` (Adam steps per round), `lr`, `kl_weight`, `unmarked_kl_weight`, `clean_positions`,
+`pairs`, `prompts` (discovery prompt set), `max_new_tokens`, `min_count`, `ratio`, `max_clean_per_million`.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class UnlikelihoodParams:
     steps: int = 300
     lr: float = 0.003
     kl_weight: float = 100.0
+    unmarked_kl_weight: float = 100.0  # KL weight on the other positions of the marked texts (0: the loops of v1)
     clean_positions: int = 30000
     pairs: int = 1500
     prompts: str = "rtp-perspective"
@@ -369,7 +374,7 @@ def _train(w: Any, marks: tuple[Any, Any, list[set[int]], Any, Any], hc: Any, lc
         loss = unlikely(tm)[0].mean() + p.kl_weight * kl(batch).mean()
         if len(hu) > n_val_u:
             other = torch.randint(n_val_u, len(hu), (4096,), generator=gen)
-            loss = loss + p.kl_weight * kl(other, hu, zu, ru).mean()
+            loss = loss + p.unmarked_kl_weight * kl(other, hu, zu, ru).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
