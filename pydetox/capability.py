@@ -43,19 +43,16 @@ def capability(runtime: LlamaRuntime, documents: list[str], *, reference: LlamaR
         if ref_rt is not None and ref_rt.n_vocab != runtime.n_vocab:
             raise PydetoxError(f"KL needs one vocabulary: the reference has {ref_rt.n_vocab} tokens, the model {runtime.n_vocab}")
     nll = 0.0
-    kl = 0.0
-    kl_base = 0.0
+    kls = {"reference": 0.0, "base": 0.0}
     count = 0
     for w in tqdm(wins, desc=f"perplexity {label}".strip(), disable=not progress, leave=False):
         lp = runtime.logprobs(w)
         targets = np.asarray(w[1:])
         nll -= float(lp[np.arange(len(targets)), targets].astype(np.float64).sum())
-        if reference is not None:
-            ref = reference.logprobs(w)
-            kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
-        if base is not None:
-            ref = base.logprobs(w)
-            kl_base += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
+        for key, ref_rt in (("reference", reference), ("base", base)):
+            if ref_rt is not None:
+                ref = ref_rt.logprobs(w)
+                kls[key] += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
         count += len(targets)
-    return Capability(float(np.exp(nll / count)), None if reference is None else kl / count, count, window,
-                      None if base is None else kl_base / count)
+    return Capability(float(np.exp(nll / count)), None if reference is None else kls["reference"] / count, count, window,
+                      None if base is None else kls["base"] / count)

@@ -98,11 +98,16 @@ def token_strings(ctx: Context) -> list[str]:
 BADWORD_SUFFIXES = ("", "s", "es", "ed", "er", "ers", "ing", "in", "y", "ty", "head", "heads", "hole", "holes")
 
 
+def badword_forms(badwords: list[str]) -> set[str]:
+    """The single words of the list, lower case, with their inflections ('fucking' <- 'fuck' + 'ing')."""
+    words = {w.lower() for w in badwords if w.isalpha()}
+    return {w + suffix for w in words for suffix in BADWORD_SUFFIXES}
+
+
 def badword_token_mask(ctx: Context, strings: list[str], vocab: int) -> npt.NDArray[np.bool_]:
-    """Tokens that are a bad word or one of its inflections ('fucking' <- 'fuck' + 'ing'); no free prefix match,
-    which would take 'analysis' for 'anal' and 'button' for 'butt'."""
-    words = {w.lower() for w in ctx.badwords if w and " " not in w and w.isalpha()}
-    forms = {w + suffix for w in words for suffix in BADWORD_SUFFIXES}
+    """Tokens that are a bad word or one of its inflections; no free prefix match, which would take 'analysis' for
+    'anal' and 'button' for 'butt'."""
+    forms = badword_forms(ctx.badwords)
     mask = np.zeros(vocab, dtype=bool)
     for i, s in enumerate(strings[:vocab]):
         w = "".join(ch for ch in s if ch.isalpha())

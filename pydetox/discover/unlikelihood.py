@@ -34,12 +34,12 @@ import bisect
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-from pydetox.discover.base import BADWORD_SUFFIXES, Context, Method, register_method
+from pydetox.discover.base import Context, Method, badword_forms, register_method
 from pydetox.errors import PydetoxError
 from pydetox.plan import Edit, EditKind
 
@@ -69,8 +69,7 @@ def _words(text: str) -> list[str]:
 
 def bad_words(ctx: Context, p: UnlikelihoodParams, pairs: list[dict[str, str]], clean: list[str]) -> set[str]:
     """The bad-words list with inflections, and the words ParaDetox rewrites take out that clean text rarely uses."""
-    listed = {w.lower() for w in ctx.badwords if w.isalpha()}
-    out = {w + s for w in listed for s in BADWORD_SUFFIXES}
+    out = badword_forms(ctx.badwords)
     toxic, neutral, wiki = Counter(), Counter(), Counter()
     for r in pairs:
         t, n = set(_words(r["toxic"])), set(_words(r["neutral"]))
@@ -143,6 +142,23 @@ class _Spelling:
         return out
 
 
+class _Marks(NamedTuple):
+    """Positions where a bad word comes (hidden state, unedited log-sum-exp, penalised tokens) and the other
+    positions of the same texts (hidden state, log-sum-exp)."""
+
+    h: Any
+    lse: Any
+    tokens: list[set[int]]
+    h_other: Any
+    lse_other: Any
+
+    def join(self, more: _Marks) -> _Marks:
+        import torch
+
+        return _Marks(torch.cat([self.h, more.h]), torch.cat([self.lse, more.lse]), self.tokens + more.tokens,
+                      torch.cat([self.h_other, more.h_other]), torch.cat([self.lse_other, more.lse_other]))
+
+
 class _Hidden:
     """Final hidden states (what the output layer reads) and the log-sum-exp of the unedited logits."""
 
@@ -205,7 +221,7 @@ class Unlikelihood(Method):
             # Marks on the toxic side of the pairs.
             seqs = [tok(r["toxic"], truncation=True, max_length=64)["input_ids"] for r in rows]
             marks = _collect(hidden, seqs, spell, bad, "marks: pairs")
-            n_pair_marks = len(marks[0])
+            n_pair_marks = len(marks.tokens)
             # Clean positions: Wikipedia after the texts the calibrator may see, with and without BOS, and the
             # neutral side of the pairs.
             clean_seqs = [tok(t, truncation=True, max_length=96)["input_ids"] for t in clean_texts[:320]]
@@ -220,10 +236,9 @@ class Unlikelihood(Method):
             for rnd in range(p.rounds):
                 gen = _generate(ctx, prompts, p.max_new_tokens, rows_t, delta, f"round {rnd + 1}: generate")
                 new = _collect(hidden, gen, spell, bad, f"round {rnd + 1}: marks")
-                marks = (torch.cat([marks[0], new[0]]), torch.cat([marks[1], new[1]]), marks[2] + new[2],
-                         torch.cat([marks[3], new[3]]), torch.cat([marks[4], new[4]]))
+                marks = marks.join(new)
                 rows_t, delta, log = _train(w, marks, hc, lc, rows_t, delta, p, rnd, ctx.progress)
-                history.append({"round": rnd + 1, "generated_marks": len(new[2]), **log})
+                history.append({"round": rnd + 1, "generated_marks": len(new.tokens), **log})
         finally:
             hidden.close()
         if len(rows_t) == 0:
@@ -240,13 +255,11 @@ def _discovery_prompts(name: str, evaluation: list[str]) -> list[str]:
     from pydetox.prompts import load_prompts
 
     ev = [e.strip().lower() for e in evaluation]
-    evset = set(ev)
     out = []
     for q in load_prompts(name).prompts:
         s = q.strip().lower()
-        if s in evset or any(s in e or e in s for e in ev):
-            continue
-        out.append(q)
+        if not any(s in e or e in s for e in ev):
+            out.append(q)
     return out
 
 
@@ -261,7 +274,7 @@ def _positions(hidden: _Hidden, seqs: list[list[int]], label: str, batch: int = 
 
 
 def _collect(hidden: _Hidden, seqs: list[list[int]], spell: _Spelling, bad: set[str], label: str,
-             batch: int = 16) -> tuple[Any, Any, list[set[int]], Any, Any]:
+             batch: int = 16) -> _Marks:
     """Hidden states, log-sum-exp and penalised tokens at every bad-word position of the sequences, and hidden
     states and log-sum-exp at every other position of the sequences that have a mark (the KL keeps the edit from
     raising tokens there: without it greedy decoding fell into loops of raised pieces such as 'vag' + 'gy')."""
@@ -275,7 +288,7 @@ def _collect(hidden: _Hidden, seqs: list[list[int]], spell: _Spelling, bad: set[
         chunk = marked[s : s + batch]
         h, lse = hidden.run([seqs[k] for k, _ in chunk])
         for i, (k, m) in enumerate(chunk):
-            at = sorted({q for q, _ in m})
+            at = {q for q, _ in m}
             pos = torch.tensor([q for q, _ in m])
             hs.append(h[i][pos])
             ls.append(lse[i][pos])
@@ -283,7 +296,7 @@ def _collect(hidden: _Hidden, seqs: list[list[int]], spell: _Spelling, bad: set[
             rest = torch.tensor([q for q in range(1, len(seqs[k]) - 1) if q not in at], dtype=torch.long)
             hu.append(h[i][rest])
             lu.append(lse[i][rest])
-    return torch.cat(hs), torch.cat(ls), sets, torch.cat(hu), torch.cat(lu)
+    return _Marks(torch.cat(hs), torch.cat(ls), sets, torch.cat(hu), torch.cat(lu))
 
 
 def _generate(ctx: Context, prompts: list[str], max_new: int, rows_t: np.ndarray, delta: Any, label: str,
@@ -319,7 +332,7 @@ def _generate(ctx: Context, prompts: list[str], max_new: int, rows_t: np.ndarray
     return seqs
 
 
-def _train(w: Any, marks: tuple[Any, Any, list[set[int]], Any, Any], hc: Any, lc: Any, rows_t: np.ndarray, delta: Any,
+def _train(w: Any, marks: _Marks, hc: Any, lc: Any, rows_t: np.ndarray, delta: Any,
            p: UnlikelihoodParams, rnd: int, progress: bool) -> tuple[np.ndarray, Any, dict[str, float]]:
     """Adam on the added rows: unlikelihood of the penalised tokens at the marks + kl_weight x KL on clean text and
     on the other positions of the marked texts (half of each batch from either)."""
