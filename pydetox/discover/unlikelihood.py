@@ -70,7 +70,9 @@ def _words(text: str) -> list[str]:
 def bad_words(ctx: Context, p: UnlikelihoodParams, pairs: list[dict[str, str]], clean: list[str]) -> set[str]:
     """The bad-words list with inflections, and the words ParaDetox rewrites take out that clean text rarely uses."""
     out = badword_forms(ctx.badwords)
-    toxic, neutral, wiki = Counter(), Counter(), Counter()
+    toxic: Counter[str] = Counter()
+    neutral: Counter[str] = Counter()
+    wiki: Counter[str] = Counter()
     for r in pairs:
         t, n = set(_words(r["toxic"])), set(_words(r["neutral"]))
         toxic.update(t - n)
@@ -166,7 +168,7 @@ class _Hidden:
         self.fp = ctx.fp
         self.progress = ctx.progress
         self.captured: list[Any] = []
-        head = ctx.fp.model.get_output_embeddings()
+        head = ctx.fp.model.get_output_embeddings()  # type: ignore[no-untyped-call]
         self.hook = head.register_forward_hook(lambda _m, args, _out: self.captured.append(args[0]))
 
     def run(self, batch_ids: list[list[int]]) -> tuple[list[Any], list[Any]]:
@@ -304,7 +306,7 @@ def _generate(ctx: Context, prompts: list[str], max_new: int, rows_t: np.ndarray
     """Greedy continuations (prompt + continuation token ids) of the model with the edit so far."""
     torch = ctx.fp.torch
     tok = ctx.fp.tokenizer
-    head = ctx.fp.model.get_output_embeddings()
+    head = ctx.fp.model.get_output_embeddings()  # type: ignore[no-untyped-call]
     idx = torch.from_numpy(rows_t)
 
     def add(_m: Any, args: tuple[Any, ...], out: Any) -> Any:
@@ -322,7 +324,8 @@ def _generate(ctx: Context, prompts: list[str], max_new: int, rows_t: np.ndarray
         with torch.no_grad():
             for s in tqdm(range(0, len(prompts), batch), desc=label, leave=False, disable=not ctx.progress):
                 enc = tok(prompts[s : s + batch], return_tensors="pt", padding=True, truncation=True, max_length=64)
-                out = ctx.fp.model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+                out = ctx.fp.model.generate(**enc, max_new_tokens=max_new, do_sample=False,  # type: ignore[misc]
+                                            pad_token_id=tok.pad_token_id)
                 for k in range(len(out)):
                     seqs.append([int(t) for t, m in zip(out[k].tolist(), enc["attention_mask"][k].tolist() + [1] * max_new, strict=False)
                                  if m and t != tok.pad_token_id])
