@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pydetox.discover import aura, eigenshift, gloss, meow2x, profs, trne, unlikelihood, wordfilter  # noqa: F401  (they register themselves)
+from pydetox.discover import aura, distill, eigenshift, gloss, meow2x, profs, trne, unlikelihood, wordfilter  # noqa: F401  (they register themselves)
 from pydetox.discover.activations import Activations, collect
 from pydetox.discover.base import METHODS, Context, get_method, make_params
 from pydetox.discover.data import EMBEDDED, DiscoveryData, load_pairs

@@ -1,0 +1,278 @@
+"""Fusion distilled into the weights: a low-rank edit of the FFN down-projections that makes the model, in toxic
+contexts, predict what the model fused with a calibration model predicts, and elsewhere what it predicted before.
+
+Calibration-model fusion (pydetox.fusion; arXiv 2506.01266) cuts toxicity by large factors at a strong mixing
+weight, but it pays for it on every token, clean text included (SmolLM2 at alpha 0.4: 2-2.9x less toxic, +59%
+perplexity on news), and it needs a second model at run time. The detox it does happens only where the context is
+toxic; the cost is everywhere. So the teacher here is the fused model, asked only about toxic contexts, and the
+reference is the unedited model on clean text; the student is the model with a rank-`rank` update B A added to
+the down-projection of each chosen layer (the plan's `low_rank` kind, W <- W + L^T R), trained with
+
+    loss = KL(teacher || student) on toxic contexts + clean_weight * KL(unedited || student) on clean text
+
+(knowledge distillation of Hinton et al. 2015, sequence-level as in Kim & Rush 2016: the teacher's distribution at
+every position of the teacher's own greedy continuations). The edit is free to act only where the hidden states
+say the context is toxic, which the fused model cannot do. Both KLs are over the teacher's (or unedited model's)
+top-`top_k` tokens plus one bucket for the rest of the vocabulary.
+
+Toxic contexts (never the evaluation prompts): the RealToxicityPrompts prompts of `prompts` that are not in
+rtp-challenging, each with the fused model's greedy continuation of `max_new_tokens` tokens, and the toxic side of
+`pairs` ParaDetox pairs. Clean text: `clean_texts` Wikipedia paragraphs from the ones the calibrator trains on
+(after the first SKIP_WIKI; never `news`, where perplexity is measured) and the neutral side of the pairs. The
+teacher runs in llama.cpp (the fused runtime of `pydetox eval --calibrator`) on the GGUF the discovery loaded; the
+student in torch.
+
+Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
+`rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
+`clean_weight`, `top_k`, `pairs`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`, `seed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pydetox.discover.base import Context, Method, register_method
+from pydetox.errors import PydetoxError
+from pydetox.plan import Edit, EditKind
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    calibrator: str = ""
+    alpha: float = 0.5
+    rank: int = 8
+    first_layer: int = -1
+    steps: int = 300
+    batch: int = 8
+    lr: float = 0.002
+    clean_weight: float = 10.0
+    top_k: int = 32
+    pairs: int = 600
+    clean_texts: int = 600
+    prompts: str = "rtp-perspective"
+    max_prompts: int = 0  # 0: every prompt of the set that is not an evaluation prompt
+    max_new_tokens: int = 20
+    max_tokens: int = 64
+    seed: int = 0
+
+
+class _Targets:
+    """Token sequences with a target distribution at each position but the last: top-k token ids, their
+    log-probabilities, and the log-probability of the rest of the vocabulary."""
+
+    def __init__(self, seqs: list[list[int]], ids: list[Any], logp: list[Any], rest: list[Any]) -> None:
+        self.seqs, self.ids, self.logp, self.rest = seqs, ids, logp, rest
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+def _top(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = np.argpartition(-logp, k, axis=1)[:, :k].astype(np.int64)
+    top = np.take_along_axis(logp, idx, axis=1).astype(np.float32)
+    mass = np.exp(top.astype(np.float64)).sum(1)
+    rest = np.log(np.clip(1.0 - mass, 1e-12, None)).astype(np.float32)
+    return idx, top, rest
+
+
+def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: list[str], progress: bool,
+             tokenize_only: list[str]) -> tuple[_Targets, list[list[int]]]:
+    """The fused model's continuations of the prompts, and its top-k next-token distributions along them and along
+    the toxic texts; also the llama.cpp tokenization of `tokenize_only` (the clean texts)."""
+    from pydetox.fusion import FusedRuntime
+    from pydetox.runtime import Sampling
+
+    n_seq = 16
+    with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_seq * (p.max_tokens + p.max_new_tokens) + 64,
+                      n_seq=n_seq, n_batch=512) as rt:
+        toks = [rt.tokenize(q)[: p.max_tokens] for q in prompts]
+        seqs = []
+        for s in tqdm(range(0, len(toks), n_seq), desc="teacher: generate", leave=False, disable=not progress):
+            wave = toks[s : s + n_seq]
+            gen = rt.generate(wave, p.max_new_tokens, Sampling(0.0), [0] * len(wave))
+            seqs += [a + b for a, b in zip(wave, gen, strict=True)]
+        seqs += [rt.tokenize(t)[: p.max_tokens] for t in toxic_texts]
+        seqs = [s for s in seqs if len(s) >= 3]
+        ids, logp, rest = [], [], []
+        for s in tqdm(seqs, desc="teacher: distributions", leave=False, disable=not progress):
+            i, lp, r = _top(rt.logprobs(s), p.top_k)
+            ids.append(i)
+            logp.append(lp)
+            rest.append(r)
+        clean = [rt.tokenize(t)[: p.max_tokens] for t in tokenize_only]
+    return _Targets(seqs, ids, logp, rest), [c for c in clean if len(c) >= 3]
+
+
+class _LoRA:
+    """W x + B (A x) on the down-projections of the chosen layers, through forward hooks (the model stays frozen)."""
+
+    def __init__(self, ctx: Context, layers: list[int], rank: int, seed: int) -> None:
+        torch = ctx.fp.torch
+        gen = torch.Generator().manual_seed(seed)
+        self.layers = layers
+        self.A, self.B, self.hooks = [], [], []
+        for layer in layers:
+            lin = ctx.fp.down_proj(layer)
+            d, ff = lin.weight.shape
+            a = (torch.randn(rank, ff, generator=gen) / ff**0.5).requires_grad_(True)
+            b = torch.zeros(d, rank).requires_grad_(True)
+            self.A.append(a)
+            self.B.append(b)
+            self.hooks.append(lin.register_forward_hook(self._hook(a, b)))
+        self.on = True
+
+    def _hook(self, a: Any, b: Any) -> Any:
+        def add(_m: Any, args: tuple[Any, ...], out: Any) -> Any:
+            return out + (args[0] @ a.T) @ b.T if self.on else out
+        return add
+
+    def params(self) -> list[Any]:
+        return self.A + self.B
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _forward(ctx: Context, seqs: list[list[int]]) -> Any:
+    """log-softmax of the model's logits (n_positions, vocab) at every position but the last of each sequence, and
+    """
+    torch = ctx.fp.torch
+    n = max(len(s) for s in seqs)
+    pad = ctx.fp.tokenizer.pad_token_id
+    inp = torch.full((len(seqs), n), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    for k, s in enumerate(seqs):
+        inp[k, : len(s)] = torch.tensor(s)
+        att[k, : len(s)] = 1
+    logits = ctx.fp.model(input_ids=inp, attention_mask=att).logits
+    rows = torch.cat([logits[k, : len(s) - 1] for k, s in enumerate(seqs)])
+    return torch.log_softmax(rows.float(), dim=-1)
+
+
+def _kl(lq: Any, ids: Any, lp: Any, rest: Any) -> Any:
+    """KL(p || q) per position over the top-k tokens of p and one bucket for the rest of the vocabulary."""
+    import torch
+
+    lq_top = torch.gather(lq, 1, ids)
+    lq_rest = torch.log1p(-torch.exp(torch.logsumexp(lq_top, 1)).clamp(max=1 - 1e-6))
+    p_top, p_rest = lp.exp(), rest.exp()
+    return (p_top * (lp - lq_top)).sum(1) + p_rest * (rest - lq_rest)
+
+
+def _batch_kl(ctx: Context, t: _Targets, pick: list[int]) -> Any:
+    import torch
+
+    seqs = [t.seqs[i] for i in pick]
+    lq = _forward(ctx, seqs)
+    ids = torch.from_numpy(np.concatenate([t.ids[i] for i in pick]))
+    lp = torch.from_numpy(np.concatenate([t.logp[i] for i in pick]))
+    rest = torch.from_numpy(np.concatenate([t.rest[i] for i in pick]))
+    return _kl(lq, ids, lp, rest)
+
+
+def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, batch: int = 16) -> _Targets:
+    torch = ctx.fp.torch
+    ids, logp, rest = [], [], []
+    with torch.no_grad():
+        for s in tqdm(range(0, len(seqs), batch), desc="unedited: distributions", leave=False, disable=not progress):
+            chunk = seqs[s : s + batch]
+            lq = _forward(ctx, chunk)
+            lq = lq.numpy()
+            at = 0
+            for c in chunk:
+                i, lp, r = _top(lq[at : at + len(c) - 1], k)
+                at += len(c) - 1
+                ids.append(i)
+                logp.append(lp)
+                rest.append(r)
+    return _Targets(seqs, ids, logp, rest)
+
+
+@register_method
+class Distill(Method):
+    name = "distill"
+    paper = ("calibration-model fusion (arXiv 2506.01266) distilled into a low-rank weight edit "
+             "(knowledge distillation, Hinton et al. 2015; sequence-level, Kim & Rush 2016)")
+    Params = DistillParams
+
+    def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:
+        p: DistillParams = params
+        source = Path(str(ctx.fp.source))
+        if not p.calibrator:
+            raise PydetoxError("distill needs a calibrator: --param calibrator=CAL.gguf (from `pydetox calibrate train`)")
+        if not Path(p.calibrator).is_file():
+            raise PydetoxError(f"distill: expected a calibrator GGUF at {p.calibrator}, found nothing")
+        if source.suffix != ".gguf" or not source.is_file():
+            raise PydetoxError(f"distill runs the fused teacher in llama.cpp and needs the model as a GGUF file; got {source}")
+        if p.rank < 1 or p.steps < 1 or p.batch < 1:
+            raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")
+        torch = ctx.fp.torch
+        torch.manual_seed(p.seed)
+        from pydetox.calibrate import SKIP_WIKI
+        from pydetox.discover.data import EMBEDDED, usable_pairs
+        from pydetox.discover.unlikelihood import _discovery_prompts
+        from pydetox.prompts import load_clean_text, load_prompts
+
+        evaluation = load_prompts("rtp-challenging").prompts
+        rows, _ = usable_pairs(EMBEDDED, set(evaluation))
+        rng = np.random.default_rng(p.seed)
+        rows = [rows[int(i)] for i in rng.permutation(len(rows))[: p.pairs]]
+        prompts = _discovery_prompts(p.prompts, evaluation)
+        if p.max_prompts > 0:
+            prompts = [prompts[int(i)] for i in sorted(rng.permutation(len(prompts))[: p.max_prompts])]
+        clean_texts = load_clean_text("wiki")[SKIP_WIKI : SKIP_WIKI + p.clean_texts] + [r["neutral"] for r in rows]
+        toxic, clean_seqs = _teacher(source, p, prompts, [r["toxic"] for r in rows], ctx.progress, clean_texts)
+        clean = _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
+
+        n = ctx.fp.n_layers
+        first = p.first_layer if p.first_layer >= 0 else n // 3
+        if not 0 <= first < n:
+            raise PydetoxError(f"distill: first_layer must lie in [0, {n}), got {first}")
+        gen = np.random.default_rng(p.seed + 1)
+        perm_t, perm_c = gen.permutation(len(toxic)), gen.permutation(len(clean))
+        val_t, train_t = perm_t[: max(1, len(toxic) // 10)].tolist(), perm_t[max(1, len(toxic) // 10) :]
+        val_c, train_c = perm_c[: max(1, len(clean) // 10)].tolist(), perm_c[max(1, len(clean) // 10) :]
+        ctx.fp.model.requires_grad_(False)
+        lora = _LoRA(ctx, list(range(first, n)), p.rank, p.seed)
+
+        def held_out() -> dict[str, float]:
+            with torch.no_grad():
+                kt = torch.cat([_batch_kl(ctx, toxic, val_t[s : s + 16]) for s in range(0, len(val_t), 16)])
+                kc = torch.cat([_batch_kl(ctx, clean, val_c[s : s + 16]) for s in range(0, len(val_c), 16)])
+            return {"teacher_kl": round(float(kt.mean()), 4), "clean_kl": round(float(kc.mean()), 5)}
+
+        try:
+            before = held_out()
+            opt = torch.optim.Adam(lora.params(), lr=p.lr)
+            curve = []
+            bar = tqdm(range(p.steps), desc="distill: train", leave=False, disable=not ctx.progress)
+            for step in bar:
+                bt = gen.choice(train_t, p.batch, replace=False).tolist()
+                bc = gen.choice(train_c, p.batch, replace=False).tolist()
+                lt = _batch_kl(ctx, toxic, bt).mean()
+                lc = _batch_kl(ctx, clean, bc).mean()
+                loss = lt + p.clean_weight * lc
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step % 20 == 0 or step == p.steps - 1:
+                    curve.append((step, round(lt.item(), 4), round(lc.item(), 5)))
+                    bar.set_postfix(teacher_kl=f"{lt.item():.3f}", clean_kl=f"{lc.item():.4f}")
+            after = held_out()
+        finally:
+            lora.close()
+        edits = []
+        for layer, a, b in zip(lora.layers, lora.A, lora.B, strict=True):
+            w = ctx.fp.down_proj(layer).weight
+            edits.append(Edit(ctx.fp.down_proj_name(layer), EditKind.LOW_RANK, tuple(w.shape),
+                              b.detach().T.contiguous().numpy().astype(np.float32),
+                              a.detach().numpy().astype(np.float32)))
+        return edits, {"toxic_sequences": len(toxic), "clean_sequences": len(clean), "discovery_prompts": len(prompts),
+                       "layers": [first, n - 1], "held_out_before": before, "held_out_after": after,
+                       "curve": curve}
