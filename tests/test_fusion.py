@@ -200,3 +200,51 @@ def test_training_refuses_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(PydetoxError, match="must not train on `news`"):
         train(target, tmp_path / "c.gguf", CalibrateSettings(layers=1, clean_text="news"), progress=False)
     assert not (tmp_path / "c.gguf").exists()
+
+
+def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the_edit(
+        trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """`distill` on the tiny model and its calibrator: held-out KL to the fused teacher on toxic contexts falls, the
+    clean-text term keeps the KL to the unedited model down, the plan is one low-rank edit per down-projection from the
+    chosen layer on, and llama.cpp's log-probabilities of the applied plan equal torch's with W + L^T R."""
+    import torch
+
+    from pydetox.apply import ApplyOptions, apply_plan
+    from pydetox.discover import Discovery
+    from pydetox.discover.model import FullPrecisionModel
+    from pydetox.errors import PydetoxError
+    from pydetox.plan import EditKind
+
+    target, cal = trained
+    disc = Discovery(target, n_pairs=8, progress=False)
+    settings = {"calibrator": str(cal), "alpha": "0.9", "max_prompts": "24", "pairs": "24", "clean_texts": "24",
+                "steps": "60", "lr": "0.03", "clean_weight": "0.1", "rank": "4", "batch": "4", "first_layer": "1",
+                "max_tokens": "32"}
+    plan = disc.plan("distill", settings)
+    diag = plan.params["diagnostics"]
+    assert diag["held_out_after"]["teacher_kl"] < 0.7 * diag["held_out_before"]["teacher_kl"], diag
+    # The clean-text term holds the model where it was (a random tiny model has no toxic contexts to tell apart,
+    # so the teacher's pull shows on clean text too): ten times its weight, a fraction of the clean KL.
+    anchored = disc.plan("distill", {**settings, "clean_weight": "10"}).params["diagnostics"]
+    assert anchored["held_out_after"]["clean_kl"] < 0.3 * diag["held_out_after"]["clean_kl"], (anchored, diag)
+    assert [(e.tensor, e.kind) for e in plan.edits] == [(f"blk.{i}.ffn_down.weight", EditKind.LOW_RANK) for i in (1, 2)]
+    out = tmp_path / "d.gguf"
+    apply_plan(plan, target, out, ApplyOptions(progress=False))
+    fp = FullPrecisionModel(target, progress=False)
+    with LlamaRuntime(target, n_ctx=128) as rt:
+        ids = rt.tokenize("and of to in the a cat is a dog was in the")
+        lp0 = rt.logprobs(ids)
+    with LlamaRuntime(out, n_ctx=128) as rt:
+        lp = rt.logprobs(ids)
+    with torch.no_grad():
+        ref0 = torch.log_softmax(fp.model(torch.tensor([ids])).logits[0, :-1], dim=-1).numpy()
+        for e in plan.edits:
+            fp.down_proj(int(e.tensor.split(".")[1])).weight += torch.from_numpy(e.a.T @ e.b)
+        ref = torch.log_softmax(fp.model(torch.tensor([ids])).logits[0, :-1], dim=-1).numpy()
+    # llama.cpp and torch differ by float noise on this tiny model already (~1e-2 nats unedited); the edit moves
+    # log-probabilities by nats, and llama.cpp's edited model sits within that noise of torch's W + L^T R.
+    noise = max(np.abs(lp0 - ref0).max(), 1e-3)
+    assert np.abs(lp - lp0).max() > 50 * noise
+    assert np.abs(lp - ref).max() < 2 * noise, (np.abs(lp - ref).max(), noise)
+    with pytest.raises(PydetoxError, match="needs a calibrator"):
+        disc.plan("distill", {})
