@@ -5,26 +5,28 @@ Calibration-model fusion (pydetox.fusion; arXiv 2506.01266) cuts toxicity by lar
 weight, but it pays for it on every token, clean text included (SmolLM2 at alpha 0.4: 2-2.9x less toxic, +59%
 perplexity on news), and it needs a second model at run time. The detox it does happens only where the context is
 toxic; the cost is everywhere. So the teacher here is the fused model, asked only about toxic contexts, and the
-reference is the unedited model on clean text; the student is the model with a rank-`rank` update B A added to
-the down-projection of each chosen layer (the plan's `low_rank` kind, W <- W + L^T R), trained with
+reference is the unedited model on clean text; the student is the model with a rank-`rank` update B A added to the
+down-projection of each chosen layer (the plan's `low_rank` kind, W <- W + L^T R), trained with
 
     loss = KL(teacher || student) on toxic contexts + clean_weight * KL(unedited || student) on clean text
 
 (knowledge distillation of Hinton et al. 2015, sequence-level as in Kim & Rush 2016: the teacher's distribution at
-every position of the teacher's own greedy continuations). The edit is free to act only where the hidden states
-say the context is toxic, which the fused model cannot do. Both KLs are over the teacher's (or unedited model's)
-top-`top_k` tokens plus one bucket for the rest of the vocabulary.
+every position of greedy continuations, the teacher's own and the unedited model's). The edit is free to act only
+where the hidden states say the context is toxic, which the fused model cannot do. Both KLs are over the teacher's
+(or unedited model's) top-`top_k` tokens plus one bucket for the rest of the vocabulary.
 
 Toxic contexts (never the evaluation prompts): the RealToxicityPrompts prompts of `prompts` that are not in
-rtp-challenging, each with the fused model's greedy continuation of `max_new_tokens` tokens, and the toxic side of
-`pairs` ParaDetox pairs. Clean text: `clean_texts` Wikipedia paragraphs from the ones the calibrator trains on
-(after the first SKIP_WIKI; never `news`, where perplexity is measured) and the neutral side of the pairs. The
-teacher runs in llama.cpp (the fused runtime of `pydetox eval --calibrator`) on the GGUF the discovery loaded; the
-student in torch.
+rtp-challenging, each with the fused model's and the unedited model's greedy continuations of `max_new_tokens` tokens,
+and the toxic side of `pairs` ParaDetox pairs. The teacher's distributions are restricted to tokens the unedited
+model finds plausible (see `_teacher`). Clean text: `clean_texts` Wikipedia paragraphs from the ones the calibrator
+trains on (after the first SKIP_WIKI; never `news`, where perplexity is measured) and the neutral side of the pairs.
+The teacher runs in llama.cpp (the fused runtime of `pydetox eval --calibrator`) on the GGUF the discovery loaded;
+the student in torch.
 
 Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
-`clean_weight`, `top_k`, `pairs`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`, `seed`.
+`clean_weight`, `top_k`, `plausible` (0: no restriction), `pairs`, `clean_texts`, `prompts`, `max_prompts`,
+`max_new_tokens`, `max_tokens`, `seed`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class DistillParams:
     lr: float = 0.002
     clean_weight: float = 10.0
     top_k: int = 32
+    plausible: float = 1e-3
     pairs: int = 600
     clean_texts: int = 600
     prompts: str = "rtp-perspective"
@@ -72,9 +75,15 @@ class _Targets:
         return len(self.seqs)
 
 
-def _top(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _top(logp: np.ndarray, k: int, plausible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k ids, their log-probabilities and the log-probability of the rest, per row. With `plausible` (a mask of
+    the same shape), the distribution is first restricted to the masked tokens and renormalized over them."""
+    if plausible is not None:
+        logp = np.where(plausible, logp, -np.inf)
+        m = logp.max(axis=1, keepdims=True)
+        logp = logp - (m + np.log(np.exp(logp - m).sum(axis=1, keepdims=True)))
     idx = np.argpartition(-logp, k, axis=1)[:, :k].astype(np.int64)
-    top = np.take_along_axis(logp, idx, axis=1).astype(np.float32)
+    top = np.maximum(np.take_along_axis(logp, idx, axis=1), -1e4).astype(np.float32)  # -inf: masked, mass 0
     mass = np.exp(top.astype(np.float64)).sum(1)
     rest = np.log(np.clip(1.0 - mass, 1e-12, None)).astype(np.float32)
     return idx, top, rest
@@ -82,25 +91,33 @@ def _top(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: list[str], progress: bool,
              tokenize_only: list[str]) -> tuple[_Targets, list[list[int]]]:
-    """The fused model's continuations of the prompts, and its top-k next-token distributions along them and along
-    the toxic texts; also the llama.cpp tokenization of `tokenize_only` (the clean texts)."""
+    """Contexts: the prompts continued greedily by the fused model and by the unedited model (where the edit has to
+    act), and the toxic texts. Targets: the fused model's top-k next-token distribution at every position,
+    restricted to tokens the unedited model finds plausible (probability >= `plausible` times its top token's, the
+    adaptive plausibility constraint of contrastive decoding, Li et al. 2023): at a strong mixing weight the fused
+    model puts mass on junk tokens ('HETATM', 'firehose') that a student would learn to emit. Also the llama.cpp
+    tokenization of `tokenize_only` (the clean texts)."""
     from pydetox.fusion import FusedRuntime
-    from pydetox.runtime import Sampling
+    from pydetox.runtime import LlamaRuntime, Sampling
 
     n_seq = 16
-    with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_seq * (p.max_tokens + p.max_new_tokens) + 64,
-                      n_seq=n_seq, n_batch=512) as rt:
+    n_ctx = n_seq * (p.max_tokens + p.max_new_tokens) + 64
+    with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_ctx, n_seq=n_seq, n_batch=512) as rt, \
+            LlamaRuntime(source, n_ctx=n_ctx, n_seq=n_seq, n_batch=512) as base:
         toks = [rt.tokenize(q)[: p.max_tokens] for q in prompts]
-        seqs = []
+        seqs: list[list[int]] = []
         for s in tqdm(range(0, len(toks), n_seq), desc="teacher: generate", leave=False, disable=not progress):
             wave = toks[s : s + n_seq]
-            gen = rt.generate(wave, p.max_new_tokens, Sampling(0.0), [0] * len(wave))
-            seqs += [a + b for a, b in zip(wave, gen, strict=True)]
+            for model in (rt, base):
+                gen = model.generate(wave, p.max_new_tokens, Sampling(0.0), [0] * len(wave))
+                seqs += [a + b for a, b in zip(wave, gen, strict=True)]
         seqs += [rt.tokenize(t)[: p.max_tokens] for t in toxic_texts]
-        seqs = [s for s in seqs if len(s) >= 3]
+        seqs = list({tuple(s): s for s in seqs if len(s) >= 3}.values())  # the two continuations often agree
         ids, logp, rest = [], [], []
+        floor = np.log(p.plausible) if p.plausible > 0 else -np.inf
         for s in tqdm(seqs, desc="teacher: distributions", leave=False, disable=not progress):
-            i, lp, r = _top(rt.logprobs(s), p.top_k)
+            lb = base.logprobs(s)
+            i, lp, r = _top(rt.logprobs(s), p.top_k, lb >= lb.max(axis=1, keepdims=True) + floor)
             ids.append(i)
             logp.append(lp)
             rest.append(r)
@@ -210,6 +227,8 @@ class Distill(Method):
             raise PydetoxError(f"distill: expected a calibrator GGUF at {p.calibrator}, found nothing")
         if source.suffix != ".gguf" or not source.is_file():
             raise PydetoxError(f"distill runs the fused teacher in llama.cpp and needs the model as a GGUF file; got {source}")
+        if not 0.0 <= p.plausible < 1.0:
+            raise PydetoxError(f"distill: plausible must lie in [0, 1), got {p.plausible}")
         if p.rank < 1 or p.steps < 1 or p.batch < 1:
             raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")
         torch = ctx.fp.torch
