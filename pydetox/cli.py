@@ -361,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_info)
 
     ds = sub.add_parser("discover", help="compute an edit plan with a detox method on a full-precision model")
-    ds.add_argument("--method", required=True, help="aura, gloss, eigenshift, profs")
+    from pydetox.discover import METHODS
+
+    ds.add_argument("--method", required=True, choices=sorted(METHODS), metavar="METHOD",
+                    help=", ".join(sorted(METHODS)))
     ds.add_argument("--model", required=True, help="GGUF file, asset name, HF folder or hub id")
     ds.add_argument("--data", default="paradetox-3000", help="JSONL of {toxic, neutral} pairs (default: embedded ParaDetox sample)")
     ds.add_argument("--pairs", type=int, default=500, help="pairs to use (default 500)")
@@ -373,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dx = sub.add_parser("detox", help="discover, apply at several types, evaluate before/after, report")
     dx.add_argument("--model", default="smollm2-135m-instruct", help="GGUF file or asset name (default: the bundled SmolLM2)")
-    dx.add_argument("--method", help="one or more methods, comma-separated (default profs, none with --plan)")
+    dx.add_argument("--method", help=f"one or more of {', '.join(sorted(METHODS))}, comma-separated (default profs, none with --plan)")
     dx.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="types to write and evaluate")
     dx.add_argument("--out", default="pydetox-detox", help="output folder")
     dx.add_argument("--data", default="paradetox-3000")

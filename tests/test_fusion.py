@@ -248,3 +248,18 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert np.abs(lp - ref).max() < 2 * noise, (np.abs(lp - ref).max(), noise)
     with pytest.raises(PydetoxError, match="needs a calibrator"):
         disc.plan("distill", {})
+
+
+def test_distill_targets_drop_tokens_the_unedited_model_finds_implausible() -> None:
+    """The teacher's distribution restricted to the plausible tokens and renormalized over them: a junk token the
+    teacher likes is not a target, and the top-k plus the rest bucket still hold probability 1."""
+    from pydetox.discover.distill import _top
+
+    teacher = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))  # token 0: junk the teacher likes
+    base = np.log(np.array([[1e-6, 0.6, 0.3, 0.1 - 1e-6]]))
+    ids, lp, rest = _top(teacher, 2, base >= base.max(axis=1, keepdims=True) + np.log(1e-3))
+    assert sorted(ids[0].tolist()) == [1, 2]
+    np.testing.assert_allclose(np.exp(lp[0][np.argsort(ids[0])]), [0.6, 0.3], rtol=1e-6)
+    np.testing.assert_allclose(np.exp(lp).sum() + np.exp(rest[0]), 1.0, rtol=1e-6)
+    ids, lp, _ = _top(teacher, 3, np.array([[False, True, False, False]]))  # fewer plausible tokens than k
+    assert np.isfinite(lp).all() and np.exp(lp).sum() == pytest.approx(1.0)

@@ -1,8 +1,8 @@
 """Discovery: from a full-precision model and toxic vs non-toxic text, compute an edit plan.
 
 Methods (one registry, `pydetox.discover.base.METHODS`): aura, gloss, eigenshift, profs, meow2x, trne, wordfilter,
-unlikelihood. Each is a module with its paper and parameters documented; each turns activations and weights into
-`Edit`s that the engine applies to any GGUF of the model.
+unlikelihood, distill. Each is a module with its paper and parameters documented; each turns activations and weights
+into `Edit`s that the engine applies to any GGUF of the model.
 """
 
 from __future__ import annotations
