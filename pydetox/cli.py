@@ -177,6 +177,10 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+IGNORE_EOS_HELP = ("ban end-of-text tokens so that every continuation is --max-tokens long (an edit that makes the "
+                   "model stop early lowers toxic rates by writing less; this compares at equal length)")
+
+
 def _cmd_detox(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
     from pydetox.detox import DetoxJob, run
@@ -197,7 +201,8 @@ def _cmd_detox(args: argparse.Namespace) -> int:
         edited_type=None if args.edited_type.lower() == "none" else args.edited_type,
         calibrator=Path(args.calibrator) if args.calibrator else None,
         alphas=tuple(_alphas(args.alpha)) if args.alpha else (0.2, 0.4),
-        eval_settings=EvalSettings(n_prompts=args.limit, ppl_tokens=args.ppl_tokens, seed=args.seed),
+        eval_settings=EvalSettings(n_prompts=args.limit, ppl_tokens=args.ppl_tokens, seed=args.seed,
+                                   ignore_eos=args.ignore_eos),
     )
     run(job, progress=not args.quiet)
     return 0
@@ -220,7 +225,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         prompts=args.prompts, n_prompts=args.limit, samples=args.samples, max_tokens=args.max_tokens,
         temperature=args.temperature if args.samples > 1 or args.temperature else 0.0, top_p=args.top_p,
-        seed=args.seed, evaluators=tuple(args.evaluators.split(",")), clean_text=args.clean_text,
+        seed=args.seed, ignore_eos=args.ignore_eos, evaluators=tuple(args.evaluators.split(",")), clean_text=args.clean_text,
         ppl_tokens=args.ppl_tokens, window=args.window, batch=args.batch, threads=args.threads,
     )
     if settings.samples > 1 and settings.temperature <= 0:
@@ -386,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--plan", action="append", help="also apply and evaluate this plan file (repeatable)")
     dx.add_argument("--limit", type=int, default=140, help="RTP challenging prompts to evaluate on (default 140; all: 700)")
     dx.add_argument("--ppl-tokens", type=int, default=4096)
+    dx.add_argument("--ignore-eos", action="store_true", help=IGNORE_EOS_HELP)
     dx.add_argument("--edited-type", default="Q8_0", help="edited tensors keep at least this type's bits at low-bit "
                     "types, so the edit survives quantization (default Q8_0; 'none' = llama.cpp's mix as it is)")
     dx.add_argument("--calibrator", help="also evaluate the unedited model fused with this calibrator, at each type")
@@ -407,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="use this many prompts (seeded, category-balanced subset)")
     e.add_argument("--samples", type=int, default=1, help="continuations per prompt (default 1; RTP used 25)")
     e.add_argument("--max-tokens", type=int, default=20, help="tokens per continuation (default 20)")
+    e.add_argument("--ignore-eos", action="store_true", help=IGNORE_EOS_HELP)
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); RTP used 1.0 with top-p 0.9")
     e.add_argument("--top-p", type=float, default=0.9)
     e.add_argument("--seed", type=int, default=0)

@@ -47,6 +47,12 @@ def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, 
     return dst
 
 
+def _mean_tokens(m: dict[str, Any]) -> float:
+    """Tokens per continuation: an edit that makes the model stop early lowers toxic rates by writing less."""
+    t = next(iter(m["toxicity"].values()))
+    return float(m["generated_tokens"]) / max(1, t["n_prompts"] * t["n_samples"])
+
+
 def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
     """Per (method, type): toxic-rate reduction factor per evaluator against the unedited model at the same type,
     perplexity change against it, KL against the unedited F16 (edit + quantization) and against the unedited model at
@@ -61,7 +67,8 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
                                "perplexity_change": m["perplexity"] / base["perplexity"] - 1, "kl": m["kl"],
                                "kl_edit": m["kl"] if m.get("kl_base") is None else m["kl_base"],
                                "long_run_share": m.get("degeneration", {}).get("long_run_share"),
-                               "base_long_run_share": base.get("degeneration", {}).get("long_run_share")}
+                               "base_long_run_share": base.get("degeneration", {}).get("long_run_share"),
+                               "mean_tokens": _mean_tokens(m), "base_mean_tokens": _mean_tokens(base)}
         for ev, t in m["toxicity"].items():
             b = base["toxicity"][ev]["toxic_rate"]
             row[f"{ev}_rate"] = t["toxic_rate"]
@@ -74,10 +81,11 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
 
 def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
     head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators], "ppl change", "KL vs F16", "KL vs base",
-            "16+ letter runs (base)"]
+            "16+ letter runs (base)", "tokens (base)"]
     body = [[r["method"], r["type"], *[f"{r[e + '_rate']:.3f} ({r[e + '_reduction']:.2f}x)" for e in evaluators],
              f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}", f"{r['kl_edit']:.4f}",
-             f"{r['long_run_share']:.1%} ({r['base_long_run_share']:.1%})"] for r in rows]
+             f"{r['long_run_share']:.1%} ({r['base_long_run_share']:.1%})",
+             f"{r['mean_tokens']:.1f} ({r['base_mean_tokens']:.1f})"] for r in rows]
     table = [head, *body]
     widths = [max(len(x[i]) for x in table) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in table)

@@ -33,6 +33,7 @@ class EvalSettings:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 0.9
     seed: int = 0
+    ignore_eos: bool = False  # every continuation max_tokens long: rates compared at equal length
     evaluators: tuple[str, ...] = ("profanity-check", "bilstm", "hatesonar")
     clean_text: str = "news"  # for perplexity / KL: news, wiki or a file
     ppl_tokens: int = 8192
@@ -42,7 +43,7 @@ class EvalSettings:
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_p, self.seed)
+        return Sampling(self.temperature, self.top_p, self.seed, self.ignore_eos)
 
 
 @dataclass(frozen=True)

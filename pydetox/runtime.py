@@ -10,6 +10,7 @@ llama-cpp-python's `Llama` does not expose that field, so it is set on the defau
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +64,15 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 0.9
     seed: int = 0
+    ignore_eos: bool = False  # end-of-generation tokens banned: every continuation runs to max_tokens
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
     def describe(self) -> str:
-        return "greedy" if self.greedy else f"sampled, temperature {self.temperature}, top-p {self.top_p}, seed {self.seed}"
+        text = "greedy" if self.greedy else f"sampled, temperature {self.temperature}, top-p {self.top_p}, seed {self.seed}"
+        return text + (", end of text banned" if self.ignore_eos else "")
 
 
 class LlamaRuntime:
@@ -123,6 +126,7 @@ class LlamaRuntime:
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, n_batch
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._eog: list[int] | None = None
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -188,6 +192,8 @@ class LlamaRuntime:
         samplers = []
         for seed in seeds:
             chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+            if sampling.ignore_eos:
+                lib.llama_sampler_chain_add(chain, self._eog_ban())
             if sampling.greedy:
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             else:
@@ -235,6 +241,13 @@ class LlamaRuntime:
         finally:
             for chain in samplers:
                 lib.llama_sampler_free(chain)
+
+    def _eog_ban(self) -> Any:
+        """A llama.cpp logit-bias sampler that sets every end-of-generation token's logit to -inf."""
+        if self._eog is None:
+            self._eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
+        bias = (self.lib.llama_logit_bias * len(self._eog))(*[self.lib.llama_logit_bias(t, -math.inf) for t in self._eog])
+        return self.lib.llama_sampler_init_logit_bias(self.n_vocab, len(self._eog), bias)
 
     def _sample(self, chain: Any, i: int) -> int:
         """Draw the next token of the sequence at position `i` of the last decoded batch (llama.cpp's `idx`)."""

@@ -39,6 +39,24 @@ def test_generation_is_reproducible_and_respects_limits(tiny_pair: tuple[Path, P
             rt.generate(toks + toks, 8, Sampling(), seeds=list(range(8)))
 
 
+def test_ignore_eos_runs_every_continuation_to_the_limit(tmp_path: Path) -> None:
+    """The same random model twice, the second declaring as end of text a token the first generates greedily:
+    the second stops before it, and with `ignore_eos` it writes max_tokens tokens, never that one."""
+    shape = {"d": 64, "ff": 128, "heads": 2, "kv_heads": 1}
+    with LlamaRuntime(write_tiny_llama(tmp_path / "a.gguf", **shape), n_ctx=512, n_seq=4) as rt:
+        toks = [rt.tokenize(p) for p in PROMPTS.prompts]
+        free = rt.generate(toks, 8, Sampling(), seeds=[0, 1, 2, 3])
+    eos = free[0][2]
+    with LlamaRuntime(write_tiny_llama(tmp_path / "b.gguf", **shape, eos=eos), n_ctx=512, n_seq=4) as rt:
+        assert rt.is_eog(eos)
+        stopped = rt.generate(toks, 8, Sampling(), seeds=[0, 1, 2, 3])
+        assert stopped[0] == free[0][:2]
+        for sampling in (Sampling(ignore_eos=True), Sampling(temperature=1.0, ignore_eos=True)):
+            full = rt.generate(toks, 8, sampling, seeds=[0, 1, 2, 3])
+            assert [len(g) for g in full] == [8] * 4 and all(eos not in g for g in full)
+    assert Sampling(ignore_eos=True).describe() == "greedy, end of text banned"
+
+
 def test_perplexity_matches_a_direct_computation_and_kl_is_zero_against_itself(tiny_pair: tuple[Path, Path]) -> None:
     docs = ["the cat was in the dog. " * 20]
     with LlamaRuntime(tiny_pair[0], n_ctx=64, n_batch=64) as a, LlamaRuntime(tiny_pair[0], n_ctx=64, n_batch=64) as a2, \

@@ -37,8 +37,9 @@ def write_tiny_llama(
     tied: bool = False,
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
     seed: int = 0,
+    eos: int = 2,
 ) -> Path:
-    """A random llama model; 2-D weights stored as `qtype` (F32, F16 or Q8_0, quantized by gguf-py), norms F32."""
+    """A random llama model (end-of-text token `eos`); 2-D weights stored as `qtype` (F32, F16 or Q8_0, quantized by gguf-py), norms F32."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = _vocab()
     vocab = len(tokens)
@@ -59,7 +60,7 @@ def write_tiny_llama(
     w.add_token_scores(scores)
     w.add_token_types(types)
     w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w.add_eos_token_id(eos)
     w.add_unk_token_id(0)
 
     def matrix(name: str, rows: int, cols: int) -> None:
