@@ -145,7 +145,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                        "summary": rows}
     (job.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (job.out / "report.md").write_text(rep.markdown(report) + "\n" + summary_table(rows, list(settings.evaluators)) + "\n")
-    rep.plot(report, job.out / "report.png")
+    rep.plot(report, job.out / "report.png", groups=names)
     print(rep.table(report))
     print()
     print(summary_table(rows, list(settings.evaluators)))

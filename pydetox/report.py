@@ -63,33 +63,54 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(report: dict[str, Any], path: str | Path) -> None:
+_MARKERS = {"F32": "D", "F16": "o", "BF16": "o", "Q8_0": "s", "Q6_K": "P", "Q5_K_M": "v", "Q4_K_M": "^", "Q4_0": "<"}
+
+
+def plot(report: dict[str, Any], path: str | Path, groups: dict[str, tuple[str, str]] | None = None) -> None:
+    """Toxic rate (95% CI) against KL (or perplexity), one panel per evaluator. With `groups` (label -> (series,
+    type), as `pydetox detox` names its models), a colour per series (method) and a marker per type, so that a
+    method's points at F16, Q8_0 and Q4_K_M read as one family; otherwise a colour per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    use_kl = all(m["kl"] is not None for m in report["models"])
+    models = report["models"]
+    use_kl = all(m["kl"] is not None for m in models)
     key, axis_label = ("kl", "KL divergence vs reference (nats/token)") if use_kl else ("perplexity", "perplexity on clean text")
-    evaluators = list(report["models"][0]["toxicity"]) if report["models"] else []
+    evaluators = list(models[0]["toxicity"]) if models else []
+    keys = [groups.get(label(m), (label(m), "")) if groups else (label(m), "") for m in models]
+    series = list(dict.fromkeys(k[0] for k in keys))
+    types = list(dict.fromkeys(k[1] for k in keys))
+    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    color = {s: cmap(i % cmap.N) for i, s in enumerate(series)}
+    spare = iter("Xp*hH+x")
+    marker = {t: _MARKERS.get(t) or (next(spare, "o") if t else "o") for t in types}
     # One panel per evaluator: they disagree, so each gets its own axis rather than points on top of each other.
     fig, axes = plt.subplots(1, max(1, len(evaluators)), figsize=(4.2 * max(1, len(evaluators)), 4.6), sharey=True, squeeze=False)
     for ax, ev in zip(axes[0], evaluators, strict=False):
-        for mi, m in enumerate(report["models"]):
+        for m, (ser, typ) in zip(models, keys, strict=True):
             x = m[key]
             if x is None:
                 continue
             t = m["toxicity"][ev]
             lo, hi = t["ci95"]
-            ax.errorbar([x], [t["toxic_rate"]], yerr=[[t["toxic_rate"] - lo], [hi - t["toxic_rate"]]], fmt="o",
-                        color=f"C{mi}", capsize=3, label=label(m))
+            ax.errorbar([x], [t["toxic_rate"]], yerr=[[t["toxic_rate"] - lo], [hi - t["toxic_rate"]]], fmt=marker[typ],
+                        color=color[ser], capsize=3, markersize=5, alpha=0.9)
         ax.set_title(ev, fontsize=10)
         ax.set_xlabel(axis_label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("toxic-continuation rate (score > 0.5), 95% CI", fontsize=9)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles = [Line2D([], [], color=color[s], marker="o", ls="", label=s) for s in series]
+    if len(types) > 1:
+        handles += [Line2D([], [], color="0.4", marker=marker[t], ls="", label=t) for t in types]
+    ncol = min(len(handles), 6 if groups else 2)
+    rows = -(-len(handles) // max(1, ncol))
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False, bbox_to_anchor=(0.5, 0.03))
     fig.suptitle("Toxicity vs capability", fontsize=11)
-    fig.text(0.01, 0.01, settings_line(report), fontsize=6, wrap=True)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.text(0.01, 0.005, settings_line(report), fontsize=6, wrap=True)
+    fig.set_size_inches(fig.get_size_inches()[0], 4.6 + 0.16 * rows)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * rows * 4.6 / (4.6 + 0.16 * rows), 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
