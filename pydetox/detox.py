@@ -50,7 +50,7 @@ def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, 
 def _mean_tokens(m: dict[str, Any]) -> float:
     """Tokens per continuation: an edit that makes the model stop early lowers toxic rates by writing less."""
     t = next(iter(m["toxicity"].values()))
-    return float(m["generated_tokens"]) / max(1, t["n_prompts"] * t["n_samples"])
+    return float(m["generated_tokens"]) / max(1, int(t["n_prompts"]) * int(t["n_samples"]))
 
 
 def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:

@@ -53,7 +53,8 @@ def test_ignore_eos_runs_every_continuation_to_the_limit(tmp_path: Path) -> None
         assert stopped[0] == free[0][:2]
         for sampling in (Sampling(ignore_eos=True), Sampling(temperature=1.0, ignore_eos=True)):
             full = rt.generate(toks, 8, sampling, seeds=[0, 1, 2, 3])
-            assert [len(g) for g in full] == [8] * 4 and all(eos not in g for g in full)
+            assert [len(g) for g in full] == [8] * 4
+            assert all(eos not in g for g in full)
     assert Sampling(ignore_eos=True).describe() == "greedy, end of text banned"
 
 

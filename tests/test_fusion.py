@@ -262,4 +262,5 @@ def test_distill_targets_drop_tokens_the_unedited_model_finds_implausible() -> N
     np.testing.assert_allclose(np.exp(lp[0][np.argsort(ids[0])]), [0.6, 0.3], rtol=1e-6)
     np.testing.assert_allclose(np.exp(lp).sum() + np.exp(rest[0]), 1.0, rtol=1e-6)
     ids, lp, _ = _top(teacher, 3, np.array([[False, True, False, False]]))  # fewer plausible tokens than k
-    assert np.isfinite(lp).all() and np.exp(lp).sum() == pytest.approx(1.0)
+    assert np.isfinite(lp).all()
+    assert np.exp(lp).sum() == pytest.approx(1.0)

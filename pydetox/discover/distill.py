@@ -46,13 +46,13 @@ from pydetox.plan import Edit, EditKind
 @dataclass(frozen=True)
 class DistillParams:
     calibrator: str = ""
-    alpha: float = 0.5
-    rank: int = 8
+    alpha: float = 0.7  # defaults: the SmolLM2 run in the README (d5)
+    rank: int = 32
     first_layer: int = -1
-    steps: int = 300
+    steps: int = 450
     batch: int = 8
-    lr: float = 0.002
-    clean_weight: float = 10.0
+    lr: float = 0.003
+    clean_weight: float = 8.0
     top_k: int = 32
     plausible: float = 1e-3
     pairs: int = 600
