@@ -37,7 +37,7 @@ import numpy.typing as npt
 
 from pydetox.errors import PydetoxError
 from pydetox.gguf_io import ModelFile, write_small_gguf
-from pydetox.runtime import LlamaRuntime
+from pydetox.runtime import LlamaRuntime, log_softmax
 
 ALIGN_TYPE = "pydetox.calibrator_alignment"
 ALIGN_VERSION = 1
@@ -266,6 +266,12 @@ class FusedRuntime(LlamaRuntime):
 
     def _output_logits(self, n: int) -> FloatArray:
         return self._fused[:n]
+
+    def logprobs_and_target(self, tokens: list[int]) -> tuple[FloatArray, FloatArray]:
+        """`logprobs(tokens)` of the fused model and of the target alone, from one decode: the target's logits stay
+        in its own llama.cpp context while the calibrator decodes in another."""
+        fused = self.logprobs(tokens)
+        return fused, log_softmax(LlamaRuntime._output_logits(self, len(tokens) - 1))
 
     def _sample(self, chain: Any, i: int) -> int:
         cand = self._cand

@@ -14,11 +14,14 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pydetox.errors import RuntimeUnavailableError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11; the project supports 3.10
 
 _lock = threading.Lock()
 
@@ -73,6 +76,14 @@ class Sampling:
     def describe(self) -> str:
         text = "greedy" if self.greedy else f"sampled, temperature {self.temperature}, top-p {self.top_p}, seed {self.seed}"
         return text + (", end of text banned" if self.ignore_eos else "")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of llama.cpp logits, as a float32 copy."""
+    out = logits.astype(np.float32)
+    out -= out.max(axis=1, keepdims=True)
+    out -= np.log(np.exp(out).sum(axis=1, keepdims=True))
+    return out
 
 
 class LlamaRuntime:
@@ -135,7 +146,7 @@ class LlamaRuntime:
             self.lib.llama_model_free(self.model)
             self.ctx = None
 
-    def __enter__(self) -> LlamaRuntime:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -270,7 +281,4 @@ class LlamaRuntime:
             raise ValueError(f"a scoring window holds 2..{min(self.n_ctx, self.n_batch)} tokens, got {n}")
         self._clear()
         self._decode([(t, i, 0, i < n - 1) for i, t in enumerate(tokens)])
-        logits = self._output_logits(n - 1).astype(np.float32)
-        logits -= logits.max(axis=1, keepdims=True)
-        logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        return logits
+        return log_softmax(self._output_logits(n - 1))

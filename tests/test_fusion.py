@@ -93,6 +93,9 @@ def test_fused_logits_match_the_formula(trained: tuple[Path, Path]) -> None:
         assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
         lp = fused.logprobs(toks)
         assert np.allclose(np.exp(lp).sum(1), 1.0, atol=1e-4)
+        both, alone = fused.logprobs_and_target(toks)
+        assert np.array_equal(both, lp)
+        assert np.array_equal(alone, plain.logprobs(toks))  # the target's own, bit for bit
 
 
 def test_chat_processor_follows_the_conversation(trained: tuple[Path, Path]) -> None:

@@ -116,8 +116,8 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
         ids, logp, rest = [], [], []
         floor = np.log(p.plausible) if p.plausible > 0 else -np.inf
         for s in tqdm(seqs, desc="teacher: distributions", leave=False, disable=not progress):
-            lb = base.logprobs(s)
-            i, lp, r = _top(rt.logprobs(s), p.top_k, lb >= lb.max(axis=1, keepdims=True) + floor)
+            lf, lb = rt.logprobs_and_target(s)
+            i, lp, r = _top(lf, p.top_k, lb >= lb.max(axis=1, keepdims=True) + floor)
             ids.append(i)
             logp.append(lp)
             rest.append(r)
