@@ -276,7 +276,7 @@ def _cmd_calibrate_train(args: argparse.Namespace) -> int:
     settings = CalibrateSettings(
         layers=args.layers, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
         pairs=args.data, clean_text=args.clean_text, clean_tokens=args.clean_tokens, output_type=args.output_type,
-        seed=args.seed, threads=args.threads, objective=args.objective,
+        layer_type=args.layer_type, seed=args.seed, threads=args.threads, objective=args.objective,
     )
     res = train(resolve_model(args.model), out, settings, progress=not args.quiet)
     print(f"calibrator  {res.calibrator}\nalignment   {res.alignment}\nlog         {res.log}\nloss plot   {res.plot}")
@@ -447,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--data", default="paradetox-3000", help="JSONL of {toxic, neutral} pairs; the neutral side is used")
     ct.add_argument("--clean-text", default="wiki", help="wiki or a text file (not news: perplexity is measured there)")
     ct.add_argument("--clean-tokens", type=int, default=300000)
-    ct.add_argument("--output-type", default="Q8_0", help="type of the calibrator's matrices (default Q8_0)")
+    ct.add_argument("--output-type", default="Q8_0", help="type of the calibrator's output tensor (default Q8_0)")
+    ct.add_argument("--layer-type", default="F16",
+                    help="type of the trained layers' matrices (default F16: Q8_0 also quantizes their activations)")
     ct.add_argument("--objective", default="fused", choices=["fused", "standalone"],
                     help="fused: train what the calibrator adds to the frozen target (default); standalone: the calibrator alone")
     ct.add_argument("--seed", type=int, default=0)

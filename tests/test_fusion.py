@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tiny import write_tiny_llama
 
-from pydetox import kernels
+from pydetox import ggml, kernels
 from pydetox.calibrate import CalibrateSettings, train
 from pydetox.fusion import Alignment, FusedRuntime, FusionError, FusionLogitsProcessor, alignment_path
 from pydetox.gguf_io import ModelFile
@@ -21,7 +21,7 @@ from pydetox.runtime import LlamaRuntime, Sampling
 
 SHAPE = {"d": 64, "ff": 128, "layers": 3, "heads": 4, "kv_heads": 2}
 TINY = CalibrateSettings(layers=1, steps=4, batch=4, seq_len=32, align_steps=3, eval_every=2, clean_tokens=0,
-                         output_type="F32", vocab_sample=64)
+                         output_type="F32", layer_type="F32", vocab_sample=64)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -181,8 +181,12 @@ def test_standalone_objective_trains_the_calibrator_alone(tmp_path: Path) -> Non
     from dataclasses import replace
 
     target = write_tiny_llama(tmp_path / "t.gguf", **SHAPE)
-    res = train(target, tmp_path / "c.gguf", replace(TINY, objective="standalone", steps=2), progress=False, plot=False)
+    res = train(target, tmp_path / "c.gguf", replace(TINY, objective="standalone", steps=2, output_type="Q8_0",
+                                                     layer_type="F16"), progress=False, plot=False)
     log = json.loads(res.log.read_text())
+    with ModelFile(res.calibrator) as m:  # trained layers at layer_type (their activations stay unquantized)
+        assert m.tensors["output.weight"].qtype == ggml.parse_type("Q8_0")
+        assert m.tensors["blk.0.ffn_down.weight"].qtype == ggml.parse_type("F16")
     assert log["val_alpha"] is None
     assert "val_target_alone" not in log
     assert res.plot is None
