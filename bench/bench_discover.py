@@ -14,11 +14,11 @@ from pydetox.discover.activations import collect
 def test_discovery_500_pairs_under_120_s() -> None:
     t0 = time.perf_counter()
     d = Discovery(fetch("smollm2-135m-instruct", quiet=True), n_pairs=500, progress=False)
-    timings = {"load_s": d.load_s, "activations_s": d.activation_s}
+    timings = {"load_s": d.load_s}
     for method in ("aura", "profs", "eigenshift", "meow2x", "trne"):
-        t = time.perf_counter()
-        d.plan(method)
-        timings[f"{method}_s"] = time.perf_counter() - t
+        # the first one collects the activations, timed on their own
+        timings[f"{method}_s"] = d.plan(method).params["method_s"]
+    timings["activations_s"] = d.activation_s
     total = time.perf_counter() - t0
     print("\n" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"; total {total:.1f} s for five methods")
     # batched activations against one text at a time, on 64 texts of the same data

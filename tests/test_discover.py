@@ -167,9 +167,12 @@ def test_plans_from_real_text_apply_to_tiny_ggufs(tmp_path: Path, tied: bool) ->
 
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE, tied=tied)
     d = Discovery(model, n_pairs=24, max_tokens=24, progress=False)
+    assert d.activation_s == 0.0  # collected once, when the first method asks
     for method, overrides in [("aura", {}), ("profs", {}), ("gloss", {"min_bad": "0"}), ("eigenshift", {}),
                               ("meow2x", {"top": "8"}), ("trne", {"top": "8"})]:  # wordfilter: its own test
         plan = d.plan(method, overrides)
+        assert d.activation_s > 0.0
+        assert len(d.toxic.final_mean) == len(d.neutral.final_mean) == 24
         plan_path = plan.save(tmp_path / f"{method}.plan.gguf")
         out = tmp_path / f"{method}.gguf"
         report = apply_plan(plan, model, out, ApplyOptions(ftype=gguf.LlamaFileType.MOSTLY_Q8_0, progress=False), plan_path=plan_path)
@@ -188,6 +191,8 @@ def test_wordfilter_lowers_exactly_the_banned_tokens_in_llama_cpp(tmp_path: Path
     d = Discovery(model, n_pairs=24, max_tokens=24, progress=False)
     d.context.badwords = ["cat", "dog"]
     plan = d.plan("wordfilter", {"texts": "24", "select": "list"})
+    assert d.activation_s == 0.0
+    assert callable(d.context._toxic)
     banned = [i for i, t in enumerate(token_strings(d.context)) if t in ("cat", "dog")]
     assert plan.params["diagnostics"]["banned_tokens"] == len(banned) == 2
     out = tmp_path / "wf.gguf"

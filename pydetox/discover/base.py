@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,16 +17,28 @@ from pydetox.errors import PydetoxError
 from pydetox.plan import Edit
 
 
-@dataclass
 class Context:
-    """What a method may look at: the model, the data, and activations on both sides of the data."""
+    """What a method may look at: the model, the data, and activations on both sides of the data. `toxic` and
+    `neutral` may be given as zero-argument callables: they are then computed on first use, so that methods that never
+    look at them (distill, unlikelihood, wordfilter) do not pay for them."""
 
-    fp: FullPrecisionModel
-    data: DiscoveryData
-    toxic: Activations
-    neutral: Activations
-    badwords: list[str]
-    progress: bool = True  # progress bars for methods with long steps
+    def __init__(self, fp: FullPrecisionModel, data: DiscoveryData, toxic: Activations | Callable[[], Activations],
+                 neutral: Activations | Callable[[], Activations], badwords: list[str], progress: bool = True) -> None:
+        self.fp, self.data, self.badwords = fp, data, badwords
+        self.progress = progress  # progress bars for methods with long steps
+        self._toxic, self._neutral = toxic, neutral
+
+    @property
+    def toxic(self) -> Activations:
+        if callable(self._toxic):
+            self._toxic = self._toxic()
+        return self._toxic
+
+    @property
+    def neutral(self) -> Activations:
+        if callable(self._neutral):
+            self._neutral = self._neutral()
+        return self._neutral
 
     def down_weight(self, layer: int) -> npt.NDArray[np.float32]:
         """(d_model, d_ff) float32 copy of a layer's FFN down-projection."""
