@@ -34,6 +34,18 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan_scale(args: argparse.Namespace) -> int:
+    from pydetox.plan import EditPlan
+
+    src = Path(args.plan)
+    if Path(args.output).resolve() == src.resolve():
+        raise PydetoxError("the scaled plan would overwrite its source; choose another output name")
+    plan = EditPlan.load(src).scaled(args.strength, source=src.name)
+    plan.save(args.output)
+    print(f"wrote {args.output}: {len(plan.edits)} {plan.method} edits at strength {plan.params['plan_strength']:g}")
+    return 0
+
+
 def _cmd_plan_random(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
     from pydetox.gguf_io import ModelFile
@@ -345,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("-o", "--output", required=True, help="plan file to write")
     r.set_defaults(func=_cmd_plan_random)
+    sc = plsub.add_parser("scale", help="a plan's edits at another strength (0: no change, 1: as discovered)")
+    sc.add_argument("plan", help="edit plan file")
+    sc.add_argument("--strength", type=float, required=True, help="0 leaves the model as it is, 1 is the plan itself")
+    sc.add_argument("-o", "--output", required=True, help="plan file to write")
+    sc.set_defaults(func=_cmd_plan_scale)
 
     a = sub.add_parser("apply", help="apply an edit plan to a GGUF and write a new GGUF")
     a.add_argument("plan", help="edit plan file ('-' for none: only requantize)")

@@ -117,6 +117,27 @@ class Edit:
     def native(self) -> tuple[int, Array, Array | None, Array | None]:
         return (EDIT_KINDS[self.kind].native_id, self.a, self.b, self.gain)
 
+    def scaled(self, strength: float) -> Edit:
+        """The same edit at `strength`: 0 leaves the tensor as it is, 1 is this edit, and between them the change is
+        interpolated in the edit's own parameters: projections damp by strength * (1 - g), low_rank and add_rows
+        add strength times their change, scalings become 1 + strength * (s - 1). Every kind is linear in these, so
+        the edited tensor is exactly (1 - strength) W + strength W_edited (above 1: the edit extrapolated)."""
+        if not np.isfinite(strength) or strength < 0:
+            raise PlanError(f"strength must be a finite number >= 0, got {strength}")
+        k = self.kind
+        s = np.float32(strength)
+        if k in (EditKind.PROJECT_OUT, EditKind.PROJECT_IN):
+            g = np.zeros(self.a.shape[0], np.float32) if self.gain is None else self.gain
+            return Edit(self.tensor, k, self.shape, self.a, self.b, (1 - s * (1 - g)).astype(np.float32), self.source)
+        if k is EditKind.LOW_RANK:
+            return Edit(self.tensor, k, self.shape, (s * self.a).astype(np.float32), self.b, self.gain, self.source)
+        if k in (EditKind.SCALE_ROWS, EditKind.SCALE_COLS):
+            return Edit(self.tensor, k, self.shape, (1 + s * (self.a - 1)).astype(np.float32), self.b, self.gain, self.source)
+        if k is EditKind.ADD_ROWS:
+            assert self.b is not None
+            return Edit(self.tensor, k, self.shape, self.a, (s * self.b).astype(np.float32), self.gain, self.source)
+        raise PlanError(f"edit of {self.tensor}: no strength for kind {k.value}")
+
     def validate(self) -> None:
         where = f"edit of {self.tensor} ({self.kind.value})"
         spec = EDIT_KINDS.get(self.kind)
@@ -167,6 +188,13 @@ class EditPlan:
             raise PlanError("the plan has no edits")
         for e in self.edits:
             e.validate()
+
+    def scaled(self, strength: float, source: str = "") -> EditPlan:
+        """Every edit at `strength` (see `Edit.scaled`); the parameters record the strength and the plan it came from."""
+        params = {**self.params, "plan_strength": strength * float(self.params.get("plan_strength", 1.0))}
+        if source:
+            params["scaled_from"] = source
+        return EditPlan(self.arch, [e.scaled(strength) for e in self.edits], self.method, params, self.model)
 
     @property
     def tensors(self) -> list[str]:

@@ -97,3 +97,56 @@ def test_newer_version_and_foreign_files_are_refused(tmp_path: Path) -> None:
         EditPlan.load(tmp_path / "junk")
     with pytest.raises(PlanError, match="found nothing"):
         EditPlan.load(tmp_path / "missing")
+
+
+def _edited(W: np.ndarray, e: Edit) -> np.ndarray:
+    from pydetox import reference as ref
+
+    k = e.kind
+    if k is EditKind.PROJECT_OUT:
+        return ref.project_out(W, e.a, e.gain)
+    if k is EditKind.PROJECT_IN:
+        return ref.project_in(W, e.a, e.gain)
+    if k is EditKind.LOW_RANK:
+        return ref.low_rank(W, e.a, e.b)
+    if k is EditKind.SCALE_ROWS:
+        return ref.scale_rows(W, e.a)
+    if k is EditKind.SCALE_COLS:
+        return ref.scale_cols(W, e.a)
+    return ref.add_rows(W, e.a, e.b)
+
+
+@pytest.mark.parametrize("kind", list(EditKind))
+def test_scaled_plan_interpolates_between_the_model_and_the_edit(tmp_path: Path, kind: EditKind) -> None:
+    """strength 0: the tensor as it is; 1: the plan's edit; s: exactly (1 - s) W + s W_edited, for every kind."""
+    plan = random_plan("llama", SHAPES, kind, rank=3, seed=2, model="tiny")
+    rng = np.random.default_rng(3)
+    for e in plan.edits:
+        W = rng.standard_normal(e.shape)
+        full = _edited(W, e)
+        np.testing.assert_allclose(_edited(W, e.scaled(0.0)), W, atol=1e-12)
+        np.testing.assert_allclose(_edited(W, e.scaled(1.0)), full, atol=1e-6)
+        for s in (0.3, 1.5):
+            np.testing.assert_allclose(_edited(W, e.scaled(s)), (1 - s) * W + s * full, atol=1e-5)
+    half = plan.scaled(0.5, source="p.gguf").scaled(0.5)
+    assert half.params["plan_strength"] == 0.25
+    assert half.params["scaled_from"] == "p.gguf"
+    back = EditPlan.load(half.save(tmp_path / "q.gguf"))
+    assert back.params["plan_strength"] == 0.25
+    with pytest.raises(PlanError, match="strength must be a finite number >= 0, got -1"):
+        plan.scaled(-1.0)
+
+
+def test_plan_scale_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pydetox.cli import main
+
+    plan = random_plan("llama", SHAPES, EditKind.LOW_RANK, rank=3, seed=2, model="tiny")
+    src = plan.save(tmp_path / "p.gguf")
+    assert main(["plan", "scale", str(src), "--strength", "0.5", "-o", str(tmp_path / "h.gguf")]) == 0
+    half = EditPlan.load(tmp_path / "h.gguf")
+    np.testing.assert_allclose(half.edits[0].a, 0.5 * plan.edits[0].a, rtol=1e-6)
+    np.testing.assert_array_equal(half.edits[0].b, plan.edits[0].b)
+    before = src.read_bytes()
+    assert main(["plan", "scale", str(src), "--strength", "0.5", "-o", str(src)]) != 0
+    assert "would overwrite its source" in capsys.readouterr().err
+    assert src.read_bytes() == before
