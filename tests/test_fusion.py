@@ -226,13 +226,21 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     disc = Discovery(target, n_pairs=8, progress=False)
     settings = {"calibrator": str(cal), "alpha": "0.9", "max_prompts": "24", "pairs": "24", "clean_texts": "24",
                 "steps": "60", "lr": "0.03", "clean_weight": "0.1", "rank": "4", "batch": "4", "first_layer": "1",
-                "max_tokens": "32"}
+                "max_tokens": "32", "cache": str(tmp_path / "teacher.npz")}
     plan = disc.plan("distill", settings)
     diag = plan.params["diagnostics"]
+    assert not diag["teacher_from_cache"]
+    assert (tmp_path / "teacher.npz").is_file()
     assert diag["held_out_after"]["teacher_kl"] < 0.7 * diag["held_out_before"]["teacher_kl"], diag
     # The clean-text term holds the model where it was (a random tiny model has no toxic contexts to tell apart,
     # so the teacher's pull shows on clean text too): ten times its weight, a fraction of the clean KL.
     anchored = disc.plan("distill", {**settings, "clean_weight": "10"}).params["diagnostics"]
+    # the teacher's targets come back from the cache: same sequences, same distributions (same loss before training)
+    assert anchored["teacher_from_cache"]
+    assert anchored["toxic_sequences"] == diag["toxic_sequences"]
+    assert anchored["held_out_before"] == diag["held_out_before"]
+    other = disc.plan("distill", {**settings, "alpha": "0.5", "steps": "1"}).params["diagnostics"]
+    assert not other["teacher_from_cache"]  # another teacher: recomputed (and the cache now holds it)
     assert anchored["held_out_after"]["clean_kl"] < 0.3 * diag["held_out_after"]["clean_kl"], (anchored, diag)
     assert [(e.tensor, e.kind) for e in plan.edits] == [(f"blk.{i}.ffn_down.weight", EditKind.LOW_RANK) for i in (1, 2)]
     out = tmp_path / "d.gguf"
