@@ -190,11 +190,15 @@ class EditPlan:
             e.validate()
 
     def scaled(self, strength: float, source: str = "") -> EditPlan:
-        """Every edit at `strength` (see `Edit.scaled`); the parameters record the strength and the plan it came from."""
-        params = {**self.params, "plan_strength": strength * float(self.params.get("plan_strength", 1.0))}
+        """Every edit at `strength` (see `Edit.scaled`). The parameters record the overall strength, the method and
+        the plan it came from; the method is named `METHOD-sSTRENGTH` (`distill-s0.7`), so that a report can hold the
+        plan beside the one it was scaled from."""
+        total = strength * float(self.params.get("plan_strength", 1.0))
+        base = str(self.params.get("scaled_method", self.method))
+        params = {**self.params, "plan_strength": total, "scaled_method": base}
         if source:
             params["scaled_from"] = source
-        return EditPlan(self.arch, [e.scaled(strength) for e in self.edits], self.method, params, self.model)
+        return EditPlan(self.arch, [e.scaled(strength) for e in self.edits], f"{base}-s{total:g}", params, self.model)
 
     @property
     def tensors(self) -> list[str]:

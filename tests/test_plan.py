@@ -131,6 +131,7 @@ def test_scaled_plan_interpolates_between_the_model_and_the_edit(tmp_path: Path,
     half = plan.scaled(0.5, source="p.gguf").scaled(0.5)
     assert half.params["plan_strength"] == 0.25
     assert half.params["scaled_from"] == "p.gguf"
+    assert (half.method, half.params["scaled_method"]) == ("random-s0.25", "random")
     back = EditPlan.load(half.save(tmp_path / "q.gguf"))
     assert back.params["plan_strength"] == 0.25
     with pytest.raises(PlanError, match="strength must be a finite number >= 0, got -1"):
