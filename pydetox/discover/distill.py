@@ -80,17 +80,24 @@ class _Targets:
         return len(self.seqs)
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        lengths = np.array([len(s) for s in self.seqs], np.int64)
-        return {f"{prefix}lengths": lengths, f"{prefix}tokens": np.concatenate([np.asarray(s, np.int64) for s in self.seqs]),
-                f"{prefix}ids": np.concatenate(self.ids), f"{prefix}logp": np.concatenate(self.logp),
-                f"{prefix}rest": np.concatenate(self.rest)}
+        return {**_pack(self.seqs, prefix), f"{prefix}ids": np.concatenate(self.ids),
+                f"{prefix}logp": np.concatenate(self.logp), f"{prefix}rest": np.concatenate(self.rest)}
 
     @classmethod
     def from_arrays(cls, z: Any, prefix: str) -> _Targets:
-        lengths = z[f"{prefix}lengths"]
-        cut, pos = np.cumsum(lengths)[:-1], np.cumsum(lengths - 1)[:-1]  # targets: every position but the last
-        seqs = [t.tolist() for t in np.split(z[f"{prefix}tokens"], cut)]
-        return cls(seqs, np.split(z[f"{prefix}ids"], pos), np.split(z[f"{prefix}logp"], pos), np.split(z[f"{prefix}rest"], pos))
+        pos = np.cumsum(z[f"{prefix}lengths"] - 1)[:-1]  # targets: every position but the last
+        return cls(_unpack(z, prefix), np.split(z[f"{prefix}ids"], pos), np.split(z[f"{prefix}logp"], pos),
+                   np.split(z[f"{prefix}rest"], pos))
+
+
+def _pack(seqs: list[list[int]], prefix: str) -> dict[str, np.ndarray]:
+    """Token sequences of different lengths as two flat arrays, PREFIXlengths and PREFIXtokens."""
+    return {f"{prefix}lengths": np.array([len(s) for s in seqs], np.int64),
+            f"{prefix}tokens": np.concatenate([np.asarray(s, np.int64) for s in seqs])}
+
+
+def _unpack(z: Any, prefix: str) -> list[list[int]]:
+    return [t.tolist() for t in np.split(z[f"{prefix}tokens"], np.cumsum(z[f"{prefix}lengths"])[:-1])]
 
 
 _TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "pairs", "clean_texts", "prompts", "max_prompts",
@@ -114,14 +121,12 @@ def _load_cache(path: Path, key: str) -> tuple[_Targets, list[list[int]]] | None
     with np.load(path) as z:
         if str(z["key"]) != key:
             return None
-        clean = [t.tolist() for t in np.split(z["clean_tokens"], np.cumsum(z["clean_lengths"])[:-1])]
-        return _Targets.from_arrays(z, "t_"), clean
+        return _Targets.from_arrays(z, "t_"), _unpack(z, "clean_")
 
 
 def _save_cache(path: Path, key: str, toxic: _Targets, clean: list[list[int]]) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
-    arrays = {"key": np.array(key), "clean_lengths": np.array([len(c) for c in clean], np.int64),
-              "clean_tokens": np.concatenate([np.asarray(c, np.int64) for c in clean]), **toxic.arrays("t_")}
+    arrays = {"key": np.array(key), **_pack(clean, "clean_"), **toxic.arrays("t_")}
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
 
@@ -300,7 +305,7 @@ class Distill(Method):
         cache = Path(p.cache) if p.cache else None
         if cache is not None and cache.suffix != ".npz":
             raise PydetoxError(f"distill: the teacher cache is a .npz file, got {p.cache}")
-        key = _cache_key(source, p)
+        key = _cache_key(source, p) if cache is not None else ""
         cached = _load_cache(cache, key) if cache is not None else None
         if cached is None:
             toxic, clean_seqs = _teacher(source, p, prompts, [r["toxic"] for r in rows], ctx.progress, clean_texts)
