@@ -211,7 +211,7 @@ def _cmd_detox(args: argparse.Namespace) -> int:
         out=Path(args.out), overrides=overrides, data=args.data, n_pairs=args.pairs, seed=args.seed,
         plans=tuple(Path(p) for p in args.plan or ()),
         edited_type=None if args.edited_type.lower() == "none" else args.edited_type,
-        calibrator=Path(args.calibrator) if args.calibrator else None,
+        edit_quantized=args.edit_quantized, calibrator=Path(args.calibrator) if args.calibrator else None,
         alphas=tuple(_alphas(args.alpha)) if args.alpha else (0.2, 0.4),
         eval_settings=EvalSettings(n_prompts=args.limit, ppl_tokens=args.ppl_tokens, seed=args.seed,
                                    ignore_eos=args.ignore_eos),
@@ -372,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--imatrix", help="importance matrix from llama-imatrix (needed by IQ1/IQ2/IQ3_XXS types)")
     a.add_argument("--report", help="write the JSON report here")
     a.add_argument("--no-verify", action="store_true", help="skip the leakage measurement")
-    a.add_argument("--edited-type", help="with --type: give the edited tensors at least this type's bits (e.g. Q8_0), "
-                   "so that low-bit quantization does not bring the removed component back")
+    a.add_argument("--edited-type", help="give the edited tensors at least this type's bits (e.g. Q8_0), so that "
+                   "low-bit quantization does not round the edit away (with or without --type)")
     a.add_argument("--force", action="store_true", help="replace an existing output file")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_cmd_apply)
@@ -411,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--ignore-eos", action="store_true", help=IGNORE_EOS_HELP)
     dx.add_argument("--edited-type", default="Q8_0", help="edited tensors keep at least this type's bits at low-bit "
                     "types, so the edit survives quantization (default Q8_0; 'none' = llama.cpp's mix as it is)")
+    dx.add_argument("--edit-quantized", action="store_true",
+                    help="apply each plan to the unedited model at each type, as a user with a downloaded GGUF would "
+                    "(untouched tensors stay byte for byte; edited ones get --edited-type), instead of editing F16 and "
+                    "quantizing the result")
     dx.add_argument("--calibrator", help="also evaluate the unedited model fused with this calibrator, at each type")
     dx.add_argument("--alpha", help="fusion weights for --calibrator, comma-separated (default 0.2,0.4)")
     dx.add_argument("--quiet", action="store_true")

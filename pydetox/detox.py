@@ -34,16 +34,21 @@ class DetoxJob:
     calibrator: Path | None = None  # also evaluate the unedited model fused with this calibrator (pydetox.fusion)
     alphas: tuple[float, ...] = (0.2, 0.4)
     plans: tuple[Path, ...] = ()  # plans already discovered (named by their method), applied and evaluated as well
+    # Apply each plan to the unedited model at each type (what a user with a downloaded Q4_K_M does: untouched tensors
+    # stay byte for byte, touched ones are dequantized, edited and requantized at the floor), instead of editing F16
+    # and quantizing the result (which gives touched tensors a fresh quantization of their own).
+    edit_quantized: bool = False
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(n_prompts=140, ppl_tokens=4096))
 
 
-def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, qtype: str,
+def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, qtype: str | None,
            edited_type: str | None = None) -> Path:
+    """`qtype` None keeps each tensor's type (untouched ones are copied byte for byte)."""
     if dst.exists():
         dst.unlink()
     floor = ggml.parse_type(edited_type) if edited_type else None
-    apply_plan(plan, src, dst, ApplyOptions(ftype=ggml.parse_ftype(qtype), progress=False, edited_floor=floor),
-               plan_path=plan_path)
+    ftype = ggml.parse_ftype(qtype) if qtype else None
+    apply_plan(plan, src, dst, ApplyOptions(ftype=ftype, progress=False, edited_floor=floor), plan_path=plan_path)
     return dst
 
 
@@ -123,7 +128,11 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
         base = f16 if qtype.upper() == "F16" else _apply(None, None, f16, job.out / f"{stem}.{qtype}.gguf", qtype)
         models.append(ModelSpec(base))
         for method, (plan, plan_path) in plans.items():
-            edited = _apply(plan, plan_path, f16, job.out / f"{stem}.{method}.{qtype}.gguf", qtype, job.edited_type)
+            dst = job.out / f"{stem}.{method}.{qtype}.gguf"
+            if job.edit_quantized:
+                edited = _apply(plan, plan_path, base, dst, None, job.edited_type)
+            else:
+                edited = _apply(plan, plan_path, f16, dst, qtype, job.edited_type)
             models.append(ModelSpec(edited, base=None if base == f16 else base))
             names[models[-1].label] = (method, qtype)
         if job.calibrator is not None:
@@ -139,7 +148,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     rows = summarize(report, names)
     report["detox"] = {"model": str(job.model), "methods": list(plans), "types": list(job.types),
                        "plans": {m: str(p) for m, (_, p) in plans.items()},
-                       "edited_type": job.edited_type,
+                       "edited_type": job.edited_type, "edit_quantized": job.edit_quantized,
                        "calibrator": None if job.calibrator is None else str(job.calibrator), "alphas": list(job.alphas),
                        "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing} if job.methods else {},
                        "summary": rows}

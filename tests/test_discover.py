@@ -19,7 +19,8 @@ from pydetox.discover.base import Context, get_method, logit_lens, make_params, 
 from pydetox.discover.data import DiscoveryData, load_pairs
 from pydetox.discover.model import FullPrecisionModel
 from pydetox.errors import PydetoxError
-from pydetox.plan import EditKind
+from pydetox.gguf_io import KEY_SOURCE_NAME
+from pydetox.plan import EditKind, EditPlan
 
 SHAPE = {"d": 64, "ff": 128, "heads": 2, "kv_heads": 1}
 N = 200
@@ -237,6 +238,22 @@ def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest
     report = json.loads((again / "report.json").read_text())
     assert [(r["method"], r["type"]) for r in report["detox"]["summary"]] == [("profs", "F16")]
     assert report["detox"]["discovery"] == {}
+    # the plan applied to the unedited Q8_0 (a downloaded GGUF): its untouched tensors are that file's, byte for byte
+    onq = tmp_path / "onq"
+    assert main(["detox", "--model", str(model), "--plan", str(out / "profs.plan.gguf"), "--types", "Q8_0",
+                 "--edit-quantized", "--limit", "7", "--ppl-tokens", "128", "--out", str(onq), "--quiet"]) == 0
+    assert json.loads((onq / "report.json").read_text())["detox"]["edit_quantized"] is True
+    touched = {e.tensor for e in EditPlan.load(out / "profs.plan.gguf").edits}
+    base = {t.name: t for t in gguf.GGUFReader(onq / "m.Q8_0.gguf").tensors}
+    edited = {t.name: t for t in gguf.GGUFReader(onq / "m.profs.Q8_0.gguf").tensors}
+    assert touched
+    assert set(base) == set(edited)
+    meta = gguf.GGUFReader(onq / "m.profs.Q8_0.gguf").fields[KEY_SOURCE_NAME]
+    assert bytes(meta.parts[meta.data[0]]).decode() == "m.Q8_0.gguf"  # edited from the Q8_0 file, not from F16
+    for name, t in edited.items():
+        same = bytes(t.data) == bytes(base[name].data)
+        assert same == (name not in touched), name
+        assert t.tensor_type == base[name].tensor_type  # Q8_0 is at the floor already
 
 
 @pytest.mark.slow
