@@ -239,6 +239,14 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert anchored["teacher_from_cache"]
     assert anchored["toxic_sequences"] == diag["toxic_sequences"]
     assert anchored["held_out_before"] == diag["held_out_before"]
+    # the exact clean KL over the whole vocabulary (never below the bucketed one) anchors as well
+    exact = disc.plan("distill", {**settings, "clean_weight": "10", "clean_kl": "full"}).params["diagnostics"]
+    assert exact["teacher_from_cache"]
+    assert exact["held_out_before"]["clean_kl"] == 0  # the update starts at zero: edited == unedited
+    assert exact["held_out_after"]["teacher_kl"] < exact["held_out_before"]["teacher_kl"]
+    assert exact["held_out_after"]["clean_kl"] < 0.3 * diag["held_out_after"]["clean_kl"], (exact, diag)
+    with pytest.raises(PydetoxError, match="clean_kl is 'top' or 'full'"):
+        disc.plan("distill", {**settings, "clean_kl": "tail"})
     other = disc.plan("distill", {**settings, "alpha": "0.5", "steps": "1"}).params["diagnostics"]
     assert not other["teacher_from_cache"]  # another teacher: recomputed (and the cache now holds it)
     assert anchored["held_out_after"]["clean_kl"] < 0.3 * diag["held_out_after"]["clean_kl"], (anchored, diag)

@@ -12,8 +12,11 @@ down-projection of each chosen layer (the plan's `low_rank` kind, W <- W + L^T R
 
 (knowledge distillation of Hinton et al. 2015, sequence-level as in Kim & Rush 2016: the teacher's distribution at
 every position of greedy continuations, the teacher's own and the unedited model's). The edit is free to act only
-where the hidden states say the context is toxic, which the fused model cannot do. Both KLs are over the teacher's
-(or unedited model's) top-`top_k` tokens plus one bucket for the rest of the vocabulary.
+where the hidden states say the context is toxic, which the fused model cannot do. The teacher KL is over the
+teacher's top-`top_k` tokens plus one bucket for the rest of the vocabulary. The clean KL is the same with
+`clean_kl=top` (runs d1-d5 and g1), or exact over the whole vocabulary with `clean_kl=full`, the unedited model
+computed alongside at each step: the bucket does not see mass moved inside the rest, and on Gemma-3-270m (262,144
+tokens, top-32 mass ~0.86 on clean text) it read 0.35 where the full KL was 0.43 (news) and 0.26 for 0.34 (wiki).
 
 Toxic contexts (never the evaluation prompts): the RealToxicityPrompts prompts of `prompts` that are not in
 rtp-challenging, each with the fused model's and the unedited model's greedy continuations of `max_new_tokens` tokens,
@@ -25,7 +28,7 @@ the student in torch.
 
 Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
-`clean_weight`, `top_k`, `plausible` (0: no restriction), `pairs`, `clean_texts`, `prompts`, `max_prompts`,
+`clean_weight`, `clean_kl` (top | full), `top_k`, `plausible` (0: no restriction), `pairs`, `clean_texts`, `prompts`, `max_prompts`,
 `max_new_tokens`, `max_tokens`, `seed`, `cache` (a .npz to keep the teacher's targets in between runs).
 """
 
@@ -53,6 +56,7 @@ class DistillParams:
     batch: int = 8
     lr: float = 0.003
     clean_weight: float = 8.0
+    clean_kl: str = "top"  # top: top_k tokens + a bucket (d5); full: the whole vocabulary, unedited computed per step
     top_k: int = 32
     plausible: float = 1e-3
     pairs: int = 600
@@ -249,6 +253,19 @@ def _batch_kl(ctx: Context, t: _Targets, pick: list[int]) -> Any:
     return _kl(lq, ids, lp, rest)
 
 
+def _full_kl(ctx: Context, lora: _LoRA, seqs: list[list[int]]) -> Any:
+    """Exact KL(unedited || edited) per position over the whole vocabulary; the unedited model is the same one with
+    the update switched off."""
+    torch = ctx.fp.torch
+    with torch.no_grad():
+        lora.on = False
+        try:
+            lp = _forward(ctx, seqs)
+        finally:
+            lora.on = True
+    return (lp.exp() * (lp - _forward(ctx, seqs))).sum(1)
+
+
 def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, batch: int = 16) -> _Targets:
     torch = ctx.fp.torch
     ids, logp, rest = [], [], []
@@ -285,6 +302,8 @@ class Distill(Method):
             raise PydetoxError(f"distill runs the fused teacher in llama.cpp and needs the model as a GGUF file; got {source}")
         if not 0.0 <= p.plausible < 1.0:
             raise PydetoxError(f"distill: plausible must lie in [0, 1), got {p.plausible}")
+        if p.clean_kl not in ("top", "full"):
+            raise PydetoxError(f"distill: clean_kl is 'top' or 'full', got {p.clean_kl!r}")
         if p.rank < 1 or p.steps < 1 or p.batch < 1:
             raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")
         torch = ctx.fp.torch
@@ -313,7 +332,8 @@ class Distill(Method):
                 _save_cache(cache, key, toxic, clean_seqs)
         else:
             toxic, clean_seqs = cached
-        clean = _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
+        full = p.clean_kl == "full"
+        clean = _Targets(clean_seqs, [], [], []) if full else _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
 
         n = ctx.fp.n_layers
         first = p.first_layer if p.first_layer >= 0 else n // 3
@@ -326,10 +346,13 @@ class Distill(Method):
         ctx.fp.model.requires_grad_(False)
         lora = _LoRA(ctx, list(range(first, n)), p.rank, p.seed)
 
+        def clean_kl(pick: list[int]) -> Any:
+            return _full_kl(ctx, lora, [clean.seqs[i] for i in pick]) if full else _batch_kl(ctx, clean, pick)
+
         def held_out() -> dict[str, float]:
             with torch.no_grad():
                 kt = torch.cat([_batch_kl(ctx, toxic, val_t[s : s + 16]) for s in range(0, len(val_t), 16)])
-                kc = torch.cat([_batch_kl(ctx, clean, val_c[s : s + 16]) for s in range(0, len(val_c), 16)])
+                kc = torch.cat([clean_kl(val_c[s : s + 16]) for s in range(0, len(val_c), 16)])
             return {"teacher_kl": round(float(kt.mean()), 4), "clean_kl": round(float(kc.mean()), 5)}
 
         try:
@@ -341,7 +364,7 @@ class Distill(Method):
                 bt = gen.choice(train_t, p.batch, replace=False).tolist()
                 bc = gen.choice(train_c, p.batch, replace=False).tolist()
                 lt = _batch_kl(ctx, toxic, bt).mean()
-                lc = _batch_kl(ctx, clean, bc).mean()
+                lc = clean_kl(bc).mean()
                 loss = lt + p.clean_weight * lc
                 opt.zero_grad()
                 loss.backward()
