@@ -128,11 +128,8 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
         base = f16 if qtype.upper() == "F16" else _apply(None, None, f16, job.out / f"{stem}.{qtype}.gguf", qtype)
         models.append(ModelSpec(base))
         for method, (plan, plan_path) in plans.items():
-            dst = job.out / f"{stem}.{method}.{qtype}.gguf"
-            if job.edit_quantized:
-                edited = _apply(plan, plan_path, base, dst, None, job.edited_type)
-            else:
-                edited = _apply(plan, plan_path, f16, dst, qtype, job.edited_type)
+            src, ftype = (base, None) if job.edit_quantized else (f16, qtype)  # None: keep the base's types
+            edited = _apply(plan, plan_path, src, job.out / f"{stem}.{method}.{qtype}.gguf", ftype, job.edited_type)
             models.append(ModelSpec(edited, base=None if base == f16 else base))
             names[models[-1].label] = (method, qtype)
         if job.calibrator is not None:

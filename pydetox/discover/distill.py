@@ -332,22 +332,24 @@ class Distill(Method):
                 _save_cache(cache, key, toxic, clean_seqs)
         else:
             toxic, clean_seqs = cached
-        full = p.clean_kl == "full"
-        clean = _Targets(clean_seqs, [], [], []) if full else _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
+        full = p.clean_kl == "full"  # then the unedited model's distributions are computed per step, not stored
+        clean = None if full else _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
 
         n = ctx.fp.n_layers
         first = p.first_layer if p.first_layer >= 0 else n // 3
         if not 0 <= first < n:
             raise PydetoxError(f"distill: first_layer must lie in [0, {n}), got {first}")
         gen = np.random.default_rng(p.seed + 1)
-        perm_t, perm_c = gen.permutation(len(toxic)), gen.permutation(len(clean))
+        perm_t, perm_c = gen.permutation(len(toxic)), gen.permutation(len(clean_seqs))
         val_t, train_t = perm_t[: max(1, len(toxic) // 10)].tolist(), perm_t[max(1, len(toxic) // 10) :]
-        val_c, train_c = perm_c[: max(1, len(clean) // 10)].tolist(), perm_c[max(1, len(clean) // 10) :]
+        val_c, train_c = perm_c[: max(1, len(clean_seqs) // 10)].tolist(), perm_c[max(1, len(clean_seqs) // 10) :]
         ctx.fp.model.requires_grad_(False)
         lora = _LoRA(ctx, list(range(first, n)), p.rank, p.seed)
 
         def clean_kl(pick: list[int]) -> Any:
-            return _full_kl(ctx, lora, [clean.seqs[i] for i in pick]) if full else _batch_kl(ctx, clean, pick)
+            if clean is None:
+                return _full_kl(ctx, lora, [clean_seqs[i] for i in pick])
+            return _batch_kl(ctx, clean, pick)
 
         def held_out() -> dict[str, float]:
             with torch.no_grad():
@@ -382,6 +384,6 @@ class Distill(Method):
                               b.detach().T.contiguous().numpy().astype(np.float32),
                               a.detach().numpy().astype(np.float32)))
         return edits, {"teacher_from_cache": cached is not None,
-                       "toxic_sequences": len(toxic), "clean_sequences": len(clean), "discovery_prompts": len(prompts),
+                       "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs), "discovery_prompts": len(prompts),
                        "layers": [first, n - 1], "held_out_before": before, "held_out_after": after,
                        "curve": curve}
