@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--pairs", type=int, default=500)
     dx.add_argument("--seed", type=int, default=0)
     dx.add_argument("--param", action="append", help="method:key=value (repeatable)")
-    dx.add_argument("--plan", action="append", help="also apply and evaluate this plan file (repeatable)")
+    dx.add_argument("--plan", action="append", help="also apply and evaluate this plan file (repeatable; named by its "
+                    "method, or by its file name where two plans share a method)")
     dx.add_argument("--limit", type=int, default=140, help="RTP challenging prompts to evaluate on (default 140; all: 700)")
     dx.add_argument("--ppl-tokens", type=int, default=4096)
     dx.add_argument("--ignore-eos", action="store_true", help=IGNORE_EOS_HELP)

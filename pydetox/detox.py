@@ -102,11 +102,15 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
 
     job.out.mkdir(parents=True, exist_ok=True)
     plans: dict[str, tuple[EditPlan, Path]] = {}
-    for path in job.plans:
-        plan = EditPlan.load(path)
-        if plan.method in plans:
-            raise PydetoxError(f"two plans of method {plan.method!r}: {plans[plan.method][1]} and {path}")
-        plans[plan.method] = (plan, path)
+    loaded = [(EditPlan.load(path), path) for path in job.plans]
+    methods = [plan.method for plan, _ in loaded]
+    for plan, path in loaded:
+        # a plan is named by its method, or by its file name where two plans share a method (two distill runs)
+        label = plan.method if methods.count(plan.method) == 1 else path.name.removesuffix(".gguf").removesuffix(".plan")
+        if label in plans or label in job.methods:
+            raise PydetoxError(f"two plans named {label!r}: {plans[label][1] if label in plans else 'discovered here'} "
+                               f"and {path}; rename one of the files")
+        plans[label] = (plan, path)
     timing: dict[str, Any] = {}
     if job.methods:
         discovery = Discovery(job.model, data=job.data, n_pairs=job.n_pairs, seed=job.seed, progress=progress)

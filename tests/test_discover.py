@@ -3,6 +3,7 @@ their plans, discovered on real text, apply to tiny GGUFs that llama.cpp runs.""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import gguf
@@ -231,13 +232,18 @@ def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest
     assert (out / "report.png").exists()
     assert (out / "profs.plan.gguf").exists()
     assert "ppl change" in capsys.readouterr().out
-    # an existing plan, no discovery
+    # existing plans, no discovery; two plans of one method are told apart by their file names
     again = tmp_path / "again"
-    assert main(["detox", "--model", str(model), "--plan", str(out / "profs.plan.gguf"), "--types", "F16", "--limit", "7",
-                 "--ppl-tokens", "128", "--out", str(again), "--quiet"]) == 0
+    other = shutil.copy(out / "profs.plan.gguf", tmp_path / "profs-b.plan.gguf")
+    assert main(["detox", "--model", str(model), "--plan", str(out / "profs.plan.gguf"), "--plan", str(other),
+                 "--types", "F16", "--limit", "7", "--ppl-tokens", "128", "--out", str(again), "--quiet"]) == 0
     report = json.loads((again / "report.json").read_text())
-    assert [(r["method"], r["type"]) for r in report["detox"]["summary"]] == [("profs", "F16")]
+    assert [(r["method"], r["type"]) for r in report["detox"]["summary"]] == [("profs", "F16"), ("profs-b", "F16")]
     assert report["detox"]["discovery"] == {}
+    assert (again / "m.profs-b.F16.gguf").exists()
+    assert main(["detox", "--model", str(model), "--plan", str(out / "profs.plan.gguf"), "--plan",
+                 str(out / "profs.plan.gguf"), "--types", "F16", "--out", str(again), "--quiet"]) == 2
+    assert "two plans named 'profs'" in capsys.readouterr().err
     # the plan applied to the unedited Q8_0 (a downloaded GGUF): its untouched tensors are that file's, byte for byte
     onq = tmp_path / "onq"
     assert main(["detox", "--model", str(model), "--plan", str(out / "profs.plan.gguf"), "--types", "Q8_0",
