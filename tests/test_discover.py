@@ -211,6 +211,27 @@ def test_wordfilter_lowers_exactly_the_banned_tokens_in_llama_cpp(tmp_path: Path
     assert np.abs(za[:, banned]).max() > 0.1
 
 
+def test_a_quantized_gguf_is_discovered_on_its_own_rounded_weights(tmp_path: Path) -> None:
+    """Discovery from a Q4_K_M file (quant-aware distill, d6q) trains on the weights llama.cpp will run: torch's
+    matrices are libggml's dequantization of that file's tensors, not the full-precision ones it was made from."""
+    from pydetox.gguf_io import ModelFile
+    from pydetox.kernels import dequantize
+
+    f32 = write_tiny_llama(tmp_path / "m.gguf")
+    q4 = tmp_path / "m.Q4_K_M.gguf"
+    apply_plan(None, f32, q4, ApplyOptions(ftype=gguf.LlamaFileType.MOSTLY_Q4_K_M, progress=False))
+    full, rounded = FullPrecisionModel(f32, progress=False), FullPrecisionModel(q4, progress=False)
+    name = rounded.down_proj_name(1)
+    with ModelFile(q4) as m:
+        entry = m.tensors[name]
+        assert entry.qtype != gguf.GGMLQuantizationType.F32
+        want = dequantize(m.read(entry), entry.qtype, *entry.shape)
+    got = rounded.down_proj(1).weight.detach().numpy()
+    exact = full.down_proj(1).weight.detach().numpy()
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - exact).max() > 1e-3 * np.abs(exact).max()  # the rounding is there to learn around
+
+
 def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
