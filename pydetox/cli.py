@@ -46,6 +46,41 @@ def _cmd_plan_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan_fit(args: argparse.Namespace) -> int:
+    from pydetox import ggml
+    from pydetox.assets import resolve_model
+    from pydetox.calibrate import SKIP_WIKI
+    from pydetox.fit import fit_strength
+    from pydetox.plan import EditPlan
+    from pydetox.prompts import load_clean_text
+
+    src = Path(args.plan)
+    if Path(args.output).resolve() == src.resolve():
+        raise PydetoxError("the fitted plan would overwrite its source; choose another output name")
+    plan = EditPlan.load(src)
+    model = resolve_model(args.model)
+    # wiki-heldout: the Wikipedia paragraphs that calibrator training and distill skip (evaluation measures on news)
+    documents = load_clean_text("wiki")[:SKIP_WIKI] if args.clean_text == "wiki-heldout" else load_clean_text(args.clean_text)
+    floor = None if args.edited_type.lower() == "none" else ggml.parse_type(args.edited_type)
+    fit = fit_strength(plan, model, args.kl, documents, max_tokens=args.tokens, window=args.window, edited_floor=floor,
+                       steps=args.steps, threads=args.threads, progress=not args.quiet)
+    if fit.strength == 0:
+        raise PydetoxError(f"no strength tried keeps KL within {args.kl:g} on {model.name}: "
+                           + ", ".join(f"{t.strength:g} -> {t.kl:.4f}" for t in fit.trials))
+    fitted = plan.scaled(fit.strength, source=src.name)
+    fitted = EditPlan(fitted.arch, fitted.edits, fitted.method, {**fitted.params, "fit": {
+        "kl_budget": args.kl, "model": model.name, "clean_text": args.clean_text, "tokens": args.tokens,
+        "window": args.window, "edited_type": args.edited_type,
+        "trials": [{"strength": t.strength, "kl": round(t.kl, 5), "perplexity": round(t.perplexity, 3)} for t in fit.trials],
+    }}, fitted.model)
+    fitted.save(args.output)
+    best = fit.best
+    assert best is not None
+    print(f"wrote {args.output}: strength {fit.strength:g} (KL {best.kl:.4f} <= {args.kl:g} on {args.clean_text}, "
+          f"{len(fit.trials)} trials on {model.name})")
+    return 0
+
+
 def _cmd_plan_random(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
     from pydetox.gguf_io import ModelFile
@@ -362,6 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--strength", type=float, required=True, help="0 leaves the model as it is, 1 is the plan itself")
     sc.add_argument("-o", "--output", required=True, help="plan file to write")
     sc.set_defaults(func=_cmd_plan_scale)
+    ft = plsub.add_parser("fit", help="scale a plan to the largest strength within a KL budget on held-out clean text")
+    ft.add_argument("plan", help="edit plan file")
+    ft.add_argument("--model", required=True, help="the GGUF the plan will be applied to (KL is measured against it)")
+    ft.add_argument("--kl", type=float, required=True, help="budget: mean KL(unedited || edited) in nats/token")
+    ft.add_argument("--clean-text", default="wiki-heldout", help="wiki-heldout (default: Wikipedia paragraphs no "
+                    "training step uses; evaluation measures on news), news, wiki, or a text file")
+    ft.add_argument("--tokens", type=int, default=4096, help="clean-text tokens to measure on (default 4096)")
+    ft.add_argument("--window", type=int, default=512)
+    ft.add_argument("--edited-type", default="none", help="as apply's --edited-type (default none: types kept)")
+    ft.add_argument("--steps", type=int, default=6, help="most strengths to try (default 6)")
+    ft.add_argument("--threads", type=int)
+    ft.add_argument("--quiet", action="store_true")
+    ft.add_argument("-o", "--output", required=True, help="plan file to write")
+    ft.set_defaults(func=_cmd_plan_fit)
 
     a = sub.add_parser("apply", help="apply an edit plan to a GGUF and write a new GGUF")
     a.add_argument("plan", help="edit plan file ('-' for none: only requantize)")

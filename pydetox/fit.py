@@ -1,0 +1,84 @@
+"""A plan's strength fitted to a KL budget on held-out clean text, without looking at toxicity.
+
+`pydetox plan scale` trades detox for capability at a strength the user picks; read off the evaluation prompts,
+that pick is tuned on the test set. `fit_strength` picks it from the other side: the largest strength whose edited
+model stays within `budget` nats/token of KL(unedited || edited) on clean text that neither discovery nor the
+evaluation uses (by default the first Wikipedia paragraphs, which the calibrator and `distill` skip, while
+evaluation measures on `news`). Each trial applies the scaled plan to the given GGUF exactly as `pydetox apply`
+would (same `edited_floor`) and measures KL in llama.cpp against that GGUF.
+
+KL grows about quadratically with strength (the edited logits move linearly), so each step proposes
+s * sqrt(budget / KL(s)) and falls back to bisection when that leaves the bracket.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from pydetox.apply import ApplyOptions, apply_plan
+from pydetox.capability import capability
+from pydetox.errors import PydetoxError
+from pydetox.plan import EditPlan
+from pydetox.runtime import LlamaRuntime
+
+
+@dataclass(frozen=True)
+class Trial:
+    strength: float
+    kl: float
+    perplexity: float
+
+
+@dataclass(frozen=True)
+class Fit:
+    strength: float  # the largest strength tried whose KL is within the budget (0 when none is)
+    budget: float
+    trials: list[Trial]
+
+    @property
+    def best(self) -> Trial | None:
+        return next((t for t in self.trials if t.strength == self.strength), None)
+
+
+def fit_strength(plan: EditPlan, model: str | Path, budget: float, documents: list[str], *, max_tokens: int = 4096,
+                 window: int = 512, edited_floor: gguf.GGMLQuantizationType | None = None, steps: int = 6,
+                 tol: float = 0.05, threads: int | None = None, progress: bool = True) -> Fit:
+    if not budget > 0:
+        raise PydetoxError(f"the KL budget must be > 0 nats/token, got {budget}")
+    if steps < 1:
+        raise PydetoxError(f"steps must be >= 1, got {steps}")
+    trials: list[Trial] = []
+    with LlamaRuntime(model, n_ctx=window, n_batch=window, threads=threads) as ref, \
+            tempfile.TemporaryDirectory(prefix="pydetox-fit-") as tmp:
+        def measure(strength: float) -> Trial:
+            out = Path(tmp) / f"s{strength:.4f}.gguf"
+            apply_plan(plan.scaled(strength), model, out,
+                       ApplyOptions(edited_floor=edited_floor, threads=threads, verify=False, progress=False))
+            with LlamaRuntime(out, n_ctx=window, n_batch=window, threads=threads) as rt:
+                cap = capability(rt, documents, reference=ref, max_tokens=max_tokens, window=window, progress=False)
+            out.unlink()
+            assert cap.kl is not None
+            trial = Trial(strength, cap.kl, cap.perplexity)
+            trials.append(trial)
+            if progress:
+                print(f"fit: strength {trial.strength:.4f}  KL {trial.kl:.4f}  perplexity {trial.perplexity:.2f}")
+            return trial
+
+        lo, hi, s = 0.0, 1.0, 1.0
+        for _ in range(steps):
+            t = measure(s)
+            if t.kl <= budget:
+                lo = s
+            else:
+                hi = s
+            if (t.kl <= budget and (s == 1.0 or t.kl >= (1 - tol) * budget)) or hi - lo < 0.005:
+                break
+            guess = s * math.sqrt(budget / max(t.kl, 1e-12))
+            s = round(guess if lo < guess < hi else (lo + hi) / 2, 4)
+    within = [t.strength for t in trials if t.kl <= budget]
+    return Fit(max(within, default=0.0), budget, trials)

@@ -1,0 +1,70 @@
+"""`pydetox plan fit`: a plan scaled to the largest strength within a KL budget, measured in llama.cpp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny import write_tiny_llama
+
+from pydetox.cli import main
+from pydetox.errors import PydetoxError
+from pydetox.fit import fit_strength
+from pydetox.gguf_io import ModelFile
+from pydetox.plan import EditKind, EditPlan, random_plan
+
+DOCS = ["the cat was in the dog. a dog is in the house, and the cat was not. " * 12]
+
+
+@pytest.fixture(scope="module")
+def model_and_plan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("fit")
+    model = write_tiny_llama(d / "m.gguf", d=64, ff=128, heads=2, kv_heads=1)
+    with ModelFile(model) as m:
+        shapes = [(n, t.shape) for n, t in m.tensors.items() if n.endswith("ffn_down.weight")]
+    plan = random_plan("llama", shapes, EditKind.PROJECT_OUT, rank=16, seed=3)
+    return model, plan.save(d / "p.plan.gguf")
+
+
+def test_fit_finds_the_strength_at_the_budget(model_and_plan: tuple[Path, Path]) -> None:
+    model, path = model_and_plan
+    plan = EditPlan.load(path)
+    whole = fit_strength(plan, model, 10.0, DOCS, max_tokens=256, window=64, progress=False)
+    assert whole.strength == 1.0  # within a loose budget at full strength: one trial
+    assert len(whole.trials) == 1
+    full_kl = whole.trials[0].kl
+    assert full_kl > 1e-3
+    budget = full_kl / 4
+    fit = fit_strength(plan, model, budget, DOCS, max_tokens=256, window=64, progress=False)
+    best = fit.best
+    assert best is not None
+    assert 0 < fit.strength < 1
+    assert 0.8 * budget <= best.kl <= budget  # close under the budget, not just anywhere under it
+    assert all(t.kl > budget for t in fit.trials if t.strength > fit.strength)  # no stronger trial fits
+    assert 0.3 < fit.strength < 0.7  # KL ~ strength^2: a quarter of the KL near half the strength
+
+
+def test_plan_fit_command_writes_the_scaled_plan_and_its_trials(model_and_plan: tuple[Path, Path], tmp_path: Path) -> None:
+    model, path = model_and_plan
+    clean = tmp_path / "clean.txt"
+    clean.write_text(DOCS[0])
+    out = tmp_path / "fitted.plan.gguf"
+    whole = fit_strength(EditPlan.load(path), model, 10.0, DOCS, max_tokens=256, window=64, progress=False)
+    budget = whole.trials[0].kl / 2
+    assert main(["plan", "fit", str(path), "--model", str(model), "--kl", f"{budget}", "--clean-text", str(clean),
+                 "--tokens", "256", "--window", "64", "--quiet", "-o", str(out)]) == 0
+    fitted = EditPlan.load(out)
+    info = fitted.params["fit"]
+    assert info["kl_budget"] == pytest.approx(budget)
+    chosen = fitted.params["plan_strength"]
+    assert 0 < chosen < 1
+    assert max(t["strength"] for t in info["trials"] if t["kl"] <= budget) == pytest.approx(chosen)
+    assert fitted.method == f"{EditPlan.load(path).method}-s{chosen:g}"
+    # measured again from the written plan, its KL is the trial's
+    again = fit_strength(fitted, model, 10.0, DOCS, max_tokens=256, window=64, progress=False)
+    assert again.trials[0].kl == pytest.approx(next(t["kl"] for t in info["trials"] if t["strength"] == chosen), rel=1e-3)
+    assert main(["plan", "fit", str(path), "--model", str(model), "--kl", "1e-9", "--clean-text", str(clean),
+                 "--tokens", "256", "--window", "64", "--steps", "1", "--quiet", "-o", str(tmp_path / "x.plan.gguf")]) == 2
+    assert not (tmp_path / "x.plan.gguf").exists()  # one trial, at strength 1, over the budget: no plan written
+    with pytest.raises(PydetoxError, match="budget must be > 0"):
+        fit_strength(fitted, model, 0.0, DOCS, progress=False)
