@@ -24,7 +24,9 @@ and the toxic side of `pairs` ParaDetox pairs. The teacher's distributions are r
 model finds plausible (see `_teacher`). Clean text: `clean_texts` Wikipedia paragraphs from the ones the calibrator
 trains on (after the first SKIP_WIKI; never `news`, where perplexity is measured) and the neutral side of the pairs.
 The teacher runs in llama.cpp (the fused runtime of `pydetox eval --calibrator`) on the GGUF the discovery loaded;
-the student in torch.
+the student in torch, on that GGUF's weights dequantized. Given a Q4_K_M, the update is learned on top of the
+rounded weights it will be added to, the teacher is that Q4_K_M fused, and the clean anchor is its own output
+(run d6q on SmolLM2: at Q4_K_M it cut more for less KL than the F16-discovered d5, and did as well at F16).
 
 Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
