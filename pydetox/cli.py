@@ -49,7 +49,6 @@ def _cmd_plan_scale(args: argparse.Namespace) -> int:
 def _cmd_plan_fit(args: argparse.Namespace) -> int:
     from pydetox import ggml
     from pydetox.assets import resolve_model
-    from pydetox.calibrate import SKIP_WIKI
     from pydetox.fit import fit_strength
     from pydetox.plan import EditPlan
     from pydetox.prompts import load_clean_text
@@ -59,8 +58,7 @@ def _cmd_plan_fit(args: argparse.Namespace) -> int:
         raise PydetoxError("the fitted plan would overwrite its source; choose another output name")
     plan = EditPlan.load(src)
     model = resolve_model(args.model)
-    # wiki-heldout: the Wikipedia paragraphs that calibrator training and distill skip (evaluation measures on news)
-    documents = load_clean_text("wiki")[:SKIP_WIKI] if args.clean_text == "wiki-heldout" else load_clean_text(args.clean_text)
+    documents = load_clean_text(args.clean_text)
     floor = None if args.edited_type.lower() == "none" else ggml.parse_type(args.edited_type)
     fit = fit_strength(plan, model, args.kl, documents, max_tokens=args.tokens, window=args.window, edited_floor=floor,
                        steps=args.steps, threads=args.threads, progress=not args.quiet)
@@ -401,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("plan", help="edit plan file")
     ft.add_argument("--model", required=True, help="the GGUF the plan will be applied to (KL is measured against it)")
     ft.add_argument("--kl", type=float, required=True, help="budget: mean KL(unedited || edited) in nats/token")
-    ft.add_argument("--clean-text", default="wiki-heldout", help="wiki-heldout (default: Wikipedia paragraphs no "
-                    "training step uses; evaluation measures on news), news, wiki, or a text file")
+    ft.add_argument("--clean-text", default="wiki", help="wiki (default: as in eval, its first paragraphs, which "
+                    "calibrator training and distill skip; evaluation measures on news), news, or a text file")
     ft.add_argument("--tokens", type=int, default=4096, help="clean-text tokens to measure on (default 4096)")
     ft.add_argument("--window", type=int, default=512)
     ft.add_argument("--edited-type", default="none", help="as apply's --edited-type (default none: types kept)")

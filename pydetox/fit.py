@@ -3,9 +3,10 @@
 `pydetox plan scale` trades detox for capability at a strength the user picks; read off the evaluation prompts,
 that pick is tuned on the test set. `fit_strength` picks it from the other side: the largest strength whose edited
 model stays within `budget` nats/token of KL(unedited || edited) on clean text that neither discovery nor the
-evaluation uses (by default the first Wikipedia paragraphs, which the calibrator and `distill` skip, while
-evaluation measures on `news`). Each trial applies the scaled plan to the given GGUF exactly as `pydetox apply`
-would (same `edited_floor`) and measures KL in llama.cpp against that GGUF.
+evaluation uses (by default the first tokens of `wiki`, as `pydetox eval --clean-text wiki` reads them: they lie in
+the first SKIP_WIKI paragraphs, which the calibrator and `distill` skip, while evaluation measures on `news`). Each
+trial applies the scaled plan to the given GGUF exactly as `pydetox apply` would (same `edited_floor`) and measures
+KL in llama.cpp against that GGUF.
 
 KL grows about quadratically with strength (the edited logits move linearly), so each step proposes
 s * sqrt(budget / KL(s)) and falls back to bisection when that leaves the bracket.
