@@ -46,6 +46,19 @@ def _cmd_plan_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan_merge(args: argparse.Namespace) -> int:
+    from pydetox.plan import EditPlan
+
+    sources = [Path(p) for p in args.plans]
+    out = Path(args.output).resolve()
+    if any(out == p.resolve() for p in sources):
+        raise PydetoxError("the merged plan would overwrite one of its sources; choose another output name")
+    plan = EditPlan.merged([(p.name, EditPlan.load(p)) for p in sources])
+    plan.save(args.output)
+    print(f"wrote {args.output}: {plan.method}, {len(plan.edits)} edits of {len(plan.tensors)} tensors")
+    return 0
+
+
 def _cmd_plan_fit(args: argparse.Namespace) -> int:
     from pydetox import ggml
     from pydetox.assets import resolve_model
@@ -395,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--strength", type=float, required=True, help="0 leaves the model as it is, 1 is the plan itself")
     sc.add_argument("-o", "--output", required=True, help="plan file to write")
     sc.set_defaults(func=_cmd_plan_scale)
+    mg = plsub.add_parser("merge", help="one plan that makes the changes of several, in order (e.g. distill + wordfilter)")
+    mg.add_argument("plans", nargs="+", help="edit plan files, applied in this order where they share a tensor")
+    mg.add_argument("-o", "--output", required=True, help="plan file to write")
+    mg.set_defaults(func=_cmd_plan_merge)
     ft = plsub.add_parser("fit", help="scale a plan to the largest strength within a KL budget on held-out clean text")
     ft.add_argument("plan", help="edit plan file")
     ft.add_argument("--model", required=True, help="the GGUF the plan will be applied to (KL is measured against it)")

@@ -200,6 +200,31 @@ class EditPlan:
             params["scaled_from"] = source
         return EditPlan(self.arch, [e.scaled(strength) for e in self.edits], f"{base}-s{total:g}", params, self.model)
 
+    @classmethod
+    def merged(cls, plans: list[tuple[str, EditPlan]]) -> EditPlan:
+        """One plan that makes every change of `plans` (name, plan), in order: edits of a tensor that two plans
+        touch are applied one after the other, the later plan's on the result of the earlier one's (so order
+        matters there). The plans must be for one architecture and, where they name it, one model, and must agree
+        on the shape of every tensor they share. The method is the plans' methods joined by '+'; the parameters
+        keep each plan's method, parameters, model and file name under 'merged'. The model a plan names is the file
+        it was discovered from (the F16 or the Q4_K_M of one model), so it is recorded, not compared: apply checks
+        the architecture and every tensor's shape."""
+        if len(plans) < 2:
+            raise PlanError(f"merging takes two or more plans, got {len(plans)}")
+        first_name, first = plans[0]
+        shapes: dict[str, tuple[tuple[int, int], str]] = {}
+        for name, p in plans:
+            if p.arch != first.arch:
+                raise PlanMismatchError(f"{name} is a plan for architecture {p.arch!r}, {first_name} for {first.arch!r}")
+            for e in p.edits:
+                seen = shapes.setdefault(e.tensor, (e.shape, name))
+                if seen[0] != e.shape:
+                    raise PlanMismatchError(f"{name} edits {e.tensor!r} as {e.shape[0]}x{e.shape[1]}, "
+                                            f"{seen[1]} as {seen[0][0]}x{seen[0][1]}")
+        params = {"merged": [{"file": name, "method": p.method, "model": p.model, "params": p.params} for name, p in plans]}
+        return cls(first.arch, [e for _, p in plans for e in p.edits], "+".join(p.method for _, p in plans), params,
+                   first.model)
+
     @property
     def tensors(self) -> list[str]:
         return list(dict.fromkeys(e.tensor for e in self.edits))

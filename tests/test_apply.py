@@ -266,3 +266,29 @@ def test_gguf_importance_matrix_is_read(tmp_path: Path) -> None:
     w.close()
     got = load_imatrix(path)
     np.testing.assert_array_equal(got["blk.0.ffn_down.weight"], [1.0, 2.0, 3.0])
+
+
+def test_merged_plan_equals_its_plans_applied_in_turn(tiny_f32: Path, tmp_path: Path) -> None:
+    """`plan merge A B` applied once gives the model A then B give, also where both edit one tensor."""
+    from pydetox.cli import main
+
+    a, b = two_edit_plan(tiny_f32, seed=1), two_edit_plan(tiny_f32, seed=2)
+    pa, pb = a.save(tmp_path / "a.gguf"), b.save(tmp_path / "b.gguf")
+    assert main(["plan", "merge", str(pa), str(pb), "-o", str(tmp_path / "ab.gguf")]) == 0
+    ab = EditPlan.load(tmp_path / "ab.gguf")
+    assert ab.method == "test+test"
+    assert [m["file"] for m in ab.params["merged"]] == ["a.gguf", "b.gguf"]
+    opts = ApplyOptions(threads=2, progress=False)
+    apply_plan(a, tiny_f32, tmp_path / "x.gguf", opts)
+    apply_plan(b, tmp_path / "x.gguf", tmp_path / "xy.gguf", opts)
+    apply_plan(ab, tiny_f32, tmp_path / "once.gguf", opts)
+    apply_plan(EditPlan.merged([("b", b), ("a", a)]), tiny_f32, tmp_path / "ba.gguf", opts)
+    with ModelFile(tmp_path / "xy.gguf") as seq, ModelFile(tmp_path / "once.gguf") as once, \
+            ModelFile(tmp_path / "ba.gguf") as swapped:
+        for name in (FFN_DOWN, ATTN_OUT, FFN_UP):
+            np.testing.assert_allclose(matrix(once, name), matrix(seq, name), atol=1e-5)
+        assert not np.allclose(matrix(swapped, FFN_DOWN), matrix(once, FFN_DOWN), atol=1e-3)  # order matters there
+    other = EditPlan("gemma3", b.edits, method="x")
+    with pytest.raises(PlanMismatchError, match="architecture 'gemma3'"):
+        EditPlan.merged([("a", a), ("o", other)])
+    assert main(["plan", "merge", str(pa), str(pb), "-o", str(pa)]) != 0

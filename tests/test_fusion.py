@@ -245,6 +245,14 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert exact["held_out_before"]["clean_kl"] == 0  # the update starts at zero: edited == unedited
     assert exact["held_out_after"]["teacher_kl"] < exact["held_out_before"]["teacher_kl"]
     assert exact["held_out_after"]["clean_kl"] < 0.3 * diag["held_out_after"]["clean_kl"], (exact, diag)
+    # trained on a restricted vocabulary (every target token, then the unedited model's most likely ones): it still
+    # learns, and the held-out figures stay over the whole vocabulary (same before-training numbers as `exact`)
+    small = disc.plan("distill", {**settings, "clean_weight": "10", "clean_kl": "full", "top_k": "4",
+                                  "vocab": "64"}).params["diagnostics"]
+    assert 64 <= small["vocab"]["tokens"] < small["vocab"]["of"] == 275, small["vocab"]
+    assert 0.5 < small["vocab"]["mass_clean"] <= 1
+    assert 0.5 < small["vocab"]["mass_toxic"] <= 1
+    assert small["held_out_after"]["teacher_kl"] < small["held_out_before"]["teacher_kl"]
     with pytest.raises(PydetoxError, match="clean_kl is 'top' or 'full'"):
         disc.plan("distill", {**settings, "clean_kl": "tail"})
     other = disc.plan("distill", {**settings, "alpha": "0.5", "steps": "1"}).params["diagnostics"]
@@ -287,3 +295,26 @@ def test_distill_targets_drop_tokens_the_unedited_model_finds_implausible() -> N
     ids, lp, _ = _top(teacher, 3, np.array([[False, True, False, False]]))  # fewer plausible tokens than k
     assert np.isfinite(lp).all()
     assert np.exp(lp).sum() == pytest.approx(1.0)
+
+
+def test_restricted_vocabulary_log_probabilities_are_the_full_ones_renormalised(trained: tuple[Path, Path]) -> None:
+    """distill's training forward with a restricted output layer gives the whole vocabulary's logits on those rows,
+    renormalised over them, at every position but the last of each sequence, padding left out."""
+    import types
+
+    import torch
+
+    from pydetox.discover.distill import _forward
+    from pydetox.discover.model import FullPrecisionModel
+
+    fp = FullPrecisionModel(trained[0], progress=False)
+    ctx = types.SimpleNamespace(fp=fp)
+    seqs = [[1, 260, 261, 262, 263, 264], [1, 265, 266]]
+    keep = torch.tensor([2, 5, 259, 260, 262, 270, 274])
+    full = _forward(ctx, seqs)  # type: ignore[arg-type]
+    with torch.no_grad():
+        want = torch.cat([torch.log_softmax(fp.model(torch.tensor([s])).logits[0, :-1], -1) for s in seqs])
+        part = _forward(ctx, seqs, fp.model.get_output_embeddings().weight[keep])  # type: ignore[arg-type]
+    assert full.shape == (5 + 2, 275)
+    torch.testing.assert_close(full, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(part, torch.log_softmax(full[:, keep], -1), atol=1e-5, rtol=0)

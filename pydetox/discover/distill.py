@@ -30,8 +30,9 @@ rounded weights it will be added to, the teacher is that Q4_K_M fused, and the c
 
 Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
-`clean_weight`, `clean_kl` (top | full), `top_k`, `plausible` (0: no restriction), `pairs`, `clean_texts`, `prompts`, `max_prompts`,
-`max_new_tokens`, `max_tokens`, `seed`, `cache` (a .npz to keep the teacher's targets in between runs).
+`clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
+restriction), `pairs`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`, `seed`, `cache` (a
+.npz to keep the teacher's targets in between runs).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class DistillParams:
     clean_weight: float = 8.0
     clean_kl: str = "top"  # top: top_k tokens + a bucket (d5); full: the whole vocabulary, unedited computed per step
     top_k: int = 32
+    # Train with the output layer restricted to this many tokens (0: the whole vocabulary): every token a target
+    # names, then the ones the unedited model gives the most mass. Gemma-3's 262,144-row output layer is most of a
+    # training step; held-out figures are always over the whole vocabulary.
+    vocab: int = 0
     plausible: float = 1e-3
     pairs: int = 600
     clean_texts: int = 600
@@ -218,9 +223,10 @@ class _LoRA:
             h.remove()
 
 
-def _forward(ctx: Context, seqs: list[list[int]]) -> Any:
-    """log-softmax of the model's logits (n_positions, vocab) at every position but the last of each sequence, and
-    """
+def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
+    """log-softmax of the model's logits at every position but the last of each sequence, (n_positions, vocab), in
+    the order of `seqs`. `head` (n, d): output-layer rows to compute the logits with, the log-softmax then being over
+    those n tokens only (a restricted vocabulary, see `vocab`); None: the whole output layer."""
     torch = ctx.fp.torch
     n = max(len(s) for s in seqs)
     pad = ctx.fp.tokenizer.pad_token_id
@@ -229,9 +235,14 @@ def _forward(ctx: Context, seqs: list[list[int]]) -> Any:
     for k, s in enumerate(seqs):
         inp[k, : len(s)] = torch.tensor(s)
         att[k, : len(s)] = 1
-    logits = ctx.fp.model(input_ids=inp, attention_mask=att).logits
-    rows = torch.cat([logits[k, : len(s) - 1] for k, s in enumerate(seqs)])
-    return torch.log_softmax(rows.float(), dim=-1)
+    model = ctx.fp.model
+    hidden = model.model(input_ids=inp, attention_mask=att).last_hidden_state  # after the final norm
+    rows = torch.cat([hidden[k, : len(s) - 1] for k, s in enumerate(seqs)])  # no padded positions through the head
+    logits = rows @ (model.get_output_embeddings().weight if head is None else head).T
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _kl(lq: Any, ids: Any, lp: Any, rest: Any) -> Any:
@@ -244,28 +255,66 @@ def _kl(lq: Any, ids: Any, lp: Any, rest: Any) -> Any:
     return (p_top * (lp - lq_top)).sum(1) + p_rest * (rest - lq_rest)
 
 
-def _batch_kl(ctx: Context, t: _Targets, pick: list[int]) -> Any:
+class _Vocab:
+    """A restricted vocabulary for training: the token ids kept, their output-layer rows, and a map from full ids
+    to positions among them (-1: not kept)."""
+
+    def __init__(self, ctx: Context, keep: np.ndarray) -> None:
+        torch = ctx.fp.torch
+        full = ctx.fp.model.get_output_embeddings().weight
+        self.keep = np.sort(keep).astype(np.int64)
+        self.head = full.detach()[torch.from_numpy(self.keep)].contiguous()
+        self.index = np.full(full.shape[0], -1, np.int64)
+        self.index[self.keep] = np.arange(len(self.keep))
+
+    def ids(self, ids: np.ndarray) -> np.ndarray:
+        out = self.index[ids]
+        assert (out >= 0).all(), "a target token outside the restricted vocabulary"
+        return out
+
+
+def _restricted_vocab(ctx: Context, size: int, targets: list[_Targets], clean: list[list[int]], seed: int,
+                      sample: int = 256, batch: int = 16) -> _Vocab:
+    """Every token a target names, then the tokens the unedited model gives the most probability mass on a sample of
+    the toxic and clean sequences, up to `size` tokens."""
+    torch = ctx.fp.torch
+    toxic = targets[0]
+    keep = np.unique(np.concatenate([i for t in targets for i in t.ids]))
+    rng = np.random.default_rng(seed)
+    seqs = [toxic.seqs[int(i)] for i in rng.permutation(len(toxic))[: sample // 2]]
+    seqs += [clean[int(i)] for i in rng.permutation(len(clean))[: sample // 2]]
+    mass = np.zeros(ctx.fp.model.get_output_embeddings().weight.shape[0])
+    with torch.no_grad():
+        for s in range(0, len(seqs), batch):
+            mass += _forward(ctx, seqs[s : s + batch]).exp().sum(0).double().numpy()
+    mass[keep] = np.inf
+    return _Vocab(ctx, np.argsort(-mass, kind="stable")[: max(size, len(keep))])
+
+
+def _batch_kl(ctx: Context, t: _Targets, pick: list[int], vocab: _Vocab | None = None) -> Any:
     import torch
 
     seqs = [t.seqs[i] for i in pick]
-    lq = _forward(ctx, seqs)
-    ids = torch.from_numpy(np.concatenate([t.ids[i] for i in pick]))
+    lq = _forward(ctx, seqs, None if vocab is None else vocab.head)
+    ids = np.concatenate([t.ids[i] for i in pick])
+    ids = torch.from_numpy(ids if vocab is None else vocab.ids(ids))
     lp = torch.from_numpy(np.concatenate([t.logp[i] for i in pick]))
     rest = torch.from_numpy(np.concatenate([t.rest[i] for i in pick]))
     return _kl(lq, ids, lp, rest)
 
 
-def _full_kl(ctx: Context, lora: _LoRA, seqs: list[list[int]]) -> Any:
-    """Exact KL(unedited || edited) per position over the whole vocabulary; the unedited model is the same one with
-    the update switched off."""
+def _full_kl(ctx: Context, lora: _LoRA, seqs: list[list[int]], vocab: _Vocab | None = None) -> Any:
+    """Exact KL(unedited || edited) per position over the whole vocabulary (or over `vocab`, both distributions
+    renormalised on it); the unedited model is the same one with the update switched off."""
     torch = ctx.fp.torch
+    head = None if vocab is None else vocab.head
     with torch.no_grad():
         lora.on = False
         try:
-            lp = _forward(ctx, seqs)
+            lp = _forward(ctx, seqs, head)
         finally:
             lora.on = True
-    return (lp.exp() * (lp - _forward(ctx, seqs))).sum(1)
+    return (lp.exp() * (lp - _forward(ctx, seqs, head))).sum(1)
 
 
 def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, batch: int = 16) -> _Targets:
@@ -348,10 +397,16 @@ class Distill(Method):
         ctx.fp.model.requires_grad_(False)
         lora = _LoRA(ctx, list(range(first, n)), p.rank, p.seed)
 
-        def clean_kl(pick: list[int]) -> Any:
+        n_vocab = int(ctx.fp.model.get_output_embeddings().weight.shape[0])
+        vocab = None
+        if 0 < p.vocab < n_vocab:
+            vocab = _restricted_vocab(ctx, p.vocab, [toxic] + ([clean] if clean is not None else []),
+                                      [clean_seqs[i] for i in train_c], p.seed)
+
+        def clean_kl(pick: list[int], v: _Vocab | None = None) -> Any:
             if clean is None:
-                return _full_kl(ctx, lora, [clean_seqs[i] for i in pick])
-            return _batch_kl(ctx, clean, pick)
+                return _full_kl(ctx, lora, [clean_seqs[i] for i in pick], v)
+            return _batch_kl(ctx, clean, pick, v)
 
         def held_out() -> dict[str, float]:
             with torch.no_grad():
@@ -359,7 +414,19 @@ class Distill(Method):
                 kc = torch.cat([clean_kl(val_c[s : s + 16]) for s in range(0, len(val_c), 16)])
             return {"teacher_kl": round(float(kt.mean()), 4), "clean_kl": round(float(kc.mean()), 5)}
 
+        def coverage(seqs: list[list[int]]) -> float:
+            """The unedited model's mean probability mass inside the restricted vocabulary."""
+            assert vocab is not None
+            keep = torch.from_numpy(vocab.keep)
+            with torch.no_grad():
+                lp = torch.cat([_forward(ctx, seqs[s : s + 16]) for s in range(0, len(seqs), 16)])
+            return round(float(torch.logsumexp(lp[:, keep], 1).exp().mean()), 5)
+
         try:
+            if vocab is not None:
+                restricted = {"tokens": len(vocab.keep), "of": n_vocab,
+                              "mass_toxic": coverage([toxic.seqs[i] for i in val_t]),
+                              "mass_clean": coverage([clean_seqs[i] for i in val_c])}
             before = held_out()
             opt = torch.optim.Adam(lora.params(), lr=p.lr)
             curve = []
@@ -367,8 +434,8 @@ class Distill(Method):
             for step in bar:
                 bt = gen.choice(train_t, p.batch, replace=False).tolist()
                 bc = gen.choice(train_c, p.batch, replace=False).tolist()
-                lt = _batch_kl(ctx, toxic, bt).mean()
-                lc = clean_kl(bc).mean()
+                lt = _batch_kl(ctx, toxic, bt, vocab).mean()
+                lc = clean_kl(bc, vocab).mean()
                 loss = lt + p.clean_weight * lc
                 opt.zero_grad()
                 loss.backward()
@@ -388,4 +455,4 @@ class Distill(Method):
         return edits, {"teacher_from_cache": cached is not None,
                        "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs), "discovery_prompts": len(prompts),
                        "layers": [first, n - 1], "held_out_before": before, "held_out_after": after,
-                       "curve": curve}
+                       "curve": curve, **({"vocab": restricted} if vocab is not None else {})}
