@@ -238,7 +238,7 @@ def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
     model = ctx.fp.model
     hidden = model.model(input_ids=inp, attention_mask=att).last_hidden_state  # after the final norm
     rows = torch.cat([hidden[k, : len(s) - 1] for k, s in enumerate(seqs)])  # no padded positions through the head
-    logits = rows @ (model.get_output_embeddings().weight if head is None else head).T
+    logits = rows @ (ctx.fp.unembedding() if head is None else head).T
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -261,14 +261,14 @@ class _Vocab:
 
     def __init__(self, ctx: Context, keep: np.ndarray) -> None:
         torch = ctx.fp.torch
-        full = ctx.fp.model.get_output_embeddings().weight
+        full = ctx.fp.unembedding()
         self.keep = np.sort(keep).astype(np.int64)
         self.head = full.detach()[torch.from_numpy(self.keep)].contiguous()
         self.index = np.full(full.shape[0], -1, np.int64)
         self.index[self.keep] = np.arange(len(self.keep))
 
     def ids(self, ids: np.ndarray) -> np.ndarray:
-        out = self.index[ids]
+        out: np.ndarray = self.index[ids]
         assert (out >= 0).all(), "a target token outside the restricted vocabulary"
         return out
 
@@ -283,7 +283,7 @@ def _restricted_vocab(ctx: Context, size: int, targets: list[_Targets], clean: l
     rng = np.random.default_rng(seed)
     seqs = [toxic.seqs[int(i)] for i in rng.permutation(len(toxic))[: sample // 2]]
     seqs += [clean[int(i)] for i in rng.permutation(len(clean))[: sample // 2]]
-    mass = np.zeros(ctx.fp.model.get_output_embeddings().weight.shape[0])
+    mass = np.zeros(ctx.fp.unembedding().shape[0])
     with torch.no_grad():
         for s in range(0, len(seqs), batch):
             mass += _forward(ctx, seqs[s : s + batch]).exp().sum(0).double().numpy()
@@ -296,8 +296,8 @@ def _batch_kl(ctx: Context, t: _Targets, pick: list[int], vocab: _Vocab | None =
 
     seqs = [t.seqs[i] for i in pick]
     lq = _forward(ctx, seqs, None if vocab is None else vocab.head)
-    ids = np.concatenate([t.ids[i] for i in pick])
-    ids = torch.from_numpy(ids if vocab is None else vocab.ids(ids))
+    full = np.concatenate([t.ids[i] for i in pick])
+    ids = torch.from_numpy(full if vocab is None else vocab.ids(full))
     lp = torch.from_numpy(np.concatenate([t.logp[i] for i in pick]))
     rest = torch.from_numpy(np.concatenate([t.rest[i] for i in pick]))
     return _kl(lq, ids, lp, rest)
@@ -397,7 +397,7 @@ class Distill(Method):
         ctx.fp.model.requires_grad_(False)
         lora = _LoRA(ctx, list(range(first, n)), p.rank, p.seed)
 
-        n_vocab = int(ctx.fp.model.get_output_embeddings().weight.shape[0])
+        n_vocab = int(ctx.fp.unembedding().shape[0])
         vocab = None
         if 0 < p.vocab < n_vocab:
             vocab = _restricted_vocab(ctx, p.vocab, [toxic] + ([clean] if clean is not None else []),

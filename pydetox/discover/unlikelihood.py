@@ -324,7 +324,7 @@ def _generate(ctx: Context, prompts: list[str], max_new: int, rows_t: np.ndarray
         with torch.no_grad():
             for s in tqdm(range(0, len(prompts), batch), desc=label, leave=False, disable=not ctx.progress):
                 enc = tok(prompts[s : s + batch], return_tensors="pt", padding=True, truncation=True, max_length=64)
-                out = ctx.fp.model.generate(**enc, max_new_tokens=max_new, do_sample=False,  # type: ignore[misc]
+                out = ctx.fp.model.generate(**enc, max_new_tokens=max_new, do_sample=False,  # type: ignore[misc, unused-ignore]
                                             pad_token_id=tok.pad_token_id)
                 for k in range(len(out)):
                     seqs.append([int(t) for t, m in zip(out[k].tolist(), enc["attention_mask"][k].tolist() + [1] * max_new, strict=False)
