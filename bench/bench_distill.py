@@ -1,0 +1,54 @@
+"""One `distill` training step on Gemma-3-270m (262,144-token vocabulary): the output layer restricted to 32,768
+tokens (`--param vocab=32768`) against the whole vocabulary, the same step otherwise (8 toxic + 8 clean sequences,
+rank-32 update of ffn_down from layer 6 on, teacher KL over top-32 targets plus the exact clean KL with the unedited
+model computed alongside). Run: pytest bench/bench_distill.py -s"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pydetox.assets import fetch
+from pydetox.discover.data import EMBEDDED, usable_pairs
+from pydetox.discover.distill import _batch_kl, _forward, _full_kl, _LoRA, _Targets, _top, _Vocab
+from pydetox.discover.model import FullPrecisionModel
+
+
+def test_restricted_vocabulary_training_step(compare: Callable[..., float]) -> None:
+    import torch
+
+    fp = FullPrecisionModel(fetch("gemma3-270m", quiet=True), progress=False)
+    fp.model.requires_grad_(False)
+    ctx: Any = types.SimpleNamespace(fp=fp)
+    rows, _ = usable_pairs(EMBEDDED, set())
+    tok = fp.tokenizer
+    toxic = [tok(r["toxic"]).input_ids[:64] for r in rows[:8]]
+    clean = [tok(r["neutral"]).input_ids[:64] for r in rows[8:16]]
+    with torch.no_grad():  # stand-in teacher targets: the model's own top-32 at every position
+        lq = _forward(ctx, toxic).numpy()
+    ids, logp, rest, at = [], [], [], 0
+    for s in toxic:
+        i, lp, r = _top(lq[at : at + len(s) - 1], 32)
+        at += len(s) - 1
+        ids.append(i)
+        logp.append(lp)
+        rest.append(r)
+    targets = _Targets(toxic, ids, logp, rest)
+    named = np.unique(np.concatenate(ids))
+    vocab = _Vocab(ctx, np.union1d(named, np.setdiff1d(np.arange(32768), named)[: 32768 - len(named)]))
+    lora = _LoRA(ctx, list(range(6, fp.n_layers)), 32, 0)
+    pick = list(range(8))
+
+    def step(v: _Vocab | None) -> None:
+        loss = _batch_kl(ctx, targets, pick, v).mean() + 24 * _full_kl(ctx, lora, clean, v).mean()
+        loss.backward()
+        for p in lora.params():
+            p.grad = None
+
+    ratio = compare("whole vocabulary", lambda: step(vocab), lambda: step(None), rounds=3)
+    lora.close()
+    print(f"restricted to {len(vocab.keep)} of {fp.unembedding().shape[0]} tokens")
+    assert ratio > 0
