@@ -13,12 +13,11 @@ import numpy as np
 
 from pydetox.assets import fetch
 from pydetox.discover.data import EMBEDDED, usable_pairs
-from pydetox.discover.distill import _batch_kl, _forward, _full_kl, _LoRA, _Targets, _top, _Vocab
+from pydetox.discover.distill import _base_targets, _batch_kl, _full_kl, _LoRA, _Vocab
 from pydetox.discover.model import FullPrecisionModel
 
 
 def test_restricted_vocabulary_training_step(compare: Callable[..., float]) -> None:
-    import torch
 
     fp = FullPrecisionModel(fetch("gemma3-270m", quiet=True), progress=False)
     fp.model.requires_grad_(False)
@@ -27,16 +26,8 @@ def test_restricted_vocabulary_training_step(compare: Callable[..., float]) -> N
     tok = fp.tokenizer
     toxic = [tok(r["toxic"]).input_ids[:64] for r in rows[:8]]
     clean = [tok(r["neutral"]).input_ids[:64] for r in rows[8:16]]
-    with torch.no_grad():  # stand-in teacher targets: the model's own top-32 at every position
-        lq = _forward(ctx, toxic).numpy()
-    ids, logp, rest, at = [], [], [], 0
-    for s in toxic:
-        i, lp, r = _top(lq[at : at + len(s) - 1], 32)
-        at += len(s) - 1
-        ids.append(i)
-        logp.append(lp)
-        rest.append(r)
-    targets = _Targets(toxic, ids, logp, rest)
+    targets = _base_targets(ctx, toxic, 32, progress=False)  # stand-in teacher targets: the model's own top-32
+    ids = targets.ids
     named = np.unique(np.concatenate(ids))
     vocab = _Vocab(ctx, np.union1d(named, np.setdiff1d(np.arange(32768), named)[: 32768 - len(named)]))
     lora = _LoRA(ctx, list(range(6, fp.n_layers)), 32, 0)
