@@ -34,12 +34,19 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_overwrite(output: str, sources: list[Path], what: str) -> None:
+    """A plan command never writes over a plan it reads."""
+    out = Path(output).resolve()
+    if any(out == p.resolve() for p in sources):
+        raise PydetoxError(f"the {what} plan would overwrite {'its source' if len(sources) == 1 else 'one of its sources'}; "
+                           "choose another output name")
+
+
 def _cmd_plan_scale(args: argparse.Namespace) -> int:
     from pydetox.plan import EditPlan
 
     src = Path(args.plan)
-    if Path(args.output).resolve() == src.resolve():
-        raise PydetoxError("the scaled plan would overwrite its source; choose another output name")
+    _refuse_overwrite(args.output, [src], "scaled")
     plan = EditPlan.load(src).scaled(args.strength, source=src.name)
     plan.save(args.output)
     print(f"wrote {args.output}: {len(plan.edits)} {plan.method} edits at strength {plan.params['plan_strength']:g}")
@@ -50,9 +57,7 @@ def _cmd_plan_merge(args: argparse.Namespace) -> int:
     from pydetox.plan import EditPlan
 
     sources = [Path(p) for p in args.plans]
-    out = Path(args.output).resolve()
-    if any(out == p.resolve() for p in sources):
-        raise PydetoxError("the merged plan would overwrite one of its sources; choose another output name")
+    _refuse_overwrite(args.output, sources, "merged")
     plan = EditPlan.merged([(p.name, EditPlan.load(p)) for p in sources])
     plan.save(args.output)
     print(f"wrote {args.output}: {plan.method}, {len(plan.edits)} edits of {len(plan.tensors)} tensors")
@@ -67,8 +72,7 @@ def _cmd_plan_fit(args: argparse.Namespace) -> int:
     from pydetox.prompts import load_clean_text
 
     src = Path(args.plan)
-    if Path(args.output).resolve() == src.resolve():
-        raise PydetoxError("the fitted plan would overwrite its source; choose another output name")
+    _refuse_overwrite(args.output, [src], "fitted")
     plan = EditPlan.load(src)
     model = resolve_model(args.model)
     documents = load_clean_text(args.clean_text)
