@@ -204,8 +204,8 @@ class EditPlan:
     def merged(cls, plans: list[tuple[str, EditPlan]]) -> EditPlan:
         """One plan that makes every change of `plans` (name, plan), in order: edits of a tensor that two plans
         touch are applied one after the other, the later plan's on the result of the earlier one's (so order
-        matters there). The plans must be for one architecture and, where they name it, one model, and must agree
-        on the shape of every tensor they share. The method is the plans' methods joined by '+'; the parameters
+        matters there). The plans must be for one architecture and must agree on the shape of every tensor they
+        share. The method is the plans' methods joined by '+'; the parameters
         keep each plan's method, parameters, model and file name under 'merged'. The model a plan names is the file
         it was discovered from (the F16 or the Q4_K_M of one model), so it is recorded, not compared: apply checks
         the architecture and every tensor's shape."""

@@ -263,7 +263,7 @@ class _Vocab:
         torch = ctx.fp.torch
         full = ctx.fp.unembedding()
         self.keep = np.sort(keep).astype(np.int64)
-        self.head = full.detach()[torch.from_numpy(self.keep)].contiguous()
+        self.head = full[torch.from_numpy(self.keep)].contiguous()
         self.index = np.full(full.shape[0], -1, np.int64)
         self.index[self.keep] = np.arange(len(self.keep))
 
