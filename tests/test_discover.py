@@ -211,6 +211,46 @@ def test_wordfilter_lowers_exactly_the_banned_tokens_in_llama_cpp(tmp_path: Path
     assert np.abs(za[:, banned]).max() > 0.1
 
 
+def test_wordfilter_selection_rules_on_counts() -> None:
+    """`select_tokens` on a made-up vocabulary: what the pairs, the list and clean text decide, and which other
+    spellings of a banned word follow it."""
+    from pydetox.discover.wordfilter import WordFilterParams, select_tokens
+
+    #          piece        toxic neutral clean  listed  banned?
+    rows = [("▁fuck", 40, 0, 0, True, True),  # the pairs' evidence
+            ("▁Fuck", 0, 0, 0, True, True),  # a spelling of ' fuck', never in clean text: follows it
+            ("Fuck", 0, 0, 0, True, True),  # capitalised without the space (after a quote): follows it
+            ("▁FUCK", 0, 0, 0, True, True),
+            ("fuck", 9, 0, 0, True, True),  # a short listed piece: on the pairs' evidence, never in clean text
+            ("ass", 9, 0, 5, True, False),  # the same, but clean text has it inside other words
+            ("▁dick", 6, 0, 0, True, True),
+            ("▁Dick", 0, 0, 1, True, False),  # a name: in clean text
+            ("▁shut", 6, 0, 0, False, True),  # pairs only
+            ("Shut", 0, 1, 0, False, False),  # on the neutral side
+            ("itch", 6, 0, 0, False, True),  # a second piece (' b' + 'itch')
+            ("▁itch", 0, 0, 0, False, False),  # not a spelling of a whole banned word: 'itch' is a piece
+            ("rats", 0, 0, 0, False, False),  # lower-case piece: could sit inside 'bureaucrats'
+            ("▁rats", 6, 0, 0, False, True),
+            ("▁sexy", 6, 4, 0, True, True),  # more on the toxic side
+            ("▁sexual", 1, 2, 0, True, False),  # more on the neutral side
+            ("▁escort", 0, 0, 0, True, True),  # listed, unseen, 5+ letters
+            ("▁butt", 0, 0, 0, True, False),  # listed, unseen, too short to trust unseen
+            ("▁the", 0, 0, 1_000_000, False, False)]  # clean rates: per million of these
+    pieces = [r[0] for r in rows]
+    strings = [p.replace("▁", " ").strip().lower() for p in pieces]
+    toxic, neutral, clean = (np.array([r[k] for r in rows]) for k in (1, 2, 3))
+    listed_mask = np.array([r[4] for r in rows])
+    listed = {"fuck", "ass", "dick", "sexy", "sexual", "escort", "butt"}
+    want = np.array([r[5] for r in rows])
+    p = WordFilterParams()
+    keep, variants = select_tokens(pieces, strings, listed_mask, listed, toxic, neutral, clean, p)
+    assert [pc for pc, k, w in zip(pieces, keep, want, strict=True) if k != w] == []
+    assert [pieces[i] for i in np.flatnonzero(variants)] == ["▁Fuck", "Fuck", "▁FUCK"]
+    keep_plain, none = select_tokens(pieces, strings, listed_mask, listed, toxic, neutral, clean,
+                                     WordFilterParams(case_variants=False))
+    assert not none.any() and (keep_plain == (keep & ~variants)).all()
+
+
 def test_a_quantized_gguf_is_discovered_on_its_own_rounded_weights(tmp_path: Path) -> None:
     """Discovery from a Q4_K_M file (quant-aware distill, d6q) trains on the weights llama.cpp will run: torch's
     matrices are libggml's dequantization of that file's tensors, not the full-precision ones it was made from."""

@@ -42,6 +42,7 @@ class WordFilterParams:
     min_count: int = 5
     max_clean_per_million: float = 30.0
     select: str = "pairs"  # "pairs": list + pairs + clean-text filters (banned_tokens); "list": the list's tokens only
+    case_variants: bool = True  # also ban the other spellings of each banned whole word (' Fuck' with ' fuck')
 
 
 def _counts(tok: Any, texts: list[str], vocab: int) -> np.ndarray:
@@ -64,7 +65,11 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
     more; and rare in clean text (Wikipedia, at most `max_clean_per_million` per million tokens), so that common
     pieces (' f', ' sh', 'um') are never banned. That rate also bounds the cost on clean text: at 30 per million
     tokens, and 10-40 nats for each banned token that the text does use, about 1e-3 nats/token (+0.1% perplexity)
-    on text like Wikipedia."""
+    on text like Wikipedia. A short listed word as a piece inside a longer one ('fuck' after a quote or in
+    'motherfuck') is kept only on the pairs' evidence and if clean text never has it. With `case_variants`, the
+    other spellings of each kept whole word (' Fuck', 'Fuck', ' FUCK' for ' fuck') are banned too, if clean text
+    and the neutral side never have them: Gemma-3's 262k vocabulary has them as tokens of their own, which the
+    pairs rarely show (see `select_tokens`)."""
     if p.select not in ("pairs", "list"):
         raise PydetoxError(f"wordfilter: select is 'pairs' or 'list', not {p.select!r}")
     from pydetox.calibrate import SKIP_WIKI
@@ -74,7 +79,7 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
     tok = ctx.fp.tokenizer
     vocab = ctx.fp.unembedding().shape[0]
     strings = token_strings(ctx)
-    pieces = tok.convert_ids_to_tokens(list(range(min(len(tok), vocab))))
+    pieces = [str(t) for t in tok.convert_ids_to_tokens(list(range(min(len(tok), vocab))))]
     listed_mask = badword_token_mask(ctx, strings, vocab)
     listed = {w.lower() for w in ctx.badwords}
     if p.select == "list":
@@ -88,24 +93,51 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
     toxic, neutral = _counts(tok, toxic_texts, vocab), _counts(tok, neutral_texts, vocab)
     clean_texts = load_clean_text("wiki")[SKIP_WIKI:]
     clean = _counts(tok, clean_texts, vocab)
+    keep, variants = select_tokens(pieces, strings, listed_mask, listed, toxic, neutral, clean, p)
+    info = {"pairs_counted": len(toxic_texts), "clean_tokens_counted": int(clean.sum()),
+            "from_list": int((keep & listed_mask & ~variants).sum()),
+            "from_pairs_only": int((keep & ~listed_mask & ~variants).sum()), "case_variants": int(variants.sum())}
+    return np.flatnonzero(keep), info
+
+
+def select_tokens(pieces: list[str], strings: list[str], listed_mask: np.ndarray, listed: set[str], toxic: np.ndarray,
+                  neutral: np.ndarray, clean: np.ndarray, p: WordFilterParams) -> tuple[np.ndarray, np.ndarray]:
+    """The rules of `banned_tokens` on counts: `pieces` the tokenizer's raw pieces ('▁fuck'), `strings` their text
+    stripped and lower-cased, `toxic` / `neutral` / `clean` each token's count on the two sides of the pairs and in
+    clean text. Returns the mask of tokens to ban, and the mask of those banned as another spelling of one."""
+    vocab = len(listed_mask)
     clean_rate = clean / max(1, int(clean.sum())) * 1e6
     data_mask = (toxic >= p.min_count) & (neutral == 0)
+
+    def word_start(i: int | np.integer[Any]) -> bool:
+        raw = str(pieces[i]) if i < len(pieces) else ""
+        return raw[:1] in ("Ġ", "▁", " ") or raw[:1].isupper()
+
+    words = ["".join(ch for ch in s if ch.isalpha()) for s in strings[:vocab]]
     keep = np.zeros(vocab, dtype=bool)
     for i in np.flatnonzero(listed_mask | data_mask):
-        raw = str(pieces[i]) if i < len(pieces) else ""
-        word_start = raw[:1] in ("Ġ", "▁", " ") or raw[:1].isupper()
-        word = "".join(ch for ch in strings[i] if ch.isalpha())
+        word = words[i]
         if clean_rate[i] > p.max_clean_per_million:
             continue
-        if listed_mask[i] and len(word) < p.min_subword_letters and not word_start:
-            continue
-        if toxic[i] + neutral[i] > 0:
+        if listed_mask[i] and len(word) < p.min_subword_letters and not word_start(i):
+            # A short listed word inside a longer one ('fuck' in 'motherfuck', after a quote): only on the pairs'
+            # evidence, and only if clean text never has the piece ('ass' in a word, 24 per million on Wikipedia).
+            keep[i] = bool(data_mask[i]) and clean[i] == 0
+        elif toxic[i] + neutral[i] > 0:
             keep[i] = toxic[i] > neutral[i]
         else:
             keep[i] = word in listed and len(word) >= p.min_unseen_letters
-    info = {"pairs_counted": len(toxic_texts), "clean_tokens_counted": int(clean.sum()),
-            "from_list": int((keep & listed_mask).sum()), "from_pairs_only": int((keep & ~listed_mask).sum())}
-    return np.flatnonzero(keep), info
+    variants = np.zeros(vocab, dtype=bool)
+    if p.case_variants:
+        # The same word in another case or without the leading space (' Fuck', 'Fuck', ' FUCK' for ' fuck'): a
+        # sentence-initial or quoted bad word is the same word, and the pairs rarely show every spelling. Only
+        # variants of whole words of 4+ letters (no ' itch' from 'itch'), only word-start variants (no 'rats' inside
+        # 'bureaucrats'), never on the neutral side, and never in clean text (' Dick' is a name).
+        sources = {words[k] for k in np.flatnonzero(keep) if str(pieces[k])[:1] in ("Ġ", "▁", " ") and len(words[k]) >= 4}
+        for j in range(vocab):
+            if not keep[j] and words[j] in sources and word_start(j) and neutral[j] == 0 and clean[j] == 0:
+                variants[j] = True
+    return keep | variants, variants
 
 
 @register_method
