@@ -285,7 +285,7 @@ def _restricted_vocab(ctx: Context, size: int, targets: list[_Targets], clean: l
     seqs += [clean[int(i)] for i in rng.permutation(len(clean))[: sample // 2]]
     mass = np.zeros(ctx.fp.unembedding().shape[0])
     with torch.no_grad():
-        for s in range(0, len(seqs), batch):
+        for s in tqdm(range(0, len(seqs), batch), desc="vocab: unedited mass", leave=False, disable=not ctx.progress):
             mass += _forward(ctx, seqs[s : s + batch]).exp().sum(0).double().numpy()
     mass[keep] = np.inf
     return _Vocab(ctx, np.argsort(-mass, kind="stable")[: max(size, len(keep))])
@@ -408,10 +408,13 @@ class Distill(Method):
                 return _full_kl(ctx, lora, [clean_seqs[i] for i in pick], v)
             return _batch_kl(ctx, clean, pick, v)
 
+        def chunks(n_items: int, label: str) -> Any:
+            return tqdm(range(0, n_items, 16), desc=label, leave=False, disable=not ctx.progress)
+
         def held_out() -> dict[str, float]:
             with torch.no_grad():
-                kt = torch.cat([_batch_kl(ctx, toxic, val_t[s : s + 16]) for s in range(0, len(val_t), 16)])
-                kc = torch.cat([clean_kl(val_c[s : s + 16]) for s in range(0, len(val_c), 16)])
+                kt = torch.cat([_batch_kl(ctx, toxic, val_t[s : s + 16]) for s in chunks(len(val_t), "held out: toxic")])
+                kc = torch.cat([clean_kl(val_c[s : s + 16]) for s in chunks(len(val_c), "held out: clean")])
             return {"teacher_kl": round(float(kt.mean()), 4), "clean_kl": round(float(kc.mean()), 5)}
 
         def coverage(seqs: list[list[int]]) -> float:
@@ -419,7 +422,7 @@ class Distill(Method):
             assert vocab is not None
             keep = torch.from_numpy(vocab.keep)
             with torch.no_grad():
-                lp = torch.cat([_forward(ctx, seqs[s : s + 16]) for s in range(0, len(seqs), 16)])
+                lp = torch.cat([_forward(ctx, seqs[s : s + 16]) for s in chunks(len(seqs), "vocab: coverage")])
             return round(float(torch.logsumexp(lp[:, keep], 1).exp().mean()), 5)
 
         try:
