@@ -248,7 +248,8 @@ def test_wordfilter_selection_rules_on_counts() -> None:
     assert [pieces[i] for i in np.flatnonzero(variants)] == ["▁Fuck", "Fuck", "▁FUCK"]
     keep_plain, none = select_tokens(pieces, strings, listed_mask, listed, toxic, neutral, clean,
                                      WordFilterParams(case_variants=False))
-    assert not none.any() and (keep_plain == (keep & ~variants)).all()
+    assert not none.any()
+    assert (keep_plain == (keep & ~variants)).all()
 
 
 def test_a_quantized_gguf_is_discovered_on_its_own_rounded_weights(tmp_path: Path) -> None:
