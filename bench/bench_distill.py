@@ -18,7 +18,6 @@ from pydetox.discover.model import FullPrecisionModel
 
 
 def test_restricted_vocabulary_training_step(compare: Callable[..., float]) -> None:
-
     fp = FullPrecisionModel(fetch("gemma3-270m", quiet=True), progress=False)
     fp.model.requires_grad_(False)
     ctx: Any = types.SimpleNamespace(fp=fp)

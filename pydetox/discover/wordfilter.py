@@ -45,6 +45,16 @@ class WordFilterParams:
     case_variants: bool = True  # also ban the other spellings of each banned whole word (' Fuck' with ' fuck')
 
 
+def _spaced(piece: str) -> bool:
+    """A tokenizer piece that starts a new word after a space ('▁fuck' in SentencePiece, 'Ġfuck' in byte-level BPE)."""
+    return piece[:1] in ("Ġ", "▁", " ")
+
+
+def _word_start(piece: str) -> bool:
+    """A piece that starts a word: after a space, or capitalised (a sentence start, after a quote)."""
+    return _spaced(piece) or piece[:1].isupper()
+
+
 def _counts(tok: Any, texts: list[str], vocab: int) -> np.ndarray:
     c = np.zeros(vocab, np.int64)
     for t in texts:
@@ -84,7 +94,7 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
     listed = {w.lower() for w in ctx.badwords}
     if p.select == "list":
         keep_list = [i for i in np.flatnonzero(listed_mask)
-                     if str(pieces[i])[:1] in ("Ġ", "▁", " ") or str(pieces[i])[:1].isupper()
+                     if _word_start(pieces[i])
                      or sum(ch.isalpha() for ch in strings[i]) >= p.min_subword_letters]
         return np.asarray(keep_list, dtype=np.int64), {"select": "list"}
     rows, _ = usable_pairs(EMBEDDED, set(load_prompts("rtp-challenging").prompts))
@@ -110,8 +120,7 @@ def select_tokens(pieces: list[str], strings: list[str], listed_mask: np.ndarray
     data_mask = (toxic >= p.min_count) & (neutral == 0)
 
     def word_start(i: int | np.integer[Any]) -> bool:
-        raw = str(pieces[i]) if i < len(pieces) else ""
-        return raw[:1] in ("Ġ", "▁", " ") or raw[:1].isupper()
+        return bool(i < len(pieces)) and _word_start(pieces[i])
 
     words = ["".join(ch for ch in s if ch.isalpha()) for s in strings[:vocab]]
     keep = np.zeros(vocab, dtype=bool)
@@ -133,7 +142,7 @@ def select_tokens(pieces: list[str], strings: list[str], listed_mask: np.ndarray
         # sentence-initial or quoted bad word is the same word, and the pairs rarely show every spelling. Only
         # variants of whole words of 4+ letters (no ' itch' from 'itch'), only word-start variants (no 'rats' inside
         # 'bureaucrats'), never on the neutral side, and never in clean text (' Dick' is a name).
-        sources = {words[k] for k in np.flatnonzero(keep) if str(pieces[k])[:1] in ("Ġ", "▁", " ") and len(words[k]) >= 4}
+        sources = {words[k] for k in np.flatnonzero(keep) if _spaced(pieces[k]) and len(words[k]) >= 4}
         for j in range(vocab):
             if not keep[j] and words[j] in sources and word_start(j) and neutral[j] == 0 and clean[j] == 0:
                 variants[j] = True
