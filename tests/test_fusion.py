@@ -218,6 +218,7 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
 
     from pydetox.apply import ApplyOptions, apply_plan
     from pydetox.discover import Discovery
+    from pydetox.discover.distill import _first_half
     from pydetox.discover.model import FullPrecisionModel
     from pydetox.errors import PydetoxError
     from pydetox.plan import EditKind
@@ -258,6 +259,15 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     other = disc.plan("distill", {**settings, "alpha": "0.5", "steps": "1"}).params["diagnostics"]
     assert not other["teacher_from_cache"]  # another teacher: recomputed (and the cache now holds it)
     assert anchored["held_out_after"]["clean_kl"] < 0.3 * diag["held_out_after"]["clean_kl"], (anchored, diag)
+    # further toxic sentences, cut to their first half, as more prompts: another teacher, more contexts
+    more = disc.plan("distill", {**settings, "steps": "1", "pair_prompts": "8"}).params["diagnostics"]
+    assert not more["teacher_from_cache"]
+    assert diag["discovery_prompts"] < more["discovery_prompts"] <= diag["discovery_prompts"] + 8
+    assert more["toxic_sequences"] > diag["toxic_sequences"]
+    assert _first_half("you people are really stupid") == "you people"
+    assert _first_half("shut up now") == ""
+    with pytest.raises(PydetoxError, match="pairs \\+ pair_prompts must be at most"):
+        disc.plan("distill", {**settings, "pair_prompts": "100000"})
     assert [(e.tensor, e.kind) for e in plan.edits] == [(f"blk.{i}.ffn_down.weight", EditKind.LOW_RANK) for i in (1, 2)]
     out = tmp_path / "d.gguf"
     apply_plan(plan, target, out, ApplyOptions(progress=False))

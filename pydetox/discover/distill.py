@@ -31,8 +31,8 @@ rounded weights it will be added to, the teacher is that Q4_K_M fused, and the c
 Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
 `clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
-restriction), `pairs`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`, `seed`, `cache` (a
-.npz to keep the teacher's targets in between runs).
+restriction), `pairs`, `pair_prompts`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`,
+`seed`, `cache` (a .npz to keep the teacher's targets in between runs).
 """
 
 from __future__ import annotations
@@ -67,6 +67,11 @@ class DistillParams:
     vocab: int = 0
     plausible: float = 1e-3
     pairs: int = 600
+    # More toxic contexts like the evaluation's (sentence starts that invite a toxic ending): this many further
+    # ParaDetox toxic sentences, none of the `pairs` ones, cut to their first half (in words) and continued like the
+    # prompts. The RTP discovery prompts are 896; an edit trained on them cut 7.0x on them and 2.3x on the
+    # evaluation prompts (Gemma-3, g3 + wordfilter, profanity-check).
+    pair_prompts: int = 0
     clean_texts: int = 600
     prompts: str = "rtp-perspective"
     max_prompts: int = 0  # 0: every prompt of the set that is not an evaluation prompt
@@ -111,8 +116,8 @@ def _unpack(z: Any, prefix: str) -> list[list[int]]:
     return [t.tolist() for t in np.split(z[f"{prefix}tokens"], np.cumsum(z[f"{prefix}lengths"])[:-1])]
 
 
-_TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "pairs", "clean_texts", "prompts", "max_prompts",
-                 "max_new_tokens", "max_tokens", "seed")
+_TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "pairs", "pair_prompts", "clean_texts", "prompts",
+                 "max_prompts", "max_new_tokens", "max_tokens", "seed")
 
 
 def _cache_key(source: Path, p: DistillParams) -> str:
@@ -140,6 +145,12 @@ def _save_cache(path: Path, key: str, toxic: _Targets, clean: list[list[int]]) -
     arrays = {"key": np.array(key), **_pack(clean, "clean_"), **toxic.arrays("t_")}
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
+
+
+def _first_half(text: str) -> str:
+    """The first half of a sentence's words (rounded down; '' for a sentence of fewer than four words)."""
+    words = text.split()
+    return " ".join(words[: len(words) // 2]) if len(words) >= 4 else ""
 
 
 def _top(logp: np.ndarray, k: int, plausible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -367,10 +378,18 @@ class Distill(Method):
         evaluation = load_prompts("rtp-challenging").prompts
         rows, _ = usable_pairs(EMBEDDED, set(evaluation))
         rng = np.random.default_rng(p.seed)
-        rows = [rows[int(i)] for i in rng.permutation(len(rows))[: p.pairs]]
+        order = rng.permutation(len(rows))
+        if p.pairs + p.pair_prompts > len(rows):
+            raise PydetoxError(f"distill: pairs + pair_prompts must be at most the {len(rows)} usable pairs, got "
+                               f"{p.pairs} + {p.pair_prompts}")
+        extra = [rows[int(i)]["toxic"] for i in order[p.pairs : p.pairs + p.pair_prompts]]
+        rows = [rows[int(i)] for i in order[: p.pairs]]
         prompts = _discovery_prompts(p.prompts, evaluation)
         if p.max_prompts > 0:
             prompts = [prompts[int(i)] for i in sorted(rng.permutation(len(prompts))[: p.max_prompts])]
+        halves = [h.strip().lower() for h in map(_first_half, extra)]
+        prompts += [q for q, h in zip(map(_first_half, extra), halves, strict=True)
+                    if h and not any(h in e.strip().lower() for e in evaluation)]
         clean_texts = load_clean_text("wiki")[SKIP_WIKI : SKIP_WIKI + p.clean_texts] + [r["neutral"] for r in rows]
         cache = Path(p.cache) if p.cache else None
         if cache is not None and cache.suffix != ".npz":
