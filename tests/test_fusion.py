@@ -264,6 +264,7 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert not more["teacher_from_cache"]
     assert diag["discovery_prompts"] < more["discovery_prompts"] <= diag["discovery_prompts"] + 8
     assert more["toxic_sequences"] > diag["toxic_sequences"]
+    assert more["held_out_contexts"] <= more["held_out_toxic_sequences"] < more["toxic_sequences"]
     assert _first_half("you people are really stupid") == "you people"
     assert _first_half("shut up now") == ""
     with pytest.raises(PydetoxError, match="pairs \\+ pair_prompts must be at most"):
@@ -289,6 +290,18 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert np.abs(lp - ref).max() < 2 * noise, (np.abs(lp - ref).max(), noise)
     with pytest.raises(PydetoxError, match="needs a calibrator"):
         disc.plan("distill", {})
+
+
+def test_distill_holds_out_whole_contexts() -> None:
+    from pydetox.discover.distill import _split_by_group
+
+    groups = np.repeat(np.arange(40), np.arange(40) % 3 + 1)  # 40 contexts of one to three sequences each
+    val, train = _split_by_group(groups, np.random.default_rng(0))
+    assert sorted(val + train.tolist()) == list(range(len(groups)))
+    assert len(set(groups[val])) == 4  # a tenth of the contexts, each whole
+    assert not set(groups[val]) & set(groups[train])
+    val1, _ = _split_by_group(np.zeros(3, np.int64), np.random.default_rng(0))
+    assert val1 == [0, 1, 2]  # at least one context held out
 
 
 def test_distill_targets_drop_tokens_the_unedited_model_finds_implausible() -> None:

@@ -87,23 +87,26 @@ class DistillParams:
 
 class _Targets:
     """Token sequences with a target distribution at each position but the last: top-k token ids, their
-    log-probabilities, and the log-probability of the rest of the vocabulary."""
+    log-probabilities, and the log-probability of the rest of the vocabulary. `groups`: the context each sequence
+    came from (sequences of one group share their prompt, and are held out together)."""
 
-    def __init__(self, seqs: list[list[int]], ids: list[Any], logp: list[Any], rest: list[Any]) -> None:
-        self.seqs, self.ids, self.logp, self.rest = seqs, ids, logp, rest
+    def __init__(self, seqs: list[list[int]], ids: list[Any], logp: list[Any], rest: list[Any],
+                 groups: np.ndarray) -> None:
+        self.seqs, self.ids, self.logp, self.rest, self.groups = seqs, ids, logp, rest, groups
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {**_pack(self.seqs, prefix), f"{prefix}ids": np.concatenate(self.ids),
-                f"{prefix}logp": np.concatenate(self.logp), f"{prefix}rest": np.concatenate(self.rest)}
+                f"{prefix}logp": np.concatenate(self.logp), f"{prefix}rest": np.concatenate(self.rest),
+                f"{prefix}groups": self.groups}
 
     @classmethod
     def from_arrays(cls, z: Any, prefix: str) -> _Targets:
         pos = np.cumsum(z[f"{prefix}lengths"] - 1)[:-1]  # targets: every position but the last
         return cls(_unpack(z, prefix), np.split(z[f"{prefix}ids"], pos), np.split(z[f"{prefix}logp"], pos),
-                   np.split(z[f"{prefix}rest"], pos))
+                   np.split(z[f"{prefix}rest"], pos), z[f"{prefix}groups"])
 
 
 def _pack(seqs: list[list[int]], prefix: str) -> dict[str, np.ndarray]:
@@ -127,7 +130,7 @@ def _cache_key(source: Path, p: DistillParams) -> str:
         st = f.stat()
         return [f.resolve().as_posix(), st.st_size, st.st_mtime_ns]
 
-    return json.dumps({"model": stamp(source), "calibrator_file": stamp(Path(p.calibrator)),
+    return json.dumps({"format": 2, "model": stamp(source), "calibrator_file": stamp(Path(p.calibrator)),
                        **{k: getattr(p, k) for k in _TEACHER_KEYS}}, sort_keys=True)
 
 
@@ -145,6 +148,15 @@ def _save_cache(path: Path, key: str, toxic: _Targets, clean: list[list[int]]) -
     arrays = {"key": np.array(key), **_pack(clean, "clean_"), **toxic.arrays("t_")}
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
+
+
+def _split_by_group(groups: np.ndarray, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
+    """Indices of the held-out sequences (every sequence of a tenth of the groups, at least one group) and of the
+    training ones. By group, not by sequence: the fused and the unedited continuation of one prompt share the prompt,
+    and a held-out sequence whose prompt was trained on is half in-sample."""
+    order = rng.permutation(np.unique(groups))
+    held = np.isin(groups, order[: max(1, len(order) // 10)])
+    return np.flatnonzero(held).tolist(), np.flatnonzero(~held)
 
 
 def _first_half(text: str) -> str:
@@ -184,13 +196,17 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
             LlamaRuntime(source, n_ctx=n_ctx, n_seq=n_seq, n_batch=512) as base:
         toks = [rt.tokenize(q)[: p.max_tokens] for q in prompts]
         seqs: list[list[int]] = []
+        groups: list[int] = []  # the prompt's index; len(prompts) + j for the j-th toxic text
         for s in tqdm(range(0, len(toks), n_seq), desc="teacher: generate", leave=False, disable=not progress):
             wave = toks[s : s + n_seq]
             for model in (rt, base):
                 gen = model.generate(wave, p.max_new_tokens, Sampling(0.0), [0] * len(wave))
                 seqs += [a + b for a, b in zip(wave, gen, strict=True)]
+                groups += range(s, s + len(wave))
         seqs += [rt.tokenize(t)[: p.max_tokens] for t in toxic_texts]
-        seqs = list({tuple(s): s for s in seqs if len(s) >= 3}.values())  # the two continuations often agree
+        groups += range(len(prompts), len(prompts) + len(toxic_texts))
+        unique = {tuple(s): (s, g) for s, g in zip(seqs, groups, strict=True) if len(s) >= 3}  # continuations often agree
+        seqs, groups = [s for s, _ in unique.values()], [g for _, g in unique.values()]
         ids, logp, rest = [], [], []
         floor = np.log(p.plausible) if p.plausible > 0 else -np.inf
         for s in tqdm(seqs, desc="teacher: distributions", leave=False, disable=not progress):
@@ -200,7 +216,7 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
             logp.append(lp)
             rest.append(r)
         clean = [rt.tokenize(t)[: p.max_tokens] for t in tokenize_only]
-    return _Targets(seqs, ids, logp, rest), [c for c in clean if len(c) >= 3]
+    return _Targets(seqs, ids, logp, rest, np.asarray(groups, np.int64)), [c for c in clean if len(c) >= 3]
 
 
 class _LoRA:
@@ -343,7 +359,7 @@ def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, b
                 ids.append(i)
                 logp.append(lp)
                 rest.append(r)
-    return _Targets(seqs, ids, logp, rest)
+    return _Targets(seqs, ids, logp, rest, np.arange(len(seqs)))
 
 
 @register_method
@@ -410,8 +426,11 @@ class Distill(Method):
         if not 0 <= first < n:
             raise PydetoxError(f"distill: first_layer must lie in [0, {n}), got {first}")
         gen = np.random.default_rng(p.seed + 1)
-        perm_t, perm_c = gen.permutation(len(toxic)), gen.permutation(len(clean_seqs))
-        val_t, train_t = perm_t[: max(1, len(toxic) // 10)].tolist(), perm_t[max(1, len(toxic) // 10) :]
+        val_t, train_t = _split_by_group(toxic.groups, gen)
+        if len(train_t) < p.batch:
+            raise PydetoxError(f"distill: {len(train_t)} toxic sequences left to train on after holding out "
+                               f"{len(val_t)}; need at least batch = {p.batch} (more prompts or pairs)")
+        perm_c = gen.permutation(len(clean_seqs))
         val_c, train_c = perm_c[: max(1, len(clean_seqs) // 10)].tolist(), perm_c[max(1, len(clean_seqs) // 10) :]
         ctx.fp.model.requires_grad_(False)
         lora = _LoRA(ctx, list(range(first, n)), p.rank, p.seed)
@@ -476,5 +495,7 @@ class Distill(Method):
                               a.detach().numpy().astype(np.float32)))
         return edits, {"teacher_from_cache": cached is not None,
                        "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs), "discovery_prompts": len(prompts),
-                       "layers": [first, n - 1], "held_out_before": before, "held_out_after": after,
+                       "layers": [first, n - 1], "held_out_toxic_sequences": len(val_t),
+                       "held_out_contexts": len(np.unique(toxic.groups[val_t])),
+                       "held_out_before": before, "held_out_after": after,
                        "curve": curve, **({"vocab": restricted} if vocab is not None else {})}
