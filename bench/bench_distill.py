@@ -42,3 +42,20 @@ def test_restricted_vocabulary_training_step(compare: Callable[..., float]) -> N
     lora.close()
     print(f"restricted to {len(vocab.keep)} of {fp.unembedding().shape[0]} tokens")
     assert ratio > 0
+
+
+def test_plausible_top_k(compare: Callable[..., float]) -> None:
+    """The teacher's targets at each position of one 64-token toxic ParaDetox sentence on Gemma-3-270m: the top-32
+    of the distribution restricted to the plausible tokens (>= 1e-3 of the top token's probability), computed on the
+    masked tokens only against numpy over all 262,144 logits of each row."""
+    from pydetox.discover.distill import _top_dense, _top_plausible
+    from pydetox.runtime import LlamaRuntime
+
+    rows, _ = usable_pairs(EMBEDDED, set())
+    with LlamaRuntime(fetch("gemma3-270m", quiet=True), n_ctx=512, n_batch=512) as rt:
+        text = " ".join(r["toxic"] for r in rows[:6])
+        lp = rt.logprobs(rt.tokenize(text)[:64])
+    mask = lp >= lp.max(axis=1, keepdims=True) + np.log(1e-3)
+    ratio = compare("numpy over whole rows", lambda: _top_plausible(lp, 32, mask), lambda: _top_dense(lp, 32, mask))
+    print(f"plausible tokens per position: median {np.median(mask.sum(1)):.0f} of {lp.shape[1]}")
+    assert ratio > 0

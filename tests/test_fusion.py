@@ -320,6 +320,27 @@ def test_distill_targets_drop_tokens_the_unedited_model_finds_implausible() -> N
     assert np.exp(lp).sum() == pytest.approx(1.0)
 
 
+def test_plausible_top_k_on_the_masked_tokens_equals_the_whole_row_computation() -> None:
+    from pydetox.discover.distill import _top, _top_dense, _top_plausible
+
+    rng = np.random.default_rng(0)
+    logits = 3 * rng.standard_normal((40, 20000))
+    logp = (logits - np.log(np.exp(logits).sum(1, keepdims=True))).astype(np.float32)
+    mask = np.zeros(logp.shape, bool)
+    for i, n in enumerate(rng.integers(1, 80, len(mask))):  # 1 to 79 plausible tokens per position
+        mask[i, rng.choice(mask.shape[1], n, replace=False)] = True
+    assert mask.sum(1).min() < 32 < mask.sum(1).max()  # rows with fewer plausible tokens than k, and with more
+    dense, sparse = _top_dense(logp, 32, mask), _top_plausible(logp, 32, mask)
+    for i in range(len(logp)):
+        want = {int(j): float(v) for j, v in zip(dense[0][i], dense[1][i], strict=True) if v > -1e4}
+        got = {int(j): float(v) for j, v in zip(sparse[0][i], sparse[1][i], strict=True) if v > -1e4}
+        assert want.keys() == got.keys()
+        assert [got[j] for j in want] == pytest.approx(list(want.values()), abs=1e-5)
+        assert len(set(sparse[0][i].tolist())) == 32  # padding slots: other ids, no mass, never a repeat
+    np.testing.assert_allclose(np.exp(sparse[2]), np.exp(dense[2]), atol=1e-5)
+    assert _top(logp, 32, mask)[0].tolist() == sparse[0].tolist()  # a sparse mask takes the sparse path
+
+
 def test_restricted_vocabulary_log_probabilities_are_the_full_ones_renormalised(trained: tuple[Path, Path]) -> None:
     """distill's training forward with a restricted output layer gives the whole vocabulary's logits on those rows,
     renormalised over them, at every position but the last of each sequence, padding left out."""
