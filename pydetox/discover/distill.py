@@ -186,11 +186,12 @@ def _top_plausible(logp: np.ndarray, k: int, plausible: np.ndarray) -> tuple[np.
     norm = vals - (m + np.log(np.add.reduceat(np.exp(vals - m[rows]), starts)))[rows]
     order = np.lexsort((-norm, rows))  # by row, then most likely first
     rank = np.arange(len(order)) - starts[rows[order]]
-    kept = order[rank < k]
+    first_k = rank < k
+    kept, slot = order[first_k], rank[first_k]
     idx = np.empty((n, k), np.int64)
     top = np.full((n, k), -1e4, np.float32)
-    idx[rows[kept], rank[rank < k]] = cols[kept]
-    top[rows[kept], rank[rank < k]] = norm[kept]
+    idx[rows[kept], slot] = cols[kept]
+    top[rows[kept], slot] = norm[kept]
     for i in np.flatnonzero(counts < k):
         have = cols[starts[i] : starts[i] + counts[i]]
         idx[i, counts[i] :] = np.setdiff1d(np.arange(k + counts[i]), have)[: k - counts[i]]
@@ -436,9 +437,8 @@ class Distill(Method):
         prompts = _discovery_prompts(p.prompts, evaluation)
         if p.max_prompts > 0:
             prompts = [prompts[int(i)] for i in sorted(rng.permutation(len(prompts))[: p.max_prompts])]
-        halves = [h.strip().lower() for h in map(_first_half, extra)]
-        prompts += [q for q, h in zip(map(_first_half, extra), halves, strict=True)
-                    if h and not any(h in e.strip().lower() for e in evaluation)]
+        seen = [e.strip().lower() for e in evaluation]
+        prompts += [h for h in map(_first_half, extra) if h and not any(h.lower() in e for e in seen)]
         clean_texts = load_clean_text("wiki")[SKIP_WIKI : SKIP_WIKI + p.clean_texts] + [r["neutral"] for r in rows]
         cache = Path(p.cache) if p.cache else None
         if cache is not None and cache.suffix != ".npz":
