@@ -234,13 +234,16 @@ def test_wordfilter_selection_rules_on_counts() -> None:
             ("▁sexy", 6, 4, 0, True, True),  # more on the toxic side
             ("▁sexual", 1, 2, 0, True, False),  # more on the neutral side
             ("▁escort", 0, 0, 0, True, True),  # listed, unseen, 5+ letters
+            ("▁snatch", 0, 0, 1, True, False),  # the same, but clean text uses it: the list alone is not enough
+            ("▁xxx", 4, 0, 1, True, False),  # toxic uses under min_count, and clean text uses it
+            ("▁stupid", 72, 0, 1, False, True),  # the pairs' evidence outweighs one clean use
             ("▁butt", 0, 0, 0, True, False),  # listed, unseen, too short to trust unseen
             ("▁the", 0, 0, 1_000_000, False, False)]  # clean rates: per million of these
     pieces = [r[0] for r in rows]
     strings = [p.replace("▁", " ").strip().lower() for p in pieces]
     toxic, neutral, clean = (np.array([r[k] for r in rows]) for k in (1, 2, 3))
     listed_mask = np.array([r[4] for r in rows])
-    listed = {"fuck", "ass", "dick", "sexy", "sexual", "escort", "butt"}
+    listed = {"fuck", "ass", "dick", "sexy", "sexual", "escort", "snatch", "xxx", "butt"}
     want = np.array([r[5] for r in rows])
     p = WordFilterParams()
     keep, variants = select_tokens(pieces, strings, listed_mask, listed, toxic, neutral, clean, p)
