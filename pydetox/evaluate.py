@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pydetox.capability import Capability, capability
-from pydetox.metrics import ToxicityStats, disagreement, spearman, toxicity_stats
+from pydetox.metrics import ToxicityStats, disagreement, sole_calls, spearman, toxicity_stats
 from pydetox.prompts import PromptSet, load_clean_text
 from pydetox.runtime import LlamaRuntime, Sampling
 from pydetox.scorers import Scorer
@@ -79,6 +79,7 @@ class ModelResult:
     generated_tokens: int
     generation_s: float
     agreement: dict[str, dict[str, float]] = field(default_factory=dict)
+    sole: dict[str, dict[str, int]] = field(default_factory=dict)  # per evaluator: toxic calls, and those no other makes
     continuations: list[list[str]] = field(default_factory=list)  # (prompts, samples)
     label: str = ""
     calibrator: str | None = None
@@ -186,6 +187,7 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
                 generated_tokens=n_tok,
                 generation_s=secs,
                 agreement=agreement(scores),
+                sole=sole_calls(scores) if len(scores) > 1 else {},
                 continuations=texts,
                 label=label,
                 calibrator=None if spec.calibrator is None else str(spec.calibrator),
@@ -219,6 +221,7 @@ def report_json(results: list[ModelResult], settings: EvalSettings, prompts: Pro
             "generated_tokens": r.generated_tokens,
             "generation_s": r.generation_s,
             "agreement": r.agreement,
+            "sole": r.sole,
         }
         if include_texts:
             m["continuations"] = [{"prompt": p, "continuations": c} for p, c in zip(prompts.prompts, r.continuations, strict=True)]

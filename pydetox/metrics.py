@@ -82,6 +82,20 @@ def disagreement(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     return float(np.mean((np.asarray(a).ravel() > THRESHOLD) != (np.asarray(b).ravel() > THRESHOLD)))
 
 
+def sole_calls(scores: dict[str, npt.ArrayLike]) -> dict[str, dict[str, int]]:
+    """For each evaluator, the texts it calls toxic (> 0.5) and how many of them no other evaluator calls toxic: an
+    evaluator whose calls are mostly its own measures something the others do not (hatesonar on identity words)."""
+    flags = {name: np.asarray(s).ravel() > THRESHOLD for name, s in scores.items()}
+    out = {}
+    for name, f in flags.items():
+        others = np.zeros_like(f)
+        for other, g in flags.items():
+            if other != name:
+                others |= g
+        out[name] = {"toxic": int(f.sum()), "alone": int((f & ~others).sum())}
+    return out
+
+
 def auc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     """Area under the ROC curve (Mann-Whitney U / n1 n0), ties counted half."""
     s = np.asarray(scores, np.float64).ravel()

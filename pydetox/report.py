@@ -51,6 +51,9 @@ def table(report: dict[str, Any]) -> str:
     for m in report["models"]:
         for pair, a in m["agreement"].items():
             lines.append(f"{label(m)}: {pair}: Spearman {a['spearman']:.2f}, disagree on {a['disagreement']:.1%} of texts")
+        if m.get("sole"):
+            calls = ", ".join(f"{name} {c['alone']} of {c['toxic']}" for name, c in m["sole"].items())
+            lines.append(f"{label(m)}: toxic calls no other evaluator makes: {calls}")
     return "\n".join(lines)
 
 

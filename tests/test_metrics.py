@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pydetox.metrics import auc, disagreement, spearman, toxicity_stats
+from pydetox.metrics import auc, disagreement, sole_calls, spearman, toxicity_stats
 
 
 def test_toxicity_stats_by_hand() -> None:
@@ -44,3 +44,13 @@ def test_agreement_and_auc_against_scipy_and_hand() -> None:
     assert auc([0.5, 0.5], [0, 1]) == 0.5
     with pytest.raises(ValueError, match="both"):
         auc([0.1, 0.2], [1, 1])
+
+
+def test_sole_calls_by_hand() -> None:
+    # text:           0    1    2    3    4
+    scores = {"a": [0.9, 0.6, 0.1, 0.5, 0.7],  # 0.5 is not toxic (> 0.5 is)
+              "b": [0.8, 0.1, 0.2, 0.9, 0.2],
+              "c": [0.1, 0.2, 0.3, 0.6, 0.9]}
+    assert sole_calls(scores) == {"a": {"toxic": 3, "alone": 1},  # text 1; 0 with b, 4 with c
+                                  "b": {"toxic": 2, "alone": 0},  # 0 with a, 3 with c
+                                  "c": {"toxic": 2, "alone": 0}}
