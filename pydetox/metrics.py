@@ -8,6 +8,7 @@ all continuations scored > 0.5. Intervals resample prompts (the unit that was sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +83,7 @@ def disagreement(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     return float(np.mean((np.asarray(a).ravel() > THRESHOLD) != (np.asarray(b).ravel() > THRESHOLD)))
 
 
-def sole_calls(scores: dict[str, npt.ArrayLike]) -> dict[str, dict[str, int]]:
+def sole_calls(scores: Mapping[str, npt.ArrayLike]) -> dict[str, dict[str, int]]:
     """For each evaluator, the texts it calls toxic (> 0.5) and how many of them no other evaluator calls toxic: an
     evaluator whose calls are mostly its own measures something the others do not (hatesonar on identity words)."""
     flags = {name: np.asarray(s).ravel() > THRESHOLD for name, s in scores.items()}
