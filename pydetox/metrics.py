@@ -87,14 +87,8 @@ def sole_calls(scores: Mapping[str, npt.ArrayLike]) -> dict[str, dict[str, int]]
     """For each evaluator, the texts it calls toxic (> 0.5) and how many of them no other evaluator calls toxic: an
     evaluator whose calls are mostly its own measures something the others do not (hatesonar on identity words)."""
     flags = {name: np.asarray(s).ravel() > THRESHOLD for name, s in scores.items()}
-    out = {}
-    for name, f in flags.items():
-        others = np.zeros_like(f)
-        for other, g in flags.items():
-            if other != name:
-                others |= g
-        out[name] = {"toxic": int(f.sum()), "alone": int((f & ~others).sum())}
-    return out
+    callers = np.sum(list(flags.values()), axis=0)  # per text, how many evaluators call it toxic
+    return {name: {"toxic": int(f.sum()), "alone": int((f & (callers == 1)).sum())} for name, f in flags.items()}
 
 
 def auc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:

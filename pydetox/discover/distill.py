@@ -168,8 +168,10 @@ def _first_half(text: str) -> str:
 def _top(logp: np.ndarray, k: int, plausible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k ids, their log-probabilities and the log-probability of the rest, per row. With `plausible` (a mask of
     the same shape), the distribution is first restricted to the masked tokens and renormalized over them."""
-    if plausible is not None and plausible.any(axis=1).all() and np.count_nonzero(plausible) < 0.01 * plausible.size:
-        return _top_plausible(logp, k, plausible)
+    if plausible is not None:
+        per_row = np.count_nonzero(plausible, axis=1)  # one pass over the mask for both conditions
+        if per_row.all() and per_row.sum() < 0.01 * plausible.size:
+            return _top_plausible(logp, k, plausible)
     return _top_dense(logp, k, plausible)
 
 
