@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from pydetox.badwords import has_listed_word, load_badwords
 from pydetox.capability import Capability, capability
-from pydetox.metrics import ToxicityStats, disagreement, sole_calls, spearman, toxicity_stats
+from pydetox.metrics import ToxicityStats, disagreement, listed_calls, sole_calls, spearman, toxicity_stats
 from pydetox.prompts import PromptSet, load_clean_text
 from pydetox.runtime import LlamaRuntime, Sampling
 from pydetox.scorers import Scorer
@@ -80,6 +81,7 @@ class ModelResult:
     generation_s: float
     agreement: dict[str, dict[str, float]] = field(default_factory=dict)
     sole: dict[str, dict[str, int]] = field(default_factory=dict)  # per evaluator: toxic calls, and those no other makes
+    listed: dict[str, dict[str, int]] = field(default_factory=dict)  # per evaluator: toxic calls, those with a listed word
     continuations: list[list[str]] = field(default_factory=list)  # (prompts, samples)
     label: str = ""
     calibrator: str | None = None
@@ -149,6 +151,7 @@ def agreement(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, prompts: PromptSet, scorers: list[Scorer],
                     reference: Path | None = None, progress: bool = True) -> list[ModelResult]:
     documents = load_clean_text(settings.clean_text) if settings.ppl_tokens > 0 else []
+    badwords = load_badwords()
     max_prompt = 0
     results = []
     ref_rt = None
@@ -188,6 +191,7 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
                 generation_s=secs,
                 agreement=agreement(scores),
                 sole=sole_calls(scores) if len(scores) > 1 else {},
+                listed=listed_calls(scores, has_listed_word([t for row in texts for t in row], badwords)),
                 continuations=texts,
                 label=label,
                 calibrator=None if spec.calibrator is None else str(spec.calibrator),
@@ -222,6 +226,7 @@ def report_json(results: list[ModelResult], settings: EvalSettings, prompts: Pro
             "generation_s": r.generation_s,
             "agreement": r.agreement,
             "sole": r.sole,
+            "listed": r.listed,
         }
         if include_texts:
             m["continuations"] = [{"prompt": p, "continuations": c} for p, c in zip(prompts.prompts, r.continuations, strict=True)]

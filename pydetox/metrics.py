@@ -91,6 +91,20 @@ def sole_calls(scores: Mapping[str, npt.ArrayLike]) -> dict[str, dict[str, int]]
     return {name: {"toxic": int(f.sum()), "alone": int((f & (callers == 1)).sum())} for name, f in flags.items()}
 
 
+def listed_calls(scores: Mapping[str, npt.ArrayLike], listed: npt.ArrayLike) -> dict[str, dict[str, int]]:
+    """For each evaluator, the texts it calls toxic (> 0.5) and how many of them hold a word of the bad-words list
+    (`listed`, one flag per text): an edit that removes words cuts the listed calls and leaves the others, which is
+    how a lexical edit looks next to one that changes what the model says."""
+    mask = np.asarray(listed, dtype=bool).ravel()
+    out = {}
+    for name, s in scores.items():
+        f = np.asarray(s).ravel() > THRESHOLD
+        if f.shape != mask.shape:
+            raise ValueError(f"listed_calls: {name} has {f.size} scores for {mask.size} texts")
+        out[name] = {"toxic": int(f.sum()), "listed": int((f & mask).sum())}
+    return out
+
+
 def auc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     """Area under the ROC curve (Mann-Whitney U / n1 n0), ties counted half."""
     s = np.asarray(scores, np.float64).ravel()

@@ -54,6 +54,9 @@ def table(report: dict[str, Any]) -> str:
         if m.get("sole"):
             calls = ", ".join(f"{name} {c['alone']} of {c['toxic']}" for name, c in m["sole"].items())
             lines.append(f"{label(m)}: toxic calls no other evaluator makes: {calls}")
+        if m.get("listed"):
+            calls = ", ".join(f"{name} {c['listed']} of {c['toxic']}" for name, c in m["listed"].items())
+            lines.append(f"{label(m)}: toxic calls on text with a listed bad word: {calls}")
     return "\n".join(lines)
 
 

@@ -112,12 +112,15 @@ def test_cli_eval_writes_json_markdown_plot(tiny_pair: tuple[Path, Path], tmp_pa
     assert "toxic rate [95% CI]" in table
     assert "profanity-check vs bilstm: Spearman" in table
     assert "toxic calls no other evaluator makes: profanity-check " in table
+    assert "toxic calls on text with a listed bad word: profanity-check " in table
     assert "greedy" in table
     report = json.loads(out.read_text())
     assert [Path(m["path"]).name for m in report["models"]] == ["a.gguf", "b.gguf"]
     for m in report["models"]:
         assert set(m["sole"]) == {"profanity-check", "bilstm"}
         assert all(0 <= c["alone"] <= c["toxic"] <= 5 for c in m["sole"].values())
+        assert [c["toxic"] for c in m["listed"].values()] == [c["toxic"] for c in m["sole"].values()]
+        assert all(0 <= c["listed"] <= c["toxic"] for c in m["listed"].values())
     assert (tmp_path / "r.md").read_text().startswith("| model |")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["eval", str(tiny_pair[0]), "--samples", "3", "--prompts", str(prompts), "--quiet"]) == 2

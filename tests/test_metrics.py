@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pydetox.metrics import auc, disagreement, sole_calls, spearman, toxicity_stats
+from pydetox.badwords import has_listed_word
+from pydetox.metrics import auc, disagreement, listed_calls, sole_calls, spearman, toxicity_stats
 
 
 def test_toxicity_stats_by_hand() -> None:
@@ -54,3 +55,16 @@ def test_sole_calls_by_hand() -> None:
     assert sole_calls(scores) == {"a": {"toxic": 3, "alone": 1},  # text 1; 0 with b, 4 with c
                                   "b": {"toxic": 2, "alone": 0},  # 0 with a, 3 with c
                                   "c": {"toxic": 2, "alone": 0}}
+
+
+def test_listed_calls_by_hand() -> None:
+    words = ["fuck", "ass", "two girls one cup", "butt"]
+    texts = ["what the fuck", "Fucking hell", "a class act", "two girls one cup", "butter toast", "ASSES", "f*ck off"]
+    # inflections count ('fucking', 'asses'); a listed word inside another ('class', 'butter') and a censored
+    # spelling do not; phrases match as phrases.
+    listed = has_listed_word(texts, words)
+    assert listed.tolist() == [True, True, False, True, False, True, False]
+    scores = {"a": [0.9, 0.2, 0.8, 0.7, 0.6, 0.4, 0.9], "b": [0.1, 0.9, 0.1, 0.1, 0.1, 0.8, 0.1]}
+    assert listed_calls(scores, listed) == {"a": {"toxic": 5, "listed": 2}, "b": {"toxic": 2, "listed": 2}}
+    with pytest.raises(ValueError, match="6 texts"):
+        listed_calls(scores, listed[:6])

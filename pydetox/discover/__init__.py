@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pydetox.badwords import load_badwords
 from pydetox.discover import aura, distill, eigenshift, gloss, meow2x, profs, trne, unlikelihood, wordfilter  # noqa: F401  (they register themselves)
 from pydetox.discover.activations import Activations, collect
 from pydetox.discover.base import METHODS, Context, get_method, make_params
@@ -20,13 +21,6 @@ from pydetox.discover.model import FullPrecisionModel
 from pydetox.plan import EditPlan
 
 __all__ = ["METHODS", "Discovery", "discover"]
-
-
-def _badwords() -> list[str]:
-    from pydetox.assets import fetch_file
-
-    lines = fetch_file("badwords").read_text(encoding="utf-8").splitlines()
-    return [w.strip() for w in lines if w.strip() and not w.startswith("#")]
 
 
 class Discovery:
@@ -47,7 +41,7 @@ class Discovery:
         self.activation_s = 0.0  # time spent collecting activations, once a method has asked for them
         self.settings = {"data": self.data.source, "n_pairs": n_pairs, "seed": seed, "max_tokens": max_tokens}
         self.context = Context(self.fp, self.data, lambda: self._collect(self.data.toxic, "toxic"),
-                               lambda: self._collect(self.data.neutral, "neutral"), _badwords(), progress)
+                               lambda: self._collect(self.data.neutral, "neutral"), load_badwords(), progress)
 
     def _collect(self, texts: list[str], label: str) -> Activations:
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from pydetox.badwords import badword_forms
 from pydetox.discover.activations import Activations
 from pydetox.discover.data import DiscoveryData
 from pydetox.discover.model import FullPrecisionModel
@@ -106,15 +107,6 @@ def massive_dims(ctx: Context, factor: float = 20.0) -> npt.NDArray[np.int64]:
 def token_strings(ctx: Context) -> list[str]:
     tok = ctx.fp.tokenizer
     return [tok.convert_tokens_to_string([t]).strip().lower() for t in tok.convert_ids_to_tokens(list(range(len(tok))))]
-
-
-BADWORD_SUFFIXES = ("", "s", "es", "ed", "er", "ers", "ing", "in", "y", "ty", "head", "heads", "hole", "holes")
-
-
-def badword_forms(badwords: list[str]) -> set[str]:
-    """The single words of the list, lower case, with their inflections ('fucking' <- 'fuck' + 'ing')."""
-    words = {w.lower() for w in badwords if w.isalpha()}
-    return {w + suffix for w in words for suffix in BADWORD_SUFFIXES}
 
 
 def badword_token_mask(ctx: Context, strings: list[str], vocab: int) -> npt.NDArray[np.bool_]:

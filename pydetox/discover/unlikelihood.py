@@ -39,7 +39,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from pydetox.discover.base import Context, Method, badword_forms, register_method
+from pydetox.badwords import badword_forms
+from pydetox.discover.base import Context, Method, register_method
 from pydetox.errors import PydetoxError
 from pydetox.plan import Edit, EditKind
 
