@@ -34,10 +34,10 @@ def has_listed_word(texts: Sequence[str], badwords: Iterable[str]) -> npt.NDArra
     phrases. Censored spellings ('f*ck') are not listed words: the list is what a word filter can act on."""
     listed = list(badwords)
     forms = badword_forms(listed, TEXT_SUFFIXES)
-    phrases = [p.lower() for p in listed if not p.isalpha()]
+    phrases = [re.escape(p.lower()) for p in listed if not p.isalpha()]
+    phrase = re.compile(rf"(?<![a-z])(?:{'|'.join(phrases)})(?![a-z])") if phrases else None
     out = np.zeros(len(texts), dtype=bool)
     for i, t in enumerate(texts):
         low = t.lower()
-        out[i] = not forms.isdisjoint(re.findall(r"[a-z]+", low)) or any(
-            re.search(rf"(?<![a-z]){re.escape(p)}(?![a-z])", low) for p in phrases)
+        out[i] = not forms.isdisjoint(re.findall(r"[a-z]+", low)) or (phrase is not None and phrase.search(low) is not None)
     return out
