@@ -83,10 +83,15 @@ def disagreement(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     return float(np.mean((np.asarray(a).ravel() > THRESHOLD) != (np.asarray(b).ravel() > THRESHOLD)))
 
 
+def _calls(scores: Mapping[str, npt.ArrayLike]) -> dict[str, npt.NDArray[np.bool_]]:
+    """Per evaluator, which texts it calls toxic (> 0.5), flattened."""
+    return {name: np.asarray(s).ravel() > THRESHOLD for name, s in scores.items()}
+
+
 def sole_calls(scores: Mapping[str, npt.ArrayLike]) -> dict[str, dict[str, int]]:
     """For each evaluator, the texts it calls toxic (> 0.5) and how many of them no other evaluator calls toxic: an
     evaluator whose calls are mostly its own measures something the others do not (hatesonar on identity words)."""
-    flags = {name: np.asarray(s).ravel() > THRESHOLD for name, s in scores.items()}
+    flags = _calls(scores)
     callers = np.sum(list(flags.values()), axis=0)  # per text, how many evaluators call it toxic
     return {name: {"toxic": int(f.sum()), "alone": int((f & (callers == 1)).sum())} for name, f in flags.items()}
 
@@ -97,8 +102,7 @@ def listed_calls(scores: Mapping[str, npt.ArrayLike], listed: npt.ArrayLike) -> 
     how a lexical edit looks next to one that changes what the model says."""
     mask = np.asarray(listed, dtype=bool).ravel()
     out = {}
-    for name, s in scores.items():
-        f = np.asarray(s).ravel() > THRESHOLD
+    for name, f in _calls(scores).items():
         if f.shape != mask.shape:
             raise ValueError(f"listed_calls: {name} has {f.size} scores for {mask.size} texts")
         out[name] = {"toxic": int(f.sum()), "listed": int((f & mask).sum())}
