@@ -59,7 +59,11 @@ class CalibrateSettings:
     contrastive_weight: float = 0.1  # weight of the contrastive loss during language modelling
     tau: float = 0.05  # InfoNCE temperature
     vocab_sample: int = 2048  # tokens per contrastive batch
-    pairs: str = "paradetox-3000"  # ParaDetox pairs; the neutral side is used
+    pairs: str = "paradetox-3000"  # ParaDetox pairs; the `side` side is used
+    # "neutral": a calibrator (the expert). "toxic": an anti-expert, the same model trained on the toxic side of the
+    # pairs (set clean_tokens to 0), for a teacher that moves away from what it adds (DExperts, Liu et al. ACL 2021;
+    # see `pydetox.discover.distill`'s `anti`).
+    side: str = "neutral"
     clean_text: str = "wiki"  # non-toxic clean text (not `news`: perplexity is measured there)
     clean_tokens: int = 300_000
     val_fraction: float = 0.05
@@ -91,12 +95,14 @@ class CalibrateResult:
 
 
 def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], str]:
-    """Non-toxic texts: the neutral side of the pairs, then clean-text paragraphs; evaluation prompts excluded."""
+    """The `side` of the pairs (neutral for a calibrator), then clean-text paragraphs; evaluation prompts excluded."""
     from pydetox.discover.data import usable_pairs
     from pydetox.prompts import load_clean_text, load_prompts
 
+    if settings.side not in ("neutral", "toxic"):
+        raise PydetoxError(f"side is 'neutral' (a calibrator) or 'toxic' (an anti-expert), not {settings.side!r}")
     rows, source = usable_pairs(settings.pairs, set(load_prompts("rtp-challenging").prompts))
-    neutral = [r["neutral"] for r in rows]
+    neutral = [r[settings.side] for r in rows]
     clean: list[str] = []
     if settings.clean_tokens > 0:
         if settings.clean_text == "news":
@@ -104,7 +110,7 @@ def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], s
         clean = load_clean_text(settings.clean_text)
         if settings.clean_text == "wiki":
             clean = clean[SKIP_WIKI:]  # `pydetox eval --clean-text wiki` measures perplexity on the first paragraphs
-    return neutral, clean, f"{len(neutral)} neutral sentences of {source} + {settings.clean_text} (up to {settings.clean_tokens} tokens)"
+    return neutral, clean, f"{len(neutral)} {settings.side} sentences of {source} + {settings.clean_text} (up to {settings.clean_tokens} tokens)"
 
 
 def pack(tokenizer: Any, texts: list[str], n_neutral: int, clean_tokens: int, seq_len: int) -> np.ndarray:

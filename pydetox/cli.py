@@ -337,7 +337,7 @@ def _cmd_calibrate_train(args: argparse.Namespace) -> int:
         raise PydetoxError(f"{out} exists; pass --force to replace it")
     settings = CalibrateSettings(
         layers=args.layers, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
-        pairs=args.data, clean_text=args.clean_text, clean_tokens=args.clean_tokens, output_type=args.output_type,
+        pairs=args.data, side=args.side, clean_text=args.clean_text, clean_tokens=args.clean_tokens, output_type=args.output_type,
         layer_type=args.layer_type, seed=args.seed, threads=args.threads, objective=args.objective,
     )
     res = train(resolve_model(args.model), out, settings, progress=not args.quiet)
@@ -534,7 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--batch", type=int, default=16)
     ct.add_argument("--seq-len", type=int, default=64)
     ct.add_argument("--lr", type=float, default=3e-4)
-    ct.add_argument("--data", default="paradetox-3000", help="JSONL of {toxic, neutral} pairs; the neutral side is used")
+    ct.add_argument("--data", default="paradetox-3000", help="JSONL of {toxic, neutral} pairs; --side says which side is used")
+    ct.add_argument("--side", default="neutral", choices=["neutral", "toxic"],
+                    help="neutral: a calibrator (default); toxic: an anti-expert for distill's anti= (use --clean-tokens 0)")
     ct.add_argument("--clean-text", default="wiki", help="wiki or a text file (not news: perplexity is measured there)")
     ct.add_argument("--clean-tokens", type=int, default=300000)
     ct.add_argument("--output-type", default="Q8_0", help="type of the calibrator's output tensor (default Q8_0)")

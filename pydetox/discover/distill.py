@@ -32,7 +32,8 @@ Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
 `clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
 restriction), `pairs`, `pair_prompts`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`,
-`seed`, `cache` (a .npz to keep the teacher's targets in between runs).
+`seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`, `anti_beta` (an
+anti-expert the teacher moves away from, DExperts-style; see DistillParams).
 """
 
 from __future__ import annotations
@@ -83,6 +84,16 @@ class DistillParams:
     # lengths, seed) is the same. Tuning rank, lr, steps or clean_weight then skips the teacher (~7 min on SmolLM2,
     # ~10 on Gemma-3: 9.5 min to the written cache in the second run).
     cache: str = ""
+    # An anti-expert, as in DExperts (Liu et al., ACL 2021): a calibrator trained on the toxic side of the pairs
+    # (`pydetox calibrate train --side toxic --clean-tokens 0`), fused with the unedited model at `anti_alpha`. The
+    # teacher's log-probabilities over its top-k tokens get anti_beta * (log p_unedited - log p_anti), and are
+    # renormalised with the rest bucket (which gets no shift): tokens that training on toxic text makes likelier lose
+    # mass. The calibrator is trained on clean text and finds some insults ordinary (' liar' is the fused teacher's
+    # first choice where the unedited model's is ' bitch'); the anti-expert does not. The shift is kept in
+    # `cache`'s sibling CACHE.anti.npz (it depends on the teacher, the anti-expert and anti_alpha, not anti_beta).
+    anti: str = ""
+    anti_alpha: float = 0.5
+    anti_beta: float = 1.0
 
 
 class _Targets:
@@ -253,6 +264,63 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
             rest.append(r)
         clean = [rt.tokenize(t)[: p.max_tokens] for t in tokenize_only]
     return _Targets(seqs, ids, logp, rest, np.asarray(groups, np.int64)), [c for c in clean if len(c) >= 3]
+
+
+def _anti_shift(source: Path, p: DistillParams, toxic: _Targets, progress: bool) -> list[np.ndarray]:
+    """Per sequence, log p_unedited - log p_anti at the teacher's top-k token ids ((positions, k), float32), the
+    unedited model fused with the anti-expert at `anti_alpha` giving p_anti (one decode of both per sequence)."""
+    from pydetox.fusion import FusedRuntime
+
+    n = max(len(s) for s in toxic.seqs)
+    out = []
+    with FusedRuntime(source, p.anti, p.anti_alpha, n_ctx=n, n_batch=n) as rt:
+        for seq, ids in tqdm(zip(toxic.seqs, toxic.ids, strict=True), total=len(toxic), desc="teacher: anti-expert",
+                             leave=False, disable=not progress):
+            la, lb = rt.logprobs_and_target(seq)
+            out.append(np.take_along_axis(lb - la, ids, axis=1).astype(np.float32))
+    return out
+
+
+def _shifted(t: _Targets, shift: list[np.ndarray], beta: float) -> _Targets:
+    """The targets with beta * shift added to their top-k log-probabilities, renormalised together with the rest
+    bucket (left unshifted). Slots with no mass (-1e4) stay without mass."""
+    logp, rest = [], []
+    for lp, r, d in zip(t.logp, t.rest, shift, strict=True):
+        new = lp.astype(np.float64) + beta * d
+        z = np.logaddexp(np.logaddexp.reduce(new, axis=1), r.astype(np.float64))
+        logp.append((new - z[:, None]).astype(np.float32))
+        rest.append((r - z).astype(np.float32))
+    return _Targets(t.seqs, t.ids, logp, rest, t.groups)
+
+
+def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: str, cache: Path | None,
+                  progress: bool) -> tuple[_Targets, bool]:
+    """The teacher's targets shifted away from the anti-expert (see `anti`), and whether the shift came from the
+    cache."""
+    import json
+
+    if not Path(p.anti).is_file():
+        raise PydetoxError(f"distill: expected an anti-expert GGUF at {p.anti}, found nothing")
+    if not 0.0 <= p.anti_alpha <= 1.0 or p.anti_beta < 0:
+        raise PydetoxError(f"distill: anti_alpha must lie in [0, 1] and anti_beta be >= 0, got {p.anti_alpha}, "
+                           f"{p.anti_beta}")
+    st = Path(p.anti).stat()
+    key = json.dumps({"teacher": teacher_key, "anti": [Path(p.anti).resolve().as_posix(), st.st_size, st.st_mtime_ns],
+                      "anti_alpha": p.anti_alpha}, sort_keys=True)
+    path = None if cache is None else cache.with_name(cache.name.removesuffix(".npz") + ".anti.npz")
+    shift = None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            if str(z["key"]) == key:
+                shift = np.split(z["shift"], np.cumsum([len(i) for i in toxic.ids])[:-1])
+    hit = shift is not None
+    if shift is None:
+        shift = _anti_shift(source, p, toxic, progress)
+        if path is not None:
+            tmp = path.with_name(path.name + ".tmp.npz")
+            np.savez(tmp, key=np.array(key), shift=np.concatenate(shift))
+            tmp.replace(path)
+    return _shifted(toxic, shift, p.anti_beta), hit
 
 
 class _LoRA:
@@ -445,7 +513,7 @@ class Distill(Method):
         cache = Path(p.cache) if p.cache else None
         if cache is not None and cache.suffix != ".npz":
             raise PydetoxError(f"distill: the teacher cache is a .npz file, got {p.cache}")
-        key = _cache_key(source, p) if cache is not None else ""
+        key = _cache_key(source, p)
         cached = _load_cache(cache, key) if cache is not None else None
         if cached is None:
             toxic, clean_seqs = _teacher(source, p, prompts, [r["toxic"] for r in rows], ctx.progress, clean_texts)
@@ -453,6 +521,9 @@ class Distill(Method):
                 _save_cache(cache, key, toxic, clean_seqs)
         else:
             toxic, clean_seqs = cached
+        anti_cached = None
+        if p.anti:
+            toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress)
         full = p.clean_kl == "full"  # then the unedited model's distributions are computed per step, not stored
         clean = None if full else _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
 
@@ -529,6 +600,7 @@ class Distill(Method):
                               b.detach().T.contiguous().numpy().astype(np.float32),
                               a.detach().numpy().astype(np.float32)))
         return edits, {"teacher_from_cache": cached is not None,
+                       **({"anti_from_cache": anti_cached} if p.anti else {}),
                        "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs), "discovery_prompts": len(prompts),
                        "layers": [first, n - 1], "held_out_toxic_sequences": len(val_t),
                        "held_out_contexts": len(np.unique(toxic.groups[val_t])),
