@@ -110,7 +110,8 @@ def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], s
         clean = load_clean_text(settings.clean_text)
         if settings.clean_text == "wiki":
             clean = clean[SKIP_WIKI:]  # `pydetox eval --clean-text wiki` measures perplexity on the first paragraphs
-    return neutral, clean, f"{len(neutral)} {settings.side} sentences of {source} + {settings.clean_text} (up to {settings.clean_tokens} tokens)"
+    desc = f"{len(neutral)} {settings.side} sentences of {source} + {settings.clean_text} (up to {settings.clean_tokens} tokens)"
+    return neutral, clean, desc
 
 
 def pack(tokenizer: Any, texts: list[str], n_neutral: int, clean_tokens: int, seq_len: int) -> np.ndarray:

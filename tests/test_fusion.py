@@ -248,13 +248,14 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert exact["held_out_after"]["clean_kl"] < 0.3 * diag["held_out_after"]["clean_kl"], (exact, diag)
     # an anti-expert (here the calibrator itself stands in for one: any calibrator GGUF runs the same way) shifts the
     # targets: the teacher comes from the cache, the shift is computed once, then read from its own cache file
-    anti = {**settings, "steps": "1", "anti": str(cal), "anti_beta": "2"}
+    anti = {**settings, "steps": "1", "anti": str(cal), "anti_lambda": "200"}
     shifted = disc.plan("distill", anti).params["diagnostics"]
-    assert shifted["teacher_from_cache"] and not shifted["anti_from_cache"]
+    assert shifted["teacher_from_cache"]
+    assert not shifted["anti_from_cache"]
     assert (tmp_path / "teacher.anti.npz").is_file()
     assert shifted["held_out_before"]["teacher_kl"] != diag["held_out_before"]["teacher_kl"]
-    again = disc.plan("distill", {**anti, "anti_beta": "1"}).params["diagnostics"]
-    assert again["anti_from_cache"]  # anti_beta only scales the cached shift
+    again = disc.plan("distill", {**anti, "anti_lambda": "50"}).params["diagnostics"]
+    assert again["anti_from_cache"]  # anti_lambda is applied to the cached log-probabilities
     assert again["held_out_before"]["teacher_kl"] != shifted["held_out_before"]["teacher_kl"]
     with pytest.raises(PydetoxError, match="expected an anti-expert GGUF"):
         disc.plan("distill", {**anti, "anti": str(tmp_path / "none.gguf")})
@@ -304,20 +305,24 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
         disc.plan("distill", {})
 
 
-def test_anti_expert_shift_by_hand() -> None:
-    """The teacher's top-k log-probabilities plus beta * (log p_unedited - log p_anti), renormalised with the rest
-    bucket: a token the anti-expert makes likelier loses mass, the others and the rest gain it, and it sums to one."""
-    from pydetox.discover.distill import _shifted, _Targets
+def test_anti_expert_decay_by_hand() -> None:
+    """The teacher's top-k probabilities times exp(lam * min(0, p_unedited - p_anti)), renormalised with the rest
+    bucket: a token the anti-expert makes likelier loses mass, one it makes less likely gains nothing of its own (only
+    its share of the renormalisation), and it sums to one."""
+    from pydetox.discover.distill import _debiased, _Targets
 
     lp = np.log(np.array([[0.5, 0.3, 0.1]], np.float32))
     rest = np.log(np.array([0.1], np.float32))
     t = _Targets([[1, 2]], [np.array([[7, 8, 9]])], [lp], [rest], np.array([0]))
-    d = np.array([[-np.log(4.0), 0.0, 0.0]], np.float32)  # the anti-expert gives token 7 four times the mass
-    s = _shifted(t, [d], 1.0)
+    unedited = np.array([[0.2, 0.3, 0.1]])
+    anti = np.array([[0.3, 0.1, 0.1]])  # token 7 up by 0.1 under the anti-expert, token 8 down by 0.2
+    both = [np.log(np.stack([unedited, anti])).astype(np.float32)]
+    s = _debiased(t, both, 10.0)
     p = np.exp(s.logp[0][0].astype(np.float64))
-    assert np.allclose(p, np.array([0.125, 0.3, 0.1]) / 0.625, atol=1e-6)
+    kept = np.array([0.5 * np.exp(-1.0), 0.3, 0.1])
+    assert np.allclose(p, kept / (kept.sum() + 0.1), atol=1e-6)
     assert np.isclose(p.sum() + np.exp(s.rest[0][0]), 1.0, atol=1e-6)
-    assert np.allclose(np.exp(_shifted(t, [d], 0.0).logp[0]), np.exp(lp), atol=1e-6)  # beta 0: the teacher as it was
+    assert np.allclose(np.exp(_debiased(t, both, 0.0).logp[0]), np.exp(lp), atol=1e-6)  # lambda 0: the teacher as it was
 
 
 def test_distill_holds_out_whole_contexts() -> None:

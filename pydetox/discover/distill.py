@@ -32,8 +32,8 @@ Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
 `clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
 restriction), `pairs`, `pair_prompts`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`,
-`seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`, `anti_beta` (an
-anti-expert the teacher moves away from, DExperts-style; see DistillParams).
+`seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`, `anti_lambda` (an
+anti-expert the teacher moves away from; see DistillParams).
 """
 
 from __future__ import annotations
@@ -84,16 +84,20 @@ class DistillParams:
     # lengths, seed) is the same. Tuning rank, lr, steps or clean_weight then skips the teacher (~7 min on SmolLM2,
     # ~10 on Gemma-3: 9.5 min to the written cache in the second run).
     cache: str = ""
-    # An anti-expert, as in DExperts (Liu et al., ACL 2021): a calibrator trained on the toxic side of the pairs
-    # (`pydetox calibrate train --side toxic --clean-tokens 0`), fused with the unedited model at `anti_alpha`. The
-    # teacher's log-probabilities over its top-k tokens get anti_beta * (log p_unedited - log p_anti), and are
-    # renormalised with the rest bucket (which gets no shift): tokens that training on toxic text makes likelier lose
-    # mass. The calibrator is trained on clean text and finds some insults ordinary (' liar' is the fused teacher's
-    # first choice where the unedited model's is ' bitch'); the anti-expert does not. The shift is kept in
-    # `cache`'s sibling CACHE.anti.npz (it depends on the teacher, the anti-expert and anti_alpha, not anti_beta).
+    # An anti-expert: a calibrator trained on the toxic side of the pairs (`pydetox calibrate train --side toxic
+    # --clean-tokens 0`; the anti-expert of DExperts, Liu et al. ACL 2021), fused with the unedited model at
+    # `anti_alpha`. The teacher's top-k probabilities are multiplied by exp(anti_lambda * min(0, p_unedited - p_anti))
+    # and renormalised with the rest bucket (which is left as it is): the decay of self-debiasing (Schick et al.,
+    # TACL 2021), with the anti-expert in place of a self-debiasing prompt. Only tokens the anti-expert gives more
+    # probability than the unedited model lose mass, by how much more in probability (not in log-probability): the
+    # anti-expert is trained on short, lower-case comments, and its log-ratio to the unedited model (DExperts' own
+    # rule) also rewards what it finds unlikely for style alone ('.' after "I'm going to" to 0.89 on Gemma-3).
+    # The calibrator is trained on clean text and leaves some insults and threats to the teacher; the anti-expert
+    # rates them up (' stupid', ' kill', ' damn'). Both log-probabilities at the teacher's top-k tokens are kept in
+    # `cache`'s sibling CACHE.anti.npz (they depend on the teacher, the anti-expert and anti_alpha).
     anti: str = ""
     anti_alpha: float = 0.5
-    anti_beta: float = 1.0
+    anti_lambda: float = 50.0
 
 
 class _Targets:
@@ -266,9 +270,9 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
     return _Targets(seqs, ids, logp, rest, np.asarray(groups, np.int64)), [c for c in clean if len(c) >= 3]
 
 
-def _anti_shift(source: Path, p: DistillParams, toxic: _Targets, progress: bool) -> list[np.ndarray]:
-    """Per sequence, log p_unedited - log p_anti at the teacher's top-k token ids ((positions, k), float32), the
-    unedited model fused with the anti-expert at `anti_alpha` giving p_anti (one decode of both per sequence)."""
+def _anti_logp(source: Path, p: DistillParams, toxic: _Targets, progress: bool) -> list[np.ndarray]:
+    """Per sequence, log p_unedited and log p_anti at the teacher's top-k token ids, stacked ((2, positions, k),
+    float32), the unedited model fused with the anti-expert at `anti_alpha` giving p_anti (one decode of both)."""
     from pydetox.fusion import FusedRuntime
 
     n = max(len(s) for s in toxic.seqs)
@@ -277,16 +281,17 @@ def _anti_shift(source: Path, p: DistillParams, toxic: _Targets, progress: bool)
         for seq, ids in tqdm(zip(toxic.seqs, toxic.ids, strict=True), total=len(toxic), desc="teacher: anti-expert",
                              leave=False, disable=not progress):
             la, lb = rt.logprobs_and_target(seq)
-            out.append(np.take_along_axis(lb - la, ids, axis=1).astype(np.float32))
+            out.append(np.stack([np.take_along_axis(lb, ids, axis=1), np.take_along_axis(la, ids, axis=1)]))
     return out
 
 
-def _shifted(t: _Targets, shift: list[np.ndarray], beta: float) -> _Targets:
-    """The targets with beta * shift added to their top-k log-probabilities, renormalised together with the rest
-    bucket (left unshifted). Slots with no mass (-1e4) stay without mass."""
+def _debiased(t: _Targets, both: list[np.ndarray], lam: float) -> _Targets:
+    """The targets with lam * min(0, p_unedited - p_anti) added to their top-k log-probabilities (`both`: the two
+    log-probabilities per position and token, from `_anti_logp`), renormalised together with the rest bucket (left
+    as it is). Slots with no mass (-1e4) stay without mass."""
     logp, rest = [], []
-    for lp, r, d in zip(t.logp, t.rest, shift, strict=True):
-        new = lp.astype(np.float64) + beta * d
+    for lp, r, b in zip(t.logp, t.rest, both, strict=True):
+        new = lp.astype(np.float64) + lam * np.minimum(0.0, np.exp(b[0].astype(np.float64)) - np.exp(b[1]))
         z = np.logaddexp(np.logaddexp.reduce(new, axis=1), r.astype(np.float64))
         logp.append((new - z[:, None]).astype(np.float32))
         rest.append((r - z).astype(np.float32))
@@ -295,32 +300,32 @@ def _shifted(t: _Targets, shift: list[np.ndarray], beta: float) -> _Targets:
 
 def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: str, cache: Path | None,
                   progress: bool) -> tuple[_Targets, bool]:
-    """The teacher's targets shifted away from the anti-expert (see `anti`), and whether the shift came from the
-    cache."""
+    """The teacher's targets moved away from the anti-expert (see `anti`), and whether its log-probabilities came
+    from the cache."""
     import json
 
     if not Path(p.anti).is_file():
         raise PydetoxError(f"distill: expected an anti-expert GGUF at {p.anti}, found nothing")
-    if not 0.0 <= p.anti_alpha <= 1.0 or p.anti_beta < 0:
-        raise PydetoxError(f"distill: anti_alpha must lie in [0, 1] and anti_beta be >= 0, got {p.anti_alpha}, "
-                           f"{p.anti_beta}")
+    if not 0.0 <= p.anti_alpha <= 1.0 or p.anti_lambda < 0:
+        raise PydetoxError(f"distill: anti_alpha must lie in [0, 1] and anti_lambda be >= 0, got {p.anti_alpha}, "
+                           f"{p.anti_lambda}")
     st = Path(p.anti).stat()
     key = json.dumps({"teacher": teacher_key, "anti": [Path(p.anti).resolve().as_posix(), st.st_size, st.st_mtime_ns],
                       "anti_alpha": p.anti_alpha}, sort_keys=True)
     path = None if cache is None else cache.with_name(cache.name.removesuffix(".npz") + ".anti.npz")
-    shift = None
+    both = None
     if path is not None and path.is_file():
         with np.load(path) as z:
             if str(z["key"]) == key:
-                shift = np.split(z["shift"], np.cumsum([len(i) for i in toxic.ids])[:-1])
-    hit = shift is not None
-    if shift is None:
-        shift = _anti_shift(source, p, toxic, progress)
+                both = np.split(z["logp"], np.cumsum([len(i) for i in toxic.ids])[:-1], axis=1)
+    hit = both is not None
+    if both is None:
+        both = _anti_logp(source, p, toxic, progress)
         if path is not None:
             tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez(tmp, key=np.array(key), shift=np.concatenate(shift))
+            np.savez(tmp, key=np.array(key), logp=np.concatenate(both, axis=1))
             tmp.replace(path)
-    return _shifted(toxic, shift, p.anti_beta), hit
+    return _debiased(toxic, both, p.anti_lambda), hit
 
 
 class _LoRA:
