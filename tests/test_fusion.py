@@ -240,6 +240,12 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert anchored["teacher_from_cache"]
     assert anchored["toxic_sequences"] == diag["toxic_sequences"]
     assert anchored["held_out_before"] == diag["held_out_before"]
+    # another training seed: the same teacher (from the cache) and held-out split, another start for the update
+    one = disc.plan("distill", {**settings, "steps": "1"})
+    reseeded = disc.plan("distill", {**settings, "steps": "1", "train_seed": "1"})
+    assert reseeded.params["diagnostics"]["teacher_from_cache"]
+    assert reseeded.params["diagnostics"]["held_out_before"] == diag["held_out_before"]
+    assert not np.allclose(reseeded.edits[0].b, one.edits[0].b)
     # the exact clean KL over the whole vocabulary (never below the bucketed one) anchors as well
     exact = disc.plan("distill", {**settings, "clean_weight": "10", "clean_kl": "full"}).params["diagnostics"]
     assert exact["teacher_from_cache"]
@@ -323,6 +329,8 @@ def test_anti_expert_decay_by_hand() -> None:
     assert np.allclose(p, kept / (kept.sum() + 0.1), atol=1e-6)
     assert np.isclose(p.sum() + np.exp(s.rest[0][0]), 1.0, atol=1e-6)
     assert np.allclose(np.exp(_debiased(t, both, 0.0).logp[0]), np.exp(lp), atol=1e-6)  # lambda 0: the teacher as it was
+    spared = np.exp(_debiased(t, both, 10.0, np.array([7])).logp[0][0])  # a special token keeps its mass
+    assert np.allclose(spared, np.exp(lp[0]), atol=1e-6)
 
 
 def test_distill_holds_out_whole_contexts() -> None:

@@ -79,6 +79,10 @@ class DistillParams:
     max_new_tokens: int = 20
     max_tokens: int = 64
     seed: int = 0
+    # The training's own seed (the update's initialisation and the order of the batches); -1: `seed`. Unlike `seed`
+    # it leaves the teacher's data and the held-out split alone, so a second training run reads the same cache and is
+    # measured on the same held-out sequences.
+    train_seed: int = -1
     # A .npz file for the teacher's contexts and distributions: written after they are computed, read instead of
     # computing them when every setting they depend on (model file, calibrator, alpha, top_k, plausible, the data and
     # lengths, seed) is the same. Tuning rank, lr, steps or clean_weight then skips the teacher (~7 min on SmolLM2,
@@ -93,8 +97,11 @@ class DistillParams:
     # anti-expert is trained on short, lower-case comments, and its log-ratio to the unedited model (DExperts' own
     # rule) also rewards what it finds unlikely for style alone ('.' after "I'm going to" to 0.89 on Gemma-3).
     # The calibrator is trained on clean text and leaves some insults and threats to the teacher; the anti-expert
-    # rates them up (' stupid', ' kill', ' damn'). Both log-probabilities at the teacher's top-k tokens are kept in
-    # `cache`'s sibling CACHE.anti.npz (they depend on the teacher, the anti-expert and anti_alpha).
+    # rates them up (' stupid', ' kill', ' damn'). Special tokens get no penalty (the anti-expert's texts all end at
+    # EOS). Measured on Gemma-3 (README): even penalty-only, most of what it moves is style ('▁i', '▁.', 'and'), not
+    # toxicity; a style-matched expert in place of the unedited model (DExperts proper) is not built yet. Both
+    # log-probabilities at the teacher's top-k tokens are kept in `cache`'s sibling CACHE.anti.npz (they depend on
+    # the teacher, the anti-expert and anti_alpha).
     anti: str = ""
     anti_alpha: float = 0.5
     anti_lambda: float = 50.0
@@ -285,13 +292,16 @@ def _anti_logp(source: Path, p: DistillParams, toxic: _Targets, progress: bool) 
     return out
 
 
-def _debiased(t: _Targets, both: list[np.ndarray], lam: float) -> _Targets:
+def _debiased(t: _Targets, both: list[np.ndarray], lam: float, spare: np.ndarray | None = None) -> _Targets:
     """The targets with lam * min(0, p_unedited - p_anti) added to their top-k log-probabilities (`both`: the two
     log-probabilities per position and token, from `_anti_logp`), renormalised together with the rest bucket (left
-    as it is). Slots with no mass (-1e4) stay without mass."""
+    as it is). Slots with no mass (-1e4) stay without mass; token ids in `spare` (special tokens) get no penalty."""
     logp, rest = [], []
-    for lp, r, b in zip(t.logp, t.rest, both, strict=True):
-        new = lp.astype(np.float64) + lam * np.minimum(0.0, np.exp(b[0].astype(np.float64)) - np.exp(b[1]))
+    for lp, r, b, ids in zip(t.logp, t.rest, both, t.ids, strict=True):
+        pen = lam * np.minimum(0.0, np.exp(b[0].astype(np.float64)) - np.exp(b[1]))
+        if spare is not None:
+            pen[np.isin(ids, spare)] = 0.0
+        new = lp.astype(np.float64) + pen
         z = np.logaddexp(np.logaddexp.reduce(new, axis=1), r.astype(np.float64))
         logp.append((new - z[:, None]).astype(np.float32))
         rest.append((r - z).astype(np.float32))
@@ -299,7 +309,7 @@ def _debiased(t: _Targets, both: list[np.ndarray], lam: float) -> _Targets:
 
 
 def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: str, cache: Path | None,
-                  progress: bool) -> tuple[_Targets, bool]:
+                  progress: bool, spare: np.ndarray) -> tuple[_Targets, bool]:
     """The teacher's targets moved away from the anti-expert (see `anti`), and whether its log-probabilities came
     from the cache."""
     import json
@@ -325,7 +335,7 @@ def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: 
             tmp = path.with_name(path.name + ".tmp.npz")
             np.savez(tmp, key=np.array(key), logp=np.concatenate(both, axis=1))
             tmp.replace(path)
-    return _debiased(toxic, both, p.anti_lambda), hit
+    return _debiased(toxic, both, p.anti_lambda, spare), hit
 
 
 class _LoRA:
@@ -528,7 +538,8 @@ class Distill(Method):
             toxic, clean_seqs = cached
         anti_cached = None
         if p.anti:
-            toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress)
+            spare = np.asarray(ctx.fp.tokenizer.all_special_ids, np.int64)  # the anti-expert's data ends every text at EOS
+            toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress, spare)
         full = p.clean_kl == "full"  # then the unedited model's distributions are computed per step, not stored
         clean = None if full else _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
 
@@ -544,7 +555,10 @@ class Distill(Method):
         perm_c = gen.permutation(len(clean_seqs))
         val_c, train_c = perm_c[: max(1, len(clean_seqs) // 10)].tolist(), perm_c[max(1, len(clean_seqs) // 10) :]
         ctx.fp.model.requires_grad_(False)
-        lora = _LoRA(ctx, list(range(first, n)), p.rank, p.seed)
+        if p.train_seed >= 0:
+            torch.manual_seed(p.train_seed)
+            gen = np.random.default_rng([p.seed + 1, p.train_seed])
+        lora = _LoRA(ctx, list(range(first, n)), p.rank, p.seed if p.train_seed < 0 else p.train_seed)
 
         n_vocab = int(ctx.fp.unembedding().shape[0])
         vocab = None
