@@ -314,11 +314,6 @@ def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: 
     from the cache."""
     import json
 
-    if not Path(p.anti).is_file():
-        raise PydetoxError(f"distill: expected an anti-expert GGUF at {p.anti}, found nothing")
-    if not 0.0 <= p.anti_alpha <= 1.0 or p.anti_lambda < 0:
-        raise PydetoxError(f"distill: anti_alpha must lie in [0, 1] and anti_lambda be >= 0, got {p.anti_alpha}, "
-                           f"{p.anti_lambda}")
     st = Path(p.anti).stat()
     key = json.dumps({"teacher": teacher_key, "anti": [Path(p.anti).resolve().as_posix(), st.st_size, st.st_mtime_ns],
                       "anti_alpha": p.anti_alpha}, sort_keys=True)
@@ -501,6 +496,11 @@ class Distill(Method):
             raise PydetoxError(f"distill: plausible must lie in [0, 1), got {p.plausible}")
         if p.clean_kl not in ("top", "full"):
             raise PydetoxError(f"distill: clean_kl is 'top' or 'full', got {p.clean_kl!r}")
+        if p.anti and not Path(p.anti).is_file():  # checked before the teacher's half hour, not after
+            raise PydetoxError(f"distill: expected an anti-expert GGUF at {p.anti}, found nothing")
+        if not 0.0 <= p.anti_alpha <= 1.0 or p.anti_lambda < 0:
+            raise PydetoxError(f"distill: anti_alpha must lie in [0, 1] and anti_lambda be >= 0, got {p.anti_alpha}, "
+                               f"{p.anti_lambda}")
         if p.rank < 1 or p.steps < 1 or p.batch < 1:
             raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")
         torch = ctx.fp.torch
