@@ -145,14 +145,16 @@ _TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "pairs", "pair_pro
                  "max_prompts", "max_new_tokens", "max_tokens", "seed")
 
 
+def _stamp(f: Path) -> list[Any]:
+    """A file as a cache key sees it: its path, size and modification time."""
+    st = f.stat()
+    return [f.resolve().as_posix(), st.st_size, st.st_mtime_ns]
+
+
 def _cache_key(source: Path, p: DistillParams) -> str:
     import json
 
-    def stamp(f: Path) -> list[Any]:
-        st = f.stat()
-        return [f.resolve().as_posix(), st.st_size, st.st_mtime_ns]
-
-    return json.dumps({"format": 2, "model": stamp(source), "calibrator_file": stamp(Path(p.calibrator)),
+    return json.dumps({"format": 2, "model": _stamp(source), "calibrator_file": _stamp(Path(p.calibrator)),
                        **{k: getattr(p, k) for k in _TEACHER_KEYS}}, sort_keys=True)
 
 
@@ -165,11 +167,15 @@ def _load_cache(path: Path, key: str) -> tuple[_Targets, list[list[int]]] | None
         return _Targets.from_arrays(z, "t_"), _unpack(z, "clean_")
 
 
-def _save_cache(path: Path, key: str, toxic: _Targets, clean: list[list[int]]) -> None:
+def _save_npz(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """`arrays` and the cache `key` in a .npz written under a temporary name and renamed when complete."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    arrays = {"key": np.array(key), **_pack(clean, "clean_"), **toxic.arrays("t_")}
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    np.savez(tmp, key=np.array(key), **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
+
+
+def _save_cache(path: Path, key: str, toxic: _Targets, clean: list[list[int]]) -> None:
+    _save_npz(path, key, {**_pack(clean, "clean_"), **toxic.arrays("t_")})
 
 
 def _split_by_group(groups: np.ndarray, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
@@ -314,9 +320,7 @@ def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: 
     from the cache."""
     import json
 
-    st = Path(p.anti).stat()
-    key = json.dumps({"teacher": teacher_key, "anti": [Path(p.anti).resolve().as_posix(), st.st_size, st.st_mtime_ns],
-                      "anti_alpha": p.anti_alpha}, sort_keys=True)
+    key = json.dumps({"teacher": teacher_key, "anti": _stamp(Path(p.anti)), "anti_alpha": p.anti_alpha}, sort_keys=True)
     path = None if cache is None else cache.with_name(cache.name.removesuffix(".npz") + ".anti.npz")
     both = None
     if path is not None and path.is_file():
@@ -327,9 +331,7 @@ def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: 
     if both is None:
         both = _anti_logp(source, p, toxic, progress)
         if path is not None:
-            tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez(tmp, key=np.array(key), logp=np.concatenate(both, axis=1))
-            tmp.replace(path)
+            _save_npz(path, key, {"logp": np.concatenate(both, axis=1)})
     return _debiased(toxic, both, p.anti_lambda, spare), hit
 
 
