@@ -3,8 +3,8 @@ CPU and written as a GGUF that llama.cpp loads, with its alignment file beside i
 
 The calibrator is the target's first `layers` transformer layers (3, as in the paper) with the target's token
 embedding, tokenizer and final norm: initialised from the target, so its hidden space starts out as the target's.
-Training, on non-toxic text only (the neutral side of the ParaDetox pairs, and Wikipedia paragraphs; never the
-`news` text perplexity is measured on, nor the evaluation prompts):
+Training (of a calibrator; `side` "toxic" trains an anti-expert instead), on non-toxic text only (the neutral side of
+the ParaDetox pairs, and Wikipedia paragraphs; never the `news` text perplexity is measured on, nor the evaluation prompts):
 
 1. Alignment. A linear map A (d_target x d_cal) from the calibrator's hidden space to the target's, learned with a
    contrastive (InfoNCE) loss over the shared vocabulary: the calibrator's representation of token v, mapped by A,
@@ -102,7 +102,7 @@ def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], s
     if settings.side not in ("neutral", "toxic"):
         raise PydetoxError(f"side is 'neutral' (a calibrator) or 'toxic' (an anti-expert), not {settings.side!r}")
     rows, source = usable_pairs(settings.pairs, set(load_prompts("rtp-challenging").prompts))
-    neutral = [r[settings.side] for r in rows]
+    sentences = [r[settings.side] for r in rows]
     clean: list[str] = []
     if settings.clean_tokens > 0:
         if settings.clean_text == "news":
@@ -110,11 +110,11 @@ def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], s
         clean = load_clean_text(settings.clean_text)
         if settings.clean_text == "wiki":
             clean = clean[SKIP_WIKI:]  # `pydetox eval --clean-text wiki` measures perplexity on the first paragraphs
-    desc = f"{len(neutral)} {settings.side} sentences of {source} + {settings.clean_text} (up to {settings.clean_tokens} tokens)"
-    return neutral, clean, desc
+    desc = f"{len(sentences)} {settings.side} sentences of {source} + {settings.clean_text} (up to {settings.clean_tokens} tokens)"
+    return sentences, clean, desc
 
 
-def pack(tokenizer: Any, texts: list[str], n_neutral: int, clean_tokens: int, seq_len: int) -> np.ndarray:
+def pack(tokenizer: Any, texts: list[str], n_sentences: int, clean_tokens: int, seq_len: int) -> np.ndarray:
     """Token rows of `seq_len`: each text tokenized without special tokens and followed by EOS, concatenated, cut."""
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id
@@ -122,7 +122,7 @@ def pack(tokenizer: Any, texts: list[str], n_neutral: int, clean_tokens: int, se
     clean_used = 0
     for i, t in enumerate(texts):
         ids = tokenizer(t, add_special_tokens=False)["input_ids"]
-        if i >= n_neutral:
+        if i >= n_sentences:
             if clean_used >= clean_tokens:
                 break
             clean_used += len(ids)
@@ -180,8 +180,8 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
 
     fp = FullPrecisionModel(target, progress=progress)
     model, tok = fp.model, fp.tokenizer
-    neutral, clean, data_desc = training_texts(settings)
-    rows = pack(tok, neutral + clean, len(neutral), settings.clean_tokens, settings.seq_len)
+    sentences, clean, data_desc = training_texts(settings)
+    rows = pack(tok, sentences + clean, len(sentences), settings.clean_tokens, settings.seq_len)
     order = rng.permutation(len(rows))
     n_val = max(1, int(len(rows) * settings.val_fraction))
     val_rows, train_rows = torch.from_numpy(rows[order[:n_val]]), torch.from_numpy(rows[order[n_val:]])
