@@ -265,6 +265,17 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert again["held_out_before"]["teacher_kl"] != shifted["held_out_before"]["teacher_kl"]
     with pytest.raises(PydetoxError, match="expected an anti-expert GGUF"):
         disc.plan("distill", {**anti, "anti": str(tmp_path / "none.gguf")})
+    # the expert in place of the unedited model: an expert the same as the anti-expert cancels it exactly (the
+    # teacher as it was), its log-probabilities in their own cache file, the anti-expert's read from theirs
+    same = disc.plan("distill", {**anti, "expert": str(cal)}).params["diagnostics"]
+    assert (tmp_path / "teacher.expert.npz").is_file()
+    assert not same["anti_from_cache"]  # the expert's were computed
+    plain = disc.plan("distill", {**settings, "steps": "1"}).params["diagnostics"]["held_out_before"]
+    assert same["held_out_before"]["teacher_kl"] == pytest.approx(plain["teacher_kl"], rel=1e-5)
+    assert shifted["held_out_before"]["teacher_kl"] != pytest.approx(plain["teacher_kl"], rel=1e-3)
+    assert disc.plan("distill", {**anti, "expert": str(cal)}).params["diagnostics"]["anti_from_cache"]
+    with pytest.raises(PydetoxError, match="an expert needs an anti-expert"):
+        disc.plan("distill", {**settings, "expert": str(cal)})
     # trained on a restricted vocabulary (every target token, then the unedited model's most likely ones): it still
     # learns, and the held-out figures stay over the whole vocabulary (same before-training numbers as `exact`)
     small = disc.plan("distill", {**settings, "clean_weight": "10", "clean_kl": "full", "top_k": "4",

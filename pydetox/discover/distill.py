@@ -32,8 +32,8 @@ Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
 `clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
 restriction), `pairs`, `pair_prompts`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`,
-`seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`, `anti_lambda` (an
-anti-expert the teacher moves away from; see DistillParams).
+`seed`, `train_seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`,
+`anti_lambda`, `expert` (an anti-expert the teacher moves away from, measured against an expert; see DistillParams).
 """
 
 from __future__ import annotations
@@ -98,13 +98,19 @@ class DistillParams:
     # rule) also rewards what it finds unlikely for style alone ('.' after "I'm going to" to 0.89 on Gemma-3).
     # The calibrator is trained on clean text and leaves some insults and threats to the teacher; the anti-expert
     # rates them up (' stupid', ' kill', ' damn'). Special tokens get no penalty (the anti-expert's texts all end at
-    # EOS). Measured on Gemma-3 (README): even penalty-only, most of what it moves is style ('▁i', '▁.', 'and'), not
-    # toxicity; a style-matched expert in place of the unedited model (DExperts proper) is not built yet. Both
+    # EOS). Measured on Gemma-3 (README): against the unedited model, most of what it moves is style ('▁i', '▁.',
+    # 'and': ParaDetox's sentences are lower-case, with spaces before punctuation), not toxicity. Both
     # log-probabilities at the teacher's top-k tokens are kept in `cache`'s sibling CACHE.anti.npz (they depend on
     # the teacher, the anti-expert and anti_alpha).
     anti: str = ""
     anti_alpha: float = 0.5
     anti_lambda: float = 50.0
+    # The expert of DExperts: a calibrator trained like the anti-expert on the other side of the same pairs
+    # (`--side neutral --clean-tokens 0`), fused with the unedited model at `anti_alpha`, in place of the unedited
+    # model in the rule above: exp(anti_lambda * min(0, p_expert - p_anti)). The pairs differ in their toxic words
+    # and share their style, so the style the anti-expert learnt is learnt by the expert as well and cancels.
+    # Kept in CACHE.expert.npz.
+    expert: str = ""
 
 
 class _Targets:
@@ -283,25 +289,26 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
     return _Targets(seqs, ids, logp, rest, np.asarray(groups, np.int64)), [c for c in clean if len(c) >= 3]
 
 
-def _anti_logp(source: Path, p: DistillParams, toxic: _Targets, progress: bool) -> list[np.ndarray]:
-    """Per sequence, log p_unedited and log p_anti at the teacher's top-k token ids, stacked ((2, positions, k),
-    float32), the unedited model fused with the anti-expert at `anti_alpha` giving p_anti (one decode of both)."""
+def _fused_logp(source: Path, model: str, alpha: float, toxic: _Targets, progress: bool, desc: str) -> list[np.ndarray]:
+    """Per sequence, log p_unedited and log p of the unedited model fused with `model` at `alpha`, at the teacher's
+    top-k token ids, stacked ((2, positions, k), float32; one decode of both)."""
     from pydetox.fusion import FusedRuntime
 
     n = max(len(s) for s in toxic.seqs)
     out = []
-    with FusedRuntime(source, p.anti, p.anti_alpha, n_ctx=n, n_batch=n) as rt:
-        for seq, ids in tqdm(zip(toxic.seqs, toxic.ids, strict=True), total=len(toxic), desc="teacher: anti-expert",
-                             leave=False, disable=not progress):
+    with FusedRuntime(source, model, alpha, n_ctx=n, n_batch=n) as rt:
+        for seq, ids in tqdm(zip(toxic.seqs, toxic.ids, strict=True), total=len(toxic), desc=desc, leave=False,
+                             disable=not progress):
             la, lb = rt.logprobs_and_target(seq)
             out.append(np.stack([np.take_along_axis(lb, ids, axis=1), np.take_along_axis(la, ids, axis=1)]))
     return out
 
 
 def _debiased(t: _Targets, both: list[np.ndarray], lam: float, spare: np.ndarray | None = None) -> _Targets:
-    """The targets with lam * min(0, p_unedited - p_anti) added to their top-k log-probabilities (`both`: the two
-    log-probabilities per position and token, from `_anti_logp`), renormalised together with the rest bucket (left
-    as it is). Slots with no mass (-1e4) stay without mass; token ids in `spare` (special tokens) get no penalty."""
+    """The targets with lam * min(0, p_ref - p_anti) added to their top-k log-probabilities (`both`: the two
+    log-probabilities per position and token, p_ref first: the unedited model's or the expert's), renormalised
+    together with the rest bucket (left as it is). Slots with no mass (-1e4) stay without mass; token ids in `spare`
+    (special tokens) get no penalty."""
     logp, rest = [], []
     for lp, r, b, ids in zip(t.logp, t.rest, both, t.ids, strict=True):
         pen = lam * np.minimum(0.0, np.exp(b[0].astype(np.float64)) - np.exp(b[1]))
@@ -314,24 +321,33 @@ def _debiased(t: _Targets, both: list[np.ndarray], lam: float, spare: np.ndarray
     return _Targets(t.seqs, t.ids, logp, rest, t.groups)
 
 
-def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: str, cache: Path | None,
-                  progress: bool, spare: np.ndarray) -> tuple[_Targets, bool]:
-    """The teacher's targets moved away from the anti-expert (see `anti`), and whether its log-probabilities came
-    from the cache."""
+def _side_logp(source: Path, role: str, model: str, alpha: float, toxic: _Targets, teacher_key: str,
+               cache: Path | None, progress: bool) -> tuple[list[np.ndarray], bool]:
+    """`_fused_logp` for the anti-expert or the expert (`role`), read from or written to `cache`'s sibling
+    CACHE.<role>.npz, and whether it came from there."""
     import json
 
-    key = json.dumps({"teacher": teacher_key, "anti": _stamp(Path(p.anti)), "anti_alpha": p.anti_alpha}, sort_keys=True)
-    path = None if cache is None else cache.with_name(cache.name.removesuffix(".npz") + ".anti.npz")
-    both = None
+    key = json.dumps({"teacher": teacher_key, role: _stamp(Path(model)), "anti_alpha": alpha}, sort_keys=True)
+    path = None if cache is None else cache.with_name(cache.name.removesuffix(".npz") + f".{role}.npz")
     if path is not None and path.is_file():
         with np.load(path) as z:
             if str(z["key"]) == key:
-                both = np.split(z["logp"], np.cumsum([len(i) for i in toxic.ids])[:-1], axis=1)
-    hit = both is not None
-    if both is None:
-        both = _anti_logp(source, p, toxic, progress)
-        if path is not None:
-            _save_npz(path, key, {"logp": np.concatenate(both, axis=1)})
+                return np.split(z["logp"], np.cumsum([len(i) for i in toxic.ids])[:-1], axis=1), True
+    both = _fused_logp(source, model, alpha, toxic, progress, f"teacher: {role}")
+    if path is not None:
+        _save_npz(path, key, {"logp": np.concatenate(both, axis=1)})
+    return both, False
+
+
+def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: str, cache: Path | None,
+                  progress: bool, spare: np.ndarray) -> tuple[_Targets, bool]:
+    """The teacher's targets moved away from the anti-expert (see `anti`), measured against the expert when there
+    is one and against the unedited model when not, and whether the log-probabilities all came from the cache."""
+    both, hit = _side_logp(source, "anti", p.anti, p.anti_alpha, toxic, teacher_key, cache, progress)
+    if p.expert:
+        ref, hit_ref = _side_logp(source, "expert", p.expert, p.anti_alpha, toxic, teacher_key, cache, progress)
+        both = [np.stack([e[1], a[1]]) for e, a in zip(ref, both, strict=True)]
+        hit = hit and hit_ref
     return _debiased(toxic, both, p.anti_lambda, spare), hit
 
 
@@ -500,6 +516,9 @@ class Distill(Method):
             raise PydetoxError(f"distill: clean_kl is 'top' or 'full', got {p.clean_kl!r}")
         if p.anti and not Path(p.anti).is_file():  # checked before the teacher's half hour, not after
             raise PydetoxError(f"distill: expected an anti-expert GGUF at {p.anti}, found nothing")
+        if p.expert and not (p.anti and Path(p.expert).is_file()):
+            raise PydetoxError(f"distill: an expert needs an anti-expert (anti=...) and a GGUF at {p.expert}; got "
+                               f"anti={p.anti!r}, and {'a file' if Path(p.expert).is_file() else 'nothing'} there")
         if not 0.0 <= p.anti_alpha <= 1.0 or p.anti_lambda < 0:
             raise PydetoxError(f"distill: anti_alpha must lie in [0, 1] and anti_lambda be >= 0, got {p.anti_alpha}, "
                                f"{p.anti_lambda}")
