@@ -342,6 +342,11 @@ def test_anti_expert_decay_by_hand() -> None:
     assert np.allclose(np.exp(_debiased(t, both, 0.0).logp[0]), np.exp(lp), atol=1e-6)  # lambda 0: the teacher as it was
     spared = np.exp(_debiased(t, both, 10.0, np.array([7])).logp[0][0])  # a special token keeps its mass
     assert np.allclose(spared, np.exp(lp[0]), atol=1e-6)
+    # the ratio rule: token 7 is 1.5x likelier under the anti-expert; past a margin of 1.2 by 1.25x, divided by that
+    ratio = np.exp(_debiased(t, both, 1.0, rule="ratio", margin=1.2).logp[0][0].astype(np.float64))
+    kept = np.array([0.5 / 1.25, 0.3, 0.1])
+    assert np.allclose(ratio, kept / (kept.sum() + 0.1), atol=1e-6)
+    assert np.allclose(np.exp(_debiased(t, both, 1.0, rule="ratio", margin=2.0).logp[0]), np.exp(lp), atol=1e-6)
 
 
 def test_distill_holds_out_whole_contexts() -> None:

@@ -33,7 +33,8 @@ Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `
 `clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
 restriction), `pairs`, `pair_prompts`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`,
 `seed`, `train_seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`,
-`anti_lambda`, `expert` (an anti-expert the teacher moves away from, measured against an expert; see DistillParams).
+`anti_lambda`, `expert`, `anti_rule`, `anti_margin` (an anti-expert the teacher moves away from, measured against
+an expert; see DistillParams).
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ class DistillParams:
     # and share their style, so the style the anti-expert learnt is learnt by the expert as well and cancels.
     # Kept in CACHE.expert.npz.
     expert: str = ""
+    # "prob": the rule above. "ratio": exp(anti_lambda * min(0, log p_ref - log p_anti + log anti_margin)), p_ref the
+    # expert's (or the unedited model's): DExperts' log-ratio, penalty only, for tokens the anti-expert rates more
+    # than anti_margin times likelier; with anti_lambda 1, such a token's probability is divided by the excess.
+    # Summed over g7q's cached Gemma-3 targets, the probability rule's changes are mostly on frequent words ('▁the',
+    # '▁a'), whose probabilities are large; the ratio rule's (margin 3) less so (README).
+    anti_rule: str = "prob"
+    anti_margin: float = 3.0
 
 
 class _Targets:
@@ -304,14 +312,17 @@ def _fused_logp(source: Path, model: str, alpha: float, toxic: _Targets, progres
     return out
 
 
-def _debiased(t: _Targets, both: list[np.ndarray], lam: float, spare: np.ndarray | None = None) -> _Targets:
-    """The targets with lam * min(0, p_ref - p_anti) added to their top-k log-probabilities (`both`: the two
-    log-probabilities per position and token, p_ref first: the unedited model's or the expert's), renormalised
-    together with the rest bucket (left as it is). Slots with no mass (-1e4) stay without mass; token ids in `spare`
-    (special tokens) get no penalty."""
+def _debiased(t: _Targets, both: list[np.ndarray], lam: float, spare: np.ndarray | None = None, rule: str = "prob",
+              margin: float = 1.0) -> _Targets:
+    """The targets with lam * min(0, p_ref - p_anti) (rule "prob"), or lam * min(0, log p_ref - log p_anti +
+    log margin) (rule "ratio"), added to their top-k log-probabilities (`both`: the two log-probabilities per position
+    and token, p_ref first: the unedited model's or the expert's), renormalised together with the rest bucket (left
+    as it is). Slots with no mass (-1e4) stay without mass; token ids in `spare` (special tokens) get no penalty."""
     logp, rest = [], []
     for lp, r, b, ids in zip(t.logp, t.rest, both, t.ids, strict=True):
-        pen = lam * np.minimum(0.0, np.exp(b[0].astype(np.float64)) - np.exp(b[1]))
+        ref, anti = b[0].astype(np.float64), b[1].astype(np.float64)
+        gap = ref - anti + np.log(margin) if rule == "ratio" else np.exp(ref) - np.exp(anti)
+        pen = lam * np.minimum(0.0, gap)
         if spare is not None:
             pen[np.isin(ids, spare)] = 0.0
         new = lp.astype(np.float64) + pen
@@ -348,7 +359,7 @@ def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: 
         ref, hit_ref = _side_logp(source, "expert", p.expert, p.anti_alpha, toxic, teacher_key, cache, progress)
         both = [np.stack([e[1], a[1]]) for e, a in zip(ref, both, strict=True)]
         hit = hit and hit_ref
-    return _debiased(toxic, both, p.anti_lambda, spare), hit
+    return _debiased(toxic, both, p.anti_lambda, spare, p.anti_rule, p.anti_margin), hit
 
 
 class _LoRA:
@@ -522,6 +533,9 @@ class Distill(Method):
         if not 0.0 <= p.anti_alpha <= 1.0 or p.anti_lambda < 0:
             raise PydetoxError(f"distill: anti_alpha must lie in [0, 1] and anti_lambda be >= 0, got {p.anti_alpha}, "
                                f"{p.anti_lambda}")
+        if p.anti_rule not in ("prob", "ratio") or p.anti_margin < 1:
+            raise PydetoxError(f"distill: anti_rule is 'prob' or 'ratio' and anti_margin >= 1, got {p.anti_rule!r}, "
+                               f"{p.anti_margin}")
         if p.rank < 1 or p.steps < 1 or p.batch < 1:
             raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")
         torch = ctx.fp.torch
