@@ -116,7 +116,8 @@ class DistillParams:
     # expert's (or the unedited model's): DExperts' log-ratio, penalty only, for tokens the anti-expert rates more
     # than anti_margin times likelier; with anti_lambda 1, such a token's probability is divided by the excess.
     # Summed over g7q's cached Gemma-3 targets, the probability rule's changes are mostly on frequent words ('▁the',
-    # '▁a'), whose probabilities are large; the ratio rule's (margin 3) less so (README).
+    # '▁a'), whose probabilities are large; the ratio rule's (margin 3) less so (README). Run g9 (expert, ratio rule,
+    # margin 3, lambda 1) cut no more than the same run without the anti-expert on either of two seeds.
     anti_rule: str = "prob"
     anti_margin: float = 3.0
 
