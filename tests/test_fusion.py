@@ -276,6 +276,8 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert disc.plan("distill", {**anti, "expert": str(cal)}).params["diagnostics"]["anti_from_cache"]
     with pytest.raises(PydetoxError, match="an expert needs an anti-expert"):
         disc.plan("distill", {**settings, "expert": str(cal)})
+    with pytest.raises(PydetoxError, match="anti_rule is 'prob' or 'ratio'"):
+        disc.plan("distill", {**anti, "anti_rule": "log"})
     # trained on a restricted vocabulary (every target token, then the unedited model's most likely ones): it still
     # learns, and the held-out figures stay over the whole vocabulary (same before-training numbers as `exact`)
     small = disc.plan("distill", {**settings, "clean_weight": "10", "clean_kl": "full", "top_k": "4",
