@@ -3,8 +3,9 @@ CPU and written as a GGUF that llama.cpp loads, with its alignment file beside i
 
 The calibrator is the target's first `layers` transformer layers (3, as in the paper) with the target's token
 embedding, tokenizer and final norm: initialised from the target, so its hidden space starts out as the target's.
-Training (of a calibrator; `side` "toxic" trains an anti-expert instead), on non-toxic text only (the neutral side of
-the ParaDetox pairs, and Wikipedia paragraphs; never the `news` text perplexity is measured on, nor the evaluation prompts):
+Training, on non-toxic text only for a calibrator (the neutral side of the ParaDetox pairs, and Wikipedia paragraphs;
+never the `news` text perplexity is measured on, nor the evaluation prompts); `side` "toxic" with no clean text trains
+distill's anti-expert on the toxic side instead, and "neutral" with no clean text its expert:
 
 1. Alignment. A linear map A (d_target x d_cal) from the calibrator's hidden space to the target's, learned with a
    contrastive (InfoNCE) loss over the shared vocabulary: the calibrator's representation of token v, mapped by A,
@@ -60,9 +61,9 @@ class CalibrateSettings:
     tau: float = 0.05  # InfoNCE temperature
     vocab_sample: int = 2048  # tokens per contrastive batch
     pairs: str = "paradetox-3000"  # ParaDetox pairs; the `side` side is used
-    # "neutral": a calibrator (the expert). "toxic": an anti-expert, the same model trained on the toxic side of the
-    # pairs (set clean_tokens to 0), for a teacher that moves away from what it adds (DExperts, Liu et al. ACL 2021;
-    # see `pydetox.discover.distill`'s `anti`).
+    # "neutral": a calibrator (with clean_tokens 0: distill's expert). "toxic": an anti-expert, the same model trained
+    # on the toxic side of the pairs (set clean_tokens to 0), for a teacher that moves away from what it adds
+    # (DExperts, Liu et al. ACL 2021; see `pydetox.discover.distill`'s `anti` and `expert`).
     side: str = "neutral"
     clean_text: str = "wiki"  # non-toxic clean text (not `news`: perplexity is measured there)
     clean_tokens: int = 300_000
