@@ -79,6 +79,12 @@ class CalibrateSettings:
     # weights are Q8_0, and on Gemma-3's large residual activations that moved the calibrator's hidden states by 1.1%
     # (untrained) to 4.8% (trained) rel. RMS from torch's; F16 layers give 0.03%. Three layers cost little either way.
     layer_type: str = "F16"
+    # "bfloat16": forward and backward passes under torch's CPU autocast (oneDNN's AVX-512 BF16 kernels where the
+    # CPU has them), weights and optimizer state kept in float32.
+    precision: str = "float32"
+    # Train the language-modelling softmax over the tokens the training rows contain instead of the whole vocabulary
+    # (a sampled softmax: every target is inside it). The output layer is most of a step's cost.
+    restrict_vocab: bool = False
     seed: int = 0
     threads: int | None = None
 
@@ -185,14 +191,21 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     rows = pack(tok, sentences + clean, len(sentences), settings.clean_tokens, settings.seq_len)
     order = rng.permutation(len(rows))
     n_val = max(1, int(len(rows) * settings.val_fraction))
-    val_rows, train_rows = torch.from_numpy(rows[order[:n_val]]), torch.from_numpy(rows[order[n_val:]])
+    # At most steps x batch training rows: a row no step draws would only cost its target hidden states.
+    n_train = min(len(rows) - n_val, settings.steps * settings.batch)
+    val_rows = torch.from_numpy(rows[order[:n_val]])
+    train_rows = torch.from_numpy(rows[order[n_val : n_val + n_train]])
+    if settings.precision not in ("float32", "bfloat16"):
+        raise PydetoxError(f"precision is 'float32' or 'bfloat16', not {settings.precision!r}")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
 
     W = fp.unembedding().clone()  # (V, d_target), frozen: the target's output layer
     H_train = H_val = None
     if settings.objective == "fused":
         # The target's final hidden states of every row, once: the fused loss needs them at every step.
-        H_train = _target_hidden(model, train_rows, settings.batch, progress)
-        H_val = _target_hidden(model, val_rows, settings.batch, progress)
+        with autocast:
+            H_train = _target_hidden(model, train_rows, settings.batch, progress)
+            H_val = _target_hidden(model, val_rows, settings.batch, progress)
     elif settings.objective != "standalone":
         raise PydetoxError(f"objective is 'fused' or 'standalone', not {settings.objective!r}")
     _truncate(fp, settings.layers)
@@ -213,6 +226,13 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     E_cal = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
     used = torch.from_numpy(np.unique(rows))
     lo, hi = settings.train_alpha
+    # The softmax's rows: the whole output layer, or only the tokens of the training data (targets re-indexed).
+    W_lm = W[used] if settings.restrict_vocab else W
+    index = torch.full((W.shape[0],), -1, dtype=torch.long)
+    index[used] = torch.arange(len(used))
+
+    def targets(batch: Any) -> Any:
+        return index[batch[:, 1:]] if settings.restrict_vocab else batch[:, 1:]
 
     def contrastive() -> Any:
         ids = used[torch.from_numpy(rng.choice(len(used), min(settings.vocab_sample, len(used)), replace=False))]
@@ -227,14 +247,14 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
         z = g * u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
         if h_t is not None:
             z = alpha * z + (1.0 - alpha) * h_t
-        logits = z[:, :-1] @ W.T
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        logits = z[:, :-1] @ W_lm.T
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets(batch).reshape(-1))
 
     val_alpha = 0.5 * (lo + hi)
 
     def validate() -> float:
         model.eval()  # type: ignore[no-untyped-call]
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             losses = [float(lm_loss(val_rows[i : i + settings.batch], None if H_val is None else H_val[i : i + settings.batch],
                                     val_alpha)) for i in range(0, len(val_rows), settings.batch)]
         return float(np.mean(losses))
@@ -274,8 +294,9 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
         model.train()
         idx = torch.from_numpy(rng.integers(0, len(train_rows), settings.batch))
         alpha = float(rng.uniform(lo, hi))
-        lm = lm_loss(train_rows[idx], None if H_train is None else H_train[idx], alpha)
-        loss = lm + settings.contrastive_weight * contrastive() if settings.contrastive_weight > 0 else lm
+        with autocast:
+            lm = lm_loss(train_rows[idx], None if H_train is None else H_train[idx], alpha)
+            loss = lm + settings.contrastive_weight * contrastive() if settings.contrastive_weight > 0 else lm
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*trained.values(), A, g], 1.0)
@@ -385,7 +406,7 @@ def _target_hidden(model: Any, rows: Any, batch: int, progress: bool) -> Any:
     out = []
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch), desc="target hidden states", disable=not progress, leave=False):
-            out.append(model.model(input_ids=rows[i : i + batch]).last_hidden_state)
+            out.append(model.model(input_ids=rows[i : i + batch]).last_hidden_state.float())
     return torch.cat(out)
 
 

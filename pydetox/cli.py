@@ -248,7 +248,7 @@ def _cmd_detox(args: argparse.Namespace) -> int:
     from pydetox.detox import DetoxJob, run
     from pydetox.evaluate import EvalSettings
 
-    method = args.method if args.method is not None else ("" if args.plan else "profs")
+    method = args.method if args.method is not None else ("" if args.plan else "distill")
     methods = tuple(m.strip() for m in method.split(",") if m.strip())
     overrides: dict[str, dict[str, str]] = {}
     for item in args.param or []:
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dx = sub.add_parser("detox", help="discover, apply at several types, evaluate before/after, report")
     dx.add_argument("--model", default="smollm2-135m-instruct", help="GGUF file or asset name (default: the bundled SmolLM2)")
-    dx.add_argument("--method", help=f"one or more of {', '.join(sorted(METHODS))}, comma-separated (default profs, none with --plan)")
+    dx.add_argument("--method", help=f"one or more of {', '.join(sorted(METHODS))}, comma-separated (default distill, the staged recipe of pydetox.recipe; none with --plan)")
     dx.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="types to write and evaluate")
     dx.add_argument("--out", default="pydetox-detox", help="output folder")
     dx.add_argument("--data", default="paradetox-3000")

@@ -16,6 +16,7 @@ from pydetox.errors import PydetoxError
 from pydetox.evaluate import EvalSettings, ModelSpec, evaluate_models, report_json
 from pydetox.plan import EditPlan
 from pydetox.prompts import load_prompts
+from pydetox.recipe import RecipeSettings, distill_plan
 from pydetox.report import label
 from pydetox.scorers import get_scorer
 
@@ -39,6 +40,8 @@ class DetoxJob:
     # and quantizing the result (which gives touched tensors a fresh quantization of their own).
     edit_quantized: bool = False
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(n_prompts=140, ppl_tokens=4096))
+    # How method "distill" runs: the staged recipe of pydetox.recipe (calibrator, teacher, student, strength fit).
+    recipe: RecipeSettings = field(default_factory=RecipeSettings)
 
 
 def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, qtype: str | None,
@@ -74,6 +77,11 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
                                "long_run_share": m.get("degeneration", {}).get("long_run_share"),
                                "base_long_run_share": base.get("degeneration", {}).get("long_run_share"),
                                "mean_tokens": _mean_tokens(m), "base_mean_tokens": _mean_tokens(base)}
+        for check, keys in (("benign", ("mean_tokens", "early_stop_share")), ("chat", ("accuracy", "mean_tokens"))):
+            got, ref = m.get("helpfulness", {}).get(check), base.get("helpfulness", {}).get(check)
+            if got and ref:
+                for k in keys:
+                    row[f"{check}_{k}"], row[f"{check}_base_{k}"] = got[k], ref[k]
         for ev, t in m["toxicity"].items():
             b = base["toxicity"][ev]["toxic_rate"]
             row[f"{ev}_rate"] = t["toxic_rate"]
@@ -86,11 +94,19 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
 
 def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
     head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators], "ppl change", "KL vs F16", "KL vs base",
-            "16+ letter runs (base)", "tokens (base)"]
+            "16+ letter runs (base)", "tokens (base)", "benign tokens (base)", "chat correct (base)"]
+
+    def pair(r: dict[str, Any], key: str, fmt: str) -> str:
+        check, _, k = key.partition("_")
+        if key not in r:
+            return "-"
+        return f"{format(r[key], fmt)} ({format(r[f'{check}_base_{k}'], fmt)})"
+
     body = [[r["method"], r["type"], *[f"{r[e + '_rate']:.3f} ({r[e + '_reduction']:.2f}x)" for e in evaluators],
              f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}", f"{r['kl_edit']:.4f}",
              f"{r['long_run_share']:.1%} ({r['base_long_run_share']:.1%})",
-             f"{r['mean_tokens']:.1f} ({r['base_mean_tokens']:.1f})"] for r in rows]
+             f"{r['mean_tokens']:.1f} ({r['base_mean_tokens']:.1f})", pair(r, "benign_mean_tokens", ".1f"),
+             pair(r, "chat_accuracy", ".1%")] for r in rows]
     table = [head, *body]
     widths = [max(len(x[i]) for x in table) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in table)
@@ -112,9 +128,24 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                                f"and {path}; rename one of the files")
         plans[label] = (plan, path)
     timing: dict[str, Any] = {}
-    if job.methods:
+    if "distill" in job.methods:
+        recipe = job.recipe
+        extra = dict((job.overrides or {}).get("distill", {}))
+        cal = extra.pop("calibrator", None)
+        from pydetox.discover.base import override
+
+        recipe = RecipeSettings(**{**recipe.__dict__, "distill": {**recipe.distill, **extra}, "seed": job.seed,
+                                   "calibrator_file": Path(cal) if cal else recipe.calibrator_file,
+                                   "calibrator": override(recipe.calibrator, (job.overrides or {}).get("calibrator", {}),
+                                                          "calibrator")})
+        plan, staged, timing["stages"] = distill_plan(job.model, job.out, recipe, progress)
+        plans["distill"] = (plan, plan.save(job.out / "distill.plan.gguf"))
+        print(f"distill: {len(plan.edits)} edits at strength {timing['stages']['fit_strength']['strength']:g} "
+              f"-> {plans['distill'][1]} (stages in {staged.parent})")
+    others = [m for m in job.methods if m != "distill"]
+    if others:
         discovery = Discovery(job.model, data=job.data, n_pairs=job.n_pairs, seed=job.seed, progress=progress)
-        for method in job.methods:
+        for method in others:
             plan = discovery.plan(method, (job.overrides or {}).get(method))
             plans[method] = (plan, plan.save(job.out / f"{method}.plan.gguf"))
             timing[f"{method}_s"] = plan.params["method_s"]

@@ -41,6 +41,9 @@ class EvalSettings:
     window: int = 512
     batch: int = 16  # sequences decoded together; greedy outputs can differ in the last bits with another batch size
     threads: int | None = None
+    # pydetox.helpfulness: continuation length on benign sentence starts (this many; 0: skip) and the chat check
+    benign_prompts: int = 100
+    chat_check: bool = True
 
     @property
     def sampling(self) -> Sampling:
@@ -89,6 +92,7 @@ class ModelResult:
     kl_base: float | None = None
     base: str | None = None
     degeneration: dict[str, float] = field(default_factory=dict)
+    helpfulness: dict[str, Any] = field(default_factory=dict)
 
 
 def degeneration(continuations: list[list[str]]) -> dict[str, float]:
@@ -150,8 +154,12 @@ def agreement(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, prompts: PromptSet, scorers: list[Scorer],
                     reference: Path | None = None, progress: bool = True) -> list[ModelResult]:
+    from pydetox.helpfulness import benign_starts, chat_questions, helpfulness
+
     documents = load_clean_text(settings.clean_text) if settings.ppl_tokens > 0 else []
     badwords = load_badwords()
+    benign = benign_starts(settings.benign_prompts) if settings.benign_prompts > 0 else []
+    questions = chat_questions() if settings.chat_check else []
     max_prompt = 0
     results = []
     ref_rt = None
@@ -163,11 +171,17 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
             path, label = spec.path, spec.label
             with LlamaRuntime(path, n_ctx=1024, n_batch=settings.window, threads=settings.threads) as probe:
                 max_prompt = max(len(probe.tokenize(p)) for p in prompts.prompts)
-            n_ctx = settings.batch * (max_prompt + settings.max_tokens)
+                template = _chat_template(path)
+                from pydetox.helpfulness import chat_prompt
+
+                extra = [len(probe.tokenize(chat_prompt(template, q.question), special=True)) + 32 for q in questions]
+                extra += [len(probe.tokenize(p)) + 20 for p in benign]
+            n_ctx = settings.batch * max(max_prompt + settings.max_tokens, *extra)
             n_ctx = max(settings.window, -(-n_ctx // 256) * 256)
             with spec.open(n_ctx=n_ctx, n_seq=settings.batch, n_batch=max(settings.window, 512),
                            threads=settings.threads) as rt:
                 texts, n_tok, secs = generate(rt, prompts.prompts, settings, progress, label)
+                helpful = helpfulness(rt, template, benign, questions) if benign or questions else {}
                 cap: Capability | None = None
                 if documents:
                     base_rt = None
@@ -199,11 +213,20 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
                 kl_base=None if cap is None else cap.kl_base,
                 base=None if spec.base is None else str(spec.base),
                 degeneration=degeneration(texts),
+                helpfulness=helpful,
             ))
     finally:
         if ref_rt is not None:
             ref_rt.close()
     return results
+
+
+def _chat_template(path: Path) -> str | None:
+    from pydetox.gguf_io import ModelFile
+
+    with ModelFile(path) as m:
+        t = m.get_field("tokenizer.chat_template")
+    return t if isinstance(t, str) and t else None
 
 
 def report_json(results: list[ModelResult], settings: EvalSettings, prompts: PromptSet, reference: Path | None,
@@ -220,6 +243,7 @@ def report_json(results: list[ModelResult], settings: EvalSettings, prompts: Pro
             "kl": r.kl,
             "kl_base": r.kl_base,
             "degeneration": r.degeneration,
+            "helpfulness": r.helpfulness,
             "base": r.base,
             "tokens_per_s": r.tokens_per_s,
             "generated_tokens": r.generated_tokens,

@@ -79,7 +79,9 @@ def fit_strength(plan: EditPlan, model: str | Path, budget: float, documents: li
                 hi = s
             if (t.kl <= budget and (s == 1.0 or t.kl >= (1 - tol) * budget)) or hi - lo < 0.005:
                 break
-            guess = s * math.sqrt(budget / max(t.kl, 1e-12))
+            # aim inside the band [(1 - tol) budget, budget], not at its edge: a guess aimed at the budget itself
+            # lands on either side of it by the curve's noise, and the steps can run out above it
+            guess = s * math.sqrt((1 - tol / 2) * budget / max(t.kl, 1e-12))
             s = round(guess if lo < guess < hi else (lo + hi) / 2, 4)
     within = [t.strength for t in trials if t.kl <= budget]
     return Fit(max(within, default=0.0), budget, trials)

@@ -155,13 +155,14 @@ class LlamaRuntime:
     def __del__(self) -> None:
         self.close()
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, special: bool = False) -> list[int]:
+        """`special`: read control-token text ('<|im_start|>' in a chat prompt) as those tokens."""
         raw = text.encode("utf-8")
         buf = (self.lib.llama_token * (len(raw) + 8))()
-        n = self.lib.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_special, False)
+        n = self.lib.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_special, special)
         if n < 0:
             buf = (self.lib.llama_token * (-n))()
-            n = self.lib.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_special, False)
+            n = self.lib.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_special, special)
         return list(buf[:n])
 
     def detokenize(self, tokens: list[int]) -> str:

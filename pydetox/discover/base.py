@@ -73,12 +73,20 @@ def get_method(name: str) -> Method:
 
 def make_params(method: Method, overrides: dict[str, str]) -> Any:
     """The method's parameter dataclass with `key=value` overrides, values converted to the field's type."""
-    known = {f.name: f for f in fields(method.Params)}
+    return override(method.Params(), overrides, method.name)
+
+
+def override(defaults: Any, overrides: dict[str, str], owner: str) -> Any:
+    """A copy of the dataclass instance `defaults` with `key=value` overrides (strings, as the command line gives
+    them), each converted to its field's type."""
+    import dataclasses
+
+    known = {f.name: f for f in fields(defaults)}
     values: dict[str, Any] = {}
     for key, raw in overrides.items():
         if key not in known:
-            raise PydetoxError(f"{method.name} has no parameter {key!r}; it has: {', '.join(known)}")
-        default = getattr(method.Params(), key)
+            raise PydetoxError(f"{owner} has no parameter {key!r}; it has: {', '.join(known)}")
+        default = getattr(defaults, key)
         try:
             if isinstance(default, bool):
                 values[key] = raw.lower() in ("1", "true", "yes")
@@ -89,8 +97,8 @@ def make_params(method: Method, overrides: dict[str, str]) -> Any:
             else:
                 values[key] = type(default)(raw)
         except ValueError as exc:
-            raise PydetoxError(f"{method.name}.{key}: cannot read {raw!r} as {type(default).__name__}") from exc
-    return method.Params(**values)
+            raise PydetoxError(f"{owner}.{key}: cannot read {raw!r} as {type(default).__name__}") from exc
+    return dataclasses.replace(defaults, **values)
 
 
 def massive_dims(ctx: Context, factor: float = 20.0) -> npt.NDArray[np.int64]:

@@ -52,6 +52,51 @@ for _hf, _gguf in (("llama", "llama"), ("qwen2", "qwen2"), ("gemma3_text", "gemm
     ))
 
 
+_DONE = "pydetox-converted"
+
+
+def _converted_folder(gguf_path: Path) -> Path:
+    """Where the Hugging Face form of a GGUF is kept once converted: transformers' GGUF loader spends ~20 s on
+    SmolLM2 parsing metadata and the tokenizer (three GGUF reads), a saved folder loads in ~2 s. Keyed by the
+    file's path, size and modification time, so an edited or replaced file is converted afresh."""
+    import hashlib
+
+    from pydetox.assets import cache_dir
+
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "converted" / f"{gguf_path.stem}-{key}"
+
+
+def _save_converted(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save under a temporary name and rename when complete; a failure only costs the next load its speed."""
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
+        # transformers marks a GGUF-loaded model as "quantized with gguf" and refuses to save it; its weights are
+        # plain float32 tensors, so the mark is dropped for the save and put back.
+        quantizer, qconfig = getattr(model, "hf_quantizer", None), getattr(model.config, "quantization_config", None)
+        model.hf_quantizer = None
+        if qconfig is not None:
+            del model.config.quantization_config
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.hf_quantizer = quantizer
+            if qconfig is not None:
+                model.config.quantization_config = qconfig
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE).write_text("converted by pydetox from a GGUF; safe to delete\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except (OSError, ValueError):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class FullPrecisionModel:
     """A causal LM in float32 torch, its tokenizer, and the GGUF names of its matrices."""
 
@@ -67,8 +112,13 @@ class FullPrecisionModel:
             transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         path = Path(source)
         kwargs: dict[str, Any] = {}
+        converted = None
         if path.is_file() and path.suffix == ".gguf":
-            folder, kwargs["gguf_file"] = str(path.parent), path.name
+            converted = _converted_folder(path)
+            if (converted / _DONE).is_file():
+                folder = str(converted)
+            else:
+                folder, kwargs["gguf_file"] = str(path.parent), path.name
         else:
             folder = str(source)  # a local HF folder, or a hub id for online users
         try:
@@ -77,6 +127,8 @@ class FullPrecisionModel:
             self.tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         except Exception as exc:
             raise PydetoxError(f"transformers could not load {source}: {exc}") from exc
+        if converted is not None and "gguf_file" in kwargs:
+            _save_converted(self.model, self.tokenizer, converted)
         self.source = str(source)
         model_type = self.model.config.model_type
         if model_type not in ARCHS:

@@ -1,0 +1,131 @@
+"""The default recipe's stages on SmolLM2-135M-Instruct, each against the way it ran before (same process, same inputs):
+
+- model load: the converted Hugging Face folder kept in the cache against transformers' GGUF loader;
+- teacher: targets read off while the fused model generates (one pass, prompts shared through a KV-cache copy)
+  against generating first and decoding every sequence again (the earlier two passes);
+- student step: bfloat16 autocast with the output layer cut to 8,192 tokens against float32 over the whole
+  49,152-token vocabulary (8 toxic + 8 clean sequences of discovery length, rank-32 update from layer 10, exact clean
+  KL with the unedited model alongside).
+
+Run: pytest bench/bench_recipe.py -s (the calibrator is trained once with the recipe's settings, ~1.5 min)."""
+
+from __future__ import annotations
+
+import shutil
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pydetox.assets import fetch
+from pydetox.discover.data import EMBEDDED, usable_pairs
+
+
+@pytest.fixture(scope="module")
+def f16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pydetox import ggml
+    from pydetox.apply import ApplyOptions, apply_plan
+
+    out = tmp_path_factory.mktemp("recipe") / "smol.F16.gguf"
+    apply_plan(None, fetch("smollm2-135m-instruct", quiet=True), out, ApplyOptions(ftype=ggml.parse_ftype("F16"), progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrator(f16: Path) -> Path:
+    from pydetox.calibrate import train
+    from pydetox.recipe import FAST_CALIBRATOR
+
+    out = f16.with_name("cal.gguf")
+    train(f16, out, FAST_CALIBRATOR, progress=False, plot=False)
+    return out
+
+
+def test_model_load(f16: Path, compare: Callable[..., float]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pydetox.discover.model import FullPrecisionModel, _converted_folder
+
+    FullPrecisionModel(f16, progress=False)  # converts once
+    assert _converted_folder(f16).is_dir()
+
+    def gguf_loader() -> None:
+        AutoModelForCausalLM.from_pretrained(str(f16.parent), gguf_file=f16.name)
+        AutoTokenizer.from_pretrained(str(f16.parent), gguf_file=f16.name)
+
+    assert compare("transformers' GGUF loader", lambda: FullPrecisionModel(f16, progress=False), gguf_loader, rounds=2) > 0
+    shutil.rmtree(_converted_folder(f16))
+
+
+def _two_pass_teacher(source: Path, p: Any, prompts: list[str], texts: list[str]) -> int:
+    """The teacher as it ran before: greedy continuations by the fused and the unedited model, then every sequence
+    decoded again, one at a time, for both distributions."""
+    from pydetox.discover.distill import _top
+    from pydetox.fusion import FusedRuntime
+    from pydetox.runtime import LlamaRuntime, Sampling
+
+    n_seq, n_ctx = 16, 16 * (p.max_tokens + p.max_new_tokens) + 64
+    with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_ctx, n_seq=n_seq, n_batch=512) as rt, \
+            LlamaRuntime(source, n_ctx=n_ctx, n_seq=n_seq, n_batch=512) as base:
+        toks = [rt.tokenize(q)[: p.max_tokens] for q in prompts]
+        seqs = []
+        for s in range(0, len(toks), n_seq):
+            wave = toks[s : s + n_seq]
+            for model in (rt, base):
+                gen = model.generate(wave, p.max_new_tokens, Sampling(0.0), [0] * len(wave))
+                seqs += [a + b for a, b in zip(wave, gen, strict=True)]
+        seqs += [rt.tokenize(t)[: p.max_tokens] for t in texts]
+        positions = 0
+        for seq in {tuple(s): s for s in seqs if len(s) >= 3}.values():
+            lf, lb = rt.logprobs_and_target(seq)
+            _top(lf, p.top_k, lb >= lb.max(axis=1, keepdims=True) + np.log(p.plausible))
+            positions += len(seq) - 1
+    return positions
+
+
+def test_teacher_one_pass(f16: Path, calibrator: Path, compare: Callable[..., float]) -> None:
+    from pydetox.discover.distill import DistillParams, _teacher
+    from pydetox.prompts import load_prompts
+
+    p = DistillParams(calibrator=str(calibrator))
+    prompts = load_prompts("rtp-perspective").prompts[:48]
+    rows, _ = usable_pairs(EMBEDDED, set())
+    texts = [r["toxic"] for r in rows[:32]]
+    ratio = compare("two passes (generate, then decode again)", lambda: _teacher(f16, p, prompts, texts, False, []),
+                    lambda: _two_pass_teacher(f16, p, prompts, texts), rounds=1)
+    assert ratio > 0
+
+
+def test_student_step(f16: Path, compare: Callable[..., float]) -> None:
+    import torch
+
+    from pydetox.discover.distill import _base_targets, _batch_kl, _full_kl, _LoRA, _Vocab
+    from pydetox.discover.model import FullPrecisionModel
+
+    fp = FullPrecisionModel(f16, progress=False)
+    fp.model.requires_grad_(False)
+    ctx: Any = types.SimpleNamespace(fp=fp, progress=False)
+    rows, _ = usable_pairs(EMBEDDED, set())
+    tok = fp.tokenizer
+    # discovery-length sequences: a toxic sentence and its continuation are ~40-80 tokens
+    toxic = [tok(" ".join(r["toxic"] for r in rows[4 * i : 4 * i + 4])).input_ids[:64] for i in range(8)]
+    clean = [tok(" ".join(r["neutral"] for r in rows[40 + 4 * i : 44 + 4 * i])).input_ids[:64] for i in range(8)]
+    targets = _base_targets(ctx, toxic, 32, progress=False)  # stand-in teacher targets: the model's own top-32
+    named = np.unique(np.concatenate(targets.ids))
+    vocab = _Vocab(ctx, np.union1d(named, np.setdiff1d(np.arange(8192), named)[: 8192 - len(named)]))
+    lora = _LoRA(ctx, list(range(10, fp.n_layers)), 32, 0)
+    pick = list(range(8))
+
+    def step(v: _Vocab | None, bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = _batch_kl(ctx, targets, pick, v).mean() + 8 * _full_kl(ctx, lora, clean, v).mean()
+        loss.backward()
+        for q in lora.params():
+            q.grad = None
+
+    ratio = compare("float32, whole vocabulary", lambda: step(vocab, True), lambda: step(None, False), rounds=3)
+    lora.close()
+    assert ratio > 0

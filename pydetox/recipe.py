@@ -1,0 +1,183 @@
+"""The default detox: calibration-model fusion distilled into a low-rank edit, end to end, in stages that are cached.
+
+    F16 of the source -> calibrator (pydetox.calibrate) -> fused teacher + distill (pydetox.discover.distill)
+    -> strength fitted to a KL budget on held-out clean text (pydetox.fit) -> the plan `pydetox detox` applies
+
+Each stage's artefact lives in `OUT/stages/` under a name that carries a hash of everything it depends on (the source
+file's path, size and modification time, the stage's settings, the artefacts before it). A stage whose artefact is
+there is not run again: a rerun, or a run interrupted and started again, resumes at the first missing stage, and a
+changed setting reruns only the stages that depend on it. Artefacts are written under temporary names and renamed
+when complete, so an interrupted stage leaves nothing that looks finished.
+
+The settings are the fast ones (`RecipeSettings`): a calibrator of 80 steps on 20k clean tokens plus the pairs'
+neutral side, a teacher on 320 discovery prompts and 400 pairs, 150 student steps, bfloat16 autocast and an output
+layer restricted to 8,192 tokens while training. docs/speed-distill.md gives what each costs and what it buys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydetox.calibrate import CalibrateSettings
+from pydetox.errors import PydetoxError
+from pydetox.plan import EditPlan
+
+FAST_CALIBRATOR = CalibrateSettings(steps=60, batch=12, clean_tokens=20_000, align_steps=50, precision="bfloat16",
+                                    restrict_vocab=True)
+FAST_DISTILL: dict[str, str] = {
+    "max_prompts": "256", "pairs": "300", "clean_texts": "300", "max_tokens": "48", "steps": "100", "lr": "0.005",
+    "vocab": "8192", "precision": "bfloat16", "clean_kl": "top", "batching": "length", "held_out": "48",
+    "vocab_sample": "96",
+}
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    calibrator: CalibrateSettings = FAST_CALIBRATOR
+    distill: dict[str, str] = field(default_factory=lambda: dict(FAST_DISTILL))  # DistillParams overrides
+    calibrator_file: Path | None = None  # use this calibrator instead of training one
+    kl_budget: float = 0.045  # nats/token of KL(unedited || edited) on held-out wiki text
+    fit_tokens: int = 2048
+    fit_steps: int = 4
+    edited_type: str | None = "Q8_0"  # floor of the edited tensors while fitting (as `pydetox detox` applies them)
+    seed: int = 0
+
+
+def _stamp(path: Path) -> list[Any]:
+    st = path.stat()
+    return [path.resolve().as_posix(), st.st_size, st.st_mtime_ns]
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+class Stages:
+    """Cached stage artefacts in one folder, and how long each stage took."""
+
+    def __init__(self, folder: Path, progress: bool = True) -> None:
+        self.folder = folder
+        self.progress = progress
+        folder.mkdir(parents=True, exist_ok=True)
+        self.timing: dict[str, dict[str, Any]] = {}
+
+    def run(self, name: str, key: str, suffix: str, make: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+        """The artefact of stage `name` for `key`: made by `make(path)` (which writes `path` and returns what to
+        remember about it) unless it is there already."""
+        path = self.folder / f"{name}-{key}{suffix}"
+        meta_path = self.folder / f"{name}-{key}.stage.json"
+        if path.exists() and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            self.timing[name] = {"seconds": 0.0, "cached": True, "made_in_s": meta["seconds"]}
+            if self.progress:
+                print(f"[{name}] cached: {path.name} (made in {meta['seconds']:.0f} s)", flush=True)
+            return path, meta
+        if self.progress:
+            print(f"[{name}] running ...", flush=True)
+        t0 = time.perf_counter()
+        info = make(path)
+        seconds = time.perf_counter() - t0
+        if not path.exists():
+            raise PydetoxError(f"stage {name} finished without writing {path}")
+        meta = {"stage": name, "key": key, "seconds": round(seconds, 2), **info}
+        _write_json(meta_path, meta)
+        self.timing[name] = {"seconds": round(seconds, 2), "cached": False}
+        if self.progress:
+            print(f"[{name}] done in {seconds:.0f} s -> {path.name}", flush=True)
+        return path, meta
+
+
+def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSettings(),
+                 progress: bool = True) -> tuple[EditPlan, Path, dict[str, dict[str, Any]]]:
+    """Run (or resume) the recipe on the GGUF `source` with its stages under `out/stages`; returns the fitted plan,
+    where it was saved, and each stage's time."""
+    from pydetox import ggml
+    from pydetox.apply import ApplyOptions, apply_plan
+
+    stages = Stages(out / "stages", progress)
+    src_key = _key("source", _stamp(source))
+
+    def make_f16(path: Path) -> dict[str, Any]:
+        apply_plan(None, source, path, ApplyOptions(ftype=ggml.parse_ftype("F16"), progress=False))
+        return {"source": str(source)}
+
+    f16, _ = stages.run("f16", src_key, ".gguf", make_f16)
+
+    if settings.calibrator_file is not None:
+        cal = settings.calibrator_file
+        if not cal.is_file():
+            raise PydetoxError(f"expected a calibrator GGUF at {cal}, found nothing")
+        cal_key = _key("calibrator-file", _stamp(cal))
+    else:
+        from pydetox.calibrate import train
+
+        cal_settings = settings.calibrator if settings.calibrator.seed == settings.seed else \
+            CalibrateSettings(**{**asdict(settings.calibrator), "seed": settings.seed})
+        cal_key = _key("calibrator", src_key, asdict(cal_settings))
+
+        def make_cal(path: Path) -> dict[str, Any]:
+            tmp = path.with_name(path.name.removesuffix(".gguf") + ".partial.gguf")
+            result = train(f16, tmp, cal_settings, progress=progress, plot=False)
+            # the alignment and log live beside the GGUF under its name; rename them first, the GGUF last
+            from pydetox.fusion import alignment_path
+
+            alignment_path(tmp).replace(alignment_path(path))
+            result.log.replace(path.with_name(path.name.removesuffix(".gguf") + ".train.json"))
+            tmp.replace(path)
+            return {"val_loss_start": result.val_loss_start, "val_loss": result.val_loss}
+
+        cal, _ = stages.run("calibrator", cal_key, ".gguf", make_cal)
+
+    from pydetox.discover.distill import TEACHER_KEYS
+
+    overrides = {**settings.distill, "calibrator": str(cal), "seed": str(settings.seed)}
+    # The teacher's targets depend on fewer settings than the student: a student setting changed reuses them.
+    teacher = _key(cal_key, {k: v for k, v in overrides.items() if k in TEACHER_KEYS})
+    overrides["cache"] = str(stages.folder / f"teacher-{teacher}.npz")
+    plan_key = _key("distill", cal_key, overrides)
+
+    def make_plan(path: Path) -> dict[str, Any]:
+        from pydetox.discover import Discovery
+
+        plan = Discovery(f16, progress=progress).plan("distill", overrides)
+        plan.save(path)
+        d = plan.params["diagnostics"]
+        return {"held_out_before": d["held_out_before"], "held_out_after": d["held_out_after"],
+                "teacher_from_cache": d["teacher_from_cache"]}
+
+    raw, _ = stages.run("distill", plan_key, ".plan.gguf", make_plan)
+
+    def make_fit(path: Path) -> dict[str, Any]:
+        from pydetox.fit import fit_strength
+        from pydetox.prompts import load_clean_text
+
+        plan = EditPlan.load(raw)
+        floor = ggml.parse_type(settings.edited_type) if settings.edited_type else None
+        fit = fit_strength(plan, f16, settings.kl_budget, load_clean_text("wiki"), max_tokens=settings.fit_tokens,
+                           edited_floor=floor, steps=settings.fit_steps, progress=progress)
+        if fit.strength == 0:
+            raise PydetoxError(f"no strength tried keeps KL within {settings.kl_budget:g}: "
+                               + ", ".join(f"{t.strength:g} -> {t.kl:.4f}" for t in fit.trials))
+        trials = [{"strength": t.strength, "kl": round(t.kl, 5), "perplexity": round(t.perplexity, 3)} for t in fit.trials]
+        scaled = plan.scaled(fit.strength, source=raw.name)
+        fitted = EditPlan(scaled.arch, scaled.edits, scaled.method, {**scaled.params, "fit": {
+            "kl_budget": settings.kl_budget, "clean_text": "wiki", "tokens": settings.fit_tokens,
+            "edited_type": settings.edited_type, "trials": trials}}, scaled.model)
+        fitted.save(path)
+        return {"strength": fit.strength, "trials": trials}
+
+    fitted, meta = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
+                                          settings.edited_type), ".plan.gguf", make_fit)
+    return EditPlan.load(fitted), fitted, {**stages.timing, "fit_strength": {"strength": meta["strength"]}}

@@ -1,0 +1,95 @@
+"""The default recipe (pydetox.recipe) on a tiny llama GGUF: every stage runs and leaves its artefact, a rerun
+finds them all and runs nothing, and a changed setting reruns only the stages that depend on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny import write_tiny_llama
+
+from pydetox.calibrate import CalibrateSettings
+from pydetox.errors import PydetoxError
+from pydetox.plan import EditKind, EditPlan
+from pydetox.recipe import RecipeSettings, distill_plan
+
+SHAPE = {"d": 64, "ff": 128, "layers": 3, "heads": 4, "kv_heads": 2}
+TINY_CAL = CalibrateSettings(layers=1, steps=4, batch=4, seq_len=32, align_steps=3, eval_every=2, clean_tokens=0,
+                             output_type="F32", layer_type="F32", vocab_sample=64, precision="bfloat16",
+                             restrict_vocab=True)
+TINY_DISTILL = {"alpha": "0.9", "max_prompts": "16", "pairs": "16", "clean_texts": "16", "steps": "8", "lr": "0.03",
+                "rank": "4", "batch": "4", "first_layer": "1", "max_tokens": "32", "precision": "bfloat16",
+                "clean_kl": "full", "held_out": "4"}
+
+
+def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    out = tmp_path / "out"
+    settings = RecipeSettings(calibrator=TINY_CAL, distill=TINY_DISTILL, kl_budget=0.05, fit_tokens=256, fit_steps=3)
+    plan, path, timing = distill_plan(model, out, settings, progress=True)
+    ran = ["f16", "calibrator", "distill", "fit"]
+    assert all(not timing[s]["cached"] and timing[s]["seconds"] > 0 for s in ran)
+    assert path.parent == out / "stages"
+    assert {e.kind for e in plan.edits} == {EditKind.LOW_RANK} and len(plan.edits) == 2  # layers 1 and 2
+    strength = timing["fit_strength"]["strength"]
+    assert 0 < strength <= 1
+    assert plan.params["fit"]["kl_budget"] == 0.05
+    assert all(t["kl"] >= 0 for t in plan.params["fit"]["trials"])
+    assert len(list((out / "stages").glob("teacher-*.npz"))) == 1
+    assert not list((out / "stages").glob("*.tmp*")) and not list((out / "stages").glob("*.partial*"))
+    first = path.read_bytes()
+
+    capsys.readouterr()
+    _, again, timing = distill_plan(model, out, settings, progress=True)
+    assert all(timing[s]["cached"] for s in ran)
+    assert again == path and again.read_bytes() == first
+    assert capsys.readouterr().out.count("cached") == 4
+
+    # another student setting: the calibrator and the teacher are reused, the student and the fit run again
+    more = RecipeSettings(**{**settings.__dict__, "distill": {**TINY_DISTILL, "steps": "10"}})
+    plan3, path3, timing = distill_plan(model, out, more, progress=False)
+    assert [s for s in ran if timing[s]["cached"]] == ["f16", "calibrator"]
+    assert path3 != path
+    assert plan3.params["diagnostics"]["teacher_from_cache"] is True
+    # an interrupted student stage (its plan gone) is the only one made again, with the teacher read back
+    for f in (out / "stages").glob("distill-*.plan.gguf"):
+        f.unlink()
+    _, _, timing = distill_plan(model, out, more, progress=False)
+    assert [s for s in ran if not timing[s]["cached"]] == ["distill"]
+    assert EditPlan.load(path3).params["diagnostics"]["held_out_after"]
+
+
+def test_a_given_calibrator_must_exist(tmp_path: Path) -> None:
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    with pytest.raises(PydetoxError, match="expected a calibrator GGUF at"):
+        distill_plan(model, tmp_path / "out", RecipeSettings(calibrator_file=tmp_path / "none.gguf"), progress=False)
+
+
+def test_detox_runs_the_recipe_by_default_and_reports_stages_and_helpfulness(tmp_path: Path) -> None:
+    import json
+
+    from pydetox.cli import main
+
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    out = tmp_path / "dx"
+    cal = [f"calibrator:{k}={v}" for k, v in {"layers": 1, "steps": 4, "batch": 4, "seq_len": 32, "align_steps": 3,
+                                               "clean_tokens": 0, "output_type": "F32", "layer_type": "F32"}.items()]
+    args = ["detox", "--model", str(model), "--types", "F16", "--limit", "7", "--ppl-tokens", "128", "--out", str(out),
+            "--quiet"]
+    for item in cal + [f"distill:{k}={v}" for k, v in TINY_DISTILL.items()]:
+        args += ["--param", item]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["detox"]["methods"] == ["distill"]
+    stages = report["detox"]["discovery"]["stages"]
+    assert {"f16", "calibrator", "distill", "fit"} <= set(stages)
+    assert (out / "distill.plan.gguf").is_file() and (out / "m.distill.F16.gguf").is_file()
+    (row,) = report["detox"]["summary"]
+    assert row["method"] == "distill"
+    assert 0 <= row["chat_accuracy"] <= 1 and 0 <= row["chat_base_accuracy"] <= 1
+    assert 0 < row["benign_mean_tokens"] <= 20 and 0 <= row["benign_early_stop_share"] <= 1
+    for m in report["models"]:
+        chat = m["helpfulness"]["chat"]
+        assert chat["questions"] >= 100 and chat["template"] == "plain"  # the tiny model has no chat template
+        assert len(chat["answers"]) == chat["questions"]
+    assert "chat correct (base)" in (out / "report.md").read_text()
