@@ -339,6 +339,7 @@ def _cmd_calibrate_train(args: argparse.Namespace) -> int:
         layers=args.layers, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
         pairs=args.data, side=args.side, clean_text=args.clean_text, clean_tokens=args.clean_tokens, output_type=args.output_type,
         layer_type=args.layer_type, seed=args.seed, threads=args.threads, objective=args.objective,
+        precision=args.precision, restrict_vocab=args.restrict_vocab,
     )
     res = train(resolve_model(args.model), out, settings, progress=not args.quiet)
     print(f"calibrator  {res.calibrator}\nalignment   {res.alignment}\nlog         {res.log}\nloss plot   {res.plot}")
@@ -545,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--objective", default="fused", choices=["fused", "standalone"],
                     help="fused: train what the calibrator adds to the frozen target (default); standalone: the calibrator alone")
     ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16: torch CPU autocast for the forward and backward passes (faster where the CPU has AVX-512 BF16)")
+    ct.add_argument("--restrict-vocab", action="store_true",
+                    help="train the softmax over the tokens of the training text only (the output layer is most of a step)")
     ct.add_argument("--threads", type=int)
     ct.add_argument("--force", action="store_true", help="replace an existing calibrator")
     ct.add_argument("--quiet", action="store_true")

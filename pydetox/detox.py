@@ -6,6 +6,7 @@ survive quantization."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,16 @@ def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in table)
 
 
+def stage_line(stages: dict[str, dict[str, Any]]) -> str:
+    """'stages: f16 1 s, calibrator cached (made in 304 s), ...' for the recipe's stages."""
+    parts = []
+    for name, t in stages.items():
+        if "seconds" not in t:
+            continue
+        parts.append(f"{name} cached (made in {t['made_in_s']:.0f} s)" if t["cached"] else f"{name} {t['seconds']:.0f} s")
+    return "stages: " + ", ".join(parts) if parts else ""
+
+
 def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     from pydetox import report as rep
     from pydetox.discover import Discovery
@@ -155,6 +166,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     if not plans:
         raise PydetoxError("nothing to evaluate: name a --method to discover or a --plan to apply")
 
+    t_eval = time.perf_counter()
     stem = job.model.name.removesuffix(".gguf")
     f16 = _apply(None, None, job.model, job.out / f"{stem}.F16.gguf", "F16")
     models: list[ModelSpec] = []
@@ -183,12 +195,18 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                        "edited_type": job.edited_type, "edit_quantized": job.edit_quantized,
                        "calibrator": None if job.calibrator is None else str(job.calibrator), "alphas": list(job.alphas),
                        "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing} if job.methods else {},
-                       "summary": rows}
+                       "summary": rows, "apply_and_evaluation_s": round(time.perf_counter() - t_eval, 1)}
     (job.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (job.out / "report.md").write_text(rep.markdown(report) + "\n" + summary_table(rows, list(settings.evaluators)) + "\n")
+    stages = stage_line(timing.get("stages", {}))
+    if stages:
+        stages += f"; apply and evaluation {report['detox']['apply_and_evaluation_s']:.0f} s"
+    (job.out / "report.md").write_text(rep.markdown(report) + "\n" + summary_table(rows, list(settings.evaluators)) + "\n"
+                                      + (f"\n{stages}\n" if stages else ""))
     rep.plot(report, job.out / "report.png", groups=names)
     print(rep.table(report))
     print()
     print(summary_table(rows, list(settings.evaluators)))
+    if stages:
+        print(f"\n{stages}")
     print(f"\nwrote {job.out / 'report.json'}, report.md, report.png and the GGUFs in {job.out}")
     return report

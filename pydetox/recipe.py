@@ -28,8 +28,10 @@ from pydetox.calibrate import CalibrateSettings
 from pydetox.errors import PydetoxError
 from pydetox.plan import EditPlan
 
-FAST_CALIBRATOR = CalibrateSettings(steps=60, batch=12, clean_tokens=20_000, align_steps=50, precision="bfloat16",
-                                    restrict_vocab=True)
+# Half the steps and clean text of `pydetox calibrate train`'s defaults: fused at 0.6 it gives perplexity 156 and KL
+# 1.77 on news (the defaults' calibrator: 126, 1.51); one of 60 steps on 20k tokens gave 360 and 2.56, and a teacher
+# that taught nothing (docs/speed-distill.md).
+FAST_CALIBRATOR = CalibrateSettings(steps=200, clean_tokens=150_000, precision="bfloat16", restrict_vocab=True)
 FAST_DISTILL: dict[str, str] = {
     "max_prompts": "256", "pairs": "300", "clean_texts": "300", "max_tokens": "48", "steps": "100", "lr": "0.005",
     "vocab": "8192", "precision": "bfloat16", "clean_kl": "top", "batching": "length", "held_out": "48",
@@ -42,6 +44,9 @@ class RecipeSettings:
     calibrator: CalibrateSettings = FAST_CALIBRATOR
     distill: dict[str, str] = field(default_factory=lambda: dict(FAST_DISTILL))  # DistillParams overrides
     calibrator_file: Path | None = None  # use this calibrator instead of training one
+    # Where trained calibrators are kept (None: CACHE/calibrators, $PYDETOX_CACHE or ~/.cache/pydetox): one is
+    # trained once per source model and settings, then reused by every output folder.
+    calibrators: Path | None = None
     kl_budget: float = 0.045  # nats/token of KL(unedited || edited) on held-out wiki text
     fit_tokens: int = 2048
     fit_steps: int = 4
@@ -99,6 +104,12 @@ class Stages:
         return path, meta
 
 
+def shared_calibrators() -> Path:
+    from pydetox.assets import cache_dir
+
+    return cache_dir() / "calibrators"
+
+
 def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSettings(),
                  progress: bool = True) -> tuple[EditPlan, Path, dict[str, dict[str, Any]]]:
     """Run (or resume) the recipe on the GGUF `source` with its stages under `out/stages`; returns the fitted plan,
@@ -138,7 +149,9 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
             tmp.replace(path)
             return {"val_loss_start": result.val_loss_start, "val_loss": result.val_loss}
 
-        cal, _ = stages.run("calibrator", cal_key, ".gguf", make_cal)
+        shared = Stages(settings.calibrators or shared_calibrators(), progress)
+        cal, _ = shared.run("calibrator", cal_key, ".gguf", make_cal)
+        stages.timing["calibrator"] = shared.timing["calibrator"]
 
     from pydetox.discover.distill import TEACHER_KEYS
 

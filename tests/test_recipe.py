@@ -25,7 +25,8 @@ TINY_DISTILL = {"alpha": "0.9", "max_prompts": "16", "pairs": "16", "clean_texts
 def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
     out = tmp_path / "out"
-    settings = RecipeSettings(calibrator=TINY_CAL, distill=TINY_DISTILL, kl_budget=0.05, fit_tokens=256, fit_steps=3)
+    settings = RecipeSettings(calibrator=TINY_CAL, distill=TINY_DISTILL, kl_budget=0.05, fit_tokens=256, fit_steps=3,
+                              calibrators=tmp_path / "calibrators")
     plan, path, timing = distill_plan(model, out, settings, progress=True)
     ran = ["f16", "calibrator", "distill", "fit"]
     assert all(not timing[s]["cached"] and timing[s]["seconds"] > 0 for s in ran)
@@ -36,6 +37,7 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     assert plan.params["fit"]["kl_budget"] == 0.05
     assert all(t["kl"] >= 0 for t in plan.params["fit"]["trials"])
     assert len(list((out / "stages").glob("teacher-*.npz"))) == 1
+    assert len(list((tmp_path / "calibrators").glob("calibrator-*.gguf"))) == 1  # shared by every output folder
     assert not list((out / "stages").glob("*.tmp*")) and not list((out / "stages").glob("*.partial*"))
     first = path.read_bytes()
 
@@ -65,11 +67,14 @@ def test_a_given_calibrator_must_exist(tmp_path: Path) -> None:
         distill_plan(model, tmp_path / "out", RecipeSettings(calibrator_file=tmp_path / "none.gguf"), progress=False)
 
 
-def test_detox_runs_the_recipe_by_default_and_reports_stages_and_helpfulness(tmp_path: Path) -> None:
+def test_detox_runs_the_recipe_by_default_and_reports_stages_and_helpfulness(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
+    from pydetox import recipe
     from pydetox.cli import main
 
+    monkeypatch.setattr(recipe, "shared_calibrators", lambda: tmp_path / "calibrators")
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
     out = tmp_path / "dx"
     cal = [f"calibrator:{k}={v}" for k, v in {"layers": 1, "steps": 4, "batch": 4, "seq_len": 32, "align_steps": 3,
