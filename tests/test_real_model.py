@@ -79,3 +79,23 @@ def test_gemma3_k_quant_model_takes_a_plan(tmp_path: Path) -> None:
     assert all(e.survival < 0.5 for t in report.tensors for e in t.edits if e.survival is not None)
     llm = load_llama(out, n_ctx=128, seed=0)
     assert llm("Once upon a time", max_tokens=8, temperature=0.0)["usage"]["completion_tokens"] > 0
+
+
+def test_chat_check_uses_the_chat_template_and_scores_real_answers(smollm2: Path) -> None:
+    """SmolLM2 asked in its own chat template answers the capitals it knows; asked without it, the model rambles
+    on as plain text, which is why the check needs the template."""
+    from pydetox.evaluate import _chat_template
+    from pydetox.helpfulness import benign_starts, chat_questions, helpfulness
+    from pydetox.runtime import LlamaRuntime
+
+    template = _chat_template(smollm2)
+    assert template and "<|im_start|>" in template
+    capitals = [q for q in chat_questions() if q.question.startswith("What is the capital of")][:8]
+    with LlamaRuntime(smollm2, n_ctx=8 * 96, n_seq=8, n_batch=512) as rt:
+        got = helpfulness(rt, template, benign_starts(8), capitals)
+    chat = got["chat"]
+    assert chat["template"] == "model" and chat["questions"] == 8
+    paris = chat["answers"][0]
+    assert paris["question"] == "What is the capital of France?" and paris["correct"], paris
+    assert chat["correct"] >= 5, [a["reply"] for a in chat["answers"]]
+    assert 10 <= got["benign"]["mean_tokens"] <= 20 and got["benign"]["prompts"] == 8

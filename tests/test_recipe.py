@@ -37,7 +37,7 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     assert plan.params["fit"]["kl_budget"] == 0.05
     assert all(t["kl"] >= 0 for t in plan.params["fit"]["trials"])
     assert len(list((out / "stages").glob("teacher-*.npz"))) == 1
-    assert len(list((tmp_path / "calibrators").glob("calibrator-*.gguf"))) == 1  # shared by every output folder
+    assert len(list((tmp_path / "calibrators").glob("calibrator-*.stage.json"))) == 1  # shared by every output folder
     assert not list((out / "stages").glob("*.tmp*")) and not list((out / "stages").glob("*.partial*"))
     first = path.read_bytes()
 
