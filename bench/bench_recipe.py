@@ -7,7 +7,7 @@
   49,152-token vocabulary (8 toxic + 8 clean sequences of discovery length, rank-32 update from layer 10, exact clean
   KL with the unedited model alongside).
 
-Run: pytest bench/bench_recipe.py -s (the calibrator is trained once with the recipe's settings, ~1.5 min)."""
+Run: pytest bench/bench_recipe.py -s"""
 
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ def f16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def calibrator(f16: Path) -> Path:
-    from pydetox.calibrate import train
-    from pydetox.recipe import FAST_CALIBRATOR
+    """A calibrator of a few steps: the teacher's cost does not depend on how well it was trained."""
+    from pydetox.calibrate import CalibrateSettings, train
 
     out = f16.with_name("cal.gguf")
-    train(f16, out, FAST_CALIBRATOR, progress=False, plot=False)
+    train(f16, out, CalibrateSettings(steps=10, align_steps=10, clean_tokens=0, precision="bfloat16",
+                                      restrict_vocab=True), progress=False, plot=False)
     return out
 
 

@@ -157,13 +157,16 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
         cal, _ = shared.run("calibrator", cal_key, ".gguf", make_cal)
         stages.timing["calibrator"] = shared.timing["calibrator"]
 
+    from pydetox.discover.base import get_method, make_params
     from pydetox.discover.distill import TEACHER_KEYS
 
     overrides = {**settings.distill, "calibrator": str(cal), "seed": str(settings.seed)}
-    # The teacher's targets depend on fewer settings than the student: a student setting changed reuses them.
-    teacher = _key(cal_key, {k: v for k, v in overrides.items() if k in TEACHER_KEYS})
+    # Keys from the settings as distill resolves them (a default given explicitly is the same setting); the teacher's
+    # targets depend on fewer settings than the student, so a student setting changed reuses them.
+    resolved = asdict(make_params(get_method("distill"), overrides))
+    teacher = _key(cal_key, {k: resolved[k] for k in TEACHER_KEYS if k != "calibrator"})
     overrides["cache"] = str(stages.folder / f"teacher-{teacher}.npz")
-    plan_key = _key("distill", cal_key, overrides)
+    plan_key = _key("distill", cal_key, {k: v for k, v in resolved.items() if k not in ("calibrator", "cache")})
 
     def make_plan(path: Path) -> dict[str, Any]:
         from pydetox.discover import Discovery

@@ -98,3 +98,15 @@ def test_detox_runs_the_recipe_by_default_and_reports_stages_and_helpfulness(tmp
         assert chat["questions"] >= 100 and chat["template"] == "plain"  # the tiny model has no chat template
         assert len(chat["answers"]) == chat["questions"]
     assert "chat correct (base)" in (out / "report.md").read_text()
+
+
+def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
+    """Stage names come from the settings as distill resolves them, not from how they were spelt."""
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    out = tmp_path / "out"
+    settings = RecipeSettings(calibrator=TINY_CAL, distill=TINY_DISTILL, kl_budget=0.05, fit_tokens=256, fit_steps=3,
+                              calibrators=tmp_path / "calibrators")
+    _, path, _ = distill_plan(model, out, settings, progress=False)
+    spelt = RecipeSettings(**{**settings.__dict__, "distill": {**TINY_DISTILL, "top_k": "32", "lr": "0.030"}})
+    _, again, timing = distill_plan(model, out, spelt, progress=False)
+    assert again == path and all(timing[s]["cached"] for s in ("f16", "calibrator", "distill", "fit"))
