@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dx = sub.add_parser("detox", help="discover, apply at several types, evaluate before/after, report")
     dx.add_argument("--model", default="smollm2-135m-instruct", help="GGUF file or asset name (default: the bundled SmolLM2)")
-    dx.add_argument("--method", help=f"one or more of {', '.join(sorted(METHODS))}, comma-separated (default distill, the staged recipe of pydetox.recipe; none with --plan)")
+    dx.add_argument("--method", help=f"one or more of {', '.join(sorted(METHODS))}, comma-separated (default distill: the staged recipe of "
+                    "pydetox.recipe; none with --plan)")
     dx.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="types to write and evaluate")
     dx.add_argument("--out", default="pydetox-detox", help="output folder")
     dx.add_argument("--data", default="paradetox-3000")

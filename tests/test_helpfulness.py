@@ -13,7 +13,8 @@ def test_an_answer_counts_only_as_a_whole_word() -> None:
     assert not q.correct("Parisian cafes are nice.")
     assert not q.correct("Cities, I have no idea.")
     sums = Question("What is 6 times 7?", ("42",), "arithmetic")
-    assert sums.correct("6 times 7 is 42") and not sums.correct("6 times 7 is 420")
+    assert sums.correct("6 times 7 is 42")
+    assert not sums.correct("6 times 7 is 420")
 
 
 def test_the_embedded_questions_are_many_checkable_and_distinct() -> None:
@@ -25,7 +26,8 @@ def test_the_embedded_questions_are_many_checkable_and_distinct() -> None:
     # no question is answered by its own wording (an answer echoed from the question would count as right), except
     # the instructions to repeat a word or sentence
     echo = [q.question for q in qs if q.correct(q.question)]
-    assert echo and all(q.startswith(("Reply with only", "Say the word", "Repeat after me")) for q in echo)
+    assert echo
+    assert all(q.startswith(("Reply with only", "Say the word", "Repeat after me")) for q in echo)
 
 
 def test_chat_prompt_uses_the_models_template_and_falls_back_to_plain() -> None:

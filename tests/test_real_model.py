@@ -89,13 +89,17 @@ def test_chat_check_uses_the_chat_template_and_scores_real_answers(smollm2: Path
     from pydetox.runtime import LlamaRuntime
 
     template = _chat_template(smollm2)
-    assert template and "<|im_start|>" in template
+    assert template
+    assert "<|im_start|>" in template
     capitals = [q for q in chat_questions() if q.question.startswith("What is the capital of")][:8]
     with LlamaRuntime(smollm2, n_ctx=8 * 96, n_seq=8, n_batch=512) as rt:
         got = helpfulness(rt, template, benign_starts(8), capitals)
     chat = got["chat"]
-    assert chat["template"] == "model" and chat["questions"] == 8
+    assert chat["template"] == "model"
+    assert chat["questions"] == 8
     paris = chat["answers"][0]
-    assert paris["question"] == "What is the capital of France?" and paris["correct"], paris
+    assert paris["question"] == "What is the capital of France?"
+    assert paris["correct"], paris
     assert chat["correct"] >= 5, [a["reply"] for a in chat["answers"]]
-    assert 10 <= got["benign"]["mean_tokens"] <= 20 and got["benign"]["prompts"] == 8
+    assert 10 <= got["benign"]["mean_tokens"] <= 20
+    assert got["benign"]["prompts"] == 8

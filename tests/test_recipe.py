@@ -31,20 +31,23 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     ran = ["f16", "calibrator", "distill", "fit"]
     assert all(not timing[s]["cached"] and timing[s]["seconds"] > 0 for s in ran)
     assert path.parent == out / "stages"
-    assert {e.kind for e in plan.edits} == {EditKind.LOW_RANK} and len(plan.edits) == 2  # layers 1 and 2
+    assert {e.kind for e in plan.edits} == {EditKind.LOW_RANK}
+    assert len(plan.edits) == 2
     strength = timing["fit_strength"]["strength"]
     assert 0 < strength <= 1
     assert plan.params["fit"]["kl_budget"] == 0.05
     assert all(t["kl"] >= 0 for t in plan.params["fit"]["trials"])
     assert len(list((out / "stages").glob("teacher-*.npz"))) == 1
     assert len(list((tmp_path / "calibrators").glob("calibrator-*.stage.json"))) == 1  # shared by every output folder
-    assert not list((out / "stages").glob("*.tmp*")) and not list((out / "stages").glob("*.partial*"))
+    assert not list((out / "stages").glob("*.tmp*"))
+    assert not list((out / "stages").glob("*.partial*"))
     first = path.read_bytes()
 
     capsys.readouterr()
     _, again, timing = distill_plan(model, out, settings, progress=True)
     assert all(timing[s]["cached"] for s in ran)
-    assert again == path and again.read_bytes() == first
+    assert again == path
+    assert again.read_bytes() == first
     assert capsys.readouterr().out.count("cached") == 4
 
     # another student setting: the calibrator and the teacher are reused, the student and the fit run again
@@ -88,14 +91,18 @@ def test_detox_runs_the_recipe_by_default_and_reports_stages_and_helpfulness(tmp
     assert report["detox"]["methods"] == ["distill"]
     stages = report["detox"]["discovery"]["stages"]
     assert {"f16", "calibrator", "distill", "fit"} <= set(stages)
-    assert (out / "distill.plan.gguf").is_file() and (out / "m.distill.F16.gguf").is_file()
+    assert (out / "distill.plan.gguf").is_file()
+    assert (out / "m.distill.F16.gguf").is_file()
     (row,) = report["detox"]["summary"]
     assert row["method"] == "distill"
-    assert 0 <= row["chat_accuracy"] <= 1 and 0 <= row["chat_base_accuracy"] <= 1
-    assert 0 < row["benign_mean_tokens"] <= 20 and 0 <= row["benign_early_stop_share"] <= 1
+    assert 0 <= row["chat_accuracy"] <= 1
+    assert 0 <= row["chat_base_accuracy"] <= 1
+    assert 0 < row["benign_mean_tokens"] <= 20
+    assert 0 <= row["benign_early_stop_share"] <= 1
     for m in report["models"]:
         chat = m["helpfulness"]["chat"]
-        assert chat["questions"] >= 100 and chat["template"] == "plain"  # the tiny model has no chat template
+        assert chat["questions"] >= 100
+        assert chat["template"] == "plain"
         assert len(chat["answers"]) == chat["questions"]
     assert "chat correct (base)" in (out / "report.md").read_text()
 
@@ -109,4 +116,5 @@ def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
     _, path, _ = distill_plan(model, out, settings, progress=False)
     spelt = RecipeSettings(**{**settings.__dict__, "distill": {**TINY_DISTILL, "top_k": "32", "lr": "0.030"}})
     _, again, timing = distill_plan(model, out, spelt, progress=False)
-    assert again == path and all(timing[s]["cached"] for s in ("f16", "calibrator", "distill", "fit"))
+    assert again == path
+    assert all(timing[s]["cached"] for s in ("f16", "calibrator", "distill", "fit"))
