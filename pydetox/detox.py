@@ -1,7 +1,8 @@
-"""`pydetox detox`: the whole job in one command. Discover a plan on the full-precision model, apply it at every
+"""`pydetox detox`: the whole job in one command. Discover a plan on the full-precision model (method `distill`, the
+default, through the cached stages of pydetox.recipe; any other method through pydetox.discover), apply it at every
 requested type (and make the unedited model at the same types), evaluate all of them on llama.cpp against the
-unedited F16 as the KL reference, and write one report: does the edit work, what does it cost, and does it
-survive quantization."""
+unedited F16 as the KL reference, and write one report: does the edit work, what does it cost (perplexity, KL,
+benign-prompt length, the chat check), and does it survive quantization."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ there is not run again: a rerun, or a run interrupted and started again, resumes
 changed setting reruns only the stages that depend on it. Artefacts are written under temporary names and renamed
 when complete, so an interrupted stage leaves nothing that looks finished.
 
-The settings (`RecipeSettings`, FAST_CALIBRATOR, FAST_DISTILL) keep the amount of work the effect needs and take
+The settings (`RecipeSettings`, DEFAULT_CALIBRATOR, DEFAULT_DISTILL) keep the amount of work the effect needs and take
 the speed levers that do not cut it; docs/speed-distill.md gives what each lever costs and buys. Calibrators are kept
 in the user's cache (CACHE/calibrators), trained once per source model and settings and reused by every run.
 """
@@ -28,24 +28,20 @@ from pydetox.calibrate import CalibrateSettings
 from pydetox.errors import PydetoxError
 from pydetox.plan import EditPlan
 
-# Half the steps and clean text of `pydetox calibrate train`'s defaults: fused at 0.6 it gives perplexity 156 and KL
-# 1.77 on news (the defaults' calibrator: 126, 1.51); one of 60 steps on 20k tokens gave 360 and 2.56, and a teacher
-# that taught nothing (docs/speed-distill.md).
-FAST_CALIBRATOR = CalibrateSettings(steps=200, clean_tokens=150_000, precision="bfloat16", restrict_vocab=True)
-# DistillParams' own data and steps (d5's, the run that met the target; fewer cost the effect, see
-# docs/speed-distill.md), with the speed levers that keep the work: bfloat16 autocast, the softmax restricted to the
-# tokens the targets name plus the likeliest (8,192 at least), batches of similar length, held-out KLs on 48
-# sequences of each kind, and 300 steps instead of 450.
-FAST_DISTILL: dict[str, str] = {
-    "steps": "300", "vocab": "8192", "precision": "bfloat16", "batching": "length", "held_out": "48",
-    "vocab_sample": "96",
-}
+# `pydetox calibrate train`'s settings with bfloat16 autocast and the softmax over the training rows' tokens: the same
+# held-out loss in half the time. Fewer steps and less clean text gave a calibrator that, fused, writes junk, and a
+# teacher that taught nothing (docs/speed-distill.md).
+DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True)
+# DistillParams' own settings: the student's speed levers (bfloat16, a restricted softmax, batches by length, fewer
+# steps) made each step up to 2x faster and the edit weaker (docs/speed-distill.md), so none is on by default; the
+# held-out diagnostics are computed on 48 sequences of each kind (they do not change the training).
+DEFAULT_DISTILL: dict[str, str] = {"held_out": "48"}
 
 
 @dataclass(frozen=True)
 class RecipeSettings:
-    calibrator: CalibrateSettings = FAST_CALIBRATOR
-    distill: dict[str, str] = field(default_factory=lambda: dict(FAST_DISTILL))  # DistillParams overrides
+    calibrator: CalibrateSettings = DEFAULT_CALIBRATOR
+    distill: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DISTILL))  # DistillParams overrides
     calibrator_file: Path | None = None  # use this calibrator instead of training one
     # Where trained calibrators are kept (None: CACHE/calibrators, $PYDETOX_CACHE or ~/.cache/pydetox): one is
     # trained once per source model and settings, then reused by every output folder.
