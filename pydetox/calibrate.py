@@ -169,7 +169,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     """Train a calibrator for the GGUF `target` and write `out` (a GGUF), its alignment, log and loss plot."""
     import torch
 
-    from pydetox.discover.model import FullPrecisionModel
+    from pydetox.discover.model import FullPrecisionModel, autocast
 
     t_start = time.perf_counter()
     target = Path(target)
@@ -195,15 +195,13 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     n_train = min(len(rows) - n_val, settings.steps * settings.batch)
     val_rows = torch.from_numpy(rows[order[:n_val]])
     train_rows = torch.from_numpy(rows[order[n_val : n_val + n_train]])
-    if settings.precision not in ("float32", "bfloat16"):
-        raise PydetoxError(f"precision is 'float32' or 'bfloat16', not {settings.precision!r}")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
+    bf16 = autocast(settings.precision, "calibrate")
 
     W = fp.unembedding().clone()  # (V, d_target), frozen: the target's output layer
     H_train = H_val = None
     if settings.objective == "fused":
         # The target's final hidden states of every row, once: the fused loss needs them at every step.
-        with autocast:
+        with bf16:
             H_train = _target_hidden(model, train_rows, settings.batch, progress)
             H_val = _target_hidden(model, val_rows, settings.batch, progress)
     elif settings.objective != "standalone":
@@ -254,7 +252,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
 
     def validate() -> float:
         model.eval()  # type: ignore[no-untyped-call]
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), bf16:
             losses = [float(lm_loss(val_rows[i : i + settings.batch], None if H_val is None else H_val[i : i + settings.batch],
                                     val_alpha)) for i in range(0, len(val_rows), settings.batch)]
         return float(np.mean(losses))
@@ -294,7 +292,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
         model.train()
         idx = torch.from_numpy(rng.integers(0, len(train_rows), settings.batch))
         alpha = float(rng.uniform(lo, hi))
-        with autocast:
+        with bf16:
             lm = lm_loss(train_rows[idx], None if H_train is None else H_train[idx], alpha)
             loss = lm + settings.contrastive_weight * contrastive() if settings.contrastive_weight > 0 else lm
         opt.zero_grad()

@@ -6,6 +6,7 @@ benign-prompt length, the chat check), and does it survive quantization."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -118,8 +119,6 @@ def stage_line(stages: dict[str, dict[str, Any]]) -> str:
     """'stages: f16 1 s, calibrator cached (made in 304 s), ...' for the recipe's stages."""
     parts = []
     for name, t in stages.items():
-        if "seconds" not in t:
-            continue
         parts.append(f"{name} cached (made in {t['made_in_s']:.0f} s)" if t["cached"] else f"{name} {t['seconds']:.0f} s")
     return "stages: " + ", ".join(parts) if parts else ""
 
@@ -146,13 +145,13 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
         cal = extra.pop("calibrator", None)
         from pydetox.discover.base import override
 
-        recipe = RecipeSettings(**{**recipe.__dict__, "distill": {**recipe.distill, **extra}, "seed": job.seed,
-                                   "calibrator_file": Path(cal) if cal else recipe.calibrator_file,
-                                   "calibrator": override(recipe.calibrator, (job.overrides or {}).get("calibrator", {}),
-                                                          "calibrator")})
+        recipe = dataclasses.replace(recipe, distill={**recipe.distill, **extra}, seed=job.seed,
+                                     calibrator_file=Path(cal) if cal else recipe.calibrator_file,
+                                     calibrator=override(recipe.calibrator, (job.overrides or {}).get("calibrator", {}),
+                                                         "calibrator"))
         plan, staged, timing["stages"] = distill_plan(job.model, job.out, recipe, progress)
         plans["distill"] = (plan, plan.save(job.out / "distill.plan.gguf"))
-        print(f"distill: {len(plan.edits)} edits at strength {timing['stages']['fit_strength']['strength']:g} "
+        print(f"distill: {len(plan.edits)} edits at strength {plan.params['plan_strength']:g} "
               f"-> {plans['distill'][1]} (stages in {staged.parent})")
     others = [m for m in job.methods if m != "distill"]
     if others:

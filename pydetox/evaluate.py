@@ -154,7 +154,7 @@ def agreement(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, prompts: PromptSet, scorers: list[Scorer],
                     reference: Path | None = None, progress: bool = True) -> list[ModelResult]:
-    from pydetox.helpfulness import benign_starts, chat_questions, helpfulness
+    from pydetox.helpfulness import benign_starts, chat_prompt, chat_questions, helpfulness
 
     documents = load_clean_text(settings.clean_text) if settings.ppl_tokens > 0 else []
     badwords = load_badwords()
@@ -172,8 +172,6 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
             with LlamaRuntime(path, n_ctx=1024, n_batch=settings.window, threads=settings.threads) as probe:
                 max_prompt = max(len(probe.tokenize(p)) for p in prompts.prompts)
                 template = _chat_template(path)
-                from pydetox.helpfulness import chat_prompt
-
                 extra = [len(probe.tokenize(chat_prompt(template, q.question), special=True)) + 32 for q in questions]
                 extra += [len(probe.tokenize(p)) + 20 for p in benign]
             n_ctx = settings.batch * max(max_prompt + settings.max_tokens, *extra)

@@ -53,11 +53,6 @@ class RecipeSettings:
     seed: int = 0  # the student's seed (DistillParams.seed); the calibrator's is calibrator.seed
 
 
-def _stamp(path: Path) -> list[Any]:
-    st = path.stat()
-    return [path.resolve().as_posix(), st.st_size, st.st_mtime_ns]
-
-
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -115,9 +110,10 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
     where it was saved, and each stage's time."""
     from pydetox import ggml
     from pydetox.apply import ApplyOptions, apply_plan
+    from pydetox.discover.distill import file_stamp
 
     stages = Stages(out / "stages", progress)
-    src_key = _key("source", _stamp(source))
+    src_key = _key("source", file_stamp(source))
 
     def make_f16(path: Path) -> dict[str, Any]:
         apply_plan(None, source, path, ApplyOptions(ftype=ggml.parse_ftype("F16"), progress=False))
@@ -129,7 +125,7 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
         cal = settings.calibrator_file
         if not cal.is_file():
             raise PydetoxError(f"expected a calibrator GGUF at {cal}, found nothing")
-        cal_key = _key("calibrator-file", _stamp(cal))
+        cal_key = _key("calibrator-file", file_stamp(cal))
     else:
         from pydetox.calibrate import train
 
@@ -194,6 +190,6 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
         fitted.save(path)
         return {"strength": fit.strength, "trials": trials}
 
-    fitted, meta = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
+    fitted, _ = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
                                           settings.edited_type), ".plan.gguf", make_fit)
-    return EditPlan.load(fitted), fitted, {**stages.timing, "fit_strength": {"strength": meta["strength"]}}
+    return EditPlan.load(fitted), fitted, stages.timing

@@ -33,7 +33,7 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     assert path.parent == out / "stages"
     assert {e.kind for e in plan.edits} == {EditKind.LOW_RANK}
     assert len(plan.edits) == 2
-    strength = timing["fit_strength"]["strength"]
+    strength = plan.params["plan_strength"]
     assert 0 < strength <= 1
     assert plan.params["fit"]["kl_budget"] == 0.05
     assert all(t["kl"] >= 0 for t in plan.params["fit"]["trials"])

@@ -48,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pydetox.discover.base import Context, Method, register_method
+from pydetox.discover.model import autocast
 from pydetox.errors import PydetoxError
 from pydetox.plan import Edit, EditKind
 
@@ -172,7 +173,7 @@ TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "pairs", "pair_prom
                  "max_prompts", "max_new_tokens", "max_tokens", "seed")
 
 
-def _stamp(f: Path) -> list[Any]:
+def file_stamp(f: Path) -> list[Any]:
     """A file as a cache key sees it: its path, size and modification time."""
     st = f.stat()
     return [f.resolve().as_posix(), st.st_size, st.st_mtime_ns]
@@ -181,7 +182,7 @@ def _stamp(f: Path) -> list[Any]:
 def _cache_key(source: Path, p: DistillParams) -> str:
     import json
 
-    return json.dumps({"format": 3, "model": _stamp(source), "calibrator_file": _stamp(Path(p.calibrator)),
+    return json.dumps({"format": 3, "model": file_stamp(source), "calibrator_file": file_stamp(Path(p.calibrator)),
                        **{k: getattr(p, k) for k in TEACHER_KEYS}}, sort_keys=True)
 
 
@@ -429,7 +430,7 @@ def _side_logp(source: Path, role: str, model: str, alpha: float, toxic: _Target
     CACHE.<role>.npz, and whether it came from there."""
     import json
 
-    key = json.dumps({"teacher": teacher_key, role: _stamp(Path(model)), "anti_alpha": alpha}, sort_keys=True)
+    key = json.dumps({"teacher": teacher_key, role: file_stamp(Path(model)), "anti_alpha": alpha}, sort_keys=True)
     path = None if cache is None else cache.with_name(cache.name.removesuffix(".npz") + f".{role}.npz")
     if path is not None and path.is_file():
         with np.load(path) as z:
@@ -629,10 +630,9 @@ class Distill(Method):
                                f"{p.anti_margin}")
         if p.batching not in ("random", "length"):
             raise PydetoxError(f"distill: batching is 'random' or 'length', got {p.batching!r}")
-        if p.precision not in ("float32", "bfloat16"):
-            raise PydetoxError(f"distill: precision is 'float32' or 'bfloat16', got {p.precision!r}")
         if p.rank < 1 or p.steps < 1 or p.batch < 1:
             raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")
+        bf16 = autocast(p.precision, "distill")
         torch = ctx.fp.torch
         torch.manual_seed(p.seed)
         from pydetox.calibrate import SKIP_WIKI
@@ -671,7 +671,7 @@ class Distill(Method):
             spare = np.asarray(ctx.fp.tokenizer.all_special_ids, np.int64)  # the anti-expert's data ends every text at EOS
             toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress, spare)
         full = p.clean_kl == "full"  # then the unedited model's distributions are computed per step, not stored
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.precision == "bfloat16"):
+        with bf16:
             clean = None if full else _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
 
         n = ctx.fp.n_layers
@@ -694,7 +694,7 @@ class Distill(Method):
         n_vocab = int(ctx.fp.unembedding().shape[0])
         vocab = None
         if 0 < p.vocab < n_vocab:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.precision == "bfloat16"):
+            with bf16:
                 vocab = _restricted_vocab(ctx, p.vocab, [toxic] + ([clean] if clean is not None else []),
                                           [clean_seqs[i] for i in train_c], p.seed, sample=p.vocab_sample)
 
@@ -706,12 +706,11 @@ class Distill(Method):
         def chunks(n_items: int, label: str) -> Any:
             return tqdm(range(0, n_items, 16), desc=label, leave=False, disable=not ctx.progress)
 
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.precision == "bfloat16")
         if p.held_out > 0:
             val_t, val_c = val_t[: p.held_out], val_c[: p.held_out]
 
         def held_out() -> dict[str, float]:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), bf16:
                 kt = torch.cat([_batch_kl(ctx, toxic, val_t[s : s + 16]) for s in chunks(len(val_t), "held out: toxic")])
                 kc = torch.cat([clean_kl(val_c[s : s + 16]) for s in chunks(len(val_c), "held out: clean")])
             return {"teacher_kl": round(float(kt.mean()), 4), "clean_kl": round(float(kc.mean()), 5)}
@@ -720,7 +719,7 @@ class Distill(Method):
             """The unedited model's mean probability mass inside the restricted vocabulary."""
             assert vocab is not None
             keep = torch.from_numpy(vocab.keep)
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), bf16:
                 lp = torch.cat([_forward(ctx, seqs[s : s + 16]) for s in chunks(len(seqs), "vocab: coverage")])
             return round(float(torch.logsumexp(lp[:, keep], 1).exp().mean()), 5)
 
@@ -741,7 +740,7 @@ class Distill(Method):
                 else:
                     bt = gen.choice(train_t, p.batch, replace=False).tolist()
                     bc = gen.choice(train_c, p.batch, replace=False).tolist()
-                with autocast:
+                with bf16:
                     lt = _batch_kl(ctx, toxic, bt, vocab).mean()
                     lc = clean_kl(bc, vocab).mean()
                     loss = lt + p.clean_weight * lc

@@ -55,6 +55,16 @@ for _hf, _gguf in (("llama", "llama"), ("qwen2", "qwen2"), ("gemma3_text", "gemm
 _DONE = "pydetox-converted"
 
 
+def autocast(precision: str, owner: str) -> Any:
+    """torch's CPU autocast for `precision` "bfloat16" (a no-op context for "float32"); any other value is refused,
+    naming `owner`'s setting. The context can be entered any number of times."""
+    import torch
+
+    if precision not in ("float32", "bfloat16"):
+        raise PydetoxError(f"{owner}: precision is 'float32' or 'bfloat16', got {precision!r}")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 def _converted_folder(gguf_path: Path) -> Path:
     """Where the Hugging Face form of a GGUF is kept once converted: transformers' GGUF loader spends ~20 s on
     SmolLM2 parsing metadata and the tokenizer (three GGUF reads), a saved folder loads in ~2 s. Keyed by the
