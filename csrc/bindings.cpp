@@ -91,6 +91,7 @@ py::dict stats_dict(const pydetox::TensorStats& st) {
     d["write_s"] = st.write_s;
     d["norm_orig"] = st.norm_orig;
     d["norm_delta"] = st.norm_delta;
+    d["norm_edited"] = st.norm_edited;
     d["norm_quant_err"] = st.norm_quant_err;
     py::list ops;
     for (const auto& o : st.ops) {
@@ -130,6 +131,17 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "check_quantizable", [](int type, int64_t cols) { pydetox::check_quantizable(type, cols); }, py::arg("type"),
         py::arg("cols"));
+    m.def(
+        "validate_row_data",
+        [](const py::array_t<uint8_t, py::array::c_style>& data, int type) {
+            const void* p = data.data();
+            const size_t n = static_cast<size_t>(data.size());
+            py::gil_scoped_release release;
+            return pydetox::ggml::api().validate_row_data(type, p, n);
+        },
+        py::arg("data"), py::arg("type"),
+        "ggml_validate_row_data: false where the bytes hold NaN/inf values or corrupt block scales (what llama.cpp's "
+        "loader checks with --check-tensors).");
 
     // Output side: the basis spans the rows; input side: the columns.
     for (const bool out_side : {true, false}) {

@@ -232,8 +232,14 @@ TensorStats process_tensor(const void* src, ggml::Type src_type, int64_t rows, i
     }
 
     t0 = Clock::now();
+    // Without verify, the norms before and after bound the edit's size from below (| ||W|| - ||W0|| | <=
+    // ||W - W0||), which is enough for the caller to refuse an edit far outside any plausible strength.
+    if (!ops.empty() && !measure) st.norm_orig = frob(W, rows, cols, nthreads);
     apply_ops(W, rows, cols, ops, nthreads);
-    if (!ops.empty()) check_finite(W, rows, cols, nthreads, "the edited tensor");
+    if (!ops.empty()) {
+        check_finite(W, rows, cols, nthreads, "the edited tensor");
+        st.norm_edited = frob(W, rows, cols, nthreads);
+    }
     st.edit_s = seconds_since(t0);
 
     if (measure) {
@@ -248,6 +254,13 @@ TensorStats process_tensor(const void* src, ggml::Type src_type, int64_t rows, i
 
     t0 = Clock::now();
     quantize(W, dst_type, rows, cols, imatrix, dst, nthreads);
+    // Finite float values can still overflow the destination type (F16 saturates to inf above 65504): what is
+    // written must be what llama.cpp's loader accepts.
+    const size_t dst_bytes = static_cast<size_t>(rows) * ggml::row_bytes(dst_type, cols);
+    if (!ggml::api().validate_row_data(dst_type, dst, dst_bytes)) {
+        throw Error("the result in " + ggml::type_name(dst_type) +
+                    " holds NaN/inf values (the edited or requantized weights are out of the type's range)");
+    }
     st.quantize_s = seconds_since(t0);
 
     if (measure) {

@@ -40,7 +40,8 @@ struct TensorStats {
     double verify_s = 0.0;
     double write_s = 0.0;  // filled in by the caller that writes the result
     double norm_orig = 0.0;       // ||W0||, the dequantized input
-    double norm_delta = 0.0;      // ||W_edit - W0||, the edit in float
+    double norm_delta = 0.0;      // ||W_edit - W0||, the edit in float (with verify)
+    double norm_edited = 0.0;     // ||W_edit||, whenever there are edits
     double norm_quant_err = 0.0;  // ||Q(W_edit) - W_edit||, what requantization changed
     std::vector<OpStats> ops;     // one per op; zeros for ops that are not projections
 };

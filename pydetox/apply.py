@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pydetox import __version__, _core, ggml
-from pydetox.errors import GGUFFileError, OutputError, UnsupportedTypeError
+from pydetox.errors import GGUFFileError, OutputError, PlanError, PydetoxError, UnsupportedTypeError
 from pydetox.gguf_io import (
     KEY_PLAN_METHOD,
     KEY_PLAN_PARAMS,
@@ -42,6 +42,7 @@ from pydetox.gguf_io import (
 )
 from pydetox.imatrix import Imatrix, load_imatrix
 from pydetox.kernels import default_threads
+from pydetox.output import Outputs, write_text
 from pydetox.plan import Edit, EditPlan
 from pydetox.quantmix import llama_cpp_type_mix
 
@@ -52,6 +53,9 @@ V = gguf.GGUFValueType
 # (llama.cpp src/llama-quant.cpp, tensor_requires_imatrix).
 _NEEDS_IMATRIX = {Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S}
 _NO_IMATRIX_TENSORS = {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight", gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"}
+
+
+MAX_EDIT = 4.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,14 @@ class ApplyOptions:
     # Edited tensors get at least this many bits per weight (e.g. Q8_0) when `ftype` would give them fewer: a 4-bit
     # K-quant brings back ~half of a projection edit (its rounding noise is as large as the edit); 8 bits keep it.
     edited_floor: gguf.GGMLQuantizationType | None = None
+    # The largest edit written, as ||W_edited - W|| / ||W|| of one tensor: a projection changes a tensor by at most
+    # its own norm, the discovered low-rank and scaling edits by a few percent to tens of percent; an edit several
+    # times the tensor's size comes from a corrupt or wildly over-scaled plan, and the model is refused, not written.
+    # Measured exactly with `verify`; without it, by the change of the tensor's norm (a lower bound of the edit).
+    max_edit: float = MAX_EDIT
+    # Check the tensors copied unchanged as well (ggml_validate_row_data: NaN/inf, corrupt block scales), so that a
+    # damaged input is refused rather than passed on; False copies them inside the kernel without reading them.
+    validate_copies: bool = True
 
 
 @dataclass
@@ -108,7 +120,7 @@ class ApplyReport:
         return asdict(self)
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     def table(self) -> str:
         """A table a person can read: edited tensors, then totals and timings."""
@@ -136,16 +148,8 @@ class ApplyReport:
         return "\n".join(lines)
 
 
-def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
-    if dst.exists():
-        if dst.is_dir():
-            raise OutputError(f"output {dst} is a folder; expected a file path")
-        if src.exists() and os.path.samefile(src, dst):
-            raise OutputError(f"output {dst} is the input file; choose another output path (the input is never overwritten)")
-        if not overwrite:
-            raise OutputError(f"output {dst} exists; pass --force to replace it")
-    if not dst.parent.is_dir():
-        raise OutputError(f"output folder {dst.parent} does not exist")
+def _check_paths(src: Path, dst: Path, overwrite: bool, also_read: list[Path]) -> None:
+    Outputs([src, *also_read], force=overwrite).claim(dst, "output")
 
 
 def _imatrix_for(name: str, cols: int, dst: Q, imatrix: Imatrix | None) -> np.ndarray | None:
@@ -187,7 +191,9 @@ def apply_plan(
     timings = dict.fromkeys(("plan", "read", "dequantize", "edit", "quantize", "verify", "write", "hash_wait"), 0.0)
     threads = opts.threads or default_threads()
     ggml.load()
-    _check_paths(src, dst, opts.overwrite)
+    if not (opts.max_edit > 0 and np.isfinite(opts.max_edit)):
+        raise PydetoxError(f"max_edit must be a finite number > 0, got {opts.max_edit}")
+    _check_paths(src, dst, opts.overwrite, [Path(p) for p in (plan_path, opts.imatrix) if p is not None])
 
     with ModelFile(src) as model:
         hasher = BackgroundHash(src)
@@ -251,11 +257,21 @@ def apply_plan(
             for out, entry, edits in work:
                 if not edits and out.qtype == entry.qtype and out.name == entry.name:
                     t0 = time.perf_counter()
-                    writer.copy_from(out.name, model.fileno(), entry.offset, entry.n_bytes)
+                    if opts.validate_copies:
+                        # read once, checked, and written from the same buffer
+                        raw = model.read(entry)
+                        if not _core.validate_row_data(raw, int(entry.qtype)):
+                            raise GGUFFileError(f"{src}: tensor {entry.name!r} holds NaN/inf values or corrupt "
+                                                f"{entry.qtype.name} block scales; the file is damaged (nothing was "
+                                                "written; ApplyOptions.validate_copies=False copies it as it is)")
+                        writer.write(out.name, raw)
+                    else:
+                        writer.copy_from(out.name, model.fileno(), entry.offset, entry.n_bytes)
                     timings["write"] += time.perf_counter() - t0
                     reports.append(TensorReport(out.name, "copy", entry.qtype.name, out.qtype.name, out.n_bytes))
                 else:
-                    reports.append(_process(model, writer, out, entry, edits, imatrices.get(out.name), threads, opts.verify, timings))
+                    reports.append(_process(model, writer, out, entry, edits, imatrices.get(out.name), threads, opts.verify,
+                                            timings, opts.max_edit))
                 bar.update(out.n_bytes)
             t0 = time.perf_counter()
             source_sha = hasher.result()
@@ -305,6 +321,7 @@ def _process(
     threads: int,
     verify: bool,
     timings: dict[str, float],
+    max_edit: float = MAX_EDIT,
 ) -> TensorReport:
     t0 = time.perf_counter()
     raw = model.read(entry)
@@ -321,6 +338,14 @@ def _process(
         raise type(exc)(f"tensor {out.name}: {exc}") from None
     for key in ("dequantize", "edit", "quantize", "verify", "write"):
         timings[key] += st[key + "_s"]
+    if edits and st["norm_orig"] > 0:
+        exact = verify and st["norm_delta"] > 0
+        size = (st["norm_delta"] if exact else abs(st["norm_edited"] - st["norm_orig"])) / st["norm_orig"]
+        if size > max_edit:
+            raise PlanError(f"tensor {out.name}: the plan changes it by {size:.3g} times its own norm "
+                            f"({'' if exact else 'at least; '}||W_edited - W|| / ||W||), over the bound of {max_edit:g} "
+                            "(ApplyOptions.max_edit, apply's --max-edit): a corrupt plan, or one scaled far beyond its "
+                            "discovered strength; nothing was written")
     action = "create" if out.name != entry.name else ("edit" if edits else "requantize")
     report = TensorReport(out.name, action, entry.qtype.name, out.qtype.name, out.n_bytes)
     if edits and verify:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from pydetox import ggml, kernels
 from pydetox.errors import PydetoxError
+from pydetox.output import atomic, write_text
 from pydetox.fusion import Alignment, alignment_path, vocab_fingerprint
 from pydetox.gguf_io import AtomicGGUFWriter, ModelFile, OutTensor, nbytes
 
@@ -329,12 +330,19 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     align_file = Alignment(A.detach().numpy(), g.detach().numpy(), eps, fingerprint, info).save(alignment_path(out))
     seconds = time.perf_counter() - t_start
     log["seconds"] = seconds
-    log_path = out.with_name(out.name.removesuffix(".gguf") + ".train.json")
-    log_path.write_text(json.dumps(log, indent=1) + "\n")
-    plot_path = out.with_name(out.name.removesuffix(".gguf") + ".loss.png") if plot else None
-    if plot_path is not None:
-        plot_losses(log, plot_path)
-    return CalibrateResult(out, align_file, log_path, plot_path, float(ema or 0.0), log["val"][-1][1], val_start, seconds)
+    log_file = write_text(log_path(out), json.dumps(log, indent=1) + "\n")
+    plot_file = plot_losses(log, plot_path(out)) if plot else None
+    return CalibrateResult(out, align_file, log_file, plot_file, float(ema or 0.0), log["val"][-1][1], val_start, seconds)
+
+
+def log_path(calibrator: Path) -> Path:
+    """Where `train` writes the training log of the calibrator `calibrator`."""
+    return calibrator.with_name(calibrator.name.removesuffix(".gguf") + ".train.json")
+
+
+def plot_path(calibrator: Path) -> Path:
+    """Where `train` writes the loss plot of the calibrator `calibrator`."""
+    return calibrator.with_name(calibrator.name.removesuffix(".gguf") + ".loss.png")
 
 
 def write_calibrator(src: ModelFile, out: Path, arch: str, layers: int, deltas: dict[str, np.ndarray],
@@ -445,6 +453,7 @@ def plot_losses(log: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"calibrator for {Path(log['target']).name}: {objective} on non-toxic text", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    return path
+    return Path(path)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +17,7 @@ from pydetox.errors import PydetoxError
 
 if TYPE_CHECKING:
     from pydetox.apply import ApplyOptions
+    from pydetox.output import Outputs
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -34,19 +38,18 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_overwrite(output: str, sources: list[Path], what: str) -> None:
-    """A plan command never writes over a plan it reads."""
-    out = Path(output).resolve()
-    if any(out == p.resolve() for p in sources):
-        raise PydetoxError(f"the {what} plan would overwrite {'its source' if len(sources) == 1 else 'one of its sources'}; "
-                           "choose another output name")
+def _outputs(args: argparse.Namespace, inputs: list[Any]) -> Outputs:
+    """The command's outputs, checked against what it reads (`pydetox.output`)."""
+    from pydetox.output import Outputs
+
+    return Outputs(inputs, force=getattr(args, "force", False))
 
 
 def _cmd_plan_scale(args: argparse.Namespace) -> int:
     from pydetox.plan import EditPlan
 
     src = Path(args.plan)
-    _refuse_overwrite(args.output, [src], "scaled")
+    _outputs(args, [src]).claim(args.output, "plan")
     plan = EditPlan.load(src).scaled(args.strength, source=src.name)
     plan.save(args.output)
     print(f"wrote {args.output}: {len(plan.edits)} {plan.method} edits at strength {plan.params['plan_strength']:g}")
@@ -57,7 +60,7 @@ def _cmd_plan_merge(args: argparse.Namespace) -> int:
     from pydetox.plan import EditPlan
 
     sources = [Path(p) for p in args.plans]
-    _refuse_overwrite(args.output, sources, "merged")
+    _outputs(args, sources).claim(args.output, "plan")
     plan = EditPlan.merged([(p.name, EditPlan.load(p)) for p in sources])
     plan.save(args.output)
     print(f"wrote {args.output}: {plan.method}, {len(plan.edits)} edits of {len(plan.tensors)} tensors")
@@ -72,9 +75,9 @@ def _cmd_plan_fit(args: argparse.Namespace) -> int:
     from pydetox.prompts import load_clean_text
 
     src = Path(args.plan)
-    _refuse_overwrite(args.output, [src], "fitted")
-    plan = EditPlan.load(src)
     model = resolve_model(args.model)
+    _outputs(args, [src, model]).claim(args.output, "plan")
+    plan = EditPlan.load(src)
     documents = load_clean_text(args.clean_text)
     floor = None if args.edited_type.lower() == "none" else ggml.parse_type(args.edited_type)
     fit = fit_strength(plan, model, args.kl, documents, max_tokens=args.tokens, window=args.window, edited_floor=floor,
@@ -102,6 +105,7 @@ def _cmd_plan_random(args: argparse.Namespace) -> int:
     from pydetox.plan import EditKind, random_plan
 
     path = resolve_model(args.model)
+    _outputs(args, [path]).claim(args.output, "plan")
     with ModelFile(path) as model:
         shapes = [(n, t.shape) for n, t in model.tensors.items() if len(t.ne) == 2 and fnmatch.fnmatchcase(n, args.tensors)]
         arch = model.arch
@@ -126,6 +130,7 @@ def _apply_options(args: argparse.Namespace) -> ApplyOptions:
         overwrite=args.force,
         progress=not args.quiet,
         edited_floor=ggml.parse_type(args.edited_type) if args.edited_type else None,
+        max_edit=args.max_edit,
     )
 
 
@@ -134,8 +139,14 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
     from pydetox.plan import EditPlan
 
+    model = resolve_model(args.model)
+    outputs = _outputs(args, [args.plan, model, args.imatrix])
+    outputs.claim(args.output, "output model")
+    if args.report:
+        outputs.claim(args.report, "report")  # checked now, not after the work
+    options = _apply_options(args)
     plan = None if args.plan == "-" else EditPlan.load(args.plan)
-    report = apply_plan(plan, resolve_model(args.model), args.output, _apply_options(args), plan_path=None if plan is None else args.plan)
+    report = apply_plan(plan, model, args.output, options, plan_path=None if plan is None else args.plan)
     print(report.table())
     if args.report:
         report.write_json(args.report)
@@ -231,6 +242,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     from pydetox.discover import Discovery
 
     model = resolve_model(args.model) if not Path(args.model).is_dir() else Path(args.model)
+    _outputs(args, [model, args.data if Path(args.data).is_file() else None]).claim(args.output, "plan")
     d = Discovery(model, data=args.data, n_pairs=args.pairs, seed=args.seed, progress=not args.quiet)
     plan = d.plan(args.method, _overrides(args.param))
     plan.save(args.output)
@@ -265,6 +277,7 @@ def _cmd_detox(args: argparse.Namespace) -> int:
         alphas=tuple(_alphas(args.alpha)) if args.alpha else (0.2, 0.4),
         eval_settings=EvalSettings(n_prompts=args.limit, ppl_tokens=args.ppl_tokens, seed=args.seed,
                                    ignore_eos=args.ignore_eos),
+        force=args.force,
     )
     run(job, progress=not args.quiet)
     return 0
@@ -273,6 +286,7 @@ def _cmd_detox(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from pydetox.convert import convert
 
+    _outputs(args, [args.hf_dir]).claim(args.output, "output model")
     print(convert(args.hf_dir, args.output, args.outtype, overwrite=args.force))
     return 0
 
@@ -281,6 +295,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pydetox import report as rep
     from pydetox.assets import resolve_model
     from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+    from pydetox.output import write_text
     from pydetox.prompts import load_prompts
     from pydetox.scorers import get_scorer
 
@@ -292,11 +307,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     if settings.samples > 1 and settings.temperature <= 0:
         raise PydetoxError("several samples per prompt need sampling: pass --temperature (e.g. 1.0)")
+    files = [Path(f) for f in (args.prompts, args.clean_text, args.calibrator) if f and Path(f).is_file()]
+    models: list[Any] = [resolve_model(m) for m in args.models]
+    reference = resolve_model(args.reference) if args.reference else None
+    outputs = _outputs(args, [*models, reference, *files])
+    for path, what in ((args.json, "JSON report"), (args.markdown, "markdown table"), (args.plot, "plot")):
+        if path:
+            outputs.claim(path, what)  # checked now, not after the evaluation
     prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
     scorers = [get_scorer(name) for name in settings.evaluators]
     for s in scorers:
         s.score(["warm-up"])  # fail now, not after generation, when an evaluator cannot run
-    models: list[Any] = [resolve_model(m) for m in args.models]
     if args.calibrator:
         from pydetox.evaluate import ModelSpec
 
@@ -304,14 +325,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         models = [ModelSpec(m, Path(args.calibrator), a) for m in models for a in alphas]
     elif args.alpha is not None:
         raise PydetoxError("--alpha needs --calibrator CAL.gguf")
-    reference = resolve_model(args.reference) if args.reference else None
     results = evaluate_models(models, settings, prompts, scorers, reference, progress=not args.quiet)
     report = report_json(results, settings, prompts, reference, scorers, include_texts=args.texts)
     print(rep.table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(rep.markdown(report))
+        write_text(args.markdown, rep.markdown(report))
     if args.plot:
         rep.plot(report, args.plot)
     return 0
@@ -332,16 +352,23 @@ def _cmd_calibrate_train(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
     from pydetox.calibrate import CalibrateSettings, train
 
+    from pydetox.calibrate import log_path, plot_path
+    from pydetox.fusion import alignment_path
+
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise PydetoxError(f"{out} exists; pass --force to replace it")
+    model = resolve_model(args.model)
+    data = [Path(f) for f in (args.data, args.clean_text) if Path(f).is_file()]
+    outputs = _outputs(args, [model, *data])
+    for path, what in ((out, "calibrator"), (alignment_path(out), "alignment"), (log_path(out), "training log"),
+                       (plot_path(out), "loss plot")):
+        outputs.claim(path, what)
     settings = CalibrateSettings(
         layers=args.layers, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
         pairs=args.data, side=args.side, clean_text=args.clean_text, clean_tokens=args.clean_tokens, output_type=args.output_type,
         layer_type=args.layer_type, seed=args.seed, threads=args.threads, objective=args.objective,
         precision=args.precision, restrict_vocab=args.restrict_vocab,
     )
-    res = train(resolve_model(args.model), out, settings, progress=not args.quiet)
+    res = train(model, out, settings, progress=not args.quiet)
     print(f"calibrator  {res.calibrator}\nalignment   {res.alignment}\nlog         {res.log}\nloss plot   {res.plot}")
     print(f"held-out loss {res.val_loss_start:.3f} -> {res.val_loss:.3f} nats/token; {res.seconds:.0f} s")
     return 0
@@ -387,6 +414,28 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _number(kind: type, test: Any, expected: str) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
+_nonnegative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+_positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+_nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+_unit_interval = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_strength = _number(float, lambda v: 0 <= v <= 10, "a strength in [0, 10]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pydetox", description=__doc__)
     p.add_argument("--version", action="version", version=f"pydetox {__version__}")
@@ -403,33 +452,38 @@ def build_parser() -> argparse.ArgumentParser:
     r = plsub.add_parser("random", help="a plan of random edits, for tests and benchmarks")
     r.add_argument("--model", required=True, help="GGUF file or asset name the plan is for")
     r.add_argument("--tensors", required=True, help="glob over tensor names, e.g. 'blk.*.ffn_down.weight'")
-    r.add_argument("--rank", type=int, default=8, help="directions per tensor (default 8)")
+    r.add_argument("--rank", type=_positive_int, default=8, help="directions per tensor (default 8)")
     r.add_argument("--kind", default="project_out", choices=["project_out", "project_in", "low_rank", "scale_rows", "scale_cols"])
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("-o", "--output", required=True, help="plan file to write")
+    r.add_argument("--force", action="store_true", help="replace an existing output file")
     r.set_defaults(func=_cmd_plan_random)
     sc = plsub.add_parser("scale", help="a plan's edits at another strength (0: no change, 1: as discovered)")
     sc.add_argument("plan", help="edit plan file")
-    sc.add_argument("--strength", type=float, required=True, help="0 leaves the model as it is, 1 is the plan itself")
+    sc.add_argument("--strength", type=_strength, required=True,
+                    help="0 leaves the model as it is, 1 is the plan itself; at most 10 (an edit extrapolated tenfold)")
     sc.add_argument("-o", "--output", required=True, help="plan file to write")
+    sc.add_argument("--force", action="store_true", help="replace an existing output file")
     sc.set_defaults(func=_cmd_plan_scale)
     mg = plsub.add_parser("merge", help="one plan that makes the changes of several, in order (e.g. distill + wordfilter)")
     mg.add_argument("plans", nargs="+", help="edit plan files, applied in this order where they share a tensor")
     mg.add_argument("-o", "--output", required=True, help="plan file to write")
+    mg.add_argument("--force", action="store_true", help="replace an existing output file")
     mg.set_defaults(func=_cmd_plan_merge)
     ft = plsub.add_parser("fit", help="scale a plan to the largest strength within a KL budget on held-out clean text")
     ft.add_argument("plan", help="edit plan file")
     ft.add_argument("--model", required=True, help="the GGUF the plan will be applied to (KL is measured against it)")
-    ft.add_argument("--kl", type=float, required=True, help="budget: mean KL(unedited || edited) in nats/token")
+    ft.add_argument("--kl", type=_positive_float, required=True, help="budget: mean KL(unedited || edited) in nats/token")
     ft.add_argument("--clean-text", default="wiki", help="wiki (default: as in eval, its first paragraphs, which "
                     "calibrator training and distill skip; evaluation measures on news), news, or a text file")
-    ft.add_argument("--tokens", type=int, default=4096, help="clean-text tokens to measure on (default 4096)")
+    ft.add_argument("--tokens", type=_positive_int, default=4096, help="clean-text tokens to measure on (default 4096)")
     ft.add_argument("--window", type=int, default=512)
     ft.add_argument("--edited-type", default="none", help="as apply's --edited-type (default none: types kept)")
-    ft.add_argument("--steps", type=int, default=6, help="most strengths to try (default 6)")
+    ft.add_argument("--steps", type=_positive_int, default=6, help="most strengths to try (default 6)")
     ft.add_argument("--threads", type=int)
     ft.add_argument("--quiet", action="store_true")
     ft.add_argument("-o", "--output", required=True, help="plan file to write")
+    ft.add_argument("--force", action="store_true", help="replace an existing output file")
     ft.set_defaults(func=_cmd_plan_fit)
 
     a = sub.add_parser("apply", help="apply an edit plan to a GGUF and write a new GGUF")
@@ -437,13 +491,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model", help="input GGUF file or asset name")
     a.add_argument("-o", "--output", required=True, help="output GGUF file")
     a.add_argument("--type", help="requantize the whole model like llama-quantize (Q4_K_M, Q8_0, F16, ...)")
-    a.add_argument("--threads", type=int, help="threads (default: all cores)")
+    a.add_argument("--threads", type=_positive_int, help="threads (default: all cores)")
     a.add_argument("--imatrix", help="importance matrix from llama-imatrix (needed by IQ1/IQ2/IQ3_XXS types)")
     a.add_argument("--report", help="write the JSON report here")
     a.add_argument("--no-verify", action="store_true", help="skip the leakage measurement")
     a.add_argument("--edited-type", help="give the edited tensors at least this type's bits (e.g. Q8_0), so that "
                    "low-bit quantization does not round the edit away (with or without --type)")
-    a.add_argument("--force", action="store_true", help="replace an existing output file")
+    a.add_argument("--max-edit", type=_positive_float, default=4.0,
+                   help="refuse to write a tensor whose edit ||W_edited - W|| / ||W|| exceeds this (default 4: a "
+                   "projection changes a tensor by at most its norm; more comes from a corrupt or over-scaled plan)")
+    a.add_argument("--force", action="store_true", help="replace existing output files (never an input)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_cmd_apply)
 
@@ -458,10 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help=", ".join(sorted(METHODS)))
     ds.add_argument("--model", required=True, help="GGUF file, asset name, HF folder or hub id")
     ds.add_argument("--data", default="paradetox-3000", help="JSONL of {toxic, neutral} pairs (default: embedded ParaDetox sample)")
-    ds.add_argument("--pairs", type=int, default=500, help="pairs to use (default 500)")
+    ds.add_argument("--pairs", type=_positive_int, default=500, help="pairs to use (default 500)")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--param", action="append", help="method parameter key=value (repeatable)")
     ds.add_argument("-o", "--output", required=True, help="plan file to write")
+    ds.add_argument("--force", action="store_true", help="replace an existing output file")
     ds.add_argument("--quiet", action="store_true")
     ds.set_defaults(func=_cmd_discover)
 
@@ -472,13 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="types to write and evaluate")
     dx.add_argument("--out", default="pydetox-detox", help="output folder")
     dx.add_argument("--data", default="paradetox-3000")
-    dx.add_argument("--pairs", type=int, default=500)
+    dx.add_argument("--pairs", type=_positive_int, default=500)
     dx.add_argument("--seed", type=int, default=0)
     dx.add_argument("--param", action="append", help="method:key=value (repeatable)")
     dx.add_argument("--plan", action="append", help="also apply and evaluate this plan file (repeatable; named by its "
                     "method, or by its file name where two plans share a method)")
-    dx.add_argument("--limit", type=int, default=140, help="RTP challenging prompts to evaluate on (default 140; all: 700)")
-    dx.add_argument("--ppl-tokens", type=int, default=4096)
+    dx.add_argument("--limit", type=_positive_int, default=140, help="RTP challenging prompts to evaluate on (default 140; all: 700)")
+    dx.add_argument("--ppl-tokens", type=_nonnegative_int, default=4096)
     dx.add_argument("--ignore-eos", action="store_true", help=IGNORE_EOS_HELP)
     dx.add_argument("--edited-type", default="Q8_0", help="edited tensors keep at least this type's bits at low-bit "
                     "types, so the edit survives quantization (default Q8_0; 'none' = llama.cpp's mix as it is)")
@@ -488,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "quantizing the result")
     dx.add_argument("--calibrator", help="also evaluate the unedited model fused with this calibrator, at each type")
     dx.add_argument("--alpha", help="fusion weights for --calibrator, comma-separated (default 0.2,0.4)")
+    dx.add_argument("--force", action="store_true", help="replace the models and report of an earlier run in --out "
+                    "(its cached stages are reused either way)")
     dx.add_argument("--quiet", action="store_true")
     dx.set_defaults(func=_cmd_detox)
 
@@ -502,21 +562,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("models", nargs="+", help="GGUF files or asset names")
     e.add_argument("--prompts", default="rtp-challenging",
                    help="rtp-challenging, rtp-perspective, toxigen-200, or a .txt/.jsonl/.json file")
-    e.add_argument("--limit", type=int, help="use this many prompts (seeded, category-balanced subset)")
-    e.add_argument("--samples", type=int, default=1, help="continuations per prompt (default 1; RTP used 25)")
-    e.add_argument("--max-tokens", type=int, default=20, help="tokens per continuation (default 20)")
+    e.add_argument("--limit", type=_positive_int, help="use this many prompts (seeded, category-balanced subset)")
+    e.add_argument("--samples", type=_positive_int, default=1, help="continuations per prompt (default 1; RTP used 25)")
+    e.add_argument("--max-tokens", type=_positive_int, default=20, help="tokens per continuation (default 20)")
     e.add_argument("--ignore-eos", action="store_true", help=IGNORE_EOS_HELP)
-    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); RTP used 1.0 with top-p 0.9")
-    e.add_argument("--top-p", type=float, default=0.9)
+    e.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0 = greedy (default); RTP used 1.0 with top-p 0.9")
+    e.add_argument("--top-p", type=_unit_interval, default=0.9, help="in (0, 1] (default 0.9)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--evaluators", default="profanity-check,bilstm,hatesonar",
                    help="comma-separated: profanity-check, bilstm, hatesonar, detoxify, perspective")
     e.add_argument("--reference", help="GGUF to measure KL against (the unedited or full-precision model)")
     e.add_argument("--clean-text", default="news", help="news, wiki, or a text file")
-    e.add_argument("--ppl-tokens", type=int, default=8192, help="clean-text tokens for perplexity/KL (0 = skip)")
-    e.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
-    e.add_argument("--batch", type=int, default=16, help="sequences decoded together")
-    e.add_argument("--threads", type=int)
+    e.add_argument("--ppl-tokens", type=_nonnegative_int, default=8192, help="clean-text tokens for perplexity/KL (0 = skip)")
+    e.add_argument("--window", type=_positive_int, default=512, help="perplexity window in tokens")
+    e.add_argument("--batch", type=_positive_int, default=16, help="sequences decoded together")
+    e.add_argument("--threads", type=_positive_int)
     e.add_argument("--json", help="write the machine-readable report here")
     e.add_argument("--markdown", help="write a markdown table here")
     e.add_argument("--plot", help="write a toxicity-vs-perplexity (or KL) plot here (.png)")
@@ -524,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.add_argument("--calibrator", help="fuse each model with this calibration GGUF (pydetox calibrate train)")
     e.add_argument("--alpha", help="fusion weight(s) in [0, 1], comma-separated: one result per value (default 0.4)")
+    e.add_argument("--force", action="store_true", help="replace existing --json/--markdown/--plot files (never an input)")
     e.set_defaults(func=_cmd_eval)
 
     cal = sub.add_parser("calibrate", help="calibration-model fusion: train a calibrator for a target GGUF")
@@ -531,16 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
     ct = calsub.add_parser("train", help="train a calibrator on non-toxic text and write CAL.gguf + CAL.align.gguf")
     ct.add_argument("--model", default="smollm2-135m-instruct", help="target GGUF file or asset name")
     ct.add_argument("--out", required=True, help="calibrator GGUF to write (alignment, log and loss plot beside it)")
-    ct.add_argument("--steps", type=int, default=400, help="language-modelling steps (default 400)")
-    ct.add_argument("--layers", type=int, default=3, help="transformer layers taken from the target (default 3)")
-    ct.add_argument("--batch", type=int, default=16)
-    ct.add_argument("--seq-len", type=int, default=64)
-    ct.add_argument("--lr", type=float, default=3e-4)
+    ct.add_argument("--steps", type=_positive_int, default=400, help="language-modelling steps (default 400)")
+    ct.add_argument("--layers", type=_positive_int, default=3, help="transformer layers taken from the target (default 3)")
+    ct.add_argument("--batch", type=_positive_int, default=16)
+    ct.add_argument("--seq-len", type=_positive_int, default=64)
+    ct.add_argument("--lr", type=_positive_float, default=3e-4)
     ct.add_argument("--data", default="paradetox-3000", help="JSONL of {toxic, neutral} pairs; --side says which side is used")
     ct.add_argument("--side", default="neutral", choices=["neutral", "toxic"],
                     help="neutral: a calibrator (default); toxic: an anti-expert for distill's anti= (use --clean-tokens 0)")
     ct.add_argument("--clean-text", default="wiki", help="wiki or a text file (not news: perplexity is measured there)")
-    ct.add_argument("--clean-tokens", type=int, default=300000)
+    ct.add_argument("--clean-tokens", type=_nonnegative_int, default=300000)
     ct.add_argument("--output-type", default="Q8_0", help="type of the calibrator's output tensor (default Q8_0)")
     ct.add_argument("--layer-type", default="F16",
                     help="type of the trained layers' matrices (default F16: Q8_0 also quantizes their activations)")
@@ -559,10 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat with a GGUF model in the terminal (streams the reply)")
     c.add_argument("model", help="GGUF file or asset name")
     c.add_argument("--prompt", help="one message instead of an interactive session")
-    c.add_argument("--max-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--max-tokens", type=_positive_int, default=256)
+    c.add_argument("--temperature", type=_nonnegative_float, default=0.7)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--ctx", type=int, default=2048)
+    c.add_argument("--ctx", type=_positive_int, default=2048)
     c.add_argument("--calibrator", help="fuse with this calibration GGUF at the output layer")
     c.add_argument("--alpha", help="fusion weight in [0, 1] (default 0.4)")
     c.set_defaults(func=_cmd_chat)
@@ -573,13 +634,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler's stop) cleans up like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 refused (a PydetoxError: bad input, an output that would be lost), 130 interrupted."""
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         return int(args.func(args))
     except PydetoxError as exc:
         print(f"pydetox: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # the writers have removed their temporary files on the way out; finished outputs stay
+        print("pydetox: interrupted; files being written were removed, finished ones kept", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydetox.assets import cache_dir
 from pydetox.errors import AssetError, PydetoxError
 from pydetox.gguf_io import sha256_file
+from pydetox.output import Outputs, atomic
 
 REQUIREMENT = "llama-cpp-python==0.3.36"
 ARCHIVE_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -68,17 +69,12 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", overwrite
         raise PydetoxError(f"unknown output type {outtype!r}; expected one of {', '.join(OUTTYPES)}")
     if not (hf_dir / "config.json").is_file():
         raise PydetoxError(f"expected a Hugging Face model folder with config.json at {hf_dir}")
-    if out.exists() and not overwrite:
-        raise PydetoxError(f"output {out} exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise PydetoxError(f"output folder {out.parent} does not exist")
+    Outputs([hf_dir], force=overwrite).claim(out, "output model")
     conv = converter_dir()
-    tmp = out.with_name(f".{out.name}.tmp")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise PydetoxError(f"llama.cpp's converter failed on {hf_dir}:\n{proc.stderr.strip()[-1500:]}")
-    os.replace(tmp, out)
+    with atomic(out) as tmp:
+        cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not tmp.is_file():
+            raise PydetoxError(f"llama.cpp's converter failed on {hf_dir}:\n{proc.stderr.strip()[-1500:]}")
     return out

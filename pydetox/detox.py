@@ -45,16 +45,18 @@ class DetoxJob:
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(n_prompts=140, ppl_tokens=4096))
     # How method "distill" runs: the staged recipe of pydetox.recipe (calibrator, teacher, student, strength fit).
     recipe: RecipeSettings = field(default_factory=RecipeSettings)
+    # Replace the models, plans and report an earlier run left in `out` (its cached stages are reused either way).
+    force: bool = False
 
 
 def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, qtype: str | None,
            edited_type: str | None = None) -> Path:
     """`qtype` None keeps each tensor's type (untouched ones are copied byte for byte)."""
-    if dst.exists():
-        dst.unlink()
     floor = ggml.parse_type(edited_type) if edited_type else None
     ftype = ggml.parse_ftype(qtype) if qtype else None
-    apply_plan(plan, src, dst, ApplyOptions(ftype=ftype, progress=False, edited_floor=floor), plan_path=plan_path)
+    # replaced atomically: the outputs were claimed (and --force checked) before the job started
+    apply_plan(plan, src, dst, ApplyOptions(ftype=ftype, progress=False, edited_floor=floor, overwrite=True),
+               plan_path=plan_path)
     return dst
 
 
@@ -123,10 +125,34 @@ def stage_line(stages: dict[str, dict[str, Any]]) -> str:
     return "stages: " + ", ".join(parts) if parts else ""
 
 
+def _claim_outputs(job: DetoxJob, methods: list[str]) -> None:
+    """Check every file the job will write before any work: none is one of its inputs, and none is left from an
+    earlier run unless `job.force` (pydetox.output)."""
+    from pydetox.output import Outputs
+
+    extra = (job.overrides or {}).get("distill", {}).get("calibrator")
+    outputs = Outputs([job.model, *job.plans, job.calibrator, extra], force=job.force)
+    stem = job.model.name.removesuffix(".gguf")
+    names = [f"{stem}.{t}.gguf" for t in dict.fromkeys(("F16", *job.types))]
+    names += [f"{stem}.{m}.{t}.gguf" for m in methods for t in job.types]
+    names += [f"{m}.plan.gguf" for m in job.methods] + ["report.json", "report.md", "report.png"]
+    for n in names:
+        outputs.claim(job.out / n, force=True)  # refuses an input named like an output, even with --force
+    existing = [n for n in names if (job.out / n).exists()]
+    if existing and not job.force:
+        raise PydetoxError(f"{job.out} holds the results of an earlier run ({', '.join(existing[:3])}"
+                           f"{', ...' if len(existing) > 3 else ''}); pass --force to replace them (the cached stages "
+                           f"in {job.out / 'stages'} are reused either way), or choose another --out")
+
+
 def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     from pydetox import report as rep
     from pydetox.discover import Discovery
 
+    from pydetox.output import write_text
+
+    if job.out.exists() and not job.out.is_dir():
+        raise PydetoxError(f"--out {job.out} is a file; expected a folder for the job's models and report")
     job.out.mkdir(parents=True, exist_ok=True)
     plans: dict[str, tuple[EditPlan, Path]] = {}
     loaded = [(EditPlan.load(path), path) for path in job.plans]
@@ -138,6 +164,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
             raise PydetoxError(f"two plans named {label!r}: {plans[label][1] if label in plans else 'discovered here'} "
                                f"and {path}; rename one of the files")
         plans[label] = (plan, path)
+    _claim_outputs(job, [*job.methods, *plans])
     timing: dict[str, Any] = {}
     if "distill" in job.methods:
         recipe = job.recipe
@@ -196,12 +223,12 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                        "calibrator": None if job.calibrator is None else str(job.calibrator), "alphas": list(job.alphas),
                        "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing} if job.methods else {},
                        "summary": rows, "apply_and_evaluation_s": round(time.perf_counter() - t_eval, 1)}
-    (job.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(job.out / "report.json", json.dumps(report, indent=2) + "\n")
     stages = stage_line(timing.get("stages", {}))
     if stages:
         stages += f"; apply and evaluation {report['detox']['apply_and_evaluation_s']:.0f} s"
-    (job.out / "report.md").write_text(rep.markdown(report) + "\n" + summary_table(rows, list(settings.evaluators)) + "\n"
-                                      + (f"\n{stages}\n" if stages else ""))
+    write_text(job.out / "report.md", rep.markdown(report) + "\n" + summary_table(rows, list(settings.evaluators)) + "\n"
+               + (f"\n{stages}\n" if stages else ""))
     rep.plot(report, job.out / "report.png", groups=names)
     print(rep.table(report))
     print()

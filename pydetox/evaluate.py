@@ -4,6 +4,7 @@ perplexity and KL on clean text, for any number of GGUF files in one run."""
 from __future__ import annotations
 
 import re
+import sys
 import time
 import zlib
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pydetox.badwords import has_listed_word, load_badwords
+from pydetox.errors import PydetoxError
 from pydetox.capability import Capability, capability
 from pydetox.metrics import ToxicityStats, disagreement, listed_calls, sole_calls, spearman, toxicity_stats
 from pydetox.prompts import PromptSet, load_clean_text
@@ -44,6 +46,26 @@ class EvalSettings:
     # pydetox.helpfulness: continuation length on benign sentence starts (this many; 0: skip) and the chat check
     benign_prompts: int = 100
     chat_check: bool = True
+
+    def __post_init__(self) -> None:
+        import math
+
+        checks = [
+            (self.n_prompts is None or self.n_prompts >= 1, "the prompt limit (--limit)", ">= 1", self.n_prompts),
+            (self.samples >= 1, "samples per prompt (--samples)", ">= 1", self.samples),
+            (self.max_tokens >= 1, "tokens per continuation (--max-tokens)", ">= 1", self.max_tokens),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "the temperature (--temperature)",
+             "a finite number >= 0", self.temperature),
+            (math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top-p (--top-p)", "in (0, 1]", self.top_p),
+            (self.ppl_tokens >= 0, "perplexity tokens (--ppl-tokens)", ">= 0", self.ppl_tokens),
+            (self.window >= 2, "the perplexity window (--window)", ">= 2", self.window),
+            (self.batch >= 1, "sequences decoded together (--batch)", ">= 1", self.batch),
+            (self.threads is None or self.threads >= 1, "threads (--threads)", ">= 1", self.threads),
+            (self.benign_prompts >= 0, "benign prompts", ">= 0", self.benign_prompts),
+        ]
+        for ok, what, expected, got in checks:
+            if not ok:
+                raise PydetoxError(f"{what} must be {expected}, got {got}")
 
     @property
     def sampling(self) -> Sampling:
@@ -116,10 +138,25 @@ def sequence_seed(seed: int, prompt: int, sample: int) -> int:
     return zlib.crc32(f"{seed}/{prompt}/{sample}".encode())
 
 
+def cut_prompt(tokens: list[int], most: int) -> list[int]:
+    """A prompt of more than `most` tokens cut to its first token (BOS where the model adds one) and its last
+    `most - 1`: the continuation follows the end of the prompt."""
+    return tokens if len(tokens) <= most else tokens[:1] + tokens[len(tokens) - most + 1 :]
+
+
+def wave_context(lengths: list[int], n_seq: int, budget: int) -> int:
+    """Context that generation in waves of `n_seq` sequences needs (the sequences of a wave share one KV cache):
+    the largest sum over a wave of prompt tokens + `budget` new tokens. A long prompt costs its own wave only."""
+    return max((sum(n + budget for n in lengths[s : s + n_seq]) for s in range(0, len(lengths), n_seq)), default=0)
+
+
 def generate(runtime: LlamaRuntime, prompts: list[str], settings: EvalSettings, progress: bool = True,
-             label: str = "") -> tuple[list[list[str]], int, float]:
-    """Continuations (prompts x samples), the number of generated tokens, and the seconds generation took."""
+             label: str = "", max_prompt_tokens: int | None = None) -> tuple[list[list[str]], int, float]:
+    """Continuations (prompts x samples), the number of generated tokens, and the seconds generation took. Prompts
+    over `max_prompt_tokens` are cut (`cut_prompt`)."""
     tokenized = [runtime.tokenize(p) for p in prompts]
+    if max_prompt_tokens is not None:
+        tokenized = [cut_prompt(t, max_prompt_tokens) for t in tokenized]
     jobs = [(i, j) for i in range(len(prompts)) for j in range(settings.samples)]
     out: list[list[str]] = [[""] * settings.samples for _ in prompts]
     n_tokens = 0
@@ -160,7 +197,6 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
     badwords = load_badwords()
     benign = benign_starts(settings.benign_prompts) if settings.benign_prompts > 0 else []
     questions = chat_questions() if settings.chat_check else []
-    max_prompt = 0
     results = []
     ref_rt = None
     try:
@@ -169,16 +205,27 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
         for item in models:
             spec = item if isinstance(item, ModelSpec) else ModelSpec(Path(item))
             path, label = spec.path, spec.label
-            with LlamaRuntime(path, n_ctx=1024, n_batch=settings.window, threads=settings.threads) as probe:
-                max_prompt = max(len(probe.tokenize(p)) for p in prompts.prompts)
+            with LlamaRuntime(path, n_ctx=256, n_batch=256, threads=settings.threads) as probe:
+                # Prompts beyond what the model was trained on are cut, not given a context it cannot use.
+                most = max(1, probe.n_ctx_train - settings.max_tokens)
+                raw = [len(probe.tokenize(p)) for p in prompts.prompts]
                 template = _chat_template(path)
-                extra = [len(probe.tokenize(chat_prompt(template, q.question), special=True)) + 32 for q in questions]
-                extra += [len(probe.tokenize(p)) + 20 for p in benign]
-            n_ctx = settings.batch * max(max_prompt + settings.max_tokens, *extra)
-            n_ctx = max(settings.window, -(-n_ctx // 256) * 256)
+                chat_lengths = [len(probe.tokenize(chat_prompt(template, q.question), special=True)) for q in questions]
+                benign_lengths = [len(probe.tokenize(p)) for p in benign]
+                trained = probe.n_ctx_train
+            lengths = [min(n, most) for n in raw]
+            cut = sum(n > most for n in raw)
+            if cut:
+                print(f"eval: {cut} prompt(s) longer than the model's trained context ({trained} tokens) less "
+                      f"--max-tokens are cut to their last {most} tokens", file=sys.stderr)
+            # The context is sized from the waves of sequences generated together, not from the longest prompt
+            # times the batch: one long prompt costs memory for its own wave only.
+            need = max(wave_context([n for n in lengths for _ in range(settings.samples)], settings.batch, settings.max_tokens),
+                       wave_context(chat_lengths, settings.batch, 32), wave_context(benign_lengths, settings.batch, 20))
+            n_ctx = max(settings.window, -(-need // 256) * 256)
             with spec.open(n_ctx=n_ctx, n_seq=settings.batch, n_batch=max(settings.window, 512),
                            threads=settings.threads) as rt:
-                texts, n_tok, secs = generate(rt, prompts.prompts, settings, progress, label)
+                texts, n_tok, secs = generate(rt, prompts.prompts, settings, progress, label, max_prompt_tokens=most)
                 helpful = helpfulness(rt, template, benign, questions) if benign or questions else {}
                 cap: Capability | None = None
                 if documents:
@@ -256,6 +303,8 @@ def report_json(results: list[ModelResult], settings: EvalSettings, prompts: Pro
     return {
         "settings": {
             **asdict(settings),
+            "n_prompts": len(prompts.prompts),  # the prompts used (asdict gives the --limit asked for)
+            "limit": settings.n_prompts,
             "prompt_set": prompts.name,
             "prompt_count": len(prompts.prompts),
             "decoding": settings.sampling.describe(),

@@ -31,6 +31,7 @@ _NUMPY = {
     VT.FLOAT32: "<f4", VT.BOOL: "?", VT.UINT64: "<u8", VT.INT64: "<i8", VT.FLOAT64: "<f8",
 }
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NAME = 64  # GGML_MAX_NAME
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,10 @@ def _parse(c: _Cursor, what: str) -> Header:
     names: set[str] = set()
     for _ in range(n_tensors):
         name = c.string()
+        # as llama.cpp's loader: names are C strings of fewer than GGML_MAX_NAME bytes
+        if not name or len(name.encode()) >= _MAX_NAME or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+            raise GGUFFileError(f"{what}: tensor name {name[:80]!r} is not a valid name (1..{_MAX_NAME - 1} bytes, "
+                                "no control characters)")
         n_dims = c.unpack("<I")
         if not 1 <= n_dims <= _MAX_DIMS:
             raise GGUFFileError(f"{what}: tensor {name!r} has {n_dims} dimensions (1..{_MAX_DIMS} allowed)")

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy.typing as npt
 
 from pydetox.errors import GGUFFileError, OutputError
 from pydetox.gguf_header import TensorInfo, encode_header, encode_kv, read_header
+from pydetox.output import atomic, temporary_name
 
 # Provenance keys pydetox adds to every file it writes (GGUF's own keys come from gguf.Keys).
 KEY_TOOL = "pydetox.version"
@@ -79,6 +79,7 @@ class ModelFile:
             raise GGUFFileError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
         self.metadata: dict[str, Any] = {k: kv.value for k, kv in self.header.kvs.items()}
         self.tensors: dict[str, TensorEntry] = {}
+        expected = 0  # as llama.cpp's loader: each tensor's data follows the one before, padded to the alignment
         for t in self.header.tensors:
             try:
                 qtype = gguf.GGMLQuantizationType(t.qtype_id)
@@ -88,6 +89,12 @@ class ModelFile:
             block, _size = gguf.GGML_QUANT_SIZES[qtype]
             if entry.cols % block:
                 raise GGUFFileError(f"{self.path}: tensor {t.name!r} rows of {entry.cols} do not fit {qtype.name} blocks of {block}")
+            if t.offset != expected:
+                raise GGUFFileError(f"{self.path}: tensor {t.name!r} data starts at offset {t.offset} of the data "
+                                    f"section, expected {expected} (tensor data must follow in order without gaps or "
+                                    "overlaps, as llama.cpp requires); the file is damaged")
+            alignment = self.header.alignment
+            expected += -(-entry.n_bytes // alignment) * alignment
             if entry.offset + entry.n_bytes > self.size:
                 raise GGUFFileError(
                     f"{self.path} is truncated: tensor {t.name!r} ends at byte {entry.offset + entry.n_bytes} "
@@ -242,7 +249,8 @@ class OutTensor:
 
 
 class AtomicGGUFWriter:
-    """Writes a GGUF to `<dest folder>/.<name>.<random>.tmp` and renames it to `dest` on `commit()`.
+    """Writes a GGUF to `<dest folder>/.<name>.<pid>-<random>.tmp` (pydetox.output's naming, so that a later run
+    removes it if this process is killed) and renames it to `dest` on `commit()`.
 
     Tensor data is written in the order of `tensors`, each at its aligned offset. Any failure (or leaving the
     `with` block without commit) removes the temporary file; the destination is either the complete new file or
@@ -262,7 +270,7 @@ class AtomicGGUFWriter:
             raise OutputError(f"output folder {folder} does not exist")
         # Not tempfile.mkstemp: it creates files with mode 0600, and the output must get the usual permissions
         # (0666 less the umask), as any file a user writes.
-        self.tmp = folder / f".{self.dest.name}.{secrets.token_hex(6)}.tmp"
+        self.tmp = temporary_name(self.dest)
         try:
             os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except OSError as exc:
@@ -386,18 +394,15 @@ def write_small_gguf(path: str | os.PathLike[str], arch: str, fill: Callable[[gg
     """A small GGUF container (edit plans, calibrator alignments) through gguf-py's writer, atomically: `fill` adds
     the keys and tensors, the file is written under a temporary name and renamed when complete."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
-        fill(writer)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 

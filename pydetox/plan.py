@@ -19,6 +19,7 @@ Edit kinds (W is a tensor as a (rows, cols) matrix, torch's (out, in)):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -35,7 +36,8 @@ from pydetox import __version__
 from pydetox.errors import PlanError, PlanMismatchError
 from pydetox.gguf_io import write_small_gguf
 
-PLAN_VERSION = 1
+# 2: a sha256 of the plan's content (KEY_CHECKSUM), verified on load. Version 1 files (no checksum) still load.
+PLAN_VERSION = 2
 PLAN_TYPE = "pydetox.edit_plan"  # general.type of a plan file
 KEY_VERSION = "pydetox.plan.version"
 KEY_METHOD = "pydetox.plan.method"
@@ -43,6 +45,11 @@ KEY_PARAMS = "pydetox.plan.params"
 KEY_EDITS = "pydetox.plan.edits"
 KEY_MODEL = "pydetox.plan.model"
 KEY_TOOL = "pydetox.version"
+KEY_CHECKSUM = "pydetox.plan.content_sha256"
+
+# `scaled` takes strengths in [0, MAX_STRENGTH]: 1 is the edit as discovered, fitted strengths lie below it, and an
+# edit extrapolated more than tenfold is damage, not detox (apply refuses such edits anyway, ApplyOptions.max_edit).
+MAX_STRENGTH = 10.0
 
 # How far from orthonormal a basis may be (max |B B^T - I|): float32 round-off of a QR is ~1e-6.
 ORTHONORMAL_TOL = 1e-3
@@ -122,8 +129,8 @@ class Edit:
         interpolated in the edit's own parameters: projections damp by strength * (1 - g), low_rank and add_rows
         add strength times their change, scalings become 1 + strength * (s - 1). Every kind is linear in these, so
         the edited tensor is exactly (1 - strength) W + strength W_edited (above 1: the edit extrapolated)."""
-        if not np.isfinite(strength) or strength < 0:
-            raise PlanError(f"strength must be a finite number >= 0, got {strength}")
+        if not (np.isfinite(strength) and 0 <= strength <= MAX_STRENGTH):
+            raise PlanError(f"strength must be a number in [0, {MAX_STRENGTH:g}] (1: the plan as discovered), got {strength}")
         k = self.kind
         s = np.float32(strength)
         if k in (EditKind.PROJECT_OUT, EditKind.PROJECT_IN):
@@ -169,6 +176,21 @@ class Edit:
                     f"{where}: basis rows must be orthonormal (max |B B^T - I| <= {ORTHONORMAL_TOL}), got {err:.3g}; "
                     "orthonormalise it (e.g. numpy.linalg.qr) before saving"
                 )
+
+
+def content_sha256(arch: str, method: str, params_json: str, model: str, index_json: str,
+                   arrays: Iterable[tuple[str, Array]]) -> str:
+    """The checksum a plan file carries: every string that decides what apply does and every array's name, shape
+    and float32 bytes, in the order of the edit index."""
+    h = hashlib.sha256()
+    for text in (arch, method, params_json, model, index_json):
+        b = text.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little") + b)
+    for name, arr in arrays:
+        a = np.ascontiguousarray(arr, dtype=np.float32)
+        h.update(f"{name}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 @dataclass(eq=False)
@@ -254,22 +276,28 @@ class EditPlan:
         self.validate()
 
         def fill(writer: gguf.GGUFWriter) -> None:
+            params = json.dumps(self.params, sort_keys=True)
             writer.add_type(PLAN_TYPE)
-            writer.add_uint32(KEY_VERSION, self.version)
+            writer.add_uint32(KEY_VERSION, PLAN_VERSION)
             writer.add_string(KEY_METHOD, self.method)
-            writer.add_string(KEY_PARAMS, json.dumps(self.params, sort_keys=True))
+            writer.add_string(KEY_PARAMS, params)
             writer.add_string(KEY_MODEL, self.model)
             writer.add_string(KEY_TOOL, self.tool)
             index = []
+            stored = []
             for i, e in enumerate(self.edits):
                 arrays = {}
                 for name, arr in e.arrays().items():
                     tname = f"edit.{i}.{name}"
-                    writer.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float32))
+                    data = np.ascontiguousarray(arr, dtype=np.float32)
+                    writer.add_tensor(tname, data)
                     arrays[name] = tname
+                    stored.append((tname, data))
                 index.append({"tensor": e.tensor, "kind": e.kind.value, "shape": list(e.shape), "source": e.source,
                               "arrays": arrays})
-            writer.add_string(KEY_EDITS, json.dumps(index))
+            index_json = json.dumps(index)
+            writer.add_string(KEY_EDITS, index_json)
+            writer.add_string(KEY_CHECKSUM, content_sha256(self.arch, self.method, params, self.model, index_json, stored))
 
         return write_small_gguf(path, self.arch, fill)
 
@@ -294,8 +322,29 @@ class EditPlan:
             version = int(get(KEY_VERSION))
             if version > PLAN_VERSION or version < 1:
                 raise PlanError(f"{path} is plan format version {version}; this pydetox reads versions 1..{PLAN_VERSION}")
-            arrays = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
-            index = json.loads(get(KEY_EDITS))
+            arrays = {}
+            for t in reader.tensors:
+                if t.tensor_type != gguf.GGMLQuantizationType.F32:
+                    raise PlanError(f"{path}: array {t.name!r} is {t.tensor_type.name}; plans store F32 arrays")
+                arrays[t.name] = np.array(t.data, dtype=np.float32)
+            index_json = str(get(KEY_EDITS))
+            index = json.loads(index_json)
+            if not isinstance(index, list):
+                raise PlanError(f"{path}: the edit index is not a list")
+            if version >= 2:
+                want = str(get(KEY_CHECKSUM))
+                arch = str(get(gguf.Keys.General.ARCHITECTURE))
+                stored = [(name, arrays[name]) for item in index for name in item["arrays"].values()]
+                got = content_sha256(arch, str(get(KEY_METHOD, "")), str(get(KEY_PARAMS)), str(get(KEY_MODEL, "")),
+                                     index_json, stored)
+                if got != want:
+                    raise PlanError(f"{path} is corrupt: its content does not match the checksum it carries "
+                                    f"({got[:12]}... computed, {want[:12]}... stored); get the plan again or rerun discovery")
+            else:
+                import warnings
+
+                warnings.warn(f"{path} is an edit plan of format version {version}, which carries no checksum: "
+                              "corruption cannot be detected; save it again with this pydetox", stacklevel=2)
             edits = []
             for item in index:
                 named = {k: arrays[v] for k, v in item["arrays"].items()}

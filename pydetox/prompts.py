@@ -35,6 +35,8 @@ class PromptSet:
     def subset(self, limit: int | None, seed: int = 0) -> PromptSet:
         """`limit` prompts drawn without replacement (seeded), in their original order; categories kept balanced
         by drawing the same share from each."""
+        if limit is not None and limit < 1:
+            raise PydetoxError(f"the prompt limit must be >= 1, got {limit}")
         if limit is None or limit >= len(self.prompts):
             return self
         rng = np.random.default_rng(seed)
@@ -89,18 +91,31 @@ def _text_of(item: Any) -> str:
     raise PydetoxError(f"expected a string or an object with a 'prompt' or 'text' field, found {str(item)[:80]!r}")
 
 
+def _read_utf8(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PydetoxError(f"{path}: a {what} file must be UTF-8 text; byte {exc.start} is not ({exc.reason})") from None
+    except OSError as exc:
+        raise PydetoxError(f"cannot read {what} file {path}: {exc.strerror}") from None
+
+
 def load_prompts(name_or_path: str) -> PromptSet:
     if name_or_path in PROMPT_SETS:
         return PROMPT_SETS[name_or_path]()
     path = Path(name_or_path)
     if not path.is_file():
         raise PydetoxError(f"{name_or_path!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor a file")
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path, "prompts")
     try:
         if path.suffix == ".jsonl":
             items = [_text_of(json.loads(line)) for line in text.splitlines() if line.strip()]
         elif path.suffix == ".json":
-            items = [_text_of(x) for x in json.loads(text)]
+            data = json.loads(text)
+            if not isinstance(data, list):
+                raise PydetoxError(f"{path}: a .json prompts file holds a list (of strings or of objects with a "
+                                   f"'prompt' or 'text' field), found {type(data).__name__}")
+            items = [_text_of(x) for x in data]
         else:
             items = [line.strip() for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
@@ -146,6 +161,6 @@ def load_clean_text(name_or_path: str) -> list[str]:
     path = Path(name_or_path)
     if not path.is_file():
         raise PydetoxError(f"{name_or_path!r} is neither a clean-text set (news, wiki) nor a file")
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path, "clean-text")
     parts = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     return parts if len(parts) > 1 else [line for line in text.splitlines() if line.strip()]

@@ -58,9 +58,9 @@ def _key(*parts: Any) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    from pydetox.output import write_text
+
+    write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 class Stages:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydetox.output import atomic
+
 
 def _rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
@@ -118,5 +120,6 @@ def plot(report: dict[str, Any], path: str | Path, groups: dict[str, tuple[str, 
     fig.text(0.01, 0.005, settings_line(report), fontsize=6, wrap=True)
     fig.set_size_inches(fig.get_size_inches()[0], 4.6 + 0.16 * rows)
     fig.tight_layout(rect=(0, 0.05 + 0.035 * rows * 4.6 / (4.6 + 0.16 * rows), 1, 1))
-    fig.savefig(path, dpi=130)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=130, format=Path(path).suffix.lstrip(".").lower() or "png")
     plt.close(fig)

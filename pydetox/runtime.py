@@ -135,6 +135,7 @@ class LlamaRuntime:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))  # the context the model was trained on
         self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, n_batch
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._eog: list[int] | None = None

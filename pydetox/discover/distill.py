@@ -197,9 +197,10 @@ def _load_cache(path: Path, key: str) -> tuple[_Targets, list[list[int]]] | None
 
 def _save_npz(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
     """`arrays` and the cache `key` in a .npz written under a temporary name and renamed when complete."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, key=np.array(key), **arrays)  # type: ignore[arg-type]
-    tmp.replace(path)
+    from pydetox.output import atomic
+
+    with atomic(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the name
+        np.savez(f, key=np.array(key), **arrays)  # type: ignore[arg-type]
 
 
 def _save_cache(path: Path, key: str, toxic: _Targets, clean: list[list[int]]) -> None:
