@@ -211,6 +211,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # The evaluation harness on both files: what the random edit did to toxicity and to the model.
     from pydetox import report as rep
     from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+    from pydetox.output import write_text
     from pydetox.prompts import load_prompts
     from pydetox.scorers import get_scorer
 
@@ -219,7 +220,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     scorers = [get_scorer(n) for n in settings.evaluators]
     results = evaluate_models([src, dst], settings, prompts, scorers, reference=src)
     evaluation = report_json(results, settings, prompts, src, scorers)
-    (out / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    write_text(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
     rep.plot(evaluation, out / "eval.png")
     print()
     print(rep.table(evaluation))

@@ -278,7 +278,7 @@ class EditPlan:
         def fill(writer: gguf.GGUFWriter) -> None:
             params = json.dumps(self.params, sort_keys=True)
             writer.add_type(PLAN_TYPE)
-            writer.add_uint32(KEY_VERSION, PLAN_VERSION)
+            writer.add_uint32(KEY_VERSION, max(self.version, PLAN_VERSION))  # a v1 plan saved again gains a checksum
             writer.add_string(KEY_METHOD, self.method)
             writer.add_string(KEY_PARAMS, params)
             writer.add_string(KEY_MODEL, self.model)
