@@ -154,6 +154,19 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_lora(args: argparse.Namespace) -> int:
+    from pydetox.assets import resolve_model
+    from pydetox.lora import describe, export_lora
+    from pydetox.plan import EditPlan
+
+    model = resolve_model(args.model)
+    _outputs(args, [args.plan, model]).claim(args.output, "adapter")
+    report = export_lora(EditPlan.load(args.plan), model, args.output, dtype=args.outtype, plan_path=args.plan,
+                         force=args.force)
+    print(describe(report))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from pydetox.gguf_io import ModelFile
 
@@ -308,7 +321,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     if settings.samples > 1 and settings.temperature <= 0:
         raise PydetoxError("several samples per prompt need sampling: pass --temperature (e.g. 1.0)")
-    files = [Path(f) for f in (args.prompts, args.clean_text, args.calibrator) if f and Path(f).is_file()]
+    files = [Path(f) for f in (args.prompts, args.clean_text, args.calibrator, args.lora) if f and Path(f).is_file()]
     models: list[Any] = [resolve_model(m) for m in args.models]
     reference = resolve_model(args.reference) if args.reference else None
     outputs = _outputs(args, [*models, reference, *files])
@@ -322,10 +335,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.calibrator:
         from pydetox.evaluate import ModelSpec
 
+        if args.lora:
+            raise PydetoxError("--lora and --calibrator together are not supported; evaluate them apart")
         alphas = _alphas(args.alpha)
         models = [ModelSpec(m, Path(args.calibrator), a) for m in models for a in alphas]
     elif args.alpha is not None:
         raise PydetoxError("--alpha needs --calibrator CAL.gguf")
+    elif args.lora:
+        from pydetox.evaluate import ModelSpec
+
+        # each model as it is and with the adapter, side by side
+        models = [spec for m in models for spec in (ModelSpec(m), ModelSpec(m, lora=Path(args.lora),
+                                                                            lora_scale=args.lora_scale))]
     results = evaluate_models(models, settings, prompts, scorers, reference, progress=not args.quiet)
     report = report_json(results, settings, prompts, reference, scorers, include_texts=args.texts)
     print(rep.table(report))
@@ -380,7 +401,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from pydetox.runtime import load_llama
 
     target = resolve_model(args.model)
-    llm = load_llama(target, n_ctx=args.ctx, seed=args.seed)
+    extra = {"lora_path": str(args.lora), "lora_scale": args.lora_scale} if args.lora else {}
+    if args.lora and not Path(args.lora).is_file():
+        raise PydetoxError(f"expected a LoRA adapter GGUF at {args.lora}, found nothing")
+    llm = load_llama(target, n_ctx=args.ctx, seed=args.seed, **extra)
     processors = None
     if args.calibrator:
         from llama_cpp import LogitsProcessorList
@@ -505,6 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_cmd_apply)
 
+    xl = sub.add_parser("export-lora", help="write a plan as a LoRA adapter GGUF that llama.cpp applies at run time")
+    xl.add_argument("plan", help="edit plan file")
+    xl.add_argument("--model", required=True, help="the GGUF (or asset) the adapter is for: its architecture, shapes "
+                    "and, for projections and scalings, its weights")
+    xl.add_argument("-o", "--output", required=True, help="adapter GGUF to write")
+    xl.add_argument("--outtype", default="F32", choices=["F32", "F16"], help="type of the adapter's matrices (default F32)")
+    xl.add_argument("--force", action="store_true", help="replace an existing output file")
+    xl.set_defaults(func=_cmd_export_lora)
+
     i = sub.add_parser("info", help="print a GGUF's architecture, tensor types and pydetox provenance as JSON")
     i.add_argument("model")
     i.set_defaults(func=_cmd_info)
@@ -585,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.add_argument("--calibrator", help="fuse each model with this calibration GGUF (pydetox calibrate train)")
     e.add_argument("--alpha", help="fusion weight(s) in [0, 1], comma-separated: one result per value (default 0.4)")
+    e.add_argument("--lora", help="also evaluate each model with this LoRA adapter applied at run time (pydetox export-lora)")
+    e.add_argument("--lora-scale", type=_nonnegative_float, default=1.0, help="the adapter's scale (default 1: the plan as made)")
     e.add_argument("--force", action="store_true", help="replace existing --json/--markdown/--plot files (never an input)")
     e.set_defaults(func=_cmd_eval)
 
@@ -627,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ctx", type=_positive_int, default=2048)
     c.add_argument("--calibrator", help="fuse with this calibration GGUF at the output layer")
     c.add_argument("--alpha", help="fusion weight in [0, 1] (default 0.4)")
+    c.add_argument("--lora", help="apply this LoRA adapter at run time (pydetox export-lora)")
+    c.add_argument("--lora-scale", type=_nonnegative_float, default=1.0)
     c.set_defaults(func=_cmd_chat)
 
     d = sub.add_parser("demo", help="run the engine end to end on the bundled SmolLM2 model")

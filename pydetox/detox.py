@@ -60,6 +60,25 @@ def _apply(plan: EditPlan | None, plan_path: Path | None, src: Path, dst: Path, 
     return dst
 
 
+def _adapters(plans: dict[str, tuple[EditPlan, Path]], f16: Path, prefix: Path) -> dict[str, str]:
+    """Each plan also as a LoRA adapter (pydetox.lora) where it has that form: the edit for any quantization of the
+    model, applied at run time and never requantized. What cannot be one is said, not an error."""
+    from pydetox.lora import describe, export_lora
+
+    made = {}
+    for method, (plan, path) in plans.items():
+        dst = Path(f"{prefix}.{method}.lora.gguf")
+        try:
+            report = export_lora(plan, f16, dst, plan_path=path, force=True)
+        except PydetoxError as exc:
+            made[method] = f"no adapter: {exc}"
+            print(f"{method}: no adapter ({exc})")
+            continue
+        made[method] = str(dst)
+        print(f"{method}: {describe(report)}")
+    return made
+
+
 def _mean_tokens(m: dict[str, Any]) -> float:
     """Tokens per continuation: an edit that makes the model stop early lowers toxic rates by writing less."""
     t = next(iter(m["toxicity"].values()))
@@ -134,7 +153,7 @@ def _claim_outputs(job: DetoxJob, methods: list[str]) -> None:
     outputs = Outputs([job.model, *job.plans, job.calibrator, extra], force=job.force)
     stem = job.model.name.removesuffix(".gguf")
     names = [f"{stem}.{t}.gguf" for t in dict.fromkeys(("F16", *job.types))]
-    names += [f"{stem}.{m}.{t}.gguf" for m in methods for t in job.types]
+    names += [f"{stem}.{m}.{t}.gguf" for m in methods for t in job.types] + [f"{stem}.{m}.lora.gguf" for m in methods]
     names += [f"{m}.plan.gguf" for m in job.methods] + ["report.json", "report.md", "report.png"]
     for n in names:
         outputs.claim(job.out / n, force=True)  # refuses an input named like an output, even with --force
@@ -196,6 +215,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     t_eval = time.perf_counter()
     stem = job.model.name.removesuffix(".gguf")
     f16 = _apply(None, None, job.model, job.out / f"{stem}.F16.gguf", "F16")
+    adapters = _adapters(plans, f16, job.out / stem)
     models: list[ModelSpec] = []
     names: dict[str, tuple[str, str]] = {}
     for qtype in job.types:
@@ -222,6 +242,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                        "edited_type": job.edited_type, "edit_quantized": job.edit_quantized,
                        "calibrator": None if job.calibrator is None else str(job.calibrator), "alphas": list(job.alphas),
                        "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing} if job.methods else {},
+                       "adapters": adapters,
                        "summary": rows, "apply_and_evaluation_s": round(time.perf_counter() - t_eval, 1)}
     write_text(job.out / "report.json", json.dumps(report, indent=2) + "\n")
     stages = stage_line(timing.get("stages", {}))

@@ -80,14 +80,23 @@ class ModelSpec:
     calibrator: Path | None = None
     alpha: float = 0.0
     base: Path | None = None  # the unedited model at the same type: a second KL, of the edit alone
+    lora: Path | None = None  # a LoRA adapter applied at run time (pydetox.lora), at `lora_scale`
+    lora_scale: float = 1.0
 
     @property
     def label(self) -> str:
+        name = self.path.name
+        if self.lora is not None:
+            name += f" + {self.lora.name}" + ("" if self.lora_scale == 1 else f" x{self.lora_scale:g}")
         if self.calibrator is None:
-            return self.path.name
-        return f"{self.path.name} + {self.calibrator.name} a={self.alpha:g}"
+            return name
+        return f"{name} + {self.calibrator.name} a={self.alpha:g}"
 
     def open(self, **kwargs: Any) -> LlamaRuntime:
+        if self.lora is not None:
+            if self.calibrator is not None:
+                raise PydetoxError("an adapter and a calibrator together are not supported; evaluate them apart")
+            return LlamaRuntime(self.path, lora=self.lora, lora_scale=self.lora_scale, **kwargs)
         if self.calibrator is None:
             return LlamaRuntime(self.path, **kwargs)
         from pydetox.fusion import FusedRuntime

@@ -92,7 +92,10 @@ class LlamaRuntime:
     step advances all of them: on a CPU this is where the throughput comes from."""
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_seq: int = 1, n_batch: int = 512,
-                 threads: int | None = None, logits_all: bool = False, embeddings: bool = False) -> None:
+                 threads: int | None = None, logits_all: bool = False, embeddings: bool = False,
+                 lora: str | Path | None = None, lora_scale: float = 1.0) -> None:
+        """`lora`: a LoRA adapter GGUF (pydetox export-lora, llama.cpp's convert_lora_to_gguf) applied at run time
+        at `lora_scale`."""
         try:
             import llama_cpp
         except ImportError as exc:
@@ -132,6 +135,9 @@ class LlamaRuntime:
             llama_cpp.llama_model_free(self.model)
             self.ctx = None
             raise RuntimeUnavailableError(f"{self.path} pools its embeddings; per-token hidden states need a causal LM")
+        self.adapter = None
+        if lora is not None:
+            self._attach(Path(lora), lora_scale)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
@@ -140,12 +146,37 @@ class LlamaRuntime:
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._eog: list[int] | None = None
 
+    def _attach(self, lora: Path, scale: float) -> None:
+        lib = self.lib
+        if not lora.is_file():
+            self._free()
+            raise RuntimeUnavailableError(f"expected a LoRA adapter GGUF at {lora}, found nothing")
+        self.adapter = lib.llama_adapter_lora_init(self.model, str(lora).encode())
+        if not self.adapter:
+            self._free()
+            raise RuntimeUnavailableError(f"llama.cpp could not load {lora} as a LoRA adapter for {self.path} (another "
+                                          "model's adapter, or not an adapter; llama.cpp's log says which)")
+        adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+        scales = (ctypes.c_float * 1)(scale)
+        if lib.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
+            self._free()
+            raise RuntimeUnavailableError(f"llama.cpp could not apply the adapter {lora}")
+
+    def _free(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "adapter", None):
+            self.lib.llama_adapter_lora_free(self.adapter)
+            self.adapter = None
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self.lib.llama_batch_free(self.batch)
-            self.lib.llama_free(self.ctx)
-            self.lib.llama_model_free(self.model)
-            self.ctx = None
+            self._free()
 
     def __enter__(self) -> Self:
         return self

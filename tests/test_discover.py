@@ -296,6 +296,8 @@ def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest
     assert by[("profs", "Q8_0")]["kl_edit"] != by[("profs", "Q8_0")]["kl"]  # against the unedited Q8_0
     assert (out / "report.png").exists()
     assert (out / "profs.plan.gguf").exists()
+    assert report["detox"]["adapters"]["profs"] == str(out / "m.profs.lora.gguf")  # a projection is a rank-k adapter
+    assert gguf.GGUFReader(out / "m.profs.lora.gguf").fields["general.type"].contents() == "adapter"
     assert "ppl change" in capsys.readouterr().out
     # existing plans, no discovery; two plans of one method are told apart by their file names
     again = tmp_path / "again"
