@@ -137,11 +137,13 @@ def _apply_options(args: argparse.Namespace) -> ApplyOptions:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from pydetox.apply import apply_plan
     from pydetox.assets import resolve_model
+    from pydetox.card import card_path, write_card
     from pydetox.plan import EditPlan
 
     model = resolve_model(args.model)
     outputs = _outputs(args, [args.plan, model, args.imatrix])
     outputs.claim(args.output, "output model")
+    outputs.claim(card_path(args.output), "model card")
     if args.report:
         outputs.claim(args.report, "report")  # checked now, not after the work
     options = _apply_options(args)
@@ -150,7 +152,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     print(report.table())
     if args.report:
         report.write_json(args.report)
-    print(f"wrote {args.output}")
+    write_card(args.output)
+    print(f"wrote {args.output} and its model card {card_path(args.output)}")
     return 0
 
 

@@ -79,6 +79,17 @@ def _adapters(plans: dict[str, tuple[EditPlan, Path]], f16: Path, prefix: Path) 
     return made
 
 
+def _cards(report: dict[str, Any], rows: list[dict[str, Any]], names: dict[str, tuple[str, str]]) -> None:
+    """A model card beside every model the job wrote, with its own evaluation (pydetox.card)."""
+    from pydetox.card import write_card
+
+    by_row = {(r["method"], r["type"]): r for r in rows}
+    for m in report["models"]:
+        if m.get("calibrator"):
+            continue  # a fused pair is not a file of its own
+        write_card(m["path"], {**m, "settings": report["settings"]}, by_row.get(names.get(label(m), ("", ""))))
+
+
 def _mean_tokens(m: dict[str, Any]) -> float:
     """Tokens per continuation: an edit that makes the model stop early lowers toxic rates by writing less."""
     t = next(iter(m["toxicity"].values()))
@@ -154,6 +165,7 @@ def _claim_outputs(job: DetoxJob, methods: list[str]) -> None:
     stem = job.model.name.removesuffix(".gguf")
     names = [f"{stem}.{t}.gguf" for t in dict.fromkeys(("F16", *job.types))]
     names += [f"{stem}.{m}.{t}.gguf" for m in methods for t in job.types] + [f"{stem}.{m}.lora.gguf" for m in methods]
+    names += [f"{n}.md" for n in names if not n.endswith(".lora.gguf")]  # model cards
     names += [f"{m}.plan.gguf" for m in job.methods] + ["report.json", "report.md", "report.png"]
     for n in names:
         outputs.claim(job.out / n, force=True)  # refuses an input named like an output, even with --force
@@ -251,6 +263,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     write_text(job.out / "report.md", rep.markdown(report) + "\n" + summary_table(rows, list(settings.evaluators)) + "\n"
                + (f"\n{stages}\n" if stages else ""))
     rep.plot(report, job.out / "report.png", groups=names)
+    _cards(report, rows, names)
     print(rep.table(report))
     print()
     print(summary_table(rows, list(settings.evaluators)))

@@ -298,6 +298,10 @@ def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest
     assert (out / "profs.plan.gguf").exists()
     assert report["detox"]["adapters"]["profs"] == str(out / "m.profs.lora.gguf")  # a projection is a rank-k adapter
     assert gguf.GGUFReader(out / "m.profs.lora.gguf").fields["general.type"].contents() == "adapter"
+    card = (out / "m.profs.Q8_0.gguf.md").read_text()  # a model card beside every model, with its evaluation
+    assert card.startswith("---\nbase_model: ") and "- \"detoxified\"" in card and "method `profs`" in card
+    assert "| profanity-check |" in card and "times fewer" in card and "## Known limits" in card
+    assert "detoxified" not in (out / "m.Q8_0.gguf.md").read_text()
     assert "ppl change" in capsys.readouterr().out
     # existing plans, no discovery; two plans of one method are told apart by their file names
     again = tmp_path / "again"

@@ -78,6 +78,8 @@ def test_apply_never_writes_over_its_inputs(setup: tuple[Path, Path], tmp_path: 
     assert not out.exists() and report.read_text() == "keep"
     assert main(["apply", str(plan), str(model), "-o", str(out), "--report", str(report), "--force", "--quiet"]) == 0
     assert json.loads(report.read_text())["output"] == str(out)
+    card = Path(f"{out}.md").read_text()  # the model card, from the output's own metadata
+    assert card.startswith("---\nbase_model: ") and f"`{sha256(plan)}`" in card and "Not evaluated here" in card
 
 
 def test_plan_commands_refuse_existing_files_and_inputs(setup: tuple[Path, Path], tmp_path: Path,
