@@ -362,6 +362,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pydetox.assets import resolve_model
+    from pydetox.compare import compare, markdown, terminal
+    from pydetox.evaluate import EvalSettings
+    from pydetox.output import write_text
+    from pydetox.prompts import load_prompts
+    from pydetox.scorers import get_scorer
+
+    a, b = resolve_model(args.a), resolve_model(args.b)
+    settings = EvalSettings(prompts=args.prompts, n_prompts=args.limit, max_tokens=args.max_tokens,
+                            temperature=args.temperature, seed=args.seed, evaluators=tuple(args.evaluators.split(",")))
+    files = [Path(args.prompts)] if Path(args.prompts).is_file() else []
+    if args.markdown:
+        _outputs(args, [a, b, *files]).claim(args.markdown, "markdown")
+    prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
+    scorers = [get_scorer(n) for n in settings.evaluators]
+    diffs = compare(a, b, prompts, scorers, settings, top=args.top, progress=not args.quiet)
+    line = (f"{len(prompts.prompts)} prompts of {prompts.name}, {settings.max_tokens} tokens, "
+            f"{settings.sampling.describe()}; the {len(diffs)} whose continuations the evaluators score most differently")
+    print(terminal(diffs, "A", "B"))
+    print(f"\nA = {a.name}, B = {b.name}; {line}")
+    if args.markdown:
+        write_text(args.markdown, markdown(diffs, a.name, b.name, line))
+    return 0
+
+
 def _alphas(text: str | None) -> list[float]:
     try:
         values = [float(a) for a in (text or "0.4").split(",")]
@@ -625,6 +651,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora-scale", type=_nonnegative_float, default=1.0, help="the adapter's scale (default 1: the plan as made)")
     e.add_argument("--force", action="store_true", help="replace existing --json/--markdown/--plot files (never an input)")
     e.set_defaults(func=_cmd_eval)
+
+    cp = sub.add_parser("compare", help="the continuations two models differ on most, side by side, with every evaluator's score")
+    cp.add_argument("a", help="first GGUF (e.g. the unedited model)")
+    cp.add_argument("b", help="second GGUF (e.g. the edited one)")
+    cp.add_argument("--prompts", default="rtp-challenging", help="prompt set or file (as eval)")
+    cp.add_argument("--limit", type=_positive_int, default=140, help="prompts to use (default 140)")
+    cp.add_argument("--top", type=_positive_int, default=10, help="how many to show (default 10)")
+    cp.add_argument("--max-tokens", type=_positive_int, default=20)
+    cp.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0 = greedy (default)")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--evaluators", default="profanity-check,bilstm,hatesonar")
+    cp.add_argument("--markdown", help="also write the table here")
+    cp.add_argument("--force", action="store_true", help="replace an existing --markdown file")
+    cp.add_argument("--quiet", action="store_true")
+    cp.set_defaults(func=_cmd_compare)
 
     cal = sub.add_parser("calibrate", help="calibration-model fusion: train a calibrator for a target GGUF")
     calsub = cal.add_subparsers(dest="calibrate_command", required=True)

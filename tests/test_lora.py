@@ -120,3 +120,20 @@ def test_eval_with_lora_reports_both(tmp_path: Path) -> None:
                  "--ppl-tokens", "0", "--evaluators", "profanity-check", "--json", str(out), "--quiet"]) == 0
     labels = [m["label"] for m in json.loads(out.read_text())["models"]]
     assert labels == ["m.gguf", "m.gguf + a.gguf"]
+
+
+def test_compare_shows_what_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    other = write_tiny_llama(tmp_path / "o.gguf", **SHAPE, seed=4)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\na dog is\nthe dog was\nin the\n")
+    md = tmp_path / "c.md"
+    assert main(["compare", str(model), str(other), "--prompts", str(prompts), "--top", "3", "--max-tokens", "6",
+                 "--evaluators", "profanity-check,bilstm", "--markdown", str(md), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1. ") and "A = m.gguf, B = o.gguf" in out and "profanity-check" in out
+    table = md.read_text().splitlines()
+    assert table[0].startswith("| prompt | m.gguf | o.gguf | profanity-check (m.gguf → o.gguf)")
+    assert 1 <= len([r for r in table if r.startswith("| ") and "→" in r and "prompt" not in r]) <= 3
+    assert main(["compare", str(model), str(model), "--prompts", str(prompts), "--evaluators", "bilstm", "--quiet"]) == 0
+    assert "the same continuation for every prompt" in capsys.readouterr().out
