@@ -1,0 +1,42 @@
+"""The Python API of `pydetox/__init__.py`, as the README shows it, on a tiny model built here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny import write_tiny_llama
+
+SHAPE = {"d": 64, "ff": 128, "heads": 2, "kv_heads": 1}
+
+
+def test_import_is_light() -> None:
+    code = "import sys, pydetox; print(sorted(m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_readme_example_on_a_tiny_model(tmp_path: Path) -> None:
+    import pydetox
+
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    assert pydetox.resolve_model(str(model)) == model
+    plan = pydetox.discover("aura", model, n_pairs=24, progress=False)
+    assert isinstance(plan, pydetox.EditPlan) and plan.edits
+    saved = plan.scaled(0.8).save(tmp_path / "aura.plan.gguf")
+    assert pydetox.EditPlan.load(saved).params["plan_strength"] == 0.8
+    report = pydetox.apply_plan(plan, model, tmp_path / "out.gguf", pydetox.ApplyOptions(
+        ftype=pydetox.parse_ftype("Q8_0"), progress=False))
+    assert isinstance(report, pydetox.ApplyReport) and (tmp_path / "out.gguf").exists()
+    pydetox.export_lora(plan, model, tmp_path / "aura.lora.gguf")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\na dog is\n")
+    result = pydetox.evaluate([tmp_path / "out.gguf"], reference=model, prompts=str(prompts), max_tokens=4,
+                              ppl_tokens=64, window=32, evaluators=("profanity-check",), benign_prompts=0,
+                              chat_check=False)
+    (m,) = result["models"]
+    assert m["kl"] > 0 and set(m["toxicity"]) == {"profanity-check"} and result["settings"]["n_prompts"] == 2
+    assert set(pydetox.__all__) >= {"fetch", "discover", "EditPlan", "apply_plan", "evaluate", "export_lora",
+                                    "distill_plan", "train_calibrator"}
+    for name in pydetox.__all__:
+        assert getattr(pydetox, name) is not None
