@@ -5,11 +5,11 @@ The Python API (everything a script needs; the heavy modules load on first use, 
     import pydetox
 
     model = pydetox.fetch("smollm2-135m-instruct")                   # or resolve_model("path/or/asset")
-    plan = pydetox.discover("aura", model)                          # any method; distill_plan() runs the default recipe
+    plan = pydetox.discover_plan("aura", model)                     # any method; distill_plan() runs the default recipe
     plan.scaled(0.8).save("aura.plan.gguf")                         # EditPlan: load / save / scaled / merged
     pydetox.apply_plan(plan, model, "out.gguf", pydetox.ApplyOptions(ftype=pydetox.parse_ftype("Q4_K_M")))
     pydetox.export_lora(plan, model, "aura.lora.gguf")              # the same edit as a llama.cpp LoRA adapter
-    report = pydetox.evaluate(["out.gguf"], reference=model, n_prompts=70)   # the `pydetox eval` report as a dict
+    report = pydetox.eval_report(["out.gguf"], reference=model, n_prompts=70)   # the `pydetox eval` report as a dict
 """
 
 from __future__ import annotations
@@ -26,17 +26,19 @@ _API = {
     "EditPlan": "pydetox.plan", "Edit": "pydetox.plan", "EditKind": "pydetox.plan",
     "apply_plan": "pydetox.apply", "ApplyOptions": "pydetox.apply", "ApplyReport": "pydetox.apply",
     "parse_ftype": "pydetox.ggml", "parse_type": "pydetox.ggml",
-    "Discovery": "pydetox.discover", "discover": "pydetox.discover", "METHODS": "pydetox.discover",
+    "Discovery": "pydetox.discover", "discover_plan": "pydetox.discover", "METHODS": "pydetox.discover",
     "RecipeSettings": "pydetox.recipe", "distill_plan": "pydetox.recipe",
     "CalibrateSettings": "pydetox.calibrate", "train_calibrator": "pydetox.calibrate",
     "EvalSettings": "pydetox.evaluate", "ModelSpec": "pydetox.evaluate", "evaluate_models": "pydetox.evaluate",
     "load_prompts": "pydetox.prompts", "get_scorer": "pydetox.scorers",
-    "export_lora": "pydetox.lora", "compare": "pydetox.compare", "write_card": "pydetox.card",
+    "export_lora": "pydetox.lora", "compare_models": "pydetox.compare", "write_card": "pydetox.card",
     "PydetoxError": "pydetox.errors",
 }
-_RENAMED = {"train_calibrator": "train"}
+# API names differ from the submodules' (pydetox.discover, .compare, .evaluate): importing a submodule sets the
+# package attribute of its name, which would hide a function of that name.
+_RENAMED = {"train_calibrator": "train", "discover_plan": "discover", "compare_models": "compare"}
 
-__all__ = ["__version__", "evaluate", *_API]
+__all__ = ["__version__", "eval_report", *_API]
 
 if TYPE_CHECKING:
     from pydetox.apply import ApplyOptions, ApplyReport, apply_plan  # noqa: F401
@@ -44,8 +46,9 @@ if TYPE_CHECKING:
     from pydetox.calibrate import CalibrateSettings  # noqa: F401
     from pydetox.calibrate import train as train_calibrator  # noqa: F401
     from pydetox.card import write_card  # noqa: F401
-    from pydetox.compare import compare  # noqa: F401
-    from pydetox.discover import METHODS, Discovery, discover  # noqa: F401
+    from pydetox.compare import compare as compare_models  # noqa: F401
+    from pydetox.discover import METHODS, Discovery  # noqa: F401
+    from pydetox.discover import discover as discover_plan  # noqa: F401
     from pydetox.errors import PydetoxError  # noqa: F401
     from pydetox.evaluate import EvalSettings, ModelSpec, evaluate_models  # noqa: F401
     from pydetox.ggml import parse_ftype, parse_type  # noqa: F401
@@ -65,20 +68,16 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def evaluate(models: list[str | Path], reference: str | Path | None = None, *, prompts: str = "rtp-challenging",
+def eval_report(models: list[str | Path], reference: str | Path | None = None, *, prompts: str = "rtp-challenging",
              progress: bool = False, include_texts: bool = False, **settings: Any) -> dict[str, Any]:
     """`pydetox eval` as a function: toxicity on `prompts` with every evaluator of `settings` (EvalSettings' fields:
     n_prompts, samples, temperature, max_tokens, ...), perplexity and KL against `reference`, helpfulness; returns
     the report dict that `pydetox eval --json` writes."""
     from pydetox.assets import resolve_model
-    from pydetox.evaluate import EvalSettings, evaluate_models, report_json
-    from pydetox.prompts import load_prompts
-    from pydetox.scorers import get_scorer
+    from pydetox.evaluate import EvalSettings, run_evaluation
 
-    s = EvalSettings(prompts=prompts, **settings)
-    prompt_set = load_prompts(s.prompts).subset(s.n_prompts, s.seed)
-    scorers = [get_scorer(n) for n in s.evaluators]
     paths = [resolve_model(str(m)) for m in models]
     ref = resolve_model(str(reference)) if reference is not None else None
-    results = evaluate_models(paths, s, prompt_set, scorers, ref, progress=progress)
-    return report_json(results, s, prompt_set, ref, scorers, include_texts=include_texts)
+    report, _ = run_evaluation(paths, EvalSettings(prompts=prompts, **settings), ref, progress=progress,
+                               include_texts=include_texts)
+    return report

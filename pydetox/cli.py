@@ -226,16 +226,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     # The evaluation harness on both files: what the random edit did to toxicity and to the model.
     from pydetox import report as rep
-    from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+    from pydetox.evaluate import EvalSettings, run_evaluation
     from pydetox.output import write_text
-    from pydetox.prompts import load_prompts
-    from pydetox.scorers import get_scorer
 
-    settings = EvalSettings(n_prompts=70, ppl_tokens=2048)
-    prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
-    scorers = [get_scorer(n) for n in settings.evaluators]
-    results = evaluate_models([src, dst], settings, prompts, scorers, reference=src)
-    evaluation = report_json(results, settings, prompts, src, scorers)
+    evaluation, _ = run_evaluation([src, dst], EvalSettings(n_prompts=70, ppl_tokens=2048), reference=src)
     write_text(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
     rep.plot(evaluation, out / "eval.png")
     print()
@@ -311,10 +305,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pydetox import report as rep
     from pydetox.assets import resolve_model
-    from pydetox.evaluate import EvalSettings, evaluate_models, report_json
+    from pydetox.evaluate import EvalSettings, run_evaluation
     from pydetox.output import write_text
-    from pydetox.prompts import load_prompts
-    from pydetox.scorers import get_scorer
 
     settings = EvalSettings(
         prompts=args.prompts, n_prompts=args.limit, samples=args.samples, max_tokens=args.max_tokens,
@@ -331,10 +323,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for path, what in ((args.json, "JSON report"), (args.markdown, "markdown table"), (args.plot, "plot")):
         if path:
             outputs.claim(path, what)  # checked now, not after the evaluation
-    prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
-    scorers = [get_scorer(name) for name in settings.evaluators]
-    for s in scorers:
-        s.score(["warm-up"])  # fail now, not after generation, when an evaluator cannot run
     if args.calibrator:
         from pydetox.evaluate import ModelSpec
 
@@ -350,8 +338,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # each model as it is and with the adapter, side by side
         models = [spec for m in models for spec in (ModelSpec(m), ModelSpec(m, lora=Path(args.lora),
                                                                             lora_scale=args.lora_scale))]
-    results = evaluate_models(models, settings, prompts, scorers, reference, progress=not args.quiet)
-    report = report_json(results, settings, prompts, reference, scorers, include_texts=args.texts)
+    report, _ = run_evaluation(models, settings, reference, progress=not args.quiet, include_texts=args.texts)
     print(rep.table(report))
     if args.json:
         write_text(args.json, json.dumps(report, indent=2) + "\n")

@@ -16,12 +16,10 @@ from typing import Any
 from pydetox import ggml
 from pydetox.apply import ApplyOptions, apply_plan
 from pydetox.errors import PydetoxError
-from pydetox.evaluate import EvalSettings, ModelSpec, evaluate_models, report_json
+from pydetox.evaluate import EvalSettings, ModelSpec, run_evaluation
 from pydetox.plan import EditPlan
-from pydetox.prompts import load_prompts
 from pydetox.recipe import RecipeSettings, distill_plan
 from pydetox.report import label
-from pydetox.scorers import get_scorer
 
 
 @dataclass(frozen=True)
@@ -244,10 +242,7 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                 names[models[-1].label] = (f"fusion a={a:g}", qtype)
         names[ModelSpec(base).label] = ("base", qtype)
     settings = job.eval_settings
-    prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
-    scorers = [get_scorer(n) for n in settings.evaluators]
-    results = evaluate_models(models, settings, prompts, scorers, reference=f16, progress=progress)
-    report = report_json(results, settings, prompts, f16, scorers)
+    report, _ = run_evaluation(models, settings, reference=f16, progress=progress)
     rows = summarize(report, names)
     report["detox"] = {"model": str(job.model), "methods": list(plans), "types": list(job.types),
                        "plans": {m: str(p) for m, (_, p) in plans.items()},

@@ -322,3 +322,19 @@ def report_json(results: list[ModelResult], settings: EvalSettings, prompts: Pro
         },
         "models": models,
     }
+
+
+def run_evaluation(models: Sequence[Path | ModelSpec], settings: EvalSettings, reference: Path | None = None,
+                   progress: bool = True, include_texts: bool = False) -> tuple[dict[str, Any], list[ModelResult]]:
+    """The one evaluation pipeline (`pydetox eval`, `detox`, `demo` and `pydetox.evaluate`): the prompt subset,
+    the evaluators (each tried once first, so that one that cannot run fails before generation), every model, and
+    the report dict that `pydetox eval --json` writes."""
+    from pydetox.prompts import load_prompts
+    from pydetox.scorers import get_scorer
+
+    prompts = load_prompts(settings.prompts).subset(settings.n_prompts, settings.seed)
+    scorers = [get_scorer(n) for n in settings.evaluators]
+    for s in scorers:
+        s.score(["warm-up"])
+    results = evaluate_models(models, settings, prompts, scorers, reference, progress=progress)
+    return report_json(results, settings, prompts, reference, scorers, include_texts=include_texts), results

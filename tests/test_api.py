@@ -21,7 +21,7 @@ def test_readme_example_on_a_tiny_model(tmp_path: Path) -> None:
 
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
     assert pydetox.resolve_model(str(model)) == model
-    plan = pydetox.discover("aura", model, n_pairs=24, progress=False)
+    plan = pydetox.discover_plan("aura", model, n_pairs=24, progress=False)
     assert isinstance(plan, pydetox.EditPlan) and plan.edits
     saved = plan.scaled(0.8).save(tmp_path / "aura.plan.gguf")
     assert pydetox.EditPlan.load(saved).params["plan_strength"] == 0.8
@@ -31,12 +31,16 @@ def test_readme_example_on_a_tiny_model(tmp_path: Path) -> None:
     pydetox.export_lora(plan, model, tmp_path / "aura.lora.gguf")
     prompts = tmp_path / "p.txt"
     prompts.write_text("the cat\na dog is\n")
-    result = pydetox.evaluate([tmp_path / "out.gguf"], reference=model, prompts=str(prompts), max_tokens=4,
+    result = pydetox.eval_report([tmp_path / "out.gguf"], reference=model, prompts=str(prompts), max_tokens=4,
                               ppl_tokens=64, window=32, evaluators=("profanity-check",), benign_prompts=0,
                               chat_check=False)
     (m,) = result["models"]
     assert m["kl"] > 0 and set(m["toxicity"]) == {"profanity-check"} and result["settings"]["n_prompts"] == 2
-    assert set(pydetox.__all__) >= {"fetch", "discover", "EditPlan", "apply_plan", "evaluate", "export_lora",
+    assert set(pydetox.__all__) >= {"fetch", "discover_plan", "EditPlan", "apply_plan", "eval_report", "export_lora",
                                     "distill_plan", "train_calibrator"}
+    import pydetox.compare
+    import pydetox.discover
+    import pydetox.evaluate  # noqa: F401  (submodules loaded: the API names must still be the functions)
+
     for name in pydetox.__all__:
-        assert getattr(pydetox, name) is not None
+        assert not isinstance(getattr(pydetox, name), type(pydetox)), name
