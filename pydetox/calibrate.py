@@ -38,15 +38,15 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from pydetox import ggml, kernels
+from pydetox import ggml, kernels, keys
 from pydetox.errors import PydetoxError
 from pydetox.output import atomic, write_text
 from pydetox.fusion import Alignment, alignment_path, vocab_fingerprint
 from pydetox.gguf_io import AtomicGGUFWriter, ModelFile, OutTensor, nbytes
 
-KEY_TARGET = "pydetox.calibrator.target"
+KEY_TARGET = keys.CALIBRATOR_TARGET
 SKIP_WIKI = 200
-KEY_LAYERS = "pydetox.calibrator.layers"
+KEY_LAYERS = keys.CALIBRATOR_LAYERS
 
 
 @dataclass(frozen=True)

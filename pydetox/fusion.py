@@ -35,16 +35,17 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
+from pydetox import keys
 from pydetox.errors import PydetoxError
 from pydetox.gguf_io import ModelFile, write_small_gguf
 from pydetox.runtime import LlamaRuntime, log_softmax
 
-ALIGN_TYPE = "pydetox.calibrator_alignment"
+ALIGN_TYPE = keys.ALIGNMENT_TYPE
 ALIGN_VERSION = 1
-KEY_VERSION = "pydetox.alignment.version"
-KEY_INFO = "pydetox.alignment.info"
-KEY_VOCAB = "pydetox.alignment.vocab_sha256"
-KEY_EPS = "pydetox.alignment.eps"
+KEY_VERSION = keys.ALIGNMENT_VERSION
+KEY_INFO = keys.ALIGNMENT_INFO
+KEY_VOCAB = keys.ALIGNMENT_VOCAB
+KEY_EPS = keys.ALIGNMENT_EPS
 
 FloatArray = npt.NDArray[np.float32]
 

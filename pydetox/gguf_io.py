@@ -24,18 +24,19 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
+from pydetox import keys
 from pydetox.errors import GGUFFileError, OutputError
 from pydetox.gguf_header import TensorInfo, encode_header, encode_kv, read_header
 from pydetox.output import atomic, temporary_name
 
 # Provenance keys pydetox adds to every file it writes (GGUF's own keys come from gguf.Keys).
-KEY_TOOL = "pydetox.version"
-KEY_PLAN_SHA256 = "pydetox.plan.sha256"
-KEY_PLAN_METHOD = "pydetox.plan.method"
-KEY_PLAN_PARAMS = "pydetox.plan.params"
-KEY_SOURCE_SHA256 = "pydetox.source.sha256"
-KEY_SOURCE_NAME = "pydetox.source.name"
-KEY_TARGET_TYPE = "pydetox.target_type"
+KEY_TOOL = keys.TOOL
+KEY_PLAN_SHA256 = keys.PLAN_SHA256
+KEY_PLAN_METHOD = keys.PLAN_METHOD
+KEY_PLAN_PARAMS = keys.PLAN_PARAMS
+KEY_SOURCE_SHA256 = keys.SOURCE_SHA256
+KEY_SOURCE_NAME = keys.SOURCE_NAME
+KEY_TARGET_TYPE = keys.TARGET_TYPE
 _SHA_PLACEHOLDER = "0" * 64
 
 

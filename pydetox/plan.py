@@ -32,20 +32,20 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-from pydetox import __version__
+from pydetox import __version__, keys
 from pydetox.errors import PlanError, PlanMismatchError
 from pydetox.gguf_io import write_small_gguf
 
 # 2: a sha256 of the plan's content (KEY_CHECKSUM), verified on load. Version 1 files (no checksum) still load.
 PLAN_VERSION = 2
-PLAN_TYPE = "pydetox.edit_plan"  # general.type of a plan file
-KEY_VERSION = "pydetox.plan.version"
-KEY_METHOD = "pydetox.plan.method"
-KEY_PARAMS = "pydetox.plan.params"
-KEY_EDITS = "pydetox.plan.edits"
-KEY_MODEL = "pydetox.plan.model"
-KEY_TOOL = "pydetox.version"
-KEY_CHECKSUM = "pydetox.plan.content_sha256"
+PLAN_TYPE = keys.PLAN_TYPE  # general.type of a plan file
+KEY_VERSION = keys.PLAN_VERSION
+KEY_METHOD = keys.PLAN_METHOD
+KEY_PARAMS = keys.PLAN_PARAMS
+KEY_EDITS = keys.PLAN_EDITS
+KEY_MODEL = keys.PLAN_MODEL
+KEY_TOOL = keys.TOOL
+KEY_CHECKSUM = keys.PLAN_CONTENT_SHA256
 
 # `scaled` takes strengths in [0, MAX_STRENGTH]: 1 is the edit as discovered, fitted strengths lie below it, and an
 # edit extrapolated more than tenfold is damage, not detox (apply refuses such edits anyway, ApplyOptions.max_edit).
