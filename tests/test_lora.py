@@ -137,3 +137,13 @@ def test_compare_shows_what_changed(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert 1 <= len([r for r in table if r.startswith("| ") and "→" in r and "prompt" not in r]) <= 3
     assert main(["compare", str(model), str(model), "--prompts", str(prompts), "--evaluators", "bilstm", "--quiet"]) == 0
     assert "the same continuation for every prompt" in capsys.readouterr().out
+
+
+def test_chat_with_lora(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    plan = random_plan("llama", [("blk.0.ffn_down.weight", (64, 128))], EditKind.LOW_RANK, rank=2).save(tmp_path / "p.gguf")
+    assert main(["export-lora", str(plan), "--model", str(model), "-o", str(tmp_path / "a.gguf")]) == 0
+    assert main(["chat", str(model), "--prompt", "the cat", "--max-tokens", "3", "--ctx", "64",
+                 "--lora", str(tmp_path / "a.gguf")]) == 0
+    assert main(["chat", str(model), "--prompt", "the cat", "--lora", str(tmp_path / "none.gguf")]) == 2
+    assert "expected a LoRA adapter GGUF" in capsys.readouterr().err
