@@ -148,10 +148,6 @@ class ApplyReport:
         return "\n".join(lines)
 
 
-def _check_paths(src: Path, dst: Path, overwrite: bool, also_read: list[Path]) -> None:
-    Outputs([src, *also_read], force=overwrite).claim(dst, "output")
-
-
 def _imatrix_for(name: str, cols: int, dst: Q, imatrix: Imatrix | None) -> np.ndarray | None:
     vec = None if imatrix is None else imatrix.get(name)
     if vec is not None and vec.shape != (cols,):
@@ -193,7 +189,7 @@ def apply_plan(
     ggml.load()
     if not (opts.max_edit > 0 and np.isfinite(opts.max_edit)):
         raise PydetoxError(f"max_edit must be a finite number > 0, got {opts.max_edit}")
-    _check_paths(src, dst, opts.overwrite, [Path(p) for p in (plan_path, opts.imatrix) if p is not None])
+    Outputs([src, plan_path, opts.imatrix], force=opts.overwrite).claim(dst, "output")
 
     with ModelFile(src) as model:
         hasher = BackgroundHash(src)

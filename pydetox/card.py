@@ -10,16 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydetox.gguf_io import (
-    KEY_PLAN_METHOD,
-    KEY_PLAN_PARAMS,
-    KEY_PLAN_SHA256,
-    KEY_SOURCE_NAME,
-    KEY_SOURCE_SHA256,
-    KEY_TARGET_TYPE,
-    KEY_TOOL,
-    ModelFile,
-)
+from pydetox import keys
+from pydetox.gguf_io import ModelFile
 from pydetox.output import write_text
 
 LIMITS = [
@@ -47,8 +39,8 @@ def model_card(model: str | os.PathLike[str], evaluation: dict[str, Any] | None 
         meta = m.metadata
         arch = m.arch
         n_tensors = len(m.tensors)
-    method = meta.get(KEY_PLAN_METHOD)
-    base = meta.get("general.name") or meta.get(KEY_SOURCE_NAME) or Path(model).name
+    method = meta.get(keys.PLAN_METHOD)
+    base = meta.get("general.name") or meta.get(keys.SOURCE_NAME) or Path(model).name
     licence = meta.get("general.license")
     tags = ["gguf", arch] + (["detoxified", "pydetox"] if method else ["pydetox"])
     front = ["---", f"base_model: {json.dumps(str(base))}", f"tags:{_yaml_list(tags)}"]
@@ -58,16 +50,16 @@ def model_card(model: str | os.PathLike[str], evaluation: dict[str, Any] | None 
     name = Path(model).name
     lines = [f"# {name}", ""]
     if method:
-        params = json.loads(meta.get(KEY_PLAN_PARAMS) or "{}")
+        params = json.loads(meta.get(keys.PLAN_PARAMS) or "{}")
         strength = params.get("plan_strength")
         lines += [f"{base} with its weights edited by [pydetox](https://pypi.org/project/pydetox/) to write less toxic "
                   f"text: method `{method}`" + (f" at strength {strength:g}" if isinstance(strength, int | float) else "")
                   + ".", ""]
     else:
         lines += [f"{base}, unedited (requantized or copied by pydetox).", ""]
-    facts = [("architecture", arch), ("tensors", str(n_tensors)), ("type", meta.get(KEY_TARGET_TYPE) or "as the source"),
-             ("source file", meta.get(KEY_SOURCE_NAME)), ("source sha256", meta.get(KEY_SOURCE_SHA256)),
-             ("edit method", method), ("edit plan sha256", meta.get(KEY_PLAN_SHA256)), ("written by", f"pydetox {meta.get(KEY_TOOL)}")]
+    facts = [("architecture", arch), ("tensors", str(n_tensors)), ("type", meta.get(keys.TARGET_TYPE) or "as the source"),
+             ("source file", meta.get(keys.SOURCE_NAME)), ("source sha256", meta.get(keys.SOURCE_SHA256)),
+             ("edit method", method), ("edit plan sha256", meta.get(keys.PLAN_SHA256)), ("written by", f"pydetox {meta.get(keys.TOOL)}")]
     lines += ["| | |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in facts if v] + [""]
     if evaluation is not None:
         lines += _evaluation(evaluation, summary)

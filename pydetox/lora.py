@@ -33,18 +33,9 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-from pydetox import __version__
+from pydetox import __version__, keys
 from pydetox.errors import PlanError, PydetoxError
-from pydetox.gguf_io import (
-    KEY_PLAN_METHOD,
-    KEY_PLAN_PARAMS,
-    KEY_PLAN_SHA256,
-    KEY_SOURCE_NAME,
-    KEY_SOURCE_SHA256,
-    KEY_TOOL,
-    ModelFile,
-    sha256_file,
-)
+from pydetox.gguf_io import BackgroundHash, ModelFile, sha256_file
 from pydetox.output import Outputs, atomic
 from pydetox.plan import Edit, EditKind, EditPlan
 
@@ -156,13 +147,13 @@ def export_lora(plan: EditPlan, model_path: str | os.PathLike[str], out: str | o
             writer.add_type(gguf.GGUFType.ADAPTER)
             writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
             writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-            writer.add_string(KEY_TOOL, __version__)
-            writer.add_string(KEY_SOURCE_NAME, model_path.name)
-            writer.add_string(KEY_SOURCE_SHA256, sha256_file(model_path))
-            writer.add_string(KEY_PLAN_METHOD, plan.method)
-            writer.add_string(KEY_PLAN_PARAMS, json.dumps(plan.params, sort_keys=True))
+            writer.add_string(keys.TOOL, __version__)
+            writer.add_string(keys.SOURCE_NAME, model_path.name)
+            writer.add_string(keys.SOURCE_SHA256, BackgroundHash(model_path).result())  # remembered per file, as apply's
+            writer.add_string(keys.PLAN_METHOD, plan.method)
+            writer.add_string(keys.PLAN_PARAMS, json.dumps(plan.params, sort_keys=True))
             if plan_path is not None:
-                writer.add_string(KEY_PLAN_SHA256, sha256_file(plan_path))
+                writer.add_string(keys.PLAN_SHA256, sha256_file(plan_path))
             np_type = np.float32 if qtype is gguf.GGMLQuantizationType.F32 else np.float16
             for name, (B, A) in factors.items():
                 k = B.shape[1]

@@ -175,35 +175,9 @@ def test_stale_temporaries_of_a_killed_run_are_removed(setup: tuple[Path, Path],
     assert not dead.exists() and not old.exists() and alive.exists() and other.exists()
 
 
-def test_a_real_sigkill_leaves_a_temporary_that_the_next_run_removes(setup: tuple[Path, Path], tmp_path: Path) -> None:
-    model, plan = setup
-    out = tmp_path / "out.gguf"
-    script = textwrap.dedent(f"""
-        import os, time, pydetox.apply as a
-        real = a._process
-        def slow(*args, **kw):
-            r = real(*args, **kw)
-            print("writing", flush=True)
-            time.sleep(60)
-            return r
-        a._process = slow
-        from pydetox.cli import main
-        main(["apply", {str(plan)!r}, {str(model)!r}, "-o", {str(out)!r}, "--quiet"])
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    left = temporaries(tmp_path)
-    assert len(left) == 1 and not out.exists()
-    assert main(["apply", str(plan), str(model), "-o", str(out), "--quiet"]) == 0
-    assert not temporaries(tmp_path) and out.exists()
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_apply_exits_130_and_cleans_up(setup: tuple[Path, Path], tmp_path: Path, sig: int) -> None:
-    model, plan = setup
-    out = tmp_path / "out.gguf"
+def paused_apply(plan: Path, model: Path, out: Path) -> subprocess.Popen[str]:
+    """`pydetox apply` in a subprocess, stopped with its output half written (after the first edited tensor, before
+    the rename); returns once it says so."""
     script = textwrap.dedent(f"""
         import sys, time, pydetox.apply as a
         real = a._process
@@ -218,6 +192,26 @@ def test_interrupted_apply_exits_130_and_cleans_up(setup: tuple[Path, Path], tmp
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_a_real_sigkill_leaves_a_temporary_that_the_next_run_removes(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    model, plan = setup
+    out = tmp_path / "out.gguf"
+    proc = paused_apply(plan, model, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = temporaries(tmp_path)
+    assert len(left) == 1 and not out.exists()
+    assert main(["apply", str(plan), str(model), "-o", str(out), "--quiet"]) == 0
+    assert not temporaries(tmp_path) and out.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_apply_exits_130_and_cleans_up(setup: tuple[Path, Path], tmp_path: Path, sig: int) -> None:
+    model, plan = setup
+    out = tmp_path / "out.gguf"
+    proc = paused_apply(plan, model, out)
     assert len(temporaries(tmp_path)) == 1
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
