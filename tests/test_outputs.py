@@ -190,8 +190,15 @@ def paused_apply(plan: Path, model: Path, out: Path) -> subprocess.Popen[str]:
         from pydetox.cli import main
         sys.exit(main(["apply", {str(plan)!r}, {str(model)!r}, "-o", {str(out)!r}, "--quiet"]))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    # cwd away from the checkout: `python -c` puts the cwd first on sys.path, and a checkout's pydetox has no built core
+    # when the package is installed non-editable (as CI does).
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=out.parent)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "writing":
+        proc.kill()
+        pytest.fail(f"the paused apply did not start: {line!r}\n{proc.communicate()[1]}")
     return proc
 
 
