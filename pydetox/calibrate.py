@@ -166,8 +166,9 @@ def _trainable(name: str) -> bool:
 
 
 def train(target: str | Path, out: str | Path, settings: CalibrateSettings = CalibrateSettings(),
-          progress: bool = True, plot: bool = True) -> CalibrateResult:
-    """Train a calibrator for the GGUF `target` and write `out` (a GGUF), its alignment, log and loss plot."""
+          progress: bool = True, plot: bool = True, device: str = "auto") -> CalibrateResult:
+    """Train a calibrator for the GGUF `target` and write `out` (a GGUF), its alignment, log and loss plot. `device`:
+    the torch device to train on ("cpu", "cuda", or "auto": see `pydetox.discover.model.resolve_device`)."""
     import torch
 
     from pydetox.discover.model import FullPrecisionModel, autocast
@@ -186,7 +187,8 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
 
-    fp = FullPrecisionModel(target, progress=progress)
+    fp = FullPrecisionModel(target, progress=progress, device=device)
+    dev = fp.device
     model, tok = fp.model, fp.tokenizer
     sentences, clean, data_desc = training_texts(settings)
     rows = pack(tok, sentences + clean, len(sentences), settings.clean_tokens, settings.seq_len)
@@ -194,9 +196,9 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     n_val = max(1, int(len(rows) * settings.val_fraction))
     # At most steps x batch training rows: a row no step draws would only cost its target hidden states.
     n_train = min(len(rows) - n_val, settings.steps * settings.batch)
-    val_rows = torch.from_numpy(rows[order[:n_val]])
-    train_rows = torch.from_numpy(rows[order[n_val : n_val + n_train]])
-    bf16 = autocast(settings.precision, "calibrate")
+    val_rows = torch.from_numpy(rows[order[:n_val]]).to(dev)
+    train_rows = torch.from_numpy(rows[order[n_val : n_val + n_train]]).to(dev)
+    bf16 = autocast(settings.precision, "calibrate", dev)
 
     W = fp.unembedding().clone()  # (V, d_target), frozen: the target's output layer
     H_train = H_val = None
@@ -214,31 +216,31 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     trained = {n: p for n, p in params.items() if p.requires_grad}
     initial = {n: p.detach().clone() for n, p in trained.items()}
     d_t, d_c = W.shape[1], model.config.hidden_size
-    A = torch.nn.Parameter(torch.eye(d_t, d_c))
+    A = torch.nn.Parameter(torch.eye(d_t, d_c, device=dev))
     # LN(A h_c) ~ h_c at the start needs g = rms(h_c), measured on training rows. (The rms of the final norm's gain
     # is close on SmolLM2, 1.83 vs 1.59, but not on Gemma-3, whose gain is far from uniform: 54 vs 7.0, and a fused
     # model starting at 62 nats/token instead of 5.5.)
     with torch.no_grad():
         h0 = model.model(input_ids=train_rows[: settings.batch]).last_hidden_state
-        g = torch.nn.Parameter(torch.full((d_t,), float(h0.pow(2).mean(-1).sqrt().mean())))
+        g = torch.nn.Parameter(torch.full((d_t,), float(h0.pow(2).mean(-1).sqrt().mean()), device=dev))
     eps = 1e-6
     E_cal = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
-    used = torch.from_numpy(np.unique(rows))
+    used = torch.from_numpy(np.unique(rows)).to(dev)
     lo, hi = settings.train_alpha
     # The softmax's rows: the whole output layer, or only the tokens of the training data (targets re-indexed).
     W_lm = W[used] if settings.restrict_vocab else W
-    index = torch.full((W.shape[0],), -1, dtype=torch.long)
-    index[used] = torch.arange(len(used))
+    index = torch.full((W.shape[0],), -1, dtype=torch.long, device=dev)
+    index[used] = torch.arange(len(used), device=dev)
 
     def targets(batch: Any) -> Any:
         return index[batch[:, 1:]] if settings.restrict_vocab else batch[:, 1:]
 
     def contrastive() -> Any:
-        ids = used[torch.from_numpy(rng.choice(len(used), min(settings.vocab_sample, len(used)), replace=False))]
+        ids = used[torch.from_numpy(rng.choice(len(used), min(settings.vocab_sample, len(used)), replace=False)).to(dev)]
         c = torch.nn.functional.normalize(E_cal[ids] @ A.T, dim=1)
         t = torch.nn.functional.normalize(W[ids], dim=1)
         logits = c @ t.T / settings.tau
-        return torch.nn.functional.cross_entropy(logits, torch.arange(len(ids)))
+        return torch.nn.functional.cross_entropy(logits, torch.arange(len(ids), device=dev))
 
     def lm_loss(batch: Any, h_t: Any, alpha: float) -> Any:
         h = model.model(input_ids=batch).last_hidden_state  # after the final norm
@@ -258,7 +260,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
                                     val_alpha)) for i in range(0, len(val_rows), settings.batch)]
         return float(np.mean(losses))
 
-    log: dict[str, Any] = {"settings": asdict(settings), "target": str(target), "data": data_desc,
+    log: dict[str, Any] = {"settings": asdict(settings), "device": dev, "target": str(target), "data": data_desc,
                            "rows": {"train": len(train_rows), "val": len(val_rows), "seq_len": settings.seq_len},
                            "val_alpha": val_alpha if H_val is not None else None, "align": [], "train": [], "val": []}
     if H_val is not None:
@@ -291,7 +293,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     bar = tqdm(range(settings.steps), desc="calibrate", disable=not progress)
     for step in bar:
         model.train()
-        idx = torch.from_numpy(rng.integers(0, len(train_rows), settings.batch))
+        idx = torch.from_numpy(rng.integers(0, len(train_rows), settings.batch)).to(dev)
         alpha = float(rng.uniform(lo, hi))
         with bf16:
             lm = lm_loss(train_rows[idx], None if H_train is None else H_train[idx], alpha)
@@ -312,22 +314,22 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
 
     with torch.no_grad():
         W_fused = (W * g[None, :]) @ A  # (V, d_cal): W diag(g) A
-        deltas = {n: (p.detach() - initial[n]).numpy() for n, p in trained.items()}
+        deltas = {n: (p.detach() - initial[n]).cpu().numpy() for n, p in trained.items()}
     with ModelFile(target) as src:
-        write_calibrator(src, out, fp.arch, settings.layers, deltas, W_fused.numpy(), settings.output_type,
+        write_calibrator(src, out, fp.arch, settings.layers, deltas, W_fused.cpu().numpy(), settings.output_type,
                          threads=settings.threads, layer_type=settings.layer_type)
     with ModelFile(out) as cal:
         fingerprint = vocab_fingerprint(cal)
     with torch.no_grad():
         row = val_rows[0]
-        h_torch = model.model(input_ids=row[None]).last_hidden_state[0].numpy()
+        h_torch = model.model(input_ids=row[None]).last_hidden_state[0].cpu().numpy()
     h_llama = calibrator_hidden(out, row.tolist(), threads=settings.threads)
     check = {"tokens": len(row), "max_abs_diff": float(np.abs(h_llama - h_torch).max()),
              "rel_rms_diff": float(np.sqrt(((h_llama - h_torch) ** 2).mean() / (h_torch**2).mean()))}
     log["llama_cpp_check"] = check
     info = {"llama_cpp_check": check, "target": target.name, "layers": settings.layers, "data": data_desc, "train_loss_final": ema,
             "val_loss": log["val"][-1][1], "val_loss_start": val_start, "steps": settings.steps}
-    align_file = Alignment(A.detach().numpy(), g.detach().numpy(), eps, fingerprint, info).save(alignment_path(out))
+    align_file = Alignment(A.detach().cpu().numpy(), g.detach().cpu().numpy(), eps, fingerprint, info).save(alignment_path(out))
     seconds = time.perf_counter() - t_start
     log["seconds"] = seconds
     log_file = write_text(log_path(out), json.dumps(log, indent=1) + "\n")

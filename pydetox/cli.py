@@ -254,13 +254,18 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model) if not Path(args.model).is_dir() else Path(args.model)
     _outputs(args, [model, args.data if Path(args.data).is_file() else None]).claim(args.output, "plan")
-    d = Discovery(model, data=args.data, n_pairs=args.pairs, seed=args.seed, progress=not args.quiet)
+    d = Discovery(model, data=args.data, n_pairs=args.pairs, seed=args.seed, progress=not args.quiet, device=args.device)
     plan = d.plan(args.method, _overrides(args.param))
     plan.save(args.output)
     print(f"{args.method}: {len(plan.edits)} edits on {plan.arch}; model load {d.load_s:.1f} s, activations "
           f"{d.activation_s:.1f} s, method {plan.params['method_s']:.2f} s -> {args.output}")
     return 0
 
+
+DEVICE_ARG: dict[str, Any] = {
+    "default": "auto", "choices": ["auto", "cpu", "cuda"],
+    "help": "torch device of discovery and calibrator training (default auto: CUDA when torch sees a GPU, else the "
+            "CPU; evaluation and apply always run in llama.cpp on the CPU)"}
 
 IGNORE_EOS_HELP = ("ban end-of-text tokens so that every continuation is --max-tokens long (an edit that makes the "
                    "model stop early lowers toxic rates by writing less; this compares at equal length)")
@@ -270,6 +275,7 @@ def _cmd_detox(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
     from pydetox.detox import DetoxJob, run
     from pydetox.evaluate import EvalSettings
+    from pydetox.recipe import RecipeSettings
 
     method = args.method if args.method is not None else ("" if args.plan else "distill")
     methods = tuple(m.strip() for m in method.split(",") if m.strip())
@@ -288,7 +294,7 @@ def _cmd_detox(args: argparse.Namespace) -> int:
         alphas=tuple(_alphas(args.alpha)) if args.alpha else (0.2, 0.4),
         eval_settings=EvalSettings(n_prompts=args.limit, ppl_tokens=args.ppl_tokens, seed=args.seed,
                                    ignore_eos=args.ignore_eos),
-        force=args.force,
+        force=args.force, recipe=RecipeSettings(device=args.device),
     )
     run(job, progress=not args.quiet)
     return 0
@@ -406,7 +412,7 @@ def _cmd_calibrate_train(args: argparse.Namespace) -> int:
         layer_type=args.layer_type, seed=args.seed, threads=args.threads, objective=args.objective,
         precision=args.precision, restrict_vocab=args.restrict_vocab,
     )
-    res = train(model, out, settings, progress=not args.quiet)
+    res = train(model, out, settings, progress=not args.quiet, device=args.device)
     print(f"calibrator  {res.calibrator}\nalignment   {res.alignment}\nlog         {res.log}\nloss plot   {res.plot}")
     print(f"held-out loss {res.val_loss_start:.3f} -> {res.val_loss:.3f} nats/token; {res.seconds:.0f} s")
     return 0
@@ -569,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--param", action="append", help="method parameter key=value (repeatable)")
     ds.add_argument("-o", "--output", required=True, help="plan file to write")
+    ds.add_argument("--device", **DEVICE_ARG)
     ds.add_argument("--force", action="store_true", help="replace an existing output file")
     ds.add_argument("--quiet", action="store_true")
     ds.set_defaults(func=_cmd_discover)
@@ -598,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--alpha", help="fusion weights for --calibrator, comma-separated (default 0.2,0.4)")
     dx.add_argument("--force", action="store_true", help="replace the models and report of an earlier run in --out "
                     "(its cached stages are reused either way)")
+    dx.add_argument("--device", **DEVICE_ARG)
     dx.add_argument("--quiet", action="store_true")
     dx.set_defaults(func=_cmd_detox)
 
@@ -680,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--restrict-vocab", action="store_true",
                     help="train the softmax over the tokens of the training text only (the output layer is most of a step)")
     ct.add_argument("--threads", type=int)
+    ct.add_argument("--device", **DEVICE_ARG)
     ct.add_argument("--force", action="store_true", help="replace an existing calibrator")
     ct.add_argument("--quiet", action="store_true")
     ct.set_defaults(func=_cmd_calibrate_train)

@@ -211,7 +211,8 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
               f"-> {plans['distill'][1]} (stages in {staged.parent})")
     others = [m for m in job.methods if m != "distill"]
     if others:
-        discovery = Discovery(job.model, data=job.data, n_pairs=job.n_pairs, seed=job.seed, progress=progress)
+        discovery = Discovery(job.model, data=job.data, n_pairs=job.n_pairs, seed=job.seed, progress=progress,
+                              device=job.recipe.device)
         for method in others:
             plan = discovery.plan(method, (job.overrides or {}).get(method))
             plans[method] = (plan, plan.save(job.out / f"{method}.plan.gguf"))

@@ -51,6 +51,9 @@ class RecipeSettings:
     fit_steps: int = 4
     edited_type: str | None = "Q8_0"  # floor of the edited tensors while fitting (as `pydetox detox` applies them)
     seed: int = 0  # the student's seed (DistillParams.seed); the calibrator's is calibrator.seed
+    # torch device of the calibrator's training and the student ("auto": CUDA when torch sees a GPU). Not part of any
+    # stage's key: the results agree within numerical tolerance, and a stage made on one device is reused on another.
+    device: str = "auto"
 
 
 def _key(*parts: Any) -> str:
@@ -136,7 +139,7 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
 
         def make_cal(path: Path) -> dict[str, Any]:
             tmp = path.with_name(path.name.removesuffix(".gguf") + ".partial.gguf")
-            result = train(f16, tmp, cal_settings, progress=progress, plot=False)
+            result = train(f16, tmp, cal_settings, progress=progress, plot=False, device=settings.device)
             # the alignment and log live beside the GGUF under its name; rename them first, the GGUF last
             from pydetox.fusion import alignment_path
 
@@ -163,7 +166,7 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
     def make_plan(path: Path) -> dict[str, Any]:
         from pydetox.discover import Discovery
 
-        plan = Discovery(f16, progress=progress).plan("distill", overrides)
+        plan = Discovery(f16, progress=progress, device=settings.device).plan("distill", overrides)
         plan.save(path)
         d = plan.params["diagnostics"]
         return {"held_out_before": d["held_out_before"], "held_out_after": d["held_out_after"],

@@ -28,11 +28,11 @@ class Discovery:
     once, when the first method that looks at them asks."""
 
     def __init__(self, source: str | Path, *, data: str = EMBEDDED, n_pairs: int = 500, seed: int = 0,
-                 max_tokens: int = 64, progress: bool = True) -> None:
+                 max_tokens: int = 64, progress: bool = True, device: str = "auto") -> None:
         from pydetox.prompts import load_prompts
 
         t0 = time.perf_counter()
-        self.fp = FullPrecisionModel(source, progress=progress)
+        self.fp = FullPrecisionModel(source, progress=progress, device=device)
         self.load_s = time.perf_counter() - t0
         # Never the prompts used for evaluation.
         exclude = set(load_prompts("rtp-challenging").prompts)
@@ -60,6 +60,10 @@ class Discovery:
     def plan(self, method: str, overrides: dict[str, str] | None = None) -> EditPlan:
         m = get_method(method)
         params = make_params(m, overrides or {})
+        if self.fp.device not in m.devices:
+            if self.progress:
+                print(f"{method} runs on the CPU only: moving the model from {self.fp.device}", flush=True)
+            self.fp.to("cpu")
         t0, acts0 = time.perf_counter(), self.activation_s
         edits, diagnostics = m.edits(self.context, params)
         method_s = time.perf_counter() - t0 - (self.activation_s - acts0)  # activations are timed on their own

@@ -51,6 +51,8 @@ class Method(ABC):
     name: ClassVar[str]
     paper: ClassVar[str]
     Params: ClassVar[type]
+    # torch devices the method's code runs on; on any other the model is moved to the CPU for it (see Discovery.plan)
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
     @abstractmethod
     def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:

@@ -466,8 +466,9 @@ class _LoRA:
         for layer in layers:
             lin = ctx.fp.down_proj(layer)
             d, ff = lin.weight.shape
-            a = (torch.randn(rank, ff, generator=gen) / ff**0.5).requires_grad_(True)
-            b = torch.zeros(d, rank).requires_grad_(True)
+            # drawn on the CPU whatever the device, so that a seed gives the same start everywhere
+            a = (torch.randn(rank, ff, generator=gen) / ff**0.5).to(ctx.fp.device).requires_grad_(True)
+            b = torch.zeros(d, rank, device=ctx.fp.device).requires_grad_(True)
             self.A.append(a)
             self.B.append(b)
             self.hooks.append(lin.register_forward_hook(self._hook(a, b)))
@@ -499,6 +500,7 @@ def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
         inp[k, : len(s)] = torch.tensor(s)
         att[k, : len(s)] = 1
     model = ctx.fp.model
+    inp, att = inp.to(ctx.fp.device), att.to(ctx.fp.device)
     hidden = model.model(input_ids=inp, attention_mask=att).last_hidden_state  # after the final norm
     rows = torch.cat([hidden[k, : len(s) - 1] for k, s in enumerate(seqs)])  # no padded positions through the head
     logits = rows @ (ctx.fp.unembedding() if head is None else head).T
@@ -526,7 +528,7 @@ class _Vocab:
         torch = ctx.fp.torch
         full = ctx.fp.unembedding()
         self.keep = np.sort(keep).astype(np.int64)
-        self.head = full[torch.from_numpy(self.keep)].contiguous()
+        self.head = full[torch.from_numpy(self.keep).to(full.device)].contiguous()
         self.index = np.full(full.shape[0], -1, np.int64)
         self.index[self.keep] = np.arange(len(self.keep))
 
@@ -549,7 +551,7 @@ def _restricted_vocab(ctx: Context, size: int, targets: list[_Targets], clean: l
     mass = np.zeros(ctx.fp.unembedding().shape[0])
     with torch.no_grad():
         for s in tqdm(range(0, len(seqs), batch), desc="vocab: unedited mass", leave=False, disable=not ctx.progress):
-            mass += _forward(ctx, seqs[s : s + batch]).exp().sum(0).double().numpy()
+            mass += _forward(ctx, seqs[s : s + batch]).exp().sum(0).double().cpu().numpy()
     mass[keep] = np.inf
     return _Vocab(ctx, np.argsort(-mass, kind="stable")[: max(size, len(keep))])
 
@@ -560,9 +562,9 @@ def _batch_kl(ctx: Context, t: _Targets, pick: list[int], vocab: _Vocab | None =
     seqs = [t.seqs[i] for i in pick]
     lq = _forward(ctx, seqs, None if vocab is None else vocab.head)
     full = np.concatenate([t.ids[i] for i in pick])
-    ids = torch.from_numpy(full if vocab is None else vocab.ids(full))
-    lp = torch.from_numpy(np.concatenate([t.logp[i] for i in pick]))
-    rest = torch.from_numpy(np.concatenate([t.rest[i] for i in pick]))
+    ids = torch.from_numpy(full if vocab is None else vocab.ids(full)).to(lq.device)
+    lp = torch.from_numpy(np.concatenate([t.logp[i] for i in pick])).to(lq.device)
+    rest = torch.from_numpy(np.concatenate([t.rest[i] for i in pick])).to(lq.device)
     return _kl(lq, ids, lp, rest)
 
 
@@ -587,7 +589,7 @@ def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, b
         for s in tqdm(range(0, len(seqs), batch), desc="unedited: distributions", leave=False, disable=not progress):
             chunk = seqs[s : s + batch]
             lq = _forward(ctx, chunk)
-            lq = lq.numpy()
+            lq = lq.cpu().numpy()
             at = 0
             for c in chunk:
                 i, lp, r = _top(lq[at : at + len(c) - 1], k)
@@ -604,6 +606,7 @@ class Distill(Method):
     paper = ("calibration-model fusion (arXiv 2506.01266) distilled into a low-rank weight edit "
              "(knowledge distillation, Hinton et al. 2015; sequence-level, Kim & Rush 2016)")
     Params = DistillParams
+    devices = ("cpu", "cuda")
 
     def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:
         p: DistillParams = params
@@ -633,7 +636,7 @@ class Distill(Method):
             raise PydetoxError(f"distill: batching is 'random' or 'length', got {p.batching!r}")
         if p.rank < 1 or p.steps < 1 or p.batch < 1:
             raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")
-        bf16 = autocast(p.precision, "distill")
+        bf16 = autocast(p.precision, "distill", ctx.fp.device)
         torch = ctx.fp.torch
         torch.manual_seed(p.seed)
         from pydetox.calibrate import SKIP_WIKI
@@ -719,7 +722,7 @@ class Distill(Method):
         def coverage(seqs: list[list[int]]) -> float:
             """The unedited model's mean probability mass inside the restricted vocabulary."""
             assert vocab is not None
-            keep = torch.from_numpy(vocab.keep)
+            keep = torch.from_numpy(vocab.keep).to(ctx.fp.device)
             with torch.no_grad(), bf16:
                 lp = torch.cat([_forward(ctx, seqs[s : s + 16]) for s in chunks(len(seqs), "vocab: coverage")])
             return round(float(torch.logsumexp(lp[:, keep], 1).exp().mean()), 5)
@@ -758,9 +761,9 @@ class Distill(Method):
         for layer, a, b in zip(lora.layers, lora.A, lora.B, strict=True):
             w = ctx.fp.down_proj(layer).weight
             edits.append(Edit(ctx.fp.down_proj_name(layer), EditKind.LOW_RANK, tuple(w.shape),
-                              b.detach().T.contiguous().numpy().astype(np.float32),
-                              a.detach().numpy().astype(np.float32)))
-        return edits, {"teacher_from_cache": cached is not None,
+                              b.detach().T.contiguous().cpu().numpy().astype(np.float32),
+                              a.detach().cpu().numpy().astype(np.float32)))
+        return edits, {"device": ctx.fp.device, "teacher_from_cache": cached is not None,
                        **({"anti_from_cache": anti_cached} if p.anti else {}),
                        "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs), "discovery_prompts": len(prompts),
                        "layers": [first, n - 1], "held_out_toxic_sequences": len(val_t),

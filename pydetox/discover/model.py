@@ -55,14 +55,33 @@ for _hf, _gguf in (("llama", "llama"), ("qwen2", "qwen2"), ("gemma3_text", "gemm
 _DONE = "pydetox-converted"
 
 
-def autocast(precision: str, owner: str) -> Any:
-    """torch's CPU autocast for `precision` "bfloat16" (a no-op context for "float32"); any other value is refused,
-    naming `owner`'s setting. The context can be entered any number of times."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> str:
+    """The torch device discovery and calibrator training run on: "cpu", "cuda", or "auto" (CUDA when torch sees a
+    GPU, else the CPU). "cuda" without a GPU torch can use is refused rather than silently run on the CPU."""
+    import torch
+
+    if device not in DEVICES:
+        raise PydetoxError(f"device is one of {', '.join(DEVICES)}; got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        built = "with" if torch.backends.cuda.is_built() else "without"
+        raise PydetoxError(f"device cuda: torch {torch.__version__} (built {built} CUDA) sees no usable GPU; "
+                           "use --device cpu or auto")
+    return device
+
+
+def autocast(precision: str, owner: str, device: str = "cpu") -> Any:
+    """torch's autocast on `device` for `precision` "bfloat16" (a no-op context for "float32"); any other value is
+    refused, naming `owner`'s setting. The context can be entered any number of times."""
     import torch
 
     if precision not in ("float32", "bfloat16"):
         raise PydetoxError(f"{owner}: precision is 'float32' or 'bfloat16', got {precision!r}")
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def _converted_folder(gguf_path: Path) -> Path:
@@ -110,7 +129,7 @@ def _save_converted(model: Any, tokenizer: Any, folder: Path) -> None:
 class FullPrecisionModel:
     """A causal LM in float32 torch, its tokenizer, and the GGUF names of its matrices."""
 
-    def __init__(self, source: str | Path, progress: bool = True) -> None:
+    def __init__(self, source: str | Path, progress: bool = True, device: str = "cpu") -> None:
         try:
             import torch
             import transformers
@@ -140,6 +159,8 @@ class FullPrecisionModel:
         if converted is not None and "gguf_file" in kwargs:
             _save_converted(self.model, self.tokenizer, converted)
         self.source = str(source)
+        self.device = "cpu"
+        self.to(resolve_device(device))
         model_type = self.model.config.model_type
         if model_type not in ARCHS:
             raise PydetoxError(f"architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(ARCHS))}")
@@ -147,6 +168,12 @@ class FullPrecisionModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
+
+    def to(self, device: str) -> None:
+        """Move the model to the torch device `device` ("cpu" or "cuda")."""
+        if device != self.device:
+            self.model.to(device)
+            self.device = device
 
     @property
     def arch(self) -> str:
