@@ -46,7 +46,7 @@ def shapes(layers: int, d: int, ff: int, vocab: int, **_: int) -> list[tuple[str
         out += [(_name(T.ATTN_NORM, b), (d,)), (_name(T.ATTN_Q, b), (d, d)), (_name(T.ATTN_K, b), (d, d)),
                 (_name(T.ATTN_V, b), (d, d)), (_name(T.ATTN_OUT, b), (d, d)), (_name(T.FFN_NORM, b), (d,)),
                 (_name(T.FFN_GATE, b), (ff, d)), (_name(T.FFN_UP, b), (ff, d)), (_name(T.FFN_DOWN, b), (d, ff))]
-    return out + [(_name(T.OUTPUT_NORM), (d,)), (_name(T.OUTPUT), (vocab, d))]
+    return [*out, (_name(T.OUTPUT_NORM), (d,)), (_name(T.OUTPUT), (vocab, d))]
 
 
 def write_synthetic(path: Path, spec: dict[str, int]) -> Path:
@@ -85,7 +85,7 @@ def write_synthetic(path: Path, spec: dict[str, int]) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for name, shape in layout:
+    for _, shape in layout:
         if len(shape) == 1:
             w.write_tensor_data(np.ones(shape, np.float32))
         else:

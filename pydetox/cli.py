@@ -355,6 +355,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pydetox.sweep import load_config, run_sweep
+
+    cfg = load_config(args.config)
+    report = run_sweep(cfg, address=args.address, progress=not args.quiet)
+    print((cfg.out / "sweep.md").read_text(encoding="utf-8"))
+    print(f"wrote {cfg.out / 'sweep.json'}, {cfg.out / 'sweep.md'}, {cfg.out / 'pareto.png'} "
+          f"({len(report['settings'])} settings, {len(report['pareto'])} on the Pareto front)")
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
     from pydetox.compare import compare, markdown, terminal
@@ -692,6 +703,13 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--force", action="store_true", help="replace an existing calibrator")
     ct.add_argument("--quiet", action="store_true")
     ct.set_defaults(func=_cmd_calibrate_train)
+
+    sw = sub.add_parser("sweep", help="search a method's settings over several seeds: Optuna picks the settings, Ray "
+                        "runs the trials; resumable (docs/sweep.md)")
+    sw.add_argument("config", help="the sweep's TOML file")
+    sw.add_argument("--address", help="a Ray cluster to run on (default: a local Ray instance on this machine)")
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
 
     c = sub.add_parser("chat", help="chat with a GGUF model in the terminal (streams the reply)")
     c.add_argument("model", help="GGUF file or asset name")

@@ -1,0 +1,144 @@
+"""`pydetox sweep`: the TOML file checked key by key, and a small real sweep on a tiny model (Optuna study in SQLite,
+trials as Ray tasks two at a time) killed mid-way and resumed without redoing finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny import write_tiny_llama
+
+pytest.importorskip("optuna")
+pytest.importorskip("ray")
+
+from pydetox.sweep import SweepError, load_config
+
+SWEEP = """\
+model = "m.gguf"
+method = "profs"
+out = "out"
+seeds = [0, 1]
+trials = 3
+pairs = 40
+[search]
+k = {{low = 1, high = 3}}
+strength = {{low = 0.3, high = 1.0}}
+[eval]
+prompts = "p.txt"
+limit = 6
+max_tokens = 6
+evaluators = ["profanity-check"]
+ppl_tokens = 128
+{extra}
+[final]
+prompts = "p2.txt"
+max_tokens = 6
+evaluators = ["profanity-check"]
+ppl_tokens = 128
+"""
+
+
+def _write(folder: Path, extra: str = "") -> Path:
+    path = folder / "sweep.toml"
+    path.write_text(SWEEP.format(extra=extra))
+    return path
+
+
+BASE = SWEEP.format(extra="")
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("trials = 3", "trials = 3\nsteps = 3", "unknown key(s) steps"),
+    ('method = "profs"', 'method = "nope"', "method 'nope' is not one of"),
+    ("k = {low = 1, high = 3}", "k = {low = 3, high = 1}", "expected numbers low <= high"),
+    ("[eval]", "[fixed]\nk = 2\n[eval]", "k both searched and fixed"),
+    ('prompts = "p.txt"', 'prompts = "rtp-challenging"', "are the evaluation prompts"),
+    ("ppl_tokens = 128\n\n", "ppl_tokens = 0\n\n", "the KL objective needs clean text"),
+    ("limit = 6", "limt = 6", "has no setting 'limt'"),
+    ("strength =", "width = [1, 2]\nstrength =", "profs has no parameter 'width'"),
+    ("seeds = [0, 1]", "seeds = [1, 1]", "seeds must be distinct"),
+])
+def test_a_bad_sweep_file_is_refused_naming_what_was_expected(tmp_path: Path, old: str, new: str, message: str) -> None:
+    assert BASE.count(old) == 1, old
+    path = tmp_path / "s.toml"
+    path.write_text(BASE.replace(old, new))
+    with pytest.raises(SweepError) as err:
+        load_config(path)
+    assert message in str(err.value)
+
+
+def test_a_missing_or_broken_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SweepError, match="expected a sweep file at"):
+        load_config(tmp_path / "none.toml")
+    (tmp_path / "bad.toml").write_text("model = \n")
+    with pytest.raises(SweepError, match="is not a readable TOML file"):
+        load_config(tmp_path / "bad.toml")
+
+
+def _ray_processes() -> int:
+    out = subprocess.run(["ps", "-eo", "cmd"], capture_output=True, text=True).stdout
+    return sum(("raylet" in ln or "gcs_server" in ln or ln.startswith("ray::")) and "<defunct>" not in ln
+               for ln in out.splitlines())
+
+
+def test_a_sweep_runs_two_trials_at_a_time_is_killed_and_resumes(tmp_path: Path) -> None:
+    write_tiny_llama(tmp_path / "m.gguf", d=64, ff=128, layers=3, heads=4, kv_heads=2)
+    (tmp_path / "p.txt").write_text("the cat is\na dog was\nthe\nin the\na cat and\nthe dog of\n")
+    (tmp_path / "p2.txt").write_text("to the\nthe a\nis a cat\n")
+    config = _write(tmp_path)
+    cmd = [sys.executable, "-m", "pydetox.cli", "sweep", str(config.name)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Its own process group, killed as a whole as a closed terminal would: SIGKILL of the driver alone leaves Ray's
+    # agent processes behind (they are Ray's, not the sweep's).
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("setting "):
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(ln.startswith("setting ") for ln in seen), "".join(seen)
+    assert "2 task(s) at a time on 2 CPU(s)" in "".join(seen) or os.cpu_count() != 2
+    results = tmp_path / "out" / "trials"
+    before = {p: p.stat().st_mtime_ns for p in results.glob("*/seed*/result.json")}
+    assert before
+    for _ in range(50):  # Ray's workers go with their raylet
+        if _ray_processes() == 0:
+            break
+        time.sleep(0.2)
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    after = {p: p.stat().st_mtime_ns for p in results.glob("*/seed*/result.json")}
+    assert all(after[p] == t for p, t in before.items())  # finished trials were not redone
+    report = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert len(report["settings"]) == 3  # the budget, interrupted settings asked again rather than counted
+    assert len(after) == 3 * 2
+    for row in report["settings"]:
+        assert set(row["per_seed"]) == {"0", "1"}
+        assert row["kl"] >= 0
+        assert row["reduction"] > 0
+        assert row["kl_sd"] >= 0
+    assert report["pareto"]
+    front = [r for r in report["settings"] if r["pareto"]]
+    assert all(set(r["final"]) == {"0", "1"} for r in front)
+    assert all(not r.get("final") for r in report["settings"] if not r["pareto"])
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert md.count("\n| ") == 3 + 1  # header and one row per setting
+    assert report["final_eval"]["base"]["n"] == 3
+
+    # the same study with another search is another sweep: refused, not mixed in
+    config.write_text(config.read_text().replace("high = 3", "high = 4"))
+    other = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert other.returncode == 2
+    assert "was made by another sweep (it differs in search)" in other.stderr
