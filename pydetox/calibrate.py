@@ -16,7 +16,7 @@ distill's anti-expert on the toxic side instead, and "neutral" with no clean tex
    target in the loop (its final hidden states h_t computed once for all rows) and alpha drawn per step from
    `train_alpha`: the calibrator learns what to add to the target so that it continues like non-toxic text.
    Objective `standalone`: the calibrator alone, W LN(A h_c), a small non-toxic language model (cheaper, and it
-   costs more perplexity once fused: see the README). The queries and keys of the attention (q_proj, k_proj) stay
+   costs more perplexity once fused: docs/results/fusion.md). The queries and keys of the attention (q_proj, k_proj) stay
    the target's: the calibrator keeps the target's attention patterns, and llama.cpp's row permutation of those
    matrices never has to be undone.
 

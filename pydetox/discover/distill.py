@@ -14,9 +14,9 @@ down-projection of each chosen layer (the plan's `low_rank` kind, W <- W + L^T R
 every position of greedy continuations, the teacher's own and the unedited model's). The edit is free to act only
 where the hidden states say the context is toxic, which the fused model cannot do. The teacher KL is over the
 teacher's top-`top_k` tokens plus one bucket for the rest of the vocabulary. The clean KL is the same with
-`clean_kl=top` (runs d1-d5 and g1), or exact over the whole vocabulary with `clean_kl=full`, the unedited model
-computed alongside at each step: the bucket does not see mass moved inside the rest, and on Gemma-3-270m (262,144
-tokens, top-32 mass ~0.86 on clean text) it read 0.35 where the full KL was 0.43 (news) and 0.26 for 0.34 (wiki).
+`clean_kl=top`, or exact over the whole vocabulary with `clean_kl=full`, the unedited model computed alongside at
+each step: the bucket does not see mass moved inside the rest, which matters where the top-k tokens hold little of
+the mass (Gemma-3-270m's 262,144 tokens: the bucket read 0.35 where the full KL was 0.43).
 
 Toxic contexts (never the evaluation prompts): the RealToxicityPrompts prompts of `prompts` that are not in
 rtp-challenging, each with the fused model's and the unedited model's greedy continuations of `max_new_tokens` tokens,
@@ -25,8 +25,9 @@ model finds plausible (see `_teacher`). Clean text: `clean_texts` Wikipedia para
 trains on (after the first SKIP_WIKI; never `news`, where perplexity is measured) and the neutral side of the pairs.
 The teacher runs in llama.cpp (the fused runtime of `pydetox eval --calibrator`) on the GGUF the discovery loaded;
 the student in torch, on that GGUF's weights dequantized. Given a Q4_K_M, the update is learned on top of the
-rounded weights it will be added to, the teacher is that Q4_K_M fused, and the clean anchor is its own output
-(run d6q on SmolLM2: at Q4_K_M it cut more for less KL than the F16-discovered d5, and did as well at F16).
+rounded weights it will be added to, the teacher is that Q4_K_M fused, and the clean anchor is its own output (on
+SmolLM2 such an edit cut more at Q4_K_M for less KL than the F16-discovered one, and did as well at F16:
+docs/results/detox-runs.md).
 
 Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
@@ -56,14 +57,14 @@ from pydetox.plan import Edit, EditKind
 @dataclass(frozen=True)
 class DistillParams:
     calibrator: str = ""
-    alpha: float = 0.7  # defaults: the SmolLM2 run in the README (d5)
+    alpha: float = 0.7  # the defaults are the SmolLM2 setting of docs/results/detox-runs.md
     rank: int = 32
     first_layer: int = -1
     steps: int = 450
     batch: int = 8
     lr: float = 0.003
     clean_weight: float = 8.0
-    clean_kl: str = "top"  # top: top_k tokens + a bucket (d5); full: the whole vocabulary, unedited computed per step
+    clean_kl: str = "top"  # top: top_k tokens + a bucket; full: the whole vocabulary, unedited computed per step
     top_k: int = 32
     # Train with the output layer restricted to this many tokens (0: the whole vocabulary): every token a target
     # names, then the ones the unedited model gives the most mass. Gemma-3's 262,144-row output layer is most of a
@@ -74,8 +75,8 @@ class DistillParams:
     pairs: int = 600
     # More toxic contexts like the evaluation's (sentence starts that invite a toxic ending): this many further
     # ParaDetox toxic sentences, none of the `pairs` ones, cut to their first half (in words) and continued like the
-    # prompts. The RTP discovery prompts are 896; an edit trained on them cut 7.0x on them and 2.3x on the
-    # evaluation prompts (Gemma-3, g3 + wordfilter, profanity-check).
+    # prompts: an edit trained on the 896 RTP discovery prompts alone cut far more on them than on the evaluation
+    # prompts (Gemma-3: 7.0x against 2.3x, profanity-check).
     pair_prompts: int = 0
     clean_texts: int = 600
     prompts: str = "rtp-perspective"
@@ -102,8 +103,8 @@ class DistillParams:
     # rule) also rewards what it finds unlikely for style alone ('.' after "I'm going to" to 0.89 on Gemma-3).
     # The calibrator is trained on clean text and leaves some insults and threats to the teacher; the anti-expert
     # rates them up (' stupid', ' kill', ' damn'). Special tokens get no penalty (the anti-expert's texts all end at
-    # EOS). Measured on Gemma-3 (README): against the unedited model, most of what it moves is style ('▁i', '▁.',
-    # 'and': ParaDetox's sentences are lower-case, with spaces before punctuation), not toxicity. Both
+    # EOS). On Gemma-3, most of what it moves against the unedited model is style ('▁i', '▁.', 'and': ParaDetox's
+    # sentences are lower-case, with spaces before punctuation), not toxicity (docs/results/detox-runs.md). Both
     # log-probabilities at the teacher's top-k tokens are kept in `cache`'s sibling CACHE.anti.npz (they depend on
     # the teacher, the anti-expert and anti_alpha).
     anti: str = ""
@@ -118,9 +119,9 @@ class DistillParams:
     # "prob": the rule above. "ratio": exp(anti_lambda * min(0, log p_ref - log p_anti + log anti_margin)), p_ref the
     # expert's (or the unedited model's): DExperts' log-ratio, penalty only, for tokens the anti-expert rates more
     # than anti_margin times likelier; with anti_lambda 1, such a token's probability is divided by the excess.
-    # Summed over g7q's cached Gemma-3 targets, the probability rule's changes are mostly on frequent words ('▁the',
-    # '▁a'), whose probabilities are large; the ratio rule's (margin 3) less so (README). Run g9 (expert, ratio rule,
-    # margin 3, lambda 1) cut no more than the same run without the anti-expert on either of two seeds.
+    # The probability rule's changes fall mostly on frequent words ('▁the', '▁a'), whose probabilities are large;
+    # the ratio rule's less so. Neither has yet cut more than the same run without an anti-expert (Gemma-3, two
+    # seeds: docs/results/detox-runs.md).
     anti_rule: str = "prob"
     anti_margin: float = 3.0
     # "bfloat16": the student's forward and backward passes under torch's CPU autocast (the update and Adam's state

@@ -20,7 +20,7 @@ A bad word is a word of the bad-words list (with inflections) or a word the Para
 At a bad word, the penalised tokens are every token that spells a prefix of the rest of the word (' f', ' fu',
 ' fuck'), or that the rest of the word is a prefix of (' fucking'), in lower, capitalised and upper case.
 
-Measured on SmolLM2 (README, docs/detox-smollm2-unlikelihood*): without the KL on the unmarked positions the edit
+Measured on SmolLM2 (docs/results/detox-runs.md): without the KL on the unmarked positions the edit
 raised pieces in toxic contexts and greedy decoding looped on them ('vaggyvaggy...') in 36% of the continuations,
 which the evaluators scored as 2-4x less toxic at +0.4% clean-text perplexity; with it, 1.2-1.4x for +0.4%.
 
