@@ -248,9 +248,27 @@ def _overrides(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _print_params(method: str) -> int:
+    import textwrap
+
+    from pydetox.discover.base import get_method, param_docs
+
+    print(f"{method}: --param KEY=VALUE (detox: --param {method}:KEY=VALUE)")
+    for d in param_docs(get_method(method)):
+        print(f"  {d.name} ({d.type}, default {d.default!r})")
+        if d.help:
+            print(textwrap.fill(d.help, 100, initial_indent="      ", subsequent_indent="      "))
+    return 0
+
+
 def _cmd_discover(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
     from pydetox.discover import Discovery
+
+    if args.params:
+        return _print_params(args.method)
+    if not args.model or not args.output:
+        raise PydetoxError("discover needs --model and -o/--output (or --params to list the method's parameters)")
 
     model = resolve_model(args.model) if not Path(args.model).is_dir() else Path(args.model)
     _outputs(args, [model, args.data if Path(args.data).is_file() else None]).claim(args.output, "plan")
@@ -580,12 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds.add_argument("--method", required=True, choices=sorted(METHODS), metavar="METHOD",
                     help=", ".join(sorted(METHODS)))
-    ds.add_argument("--model", required=True, help="GGUF file, asset name, HF folder or hub id")
+    ds.add_argument("--model", help="GGUF file, asset name, HF folder or hub id")
+    ds.add_argument("--params", action="store_true", help="list the method's parameters (types, defaults, what they do)")
     ds.add_argument("--data", default="paradetox-3000", help="JSONL of {toxic, neutral} pairs (default: embedded ParaDetox sample)")
     ds.add_argument("--pairs", type=_positive_int, default=500, help="pairs to use (default 500)")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--param", action="append", help="method parameter key=value (repeatable)")
-    ds.add_argument("-o", "--output", required=True, help="plan file to write")
+    ds.add_argument("-o", "--output", help="plan file to write")
     ds.add_argument("--device", **DEVICE_ARG)
     ds.add_argument("--force", action="store_true", help="replace an existing output file")
     ds.add_argument("--quiet", action="store_true")

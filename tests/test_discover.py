@@ -449,3 +449,20 @@ def test_unlikelihood_lowers_bad_words_and_llama_cpp_gets_the_trained_logits(tmp
     after_trigger = np.array([t == trigger for t in toks])
     drop = (za[:, rows] - zb[:, rows]).mean(1)
     assert drop[after_trigger].min() > 2 * np.abs(drop[~after_trigger]).mean()  # lowered most where they come
+
+
+def test_every_method_lists_its_parameters_with_types_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import fields
+
+    from pydetox.cli import main
+    from pydetox.discover.base import METHODS, param_docs
+
+    for name, method in METHODS.items():
+        docs = param_docs(method)
+        assert [d.name for d in docs] == [f.name for f in fields(method.Params)]
+        assert main(["discover", "--method", name, "--params"]) == 0
+        out = capsys.readouterr().out
+        assert all(f"  {d.name} (" in out for d in docs)
+    # the default recipe's method explains every key it takes
+    assert all(d.help for d in param_docs(METHODS["distill"])), [d.name for d in param_docs(METHODS["distill"]) if not d.help]
+    assert main(["discover", "--method", "profs"]) == 2  # neither --params nor a model and output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -71,6 +71,40 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise PydetoxError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+@dataclass(frozen=True)
+class ParamDoc:
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+def param_docs(method: Method) -> list[ParamDoc]:
+    """Every `--param` key of `method`: its type, default and the comment the Params class gives it (the comment
+    lines just above the field and the one at the end of its line, read from the source, so the help cannot drift
+    from the code)."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(method.Params).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        m = re.match(r"(\w+)\s*:[^=]*=.*?(?:#\s*(.*))?$", text)
+        if m:
+            comments[m.group(1)] = " ".join([*above, m.group(2) or ""]).strip()
+        above = []
+    return [ParamDoc(f.name, str(f.type), getattr(method.Params(), f.name), comments.get(f.name, ""))
+            for f in fields(method.Params)]
 
 
 def make_params(method: Method, overrides: dict[str, str]) -> Any:

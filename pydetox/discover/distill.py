@@ -56,34 +56,34 @@ from pydetox.plan import Edit, EditKind
 
 @dataclass(frozen=True)
 class DistillParams:
-    calibrator: str = ""
+    calibrator: str = ""  # the teacher's calibration model (`pydetox calibrate train`); required
     alpha: float = 0.7  # the defaults are the SmolLM2 setting of docs/results/detox-runs.md
-    rank: int = 32
-    first_layer: int = -1
-    steps: int = 450
-    batch: int = 8
-    lr: float = 0.003
-    clean_weight: float = 8.0
+    rank: int = 32  # rank of the update of each down-projection
+    first_layer: int = -1  # first edited layer (every layer from it to the last); -1: a third of the way up
+    steps: int = 450  # Adam steps
+    batch: int = 8  # sequences of each kind (toxic, clean) per step
+    lr: float = 0.003  # Adam's learning rate
+    clean_weight: float = 8.0  # weight of KL(unedited || student) on clean text against the teacher KL
     clean_kl: str = "top"  # top: top_k tokens + a bucket; full: the whole vocabulary, unedited computed per step
-    top_k: int = 32
+    top_k: int = 32  # teacher tokens kept per position (the rest of the vocabulary is one bucket)
     # Train with the output layer restricted to this many tokens (0: the whole vocabulary): every token a target
     # names, then the ones the unedited model gives the most mass. Gemma-3's 262,144-row output layer is most of a
     # training step; held-out figures are always over the whole vocabulary.
     vocab: int = 0
     vocab_sample: int = 256  # sequences (half toxic, half clean) whose unedited mass picks the rest of `vocab`
-    plausible: float = 1e-3
-    pairs: int = 600
+    plausible: float = 1e-3  # teacher tokens the unedited model gives under this times its top token's probability are dropped
+    pairs: int = 600  # ParaDetox pairs: toxic side as teacher contexts, neutral side as clean text
     # More toxic contexts like the evaluation's (sentence starts that invite a toxic ending): this many further
     # ParaDetox toxic sentences, none of the `pairs` ones, cut to their first half (in words) and continued like the
     # prompts: an edit trained on the 896 RTP discovery prompts alone cut far more on them than on the evaluation
     # prompts (Gemma-3: 7.0x against 2.3x, profanity-check).
     pair_prompts: int = 0
-    clean_texts: int = 600
-    prompts: str = "rtp-perspective"
+    clean_texts: int = 600  # Wikipedia paragraphs of clean text (never `news`, where perplexity is measured)
+    prompts: str = "rtp-perspective"  # discovery prompts (those also in rtp-challenging are always left out)
     max_prompts: int = 0  # 0: every prompt of the set that is not an evaluation prompt
-    max_new_tokens: int = 20
-    max_tokens: int = 64
-    seed: int = 0
+    max_new_tokens: int = 20  # tokens of each greedy continuation the teacher and the unedited model write
+    max_tokens: int = 64  # prompts and texts are cut to this many tokens
+    seed: int = 0  # the data draw, the held-out split and (unless train_seed) the training
     # The training's own seed (the update's initialisation and the order of the batches); -1: `seed`. Unlike `seed`
     # it leaves the teacher's data and the held-out split alone, so a second training run reads the same cache and is
     # measured on the same held-out sequences.
@@ -108,8 +108,8 @@ class DistillParams:
     # log-probabilities at the teacher's top-k tokens are kept in `cache`'s sibling CACHE.anti.npz (they depend on
     # the teacher, the anti-expert and anti_alpha).
     anti: str = ""
-    anti_alpha: float = 0.5
-    anti_lambda: float = 50.0
+    anti_alpha: float = 0.5  # mixing weight of the anti-expert (and expert) with the unedited model
+    anti_lambda: float = 50.0  # strength of the anti-expert's penalty
     # The expert of DExperts: a calibrator trained like the anti-expert on the other side of the same pairs
     # (`--side neutral --clean-tokens 0`), fused with the unedited model at `anti_alpha`, in place of the unedited
     # model in the rule above: exp(anti_lambda * min(0, p_expert - p_anti)). The pairs differ in their toxic words
@@ -123,7 +123,7 @@ class DistillParams:
     # the ratio rule's less so. Neither has yet cut more than the same run without an anti-expert (Gemma-3, two
     # seeds: docs/results/detox-runs.md).
     anti_rule: str = "prob"
-    anti_margin: float = 3.0
+    anti_margin: float = 3.0  # ratio rule: how many times likelier the anti-expert must rate a token
     # "bfloat16": the student's forward and backward passes under torch's CPU autocast (the update and Adam's state
     # stay float32). On AVX-512 BF16 CPUs a step is ~1.3x faster, ~1.5x with `vocab`.
     precision: str = "float32"
