@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydetox.errors import AssetError
 from pydetox.gguf_io import sha256_file
+from pydetox.paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -126,15 +127,6 @@ _from_wheel("bilstm-toxic", "toxic-comment-classifier==0.3.0", {
 _from_wheel("hatesonar", "hatesonar==0.1.0", {
     "hatesonar/model/model.onnx": "3d881e00b16eb0cf8a6df58a68305f6a1b36e512334aa702a9501eaa0afe51b5",
 }, "MIT", "hatesonar's TF-IDF + logistic regression ONNX model (Davidson et al. hate/offensive/neither)")
-
-
-def cache_dir() -> Path:
-    """Where fetched assets live: $PYDETOX_CACHE, else $XDG_CACHE_HOME/pydetox, else ~/.cache/pydetox."""
-    env = os.environ.get("PYDETOX_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pydetox"
 
 
 def fetch(name: str, cache: str | os.PathLike[str] | None = None, quiet: bool = False) -> Path:

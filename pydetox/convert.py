@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from pydetox.assets import cache_dir
+from pydetox.paths import cache_dir
 from pydetox.errors import AssetError, PydetoxError
 from pydetox.gguf_io import sha256_file
 from pydetox.output import Outputs, atomic

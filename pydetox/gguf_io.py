@@ -166,7 +166,7 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 8 << 20) -> str:
 
 
 def _hash_cache_path() -> Path:
-    from pydetox.assets import cache_dir
+    from pydetox.paths import cache_dir
 
     return cache_dir() / "sha256-cache.json"
 

@@ -102,7 +102,7 @@ class Stages:
 
 
 def shared_calibrators() -> Path:
-    from pydetox.assets import cache_dir
+    from pydetox.paths import cache_dir
 
     return cache_dir() / "calibrators"
 

@@ -44,3 +44,30 @@ def test_readme_example_on_a_tiny_model(tmp_path: Path) -> None:
 
     for name in pydetox.__all__:
         assert not isinstance(getattr(pydetox, name), type(pydetox)), name
+
+
+def test_no_import_cycles_between_modules() -> None:
+    """Every import between pydetox's modules, the lazy ones inside functions included, forms no cycle (the package
+    facade `pydetox/__init__.py`, whose names load their modules on first use, excepted)."""
+    import ast
+    import graphlib
+    from pathlib import Path
+
+    import pydetox
+
+    root = Path(pydetox.__file__).parent
+    modules = {".".join(("pydetox", *f.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): f
+               for f in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        if name == "pydetox":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pydetox"):
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("pydetox.")}
+        graph[name] = {d for d in deps if d in modules and d != "pydetox"}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle

@@ -90,7 +90,7 @@ def _converted_folder(gguf_path: Path) -> Path:
     file's path, size and modification time, so an edited or replaced file is converted afresh."""
     import hashlib
 
-    from pydetox.assets import cache_dir
+    from pydetox.paths import cache_dir
 
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
