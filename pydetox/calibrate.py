@@ -169,7 +169,9 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
           progress: bool = True, plot: bool = True, device: str = "auto") -> CalibrateResult:
     """Train a calibrator for the GGUF `target` and write `out` (a GGUF), its alignment, log and loss plot. `device`:
     the torch device to train on ("cpu", "cuda", or "auto": see `pydetox.discover.model.resolve_device`)."""
-    import torch
+    from pydetox.extras import require
+
+    torch = require("torch", "calibrator training")
 
     from pydetox.discover.model import FullPrecisionModel, autocast
 

@@ -70,6 +70,10 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", overwrite
     if not (hf_dir / "config.json").is_file():
         raise PydetoxError(f"expected a Hugging Face model folder with config.json at {hf_dir}")
     Outputs([hf_dir], force=overwrite).claim(out, "output model")
+    from pydetox.extras import require
+
+    for module in ("torch", "transformers"):  # llama.cpp's converter imports both
+        require(module, "pydetox convert")
     conv = converter_dir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv), os.environ.get("PYTHONPATH", "")])}
     with atomic(out) as tmp:

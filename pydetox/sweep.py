@@ -387,7 +387,11 @@ def _summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the sweep; returns the report that `sweep.json` holds."""
-    import ray
+    from pydetox.extras import require
+
+    ray = require("ray", "pydetox sweep")
+    require("optuna", "pydetox sweep")
+    require("torch", "pydetox sweep")
     from optuna.trial import TrialState
 
     from pydetox.assets import resolve_model

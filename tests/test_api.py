@@ -71,3 +71,41 @@ def test_no_import_cycles_between_modules() -> None:
                 deps |= {a.name for a in node.names if a.name.startswith("pydetox.")}
         graph[name] = {d for d in deps if d in modules and d != "pydetox"}
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+
+
+BLOCK = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'accelerate', 'optuna', 'ray'):
+            raise ImportError(f'{name} blocked for this test')
+sys.meta_path.insert(0, Block())
+from pydetox.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_the_optional_extras_apply_and_eval_work_and_discovery_names_its_extra(tmp_path: Path) -> None:
+    """`pip install pydetox` without [discover] / [sweep]: torch, transformers, Optuna and Ray made unimportable."""
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    (tmp_path / "p.txt").write_text("the cat is\na dog was\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", BLOCK, *args], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=300)
+
+    plan = run("plan", "random", "--model", str(model), "--tensors", "*ffn_down*", "--kind", "low_rank", "--rank", "2",
+               "-o", "p.plan.gguf")
+    assert plan.returncode == 0, plan.stderr
+    applied = run("apply", "p.plan.gguf", str(model), "-o", "out.gguf", "--quiet")
+    assert applied.returncode == 0, applied.stderr
+    evaluated = run("eval", "out.gguf", "--prompts", "p.txt", "--evaluators", "profanity-check", "--ppl-tokens", "64",
+                    "--max-tokens", "4", "--quiet")
+    assert evaluated.returncode == 0, evaluated.stderr
+    found = run("discover", "--method", "profs", "--model", str(model), "-o", "d.plan.gguf", "--quiet")
+    assert found.returncode == 2
+    assert 'discovery needs torch, which is not installed: pip install "pydetox[discover]"' in found.stderr
+    (tmp_path / "s.toml").write_text('model = "m.gguf"\nmethod = "profs"\n[search]\nk = [1, 2]\n')
+    swept = run("sweep", "s.toml", "--quiet")
+    assert swept.returncode == 2
+    assert 'pip install "pydetox[sweep]"' in swept.stderr

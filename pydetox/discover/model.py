@@ -130,12 +130,11 @@ class FullPrecisionModel:
     """A causal LM in float32 torch, its tokenizer, and the GGUF names of its matrices."""
 
     def __init__(self, source: str | Path, progress: bool = True, device: str = "cpu") -> None:
-        try:
-            import torch
-            import transformers
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError as exc:
-            raise PydetoxError("discovery needs torch and transformers: pip install torch==2.13.0 transformers accelerate") from exc
+        from pydetox.extras import require
+
+        torch = require("torch", "discovery")
+        transformers = require("transformers", "discovery")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         self.torch = torch
         if not progress:
             transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
