@@ -426,9 +426,8 @@ def calibrator_hidden(path: Path, tokens: list[int], threads: int | None = None)
 
     with LlamaRuntime(path, n_ctx=max(64, len(tokens)), n_batch=max(64, len(tokens)), threads=threads,
                       embeddings=True) as rt:
-        rt._decode([(t, i, 0, True) for i, t in enumerate(tokens)])
-        ptr = rt.lib.llama_get_embeddings(rt.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(len(tokens), rt.n_embd)).copy()
+        rt.decode([(t, i, 0, True) for i, t in enumerate(tokens)])
+        return rt.embeddings(len(tokens))
 
 
 def plot_losses(log: dict[str, Any], path: Path) -> Path:

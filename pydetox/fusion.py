@@ -268,6 +268,10 @@ class FusedRuntime(LlamaRuntime):
     def _output_logits(self, n: int) -> FloatArray:
         return self._fused[:n]
 
+    def copy_sequence(self, src: int, dst: int) -> None:
+        super().copy_sequence(src, dst)
+        self.cal.copy_sequence(src, dst)
+
     def logprobs_and_target(self, tokens: list[int]) -> tuple[FloatArray, FloatArray]:
         """`logprobs(tokens)` of the fused model and of the target alone, from one decode: the target's logits stay
         in its own llama.cpp context while the calibrator decodes in another."""

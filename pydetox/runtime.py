@@ -306,6 +306,38 @@ class LlamaRuntime:
         """The logits of the `n` output rows of the last decode (a view into llama.cpp's buffer)."""
         return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(n, self.n_vocab))
 
+    # The step-by-step interface that discovery and calibration drive (generate and logprobs are built on it):
+    # decode a batch of (token, position, sequence, wants output) items, read the outputs, fork or clear sequences.
+
+    def decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """Decode one batch: `items` are (token, position, sequence id, wants output); at most `n_batch` of them."""
+        if len(items) > self.n_batch:
+            raise RuntimeUnavailableError(f"a batch of {len(items)} items is over this runtime's n_batch {self.n_batch}")
+        self._decode(items)
+
+    def logits(self, n: int) -> np.ndarray:
+        """(n, vocab) float32 logits of the last decode's `n` output rows, in item order; valid until the next decode
+        (llama.cpp's own buffer, not a copy: these rows are vocabulary-wide)."""
+        return self._output_logits(n)
+
+    def target_logits(self, n: int) -> np.ndarray:
+        """The model's own logits of the last decode's outputs: `logits` here; the target's alone where a subclass
+        changes `logits` (calibrator fusion). Valid until the next decode."""
+        return LlamaRuntime._output_logits(self, n)
+
+    def embeddings(self, n: int) -> np.ndarray:
+        """(n, n_embd) float32 copy of the final hidden states of the last decode's `n` output rows (a runtime made
+        with embeddings=True)."""
+        return np.ctypeslib.as_array(self.lib.llama_get_embeddings(self.ctx), shape=(n, self.n_embd)).copy()
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Give sequence `dst` the whole cached context of sequence `src` (a fork: both continue from there)."""
+        self.lib.llama_memory_seq_cp(self.lib.llama_get_memory(self.ctx), src, dst, -1, -1)
+
+    def clear(self) -> None:
+        """Forget every sequence's cached context."""
+        self._clear()
+
     def logprobs(self, tokens: list[int]) -> np.ndarray:
         """log p(token[i+1] | tokens[:i+1]) over the whole vocabulary, for i < len(tokens) - 1: an
         (n - 1, n_vocab) float32 array from one window of at most n_ctx tokens (sequence 0)."""

@@ -421,3 +421,29 @@ def test_restricted_vocabulary_log_probabilities_are_the_full_ones_renormalised(
     assert full.shape == (5 + 2, 275)
     torch.testing.assert_close(full, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(part, torch.log_softmax(full[:, keep], -1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_the_step_interface_forks_a_sequence_like_decoding_it_again(trained: tuple[Path, Path], fused: bool) -> None:
+    """decode / copy_sequence / logits / target_logits / clear, as discovery drives them: a sequence forked after
+    its prompt continues exactly as the same tokens decoded from scratch (both contexts of a fused runtime fork)."""
+    target, cal = trained
+    prompt, nxt = [1, 260, 261, 262, 263], 264
+
+    def make() -> LlamaRuntime:
+        return FusedRuntime(target, cal, 0.5, n_ctx=64, n_seq=2) if fused else LlamaRuntime(target, n_ctx=64, n_seq=2)
+
+    with make() as rt:
+        rt.decode([(t, i, 0, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+        rt.copy_sequence(0, 1)
+        rt.decode([(nxt, len(prompt), 0, True), (nxt, len(prompt), 1, True)])
+        forked = rt.logits(2).copy()
+        own = rt.target_logits(2).copy()
+        rt.clear()
+        rt.decode([(t, i, 1, True) for i, t in enumerate([*prompt, nxt])])
+        fresh = rt.logits(len(prompt) + 1)[-1].copy()
+    np.testing.assert_allclose(forked[0], forked[1], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(forked[1], fresh, rtol=0, atol=1e-3)
+    assert (not np.allclose(own, forked, atol=1e-3)) if fused else np.array_equal(own, forked)
+    with pytest.raises(Exception, match="over this runtime's n_batch"), LlamaRuntime(target, n_ctx=64, n_batch=4) as small:
+        small.decode([(t, i, 0, False) for i, t in enumerate(prompt)])

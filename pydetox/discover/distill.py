@@ -297,13 +297,12 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
     targets are read off while the continuations are generated (both continuations of a prompt share its decoded
     prompt through a copy of its KV cache), instead of generating first and decoding every sequence again."""
     from pydetox.fusion import FusedRuntime
-    from pydetox.runtime import LlamaRuntime, log_softmax
+    from pydetox.runtime import log_softmax
 
     n_seq = 16
     n_ctx = 2 * n_seq * (p.max_tokens + p.max_new_tokens) + 64
     floor = np.log(p.plausible) if p.plausible > 0 else None
     with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_ctx, n_seq=2 * n_seq, n_batch=512) as rt:
-        lib = rt.lib
 
         def rows(items: list[tuple[int, int, int, bool]]) -> tuple[list[tuple[Any, Any, Any]], np.ndarray, np.ndarray]:
             """Decode items (all with outputs) in chunks; per item its target row (ids, logp, rest), and the argmax
@@ -312,9 +311,9 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
             best_f, best_b = [], []
             for c in range(0, len(items), rt.n_batch):
                 chunk = items[c : c + rt.n_batch]
-                rt._decode(chunk)
-                zf = rt._output_logits(len(chunk))
-                zb = LlamaRuntime._output_logits(rt, len(chunk))
+                rt.decode(chunk)
+                zf = rt.logits(len(chunk))
+                zb = rt.target_logits(len(chunk))
                 best_f.append(zf.argmax(1))
                 best_b.append(zb.argmax(1))
                 if floor is None:
@@ -332,9 +331,8 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
         for s0 in tqdm(waves, desc="teacher: continue prompts", leave=False, disable=not progress):
             wave = toks[s0 : s0 + n_seq]
             n = len(wave)
-            rt._clear()
+            rt.clear()
             got, bf, bb = rows([(t, j, s, True) for s, q in enumerate(wave) for j, t in enumerate(q)])
-            mem, cmem = lib.llama_get_memory(rt.ctx), lib.llama_get_memory(rt.cal.ctx)
             seq_rows: list[list[Any]] = [[] for _ in range(2 * n)]
             nxt: dict[int, int] = {}
             at = 0
@@ -343,8 +341,7 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
                 seq_rows[s + n] = list(seq_rows[s])
                 nxt[s], nxt[s + n] = int(bf[at + len(q) - 1]), int(bb[at + len(q) - 1])  # fused, unedited
                 at += len(q)
-                lib.llama_memory_seq_cp(mem, s, s + n, -1, -1)
-                lib.llama_memory_seq_cp(cmem, s, s + n, -1, -1)
+                rt.copy_sequence(s, s + n)
             gen: list[list[int]] = [[] for _ in range(2 * n)]
             active = list(range(2 * n))
             for _ in range(p.max_new_tokens):
@@ -370,7 +367,7 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
         texts = [rt.tokenize(t)[: p.max_tokens] for t in toxic_texts]
         for s0 in tqdm(range(0, len(texts), n_seq), desc="teacher: toxic texts", leave=False, disable=not progress):
             wave = [(s0 + j, t) for j, t in enumerate(texts[s0 : s0 + n_seq]) if len(t) >= 2]
-            rt._clear()
+            rt.clear()
             got, _, _ = rows([(t, j, s, True) for s, (_, q) in enumerate(wave) for j, t in enumerate(q)])
             at = 0
             for j, q in wave:
