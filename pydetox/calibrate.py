@@ -38,14 +38,13 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from pydetox import ggml, kernels, keys
+from pydetox import ggml, kernels, keys, splits
 from pydetox.errors import PydetoxError
 from pydetox.output import atomic, write_text
 from pydetox.fusion import Alignment, alignment_path, vocab_fingerprint
 from pydetox.gguf_io import AtomicGGUFWriter, ModelFile, OutTensor, nbytes
 
 KEY_TARGET = keys.CALIBRATOR_TARGET
-SKIP_WIKI = 200
 KEY_LAYERS = keys.CALIBRATOR_LAYERS
 
 
@@ -105,11 +104,11 @@ class CalibrateResult:
 def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], str]:
     """The `side` of the pairs (neutral for a calibrator), then clean-text paragraphs; evaluation prompts excluded."""
     from pydetox.discover.data import usable_pairs
-    from pydetox.prompts import load_clean_text, load_prompts
+    from pydetox.prompts import load_clean_text
 
     if settings.side not in ("neutral", "toxic"):
         raise PydetoxError(f"side is 'neutral' (a calibrator) or 'toxic' (an anti-expert), not {settings.side!r}")
-    rows, source = usable_pairs(settings.pairs, set(load_prompts("rtp-challenging").prompts))
+    rows, source = usable_pairs(settings.pairs, set(splits.evaluation_prompts()))
     sentences = [r[settings.side] for r in rows]
     clean: list[str] = []
     if settings.clean_tokens > 0:
@@ -117,7 +116,7 @@ def training_texts(settings: CalibrateSettings) -> tuple[list[str], list[str], s
             raise PydetoxError("the calibrator must not train on `news`: that is where perplexity is measured; use wiki or a file")
         clean = load_clean_text(settings.clean_text)
         if settings.clean_text == "wiki":
-            clean = clean[SKIP_WIKI:]  # `pydetox eval --clean-text wiki` measures perplexity on the first paragraphs
+            clean = splits.training_wiki()  # the first paragraphs are for measuring
     desc = f"{len(sentences)} {settings.side} sentences of {source} + {settings.clean_text} (up to {settings.clean_tokens} tokens)"
     return sentences, clean, desc
 

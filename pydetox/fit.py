@@ -4,7 +4,7 @@
 that pick is tuned on the test set. `fit_strength` picks it from the other side: the largest strength whose edited
 model stays within `budget` nats/token of KL(unedited || edited) on clean text that neither discovery nor the
 evaluation uses (by default the first tokens of `wiki`, as `pydetox eval --clean-text wiki` reads them: they lie in
-the first SKIP_WIKI paragraphs, which the calibrator and `distill` skip, while evaluation measures on `news`). Each
+the paragraphs `pydetox.splits` holds out from training, while evaluation measures on `news`). Each
 trial applies the scaled plan to the given GGUF exactly as `pydetox apply` would (same `edited_floor`) and measures
 KL in llama.cpp against that GGUF.
 

@@ -109,3 +109,18 @@ def test_without_the_optional_extras_apply_and_eval_work_and_discovery_names_its
     swept = run("sweep", "s.toml", "--quiet")
     assert swept.returncode == 2
     assert 'pip install "pydetox[sweep]"' in swept.stderr
+
+
+def test_training_data_never_holds_what_is_measured() -> None:
+    """pydetox.splits: no discovery prompt is (or contains, or is in) an evaluation prompt; training wiki text starts
+    after the held-out paragraphs that `eval --clean-text wiki` and `plan fit` measure on."""
+    from pydetox.prompts import load_clean_text
+    from pydetox.splits import WIKI_HELD_OUT, discovery_prompts, evaluation_prompts, training_wiki
+
+    ev = [e.strip().lower() for e in evaluation_prompts()]
+    found = discovery_prompts("rtp-perspective")
+    assert 0 < len(found) < 993
+    assert not any(q.strip().lower() in e or e in q.strip().lower() for q in found for e in ev)
+    wiki = load_clean_text("wiki")
+    assert training_wiki(5) == wiki[WIKI_HELD_OUT : WIKI_HELD_OUT + 5]
+    assert not set(training_wiki()) & set(wiki[:WIKI_HELD_OUT])

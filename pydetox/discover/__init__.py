@@ -29,13 +29,13 @@ class Discovery:
 
     def __init__(self, source: str | Path, *, data: str = EMBEDDED, n_pairs: int = 500, seed: int = 0,
                  max_tokens: int = 64, progress: bool = True, device: str = "auto") -> None:
-        from pydetox.prompts import load_prompts
+        from pydetox.splits import evaluation_prompts
 
         t0 = time.perf_counter()
         self.fp = FullPrecisionModel(source, progress=progress, device=device)
         self.load_s = time.perf_counter() - t0
         # Never the prompts used for evaluation.
-        exclude = set(load_prompts("rtp-challenging").prompts)
+        exclude = set(evaluation_prompts())
         self.data: DiscoveryData = load_pairs(data, n_pairs, seed, exclude)
         self.max_tokens, self.progress = max_tokens, progress
         self.activation_s = 0.0  # time spent collecting activations, once a method has asked for them

@@ -22,7 +22,7 @@ Toxic contexts (never the evaluation prompts): the RealToxicityPrompts prompts o
 rtp-challenging, each with the fused model's and the unedited model's greedy continuations of `max_new_tokens` tokens,
 and the toxic side of `pairs` ParaDetox pairs. The teacher's distributions are restricted to tokens the unedited
 model finds plausible (see `_teacher`). Clean text: `clean_texts` Wikipedia paragraphs from the ones the calibrator
-trains on (after the first SKIP_WIKI; never `news`, where perplexity is measured) and the neutral side of the pairs.
+trains on (after the held-out ones of `pydetox.splits`; never `news`, where perplexity is measured) and the neutral side of the pairs.
 The teacher runs in llama.cpp (the fused runtime of `pydetox eval --calibrator`) on the GGUF the discovery loaded;
 the student in torch, on that GGUF's weights dequantized. Given a Q4_K_M, the update is learned on top of the
 rounded weights it will be added to, the teacher is that Q4_K_M fused, and the clean anchor is its own output (on
@@ -598,6 +598,81 @@ def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, b
     return _Targets(seqs, ids, logp, rest, np.arange(len(seqs)))
 
 
+def _check(p: DistillParams, source: Path) -> None:
+    """Every parameter that can be checked before the teacher's half hour, checked."""
+    if not p.calibrator:
+        raise PydetoxError("distill needs a calibrator: --param calibrator=CAL.gguf (from `pydetox calibrate train`)")
+    if not Path(p.calibrator).is_file():
+        raise PydetoxError(f"distill: expected a calibrator GGUF at {p.calibrator}, found nothing")
+    if source.suffix != ".gguf" or not source.is_file():
+        raise PydetoxError(f"distill runs the fused teacher in llama.cpp and needs the model as a GGUF file; got {source}")
+    if not 0.0 <= p.plausible < 1.0:
+        raise PydetoxError(f"distill: plausible must lie in [0, 1), got {p.plausible}")
+    if p.clean_kl not in ("top", "full"):
+        raise PydetoxError(f"distill: clean_kl is 'top' or 'full', got {p.clean_kl!r}")
+    if p.anti and not Path(p.anti).is_file():  # checked before the teacher's half hour, not after
+        raise PydetoxError(f"distill: expected an anti-expert GGUF at {p.anti}, found nothing")
+    if p.expert and not (p.anti and Path(p.expert).is_file()):
+        raise PydetoxError(f"distill: an expert needs an anti-expert (anti=...) and a GGUF at {p.expert}; got "
+                           f"anti={p.anti!r}, and {'a file' if Path(p.expert).is_file() else 'nothing'} there")
+    if not 0.0 <= p.anti_alpha <= 1.0 or p.anti_lambda < 0:
+        raise PydetoxError(f"distill: anti_alpha must lie in [0, 1] and anti_lambda be >= 0, got {p.anti_alpha}, "
+                           f"{p.anti_lambda}")
+    if p.anti_rule not in ("prob", "ratio") or p.anti_margin < 1:
+        raise PydetoxError(f"distill: anti_rule is 'prob' or 'ratio' and anti_margin >= 1, got {p.anti_rule!r}, "
+                           f"{p.anti_margin}")
+    if p.batching not in ("random", "length"):
+        raise PydetoxError(f"distill: batching is 'random' or 'length', got {p.batching!r}")
+    if p.rank < 1 or p.steps < 1 or p.batch < 1:
+        raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")
+
+
+def _contexts(p: DistillParams) -> tuple[list[str], list[str], list[str]]:
+    """The prompts the teacher and the unedited model continue, the toxic texts, and the clean texts (never the
+    evaluation prompts, never `news`)."""
+    from pydetox.discover.data import EMBEDDED, usable_pairs
+    from pydetox.splits import discovery_prompts, evaluation_prompts, training_wiki
+
+    evaluation = evaluation_prompts()
+    rows, _ = usable_pairs(EMBEDDED, set(evaluation))
+    rng = np.random.default_rng(p.seed)
+    order = rng.permutation(len(rows))
+    if p.pairs + p.pair_prompts > len(rows):
+        raise PydetoxError(f"distill: pairs + pair_prompts must be at most the {len(rows)} usable pairs, got "
+                           f"{p.pairs} + {p.pair_prompts}")
+    extra = [rows[int(i)]["toxic"] for i in order[p.pairs : p.pairs + p.pair_prompts]]
+    rows = [rows[int(i)] for i in order[: p.pairs]]
+    prompts = discovery_prompts(p.prompts)
+    if p.max_prompts > 0:
+        prompts = [prompts[int(i)] for i in sorted(rng.permutation(len(prompts))[: p.max_prompts])]
+    seen = [e.strip().lower() for e in evaluation]
+    prompts += [h for h in map(_first_half, extra) if h and not any(h.lower() in e for e in seen)]
+    clean_texts = training_wiki(p.clean_texts) + [r["neutral"] for r in rows]
+    return prompts, [r["toxic"] for r in rows], clean_texts
+
+
+def _targets(ctx: Context, p: DistillParams, source: Path, prompts: list[str], toxic_texts: list[str],
+             clean_texts: list[str]) -> tuple[_Targets, list[list[int]], dict[str, Any]]:
+    """The teacher's targets on the toxic contexts and the tokenized clean texts, from `cache` when it holds them
+    for these settings; with the anti-expert's decay applied when `anti` is set. Also what came from the cache."""
+    cache = Path(p.cache) if p.cache else None
+    if cache is not None and cache.suffix != ".npz":
+        raise PydetoxError(f"distill: the teacher cache is a .npz file, got {p.cache}")
+    key = _cache_key(source, p)
+    cached = _load_cache(cache, key) if cache is not None else None
+    if cached is None:
+        toxic, clean_seqs = _teacher(source, p, prompts, toxic_texts, ctx.progress, clean_texts)
+        if cache is not None:
+            _save_cache(cache, key, toxic, clean_seqs)
+    else:
+        toxic, clean_seqs = cached
+    anti_cached = None
+    if p.anti:
+        spare = np.asarray(ctx.fp.tokenizer.all_special_ids, np.int64)  # the anti-expert's data ends every text at EOS
+        toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress, spare)
+    return toxic, clean_seqs, {"teacher_from_cache": cached is not None, **({"anti_from_cache": anti_cached} if p.anti else {})}
+
+
 @register_method
 class Distill(Method):
     name = "distill"
@@ -609,69 +684,12 @@ class Distill(Method):
     def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:
         p: DistillParams = params
         source = Path(str(ctx.fp.source))
-        if not p.calibrator:
-            raise PydetoxError("distill needs a calibrator: --param calibrator=CAL.gguf (from `pydetox calibrate train`)")
-        if not Path(p.calibrator).is_file():
-            raise PydetoxError(f"distill: expected a calibrator GGUF at {p.calibrator}, found nothing")
-        if source.suffix != ".gguf" or not source.is_file():
-            raise PydetoxError(f"distill runs the fused teacher in llama.cpp and needs the model as a GGUF file; got {source}")
-        if not 0.0 <= p.plausible < 1.0:
-            raise PydetoxError(f"distill: plausible must lie in [0, 1), got {p.plausible}")
-        if p.clean_kl not in ("top", "full"):
-            raise PydetoxError(f"distill: clean_kl is 'top' or 'full', got {p.clean_kl!r}")
-        if p.anti and not Path(p.anti).is_file():  # checked before the teacher's half hour, not after
-            raise PydetoxError(f"distill: expected an anti-expert GGUF at {p.anti}, found nothing")
-        if p.expert and not (p.anti and Path(p.expert).is_file()):
-            raise PydetoxError(f"distill: an expert needs an anti-expert (anti=...) and a GGUF at {p.expert}; got "
-                               f"anti={p.anti!r}, and {'a file' if Path(p.expert).is_file() else 'nothing'} there")
-        if not 0.0 <= p.anti_alpha <= 1.0 or p.anti_lambda < 0:
-            raise PydetoxError(f"distill: anti_alpha must lie in [0, 1] and anti_lambda be >= 0, got {p.anti_alpha}, "
-                               f"{p.anti_lambda}")
-        if p.anti_rule not in ("prob", "ratio") or p.anti_margin < 1:
-            raise PydetoxError(f"distill: anti_rule is 'prob' or 'ratio' and anti_margin >= 1, got {p.anti_rule!r}, "
-                               f"{p.anti_margin}")
-        if p.batching not in ("random", "length"):
-            raise PydetoxError(f"distill: batching is 'random' or 'length', got {p.batching!r}")
-        if p.rank < 1 or p.steps < 1 or p.batch < 1:
-            raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")
+        _check(p, source)
         bf16 = autocast(p.precision, "distill", ctx.fp.device)
         torch = ctx.fp.torch
         torch.manual_seed(p.seed)
-        from pydetox.calibrate import SKIP_WIKI
-        from pydetox.discover.data import EMBEDDED, usable_pairs
-        from pydetox.discover.unlikelihood import _discovery_prompts
-        from pydetox.prompts import load_clean_text, load_prompts
-
-        evaluation = load_prompts("rtp-challenging").prompts
-        rows, _ = usable_pairs(EMBEDDED, set(evaluation))
-        rng = np.random.default_rng(p.seed)
-        order = rng.permutation(len(rows))
-        if p.pairs + p.pair_prompts > len(rows):
-            raise PydetoxError(f"distill: pairs + pair_prompts must be at most the {len(rows)} usable pairs, got "
-                               f"{p.pairs} + {p.pair_prompts}")
-        extra = [rows[int(i)]["toxic"] for i in order[p.pairs : p.pairs + p.pair_prompts]]
-        rows = [rows[int(i)] for i in order[: p.pairs]]
-        prompts = _discovery_prompts(p.prompts, evaluation)
-        if p.max_prompts > 0:
-            prompts = [prompts[int(i)] for i in sorted(rng.permutation(len(prompts))[: p.max_prompts])]
-        seen = [e.strip().lower() for e in evaluation]
-        prompts += [h for h in map(_first_half, extra) if h and not any(h.lower() in e for e in seen)]
-        clean_texts = load_clean_text("wiki")[SKIP_WIKI : SKIP_WIKI + p.clean_texts] + [r["neutral"] for r in rows]
-        cache = Path(p.cache) if p.cache else None
-        if cache is not None and cache.suffix != ".npz":
-            raise PydetoxError(f"distill: the teacher cache is a .npz file, got {p.cache}")
-        key = _cache_key(source, p)
-        cached = _load_cache(cache, key) if cache is not None else None
-        if cached is None:
-            toxic, clean_seqs = _teacher(source, p, prompts, [r["toxic"] for r in rows], ctx.progress, clean_texts)
-            if cache is not None:
-                _save_cache(cache, key, toxic, clean_seqs)
-        else:
-            toxic, clean_seqs = cached
-        anti_cached = None
-        if p.anti:
-            spare = np.asarray(ctx.fp.tokenizer.all_special_ids, np.int64)  # the anti-expert's data ends every text at EOS
-            toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress, spare)
+        prompts, toxic_texts, clean_texts = _contexts(p)
+        toxic, clean_seqs, from_cache = _targets(ctx, p, source, prompts, toxic_texts, clean_texts)
         full = p.clean_kl == "full"  # then the unedited model's distributions are computed per step, not stored
         with bf16:
             clean = None if full else _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
@@ -761,8 +779,7 @@ class Distill(Method):
             edits.append(Edit(ctx.fp.down_proj_name(layer), EditKind.LOW_RANK, tuple(w.shape),
                               b.detach().T.contiguous().cpu().numpy().astype(np.float32),
                               a.detach().cpu().numpy().astype(np.float32)))
-        return edits, {"device": ctx.fp.device, "teacher_from_cache": cached is not None,
-                       **({"anti_from_cache": anti_cached} if p.anti else {}),
+        return edits, {"device": ctx.fp.device, **from_cache,
                        "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs), "discovery_prompts": len(prompts),
                        "layers": [first, n - 1], "held_out_toxic_sequences": len(val_t),
                        "held_out_contexts": len(np.unique(toxic.groups[val_t])),

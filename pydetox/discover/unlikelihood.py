@@ -204,21 +204,19 @@ class Unlikelihood(Method):
             raise PydetoxError(f"unlikelihood: rounds and steps must be >= 1, got {p.rounds} and {p.steps}")
         torch = ctx.fp.torch
         torch.manual_seed(p.seed)
-        from pydetox.calibrate import SKIP_WIKI
         from pydetox.discover.data import EMBEDDED, usable_pairs
-        from pydetox.prompts import load_clean_text, load_prompts
+        from pydetox.splits import discovery_prompts, evaluation_prompts, training_wiki
 
         tok = ctx.fp.tokenizer
         w = ctx.fp.unembedding().float()
         vocab, d = w.shape
         spell = _Spelling(tok, vocab)
-        evaluation = load_prompts("rtp-challenging").prompts
-        rows, _ = usable_pairs(EMBEDDED, set(evaluation))
+        rows, _ = usable_pairs(EMBEDDED, set(evaluation_prompts()))
         rng = np.random.default_rng(p.seed)
         rows = [rows[int(i)] for i in rng.permutation(len(rows))[: p.pairs]]
-        clean_texts = load_clean_text("wiki")[SKIP_WIKI:]
+        clean_texts = training_wiki()
         bad = bad_words(ctx, p, rows, clean_texts)
-        prompts = _discovery_prompts(p.prompts, evaluation)
+        prompts = discovery_prompts(p.prompts)
         hidden = _Hidden(ctx)
         try:
             # Marks on the toxic side of the pairs.
@@ -251,19 +249,6 @@ class Unlikelihood(Method):
         return [edit], {"bad_words": len(bad), "pair_marks": n_pair_marks, "discovery_prompts": len(prompts),
                         "rows": len(rows_t), "rounds": history,
                         "examples": sorted(spell.strings[int(t)] for t in rows_t[:60])}
-
-
-def _discovery_prompts(name: str, evaluation: list[str]) -> list[str]:
-    """A prompt set without any prompt of the evaluation set (nor one containing, or contained in, one)."""
-    from pydetox.prompts import load_prompts
-
-    ev = [e.strip().lower() for e in evaluation]
-    out = []
-    for q in load_prompts(name).prompts:
-        s = q.strip().lower()
-        if not any(s in e or e in s for e in ev):
-            out.append(q)
-    return out
 
 
 def _positions(hidden: _Hidden, seqs: list[list[int]], label: str, batch: int = 16) -> tuple[Any, Any]:

@@ -86,9 +86,8 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
     pairs rarely show (see `select_tokens`)."""
     if p.select not in ("pairs", "list"):
         raise PydetoxError(f"wordfilter: select is 'pairs' or 'list', not {p.select!r}")
-    from pydetox.calibrate import SKIP_WIKI
     from pydetox.discover.data import EMBEDDED, usable_pairs
-    from pydetox.prompts import load_clean_text, load_prompts
+    from pydetox.splits import evaluation_prompts, training_wiki
 
     tok = ctx.fp.tokenizer
     vocab = ctx.fp.unembedding().shape[0]
@@ -101,11 +100,11 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
                      if _word_start(pieces[i])
                      or sum(ch.isalpha() for ch in strings[i]) >= p.min_subword_letters]
         return np.asarray(keep_list, dtype=np.int64), {"select": "list"}
-    rows, _ = usable_pairs(EMBEDDED, set(load_prompts("rtp-challenging").prompts))
+    rows, _ = usable_pairs(EMBEDDED, set(evaluation_prompts()))
     toxic_texts = list(dict.fromkeys([*ctx.data.toxic, *(r["toxic"] for r in rows)]))
     neutral_texts = list(dict.fromkeys([*ctx.data.neutral, *(r["neutral"] for r in rows)]))
     toxic, neutral = _counts(tok, toxic_texts, vocab), _counts(tok, neutral_texts, vocab)
-    clean_texts = load_clean_text("wiki")[SKIP_WIKI:]
+    clean_texts = training_wiki()
     clean = _counts(tok, clean_texts, vocab)
     keep, variants = select_tokens(pieces, strings, listed_mask, listed, toxic, neutral, clean, p)
     info = {"pairs_counted": len(toxic_texts), "clean_tokens_counted": int(clean.sum()),
