@@ -191,51 +191,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """The main job until discovery lands: fetch the bundled model, apply a random rank-8 projection plan to every
-    ffn_down and attn_output while requantizing to Q4_K_M, report leakage and timings, generate from both files
-    with llama.cpp, and evaluate both (70 RTP prompts, three evaluators, perplexity and KL against the original)."""
-    from pydetox import ggml
-    from pydetox.apply import ApplyOptions, apply_plan
-    from pydetox.assets import fetch
-    from pydetox.gguf_io import ModelFile
-    from pydetox.plan import EditKind, random_plan
+    from pydetox.demo import run_demo
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    src = fetch("smollm2-135m-instruct")
-    with ModelFile(src) as model:
-        shapes = [(n, t.shape) for n, t in model.tensors.items() if n.endswith(("ffn_down.weight", "attn_output.weight"))]
-        arch = model.arch
-    plan = random_plan(arch, shapes, EditKind.PROJECT_OUT, rank=8, seed=0, model=src.name)
-    plan_path = plan.save(out / "random-rank8.plan.gguf")
-    dst = out / "smollm2-135m-instruct.random-rank8.Q4_K_M.gguf"
-    report = apply_plan(plan, src, dst, ApplyOptions(ftype=ggml.parse_ftype("Q4_K_M"), overwrite=True), plan_path=plan_path)
-    report.write_json(out / "apply-report.json")
-    print(report.table())
-    print(f"\nwrote {dst} and {out / 'apply-report.json'}")
-    print("note: the plan is random (a test of the engine), not a detox; `pydetox detox` will replace this demo.\n")
-
-    from pydetox.runtime import load_llama
-
-    prompt = "The capital of France is"
-    for path in (src, dst):
-        llm = load_llama(path, n_ctx=128, seed=0)
-        text = llm(prompt, max_tokens=16, temperature=0.0)["choices"][0]["text"]
-        print(f"llama.cpp, {path.name}, greedy: {prompt!r} -> {text!r}")
-        del llm
-
-    # The evaluation harness on both files: what the random edit did to toxicity and to the model.
-    from pydetox import report as rep
-    from pydetox.evaluate import EvalSettings, run_evaluation
-    from pydetox.output import write_text
-
-    evaluation, _ = run_evaluation([src, dst], EvalSettings(n_prompts=70, ppl_tokens=2048), reference=src)
-    write_text(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
-    rep.plot(evaluation, out / "eval.png")
-    print()
-    print(rep.table(evaluation))
-    print(f"\nwrote {out / 'eval.json'} and {out / 'eval.png'}")
-    return 0
+    return run_demo(Path(args.out))
 
 
 def _overrides(items: list[str] | None) -> dict[str, str]:
@@ -423,9 +381,7 @@ def _alphas(text: str | None) -> list[float]:
 
 def _cmd_calibrate_train(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
-    from pydetox.calibrate import CalibrateSettings, train
-
-    from pydetox.calibrate import log_path, plot_path
+    from pydetox.calibrate import CalibrateSettings, log_path, plot_path, train
     from pydetox.fusion import alignment_path
 
     out = Path(args.out)
@@ -449,45 +405,14 @@ def _cmd_calibrate_train(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from pydetox.assets import resolve_model
-    from pydetox.runtime import load_llama
+    from pydetox.chat import chat
 
-    target = resolve_model(args.model)
-    extra = {"lora_path": str(args.lora), "lora_scale": args.lora_scale} if args.lora else {}
-    if args.lora and not Path(args.lora).is_file():
-        raise PydetoxError(f"expected a LoRA adapter GGUF at {args.lora}, found nothing")
-    llm = load_llama(target, n_ctx=args.ctx, seed=args.seed, **extra)
-    processors = None
-    if args.calibrator:
-        from llama_cpp import LogitsProcessorList
-
-        from pydetox.fusion import FusionLogitsProcessor
-
-        processors = LogitsProcessorList([FusionLogitsProcessor(target, args.calibrator, _alphas(args.alpha)[0], n_ctx=args.ctx)])
-    elif args.alpha is not None:
+    if args.alpha is not None and not args.calibrator:
         raise PydetoxError("--alpha needs --calibrator CAL.gguf")
-    history: list[dict[str, str]] = []
-    prompts = [args.prompt] if args.prompt else None
-    while True:
-        if prompts is not None:
-            if not prompts:
-                return 0
-            user = prompts.pop()
-        else:
-            try:
-                user = input("> ")
-            except EOFError:
-                return 0
-            if user.strip() in ("/exit", "/quit"):
-                return 0
-        history.append({"role": "user", "content": user})
-        reply = []
-        for chunk in llm.create_chat_completion(history, max_tokens=args.max_tokens, temperature=args.temperature,
-                                                stream=True, logits_processor=processors):
-            piece = chunk["choices"][0]["delta"].get("content", "")
-            reply.append(piece)
-            print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(reply)})
+    alpha = _alphas(args.alpha)[0]
+    return chat(resolve_model(args.model), prompt=args.prompt, max_tokens=args.max_tokens,
+                temperature=args.temperature, seed=args.seed, n_ctx=args.ctx, calibrator=args.calibrator, alpha=alpha,
+                lora=args.lora, lora_scale=args.lora_scale)
 
 
 def _number(kind: type, test: Any, expected: str) -> Any:
@@ -512,17 +437,15 @@ _unit_interval = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 _strength = _number(float, lambda v: 0 <= v <= 10, "a strength in [0, 10]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pydetox", description=__doc__)
-    p.add_argument("--version", action="version", version=f"pydetox {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_fetch(sub: Any) -> None:
     f = sub.add_parser("fetch", help="download a named real asset into the cache and print its path")
     f.add_argument("name", nargs="?", help="asset name (see --list), or org/repo:file.gguf on the Hugging Face Hub")
     f.add_argument("--list", action="store_true", help="list the known assets")
     f.add_argument("--cache", help="cache folder (default: $PYDETOX_CACHE or ~/.cache/pydetox)")
     f.set_defaults(func=_cmd_fetch)
 
+
+def _add_plan(sub: Any) -> None:
     pl = sub.add_parser("plan", help="make edit plans without discovery")
     plsub = pl.add_subparsers(dest="plan_command", required=True)
     r = plsub.add_parser("random", help="a plan of random edits, for tests and benchmarks")
@@ -562,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--force", action="store_true", help="replace an existing output file")
     ft.set_defaults(func=_cmd_plan_fit)
 
+
+def _add_apply(sub: Any) -> None:
     a = sub.add_parser("apply", help="apply an edit plan to a GGUF and write a new GGUF")
     a.add_argument("plan", help="edit plan file ('-' for none: only requantize)")
     a.add_argument("model", help="input GGUF file or asset name")
@@ -580,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_cmd_apply)
 
+
+def _add_export_lora(sub: Any) -> None:
     xl = sub.add_parser("export-lora", help="write a plan as a LoRA adapter GGUF that llama.cpp applies at run time")
     xl.add_argument("plan", help="edit plan file")
     xl.add_argument("--model", required=True, help="the GGUF (or asset) the adapter is for: its architecture, shapes "
@@ -589,13 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
     xl.add_argument("--force", action="store_true", help="replace an existing output file")
     xl.set_defaults(func=_cmd_export_lora)
 
+
+def _add_info(sub: Any) -> None:
     i = sub.add_parser("info", help="print a GGUF's architecture, tensor types and pydetox provenance as JSON")
     i.add_argument("model")
     i.set_defaults(func=_cmd_info)
 
-    ds = sub.add_parser("discover", help="compute an edit plan with a detox method on a full-precision model")
+
+def _add_discover(sub: Any) -> None:
     from pydetox.discover import METHODS
 
+    ds = sub.add_parser("discover", help="compute an edit plan with a detox method on a full-precision model")
     ds.add_argument("--method", required=True, choices=sorted(METHODS), metavar="METHOD",
                     help=", ".join(sorted(METHODS)))
     ds.add_argument("--model", help="GGUF file, asset name, HF folder or hub id")
@@ -609,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--force", action="store_true", help="replace an existing output file")
     ds.add_argument("--quiet", action="store_true")
     ds.set_defaults(func=_cmd_discover)
+
+
+def _add_detox(sub: Any) -> None:
+    from pydetox.discover import METHODS
 
     dx = sub.add_parser("detox", help="discover, apply at several types, evaluate before/after, report")
     dx.add_argument("--model", default="smollm2-135m-instruct", help="GGUF file or asset name (default: the bundled SmolLM2)")
@@ -639,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--quiet", action="store_true")
     dx.set_defaults(func=_cmd_detox)
 
+
+def _add_convert(sub: Any) -> None:
     cv = sub.add_parser("convert", help="HF safetensors folder -> GGUF, with llama.cpp's own converter")
     cv.add_argument("hf_dir", help="folder with config.json, *.safetensors and the tokenizer")
     cv.add_argument("-o", "--output", required=True)
@@ -646,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--force", action="store_true")
     cv.set_defaults(func=_cmd_convert)
 
+
+def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="toxicity (several evaluators), perplexity and KL of GGUF models on llama.cpp")
     e.add_argument("models", nargs="+", help="GGUF files or asset names")
     e.add_argument("--prompts", default="rtp-challenging",
@@ -677,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace existing --json/--markdown/--plot files (never an input)")
     e.set_defaults(func=_cmd_eval)
 
+
+def _add_compare(sub: Any) -> None:
     cp = sub.add_parser("compare", help="the continuations two models differ on most, side by side, with every evaluator's score")
     cp.add_argument("a", help="first GGUF (e.g. the unedited model)")
     cp.add_argument("b", help="second GGUF (e.g. the edited one)")
@@ -692,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--quiet", action="store_true")
     cp.set_defaults(func=_cmd_compare)
 
+
+def _add_calibrate(sub: Any) -> None:
     cal = sub.add_parser("calibrate", help="calibration-model fusion: train a calibrator for a target GGUF")
     calsub = cal.add_subparsers(dest="calibrate_command", required=True)
     ct = calsub.add_parser("train", help="train a calibrator on non-toxic text and write CAL.gguf + CAL.align.gguf")
@@ -723,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--quiet", action="store_true")
     ct.set_defaults(func=_cmd_calibrate_train)
 
+
+def _add_sweep(sub: Any) -> None:
     sw = sub.add_parser("sweep", help="search a method's settings over several seeds: Optuna picks the settings, Ray "
                         "runs the trials; resumable (docs/sweep.md)")
     sw.add_argument("config", help="the sweep's TOML file")
@@ -730,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
 
+
+def _add_chat(sub: Any) -> None:
     c = sub.add_parser("chat", help="chat with a GGUF model in the terminal (streams the reply)")
     c.add_argument("model", help="GGUF file or asset name")
     c.add_argument("--prompt", help="one message instead of an interactive session")
@@ -743,9 +690,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lora-scale", type=_nonnegative_float, default=1.0)
     c.set_defaults(func=_cmd_chat)
 
+
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="run the engine end to end on the bundled SmolLM2 model")
     d.add_argument("--out", default="pydetox-demo", help="output folder (default ./pydetox-demo)")
     d.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pydetox", description=__doc__)
+    p.add_argument("--version", action="version", version=f"pydetox {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_fetch(sub)
+    _add_plan(sub)
+    _add_apply(sub)
+    _add_export_lora(sub)
+    _add_info(sub)
+    _add_discover(sub)
+    _add_detox(sub)
+    _add_convert(sub)
+    _add_eval(sub)
+    _add_compare(sub)
+    _add_calibrate(sub)
+    _add_sweep(sub)
+    _add_chat(sub)
+    _add_demo(sub)
     return p
 
 

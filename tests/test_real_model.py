@@ -128,3 +128,19 @@ def test_qwen2_model_with_attention_biases_takes_a_plan(tmp_path: Path) -> None:
         assert {n: t.qtype for n, t in a.tensors.items()} == {n: t.qtype for n, t in b.tensors.items()}
     llm = load_llama(out, n_ctx=128, seed=0)
     assert llm("def fibonacci(n):", max_tokens=8, temperature=0.0)["usage"]["completion_tokens"] > 0
+
+
+def test_demo_runs_the_engine_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pydetox demo`, the README's one-minute check of the engine: apply, llama.cpp, the evaluation, all written."""
+    import json
+
+    from pydetox.cli import main
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "leakage" in out.lower()
+    assert "llama.cpp, SmolLM2-135M-Instruct.Q4_1.gguf, greedy" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert len(report["models"]) == 2
+    assert (tmp_path / "eval.png").stat().st_size > 0
+    assert (tmp_path / "smollm2-135m-instruct.random-rank8.Q4_K_M.gguf").stat().st_size > 0
