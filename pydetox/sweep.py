@@ -457,6 +457,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = Tru
                 row.setdefault("final", {})[str(s)] = res
             report["final_eval"] = {**asdict(cfg.final_eval), "base": fbase}
         report["wall_s"] = round(time.perf_counter() - t_start, 1)
+        total = float(study.user_attrs.get("wall_s_total", 0.0)) + report["wall_s"]
+        study.set_user_attr("wall_s_total", total)  # over every run (and resumption) of this sweep
+        report["wall_s_total"] = round(total, 1)
     finally:
         ray.shutdown()
     _write(cfg, report)
@@ -467,11 +470,18 @@ def _report(cfg: SweepConfig, study: Any, base: dict[str, Any], search_s: float)
     from optuna.trial import TrialState
 
     front = {t.number for t in study.best_trials}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    by_key: dict[str, dict[str, Any]] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        key = t.user_attrs["key"]
+        if key in by_key:  # the sampler proposed a setting again: its runs were reused, one row shows both
+            by_key[key]["same_as"].append(t.number)
+            by_key[key]["pareto"] = by_key[key]["pareto"] or t.number in front
+            continue
         s = t.user_attrs["summary"]
-        rows.append({"setting": t.number, "key": t.user_attrs["key"], "params": t.params, "pareto": t.number in front,
-                     **{k: v for k, v in s.items() if k != "per_seed"}, "per_seed": s["per_seed"]})
+        by_key[key] = {"setting": t.number, "same_as": [], "key": key, "params": t.params, "pareto": t.number in front,
+                       **{k: v for k, v in s.items() if k != "per_seed"}, "per_seed": s["per_seed"]}
+        rows.append(by_key[key])
     rows.sort(key=lambda r: -r["reduction"])
     pareto = [r for r in rows if r["pareto"]]
     for a, b in itertools.pairwise(pareto):
@@ -518,7 +528,8 @@ def markdown(report: dict[str, Any]) -> str:
         else:
             f = ["", "", ""]
         mark = ("yes" + ("" if r.get("separated_from_next", True) else " (within seed spread of the next)")) if r["pareto"] else ""
-        lines.append(f"| {r['setting']} | {params} | {_pm(r, 'reduction', '.2f')}x | {_pm(r, 'kl', '.4f')} | "
+        name = ", ".join(map(str, [r["setting"], *r.get("same_as", [])]))
+        lines.append(f"| {name} | {params} | {_pm(r, 'reduction', '.2f')}x | {_pm(r, 'kl', '.4f')} | "
                      f"{_pm(r, 'ppl_change', '+.1f', 100)}% | {mark} | {' | '.join(f)} |")
     for fl in report["failed"]:
         lines.append(f"| {fl['setting']} | {fl['params']} | failed: {fl['error']} | | | | | | |")
@@ -526,8 +537,9 @@ def markdown(report: dict[str, Any]) -> str:
         fe = report["final_eval"]
         lines += ["", f"Final: {fe['prompts']} ({fe['base']['n'] // fe['samples']} prompts x {fe['samples']} samples, "
                   f"{fe['max_tokens']} tokens), perplexity and KL on {fe['ppl_tokens']} {fe['clean_text']} tokens."]
-    lines += ["", f"Wall time {report['wall_s']:.0f} s (search {report['search_wall_s']:.0f} s; the trials' own times "
-              f"add up to {report['task_seconds_sum']:.0f} s)."]
+    lines += ["", f"Settings proposed twice are one row (their runs were reused). Wall time "
+              f"{report['wall_s_total']:.0f} s over every run of this sweep, {report['wall_s']:.0f} s this time "
+              f"(search {report['search_wall_s']:.0f} s); the trials' own times add up to {report['task_seconds_sum']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
