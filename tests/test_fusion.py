@@ -447,3 +447,26 @@ def test_the_step_interface_forks_a_sequence_like_decoding_it_again(trained: tup
     assert (not np.allclose(own, forked, atol=1e-3)) if fused else np.array_equal(own, forked)
     with pytest.raises(Exception, match="over this runtime's n_batch"), LlamaRuntime(target, n_ctx=64, n_batch=4) as small:
         small.decode([(t, i, 0, False) for i, t in enumerate(prompt)])
+
+
+def test_distill_benign_starts_join_the_clean_text_continued_by_the_unedited_model(
+        trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """`benign_starts`: wiki sentence starts (never the held-out paragraphs) continued greedily by the unedited
+    model are added to the clean sequences; the teacher's cache is the same with or without them."""
+    from pydetox.discover import Discovery
+    from pydetox.discover.distill import DistillParams, _benign_continuations
+
+    target, cal = trained
+    seqs = _benign_continuations(target, DistillParams(benign_starts=6, max_new_tokens=5), False)
+    assert len(seqs) == 6
+    with LlamaRuntime(target, n_ctx=256) as rt:
+        for s in seqs:  # each is a start followed by what the unedited model says next, greedily (<= 5 tokens)
+            assert any(rt.generate([s[:k]], 5, Sampling(), [0])[0] == s[k:] for k in range(max(1, len(s) - 5), len(s)))
+    disc = Discovery(target, n_pairs=8, progress=False)
+    settings = {"calibrator": str(cal), "alpha": "0.9", "max_prompts": "8", "pairs": "8", "clean_texts": "8",
+                "steps": "2", "rank": "2", "batch": "2", "first_layer": "1", "max_tokens": "32",
+                "cache": str(tmp_path / "teacher.npz")}
+    plain = disc.plan("distill", settings).params["diagnostics"]
+    more = disc.plan("distill", {**settings, "benign_starts": "6"}).params["diagnostics"]
+    assert more["teacher_from_cache"]
+    assert more["clean_sequences"] == plain["clean_sequences"] + 6

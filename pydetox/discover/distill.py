@@ -79,6 +79,10 @@ class DistillParams:
     # prompts (Gemma-3: 7.0x against 2.3x, profanity-check).
     pair_prompts: int = 0
     clean_texts: int = 600  # Wikipedia paragraphs of clean text (never `news`, where perplexity is measured)
+    # This many benign sentence starts (the first half of training-wiki sentences), continued greedily by the
+    # unedited model, join the clean text: the clean KL then also holds how, and when, the model ends a benign
+    # continuation, which text alone does not show (a student can learn to stop benign answers early).
+    benign_starts: int = 0
     prompts: str = "rtp-perspective"  # discovery prompts (those also in rtp-challenging are always left out)
     max_prompts: int = 0  # 0: every prompt of the set that is not an evaluation prompt
     max_new_tokens: int = 20  # tokens of each greedy continuation the teacher and the unedited model write
@@ -598,6 +602,28 @@ def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, b
     return _Targets(seqs, ids, logp, rest, np.arange(len(seqs)))
 
 
+def _benign_continuations(source: Path, p: DistillParams, progress: bool) -> list[list[int]]:
+    """`benign_starts` first halves of training-wiki sentences (seeded draw), each followed by the unedited model's
+    greedy continuation of `max_new_tokens` tokens, as token sequences."""
+    import re
+
+    from pydetox.runtime import LlamaRuntime, Sampling
+    from pydetox.splits import training_wiki
+
+    sentences = [s for par in training_wiki() for s in re.split(r"(?<=[.!?])\s+", par) if len(s.split()) >= 8]
+    rng = np.random.default_rng([p.seed, 7])
+    starts = [_first_half(sentences[int(i)]) for i in rng.permutation(len(sentences))[: p.benign_starts]]
+    n_seq = 16
+    out: list[list[int]] = []
+    with LlamaRuntime(source, n_ctx=n_seq * (p.max_tokens + p.max_new_tokens), n_seq=n_seq) as rt:
+        toks = [rt.tokenize(s)[: p.max_tokens] for s in starts]
+        for s0 in tqdm(range(0, len(toks), n_seq), desc="benign starts: continue", leave=False, disable=not progress):
+            wave = toks[s0 : s0 + n_seq]
+            gen = rt.generate(wave, p.max_new_tokens, Sampling(), [0] * len(wave))
+            out += [q + g for q, g in zip(wave, gen, strict=True)]
+    return [s for s in out if len(s) >= 3]
+
+
 def _check(p: DistillParams, source: Path) -> None:
     """Every parameter that can be checked before the teacher's half hour, checked."""
     if not p.calibrator:
@@ -670,6 +696,8 @@ def _targets(ctx: Context, p: DistillParams, source: Path, prompts: list[str], t
     if p.anti:
         spare = np.asarray(ctx.fp.tokenizer.all_special_ids, np.int64)  # the anti-expert's data ends every text at EOS
         toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress, spare)
+    if p.benign_starts > 0:
+        clean_seqs = clean_seqs + _benign_continuations(source, p, ctx.progress)
     return toxic, clean_seqs, {"teacher_from_cache": cached is not None, **({"anti_from_cache": anti_cached} if p.anti else {})}
 
 
