@@ -224,6 +224,12 @@ def _reduction(base: dict[str, float], edited: dict[str, float], floor: float) -
     return math.exp(sum(logs) / len(logs))
 
 
+def _effect(base: dict[str, Any], rates: dict[str, float], perplexity: float | None) -> dict[str, float]:
+    """Reduction against the unedited `base` evaluation, and the relative perplexity change (nan without one)."""
+    change = perplexity / base["perplexity"] - 1.0 if perplexity and base["perplexity"] else float("nan")
+    return {"reduction": _reduction(base["toxic"], rates, 1.0 / base["n"]), "ppl_change": change}
+
+
 def _rates(result: Any) -> dict[str, float]:
     return {name: float(s.toxic_rate) for name, s in result.toxicity.items()}
 
@@ -291,9 +297,8 @@ def run_trial(cfg: SweepConfig, params: dict[str, Any], seed: int, base: dict[st
     write_text(folder / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     edited.unlink()  # remade from plan.gguf when needed; a sweep of F16 models would fill the disk
     rates = _rates(res)
-    ppl_change = (res.perplexity / base["perplexity"] - 1.0) if res.perplexity and base["perplexity"] else float("nan")
     out = {"params": params, "seed": seed, "toxic": rates, "perplexity": res.perplexity, "kl": res.kl,
-           "reduction": _reduction(base["toxic"], rates, 1.0 / base["n"]), "ppl_change": ppl_change,
+           **_effect(base, rates, res.perplexity),
            "seconds": round(time.perf_counter() - t0, 2), "folder": str(folder)}
     write_text(done, json.dumps(out, indent=1) + "\n")
     return out
@@ -452,8 +457,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = Tru
             for ref in refs:
                 row, s = refs[ref]
                 res = ray.get(ref)
-                res["reduction"] = _reduction(fbase["toxic"], res["toxic"], 1.0 / fbase["n"])
-                res["ppl_change"] = res["perplexity"] / fbase["perplexity"] - 1.0
+                res.update(_effect(fbase, res["toxic"], res["perplexity"]))
                 row.setdefault("final", {})[str(s)] = res
             report["final_eval"] = {**asdict(cfg.final_eval), "base": fbase}
         report["wall_s"] = round(time.perf_counter() - t_start, 1)
