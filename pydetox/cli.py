@@ -81,14 +81,14 @@ def _cmd_plan_fit(args: argparse.Namespace) -> int:
     documents = load_clean_text(args.clean_text)
     floor = None if args.edited_type.lower() == "none" else ggml.parse_type(args.edited_type)
     fit = fit_strength(plan, model, args.kl, documents, max_tokens=args.tokens, window=args.window, edited_floor=floor,
-                       steps=args.steps, threads=args.threads, progress=not args.quiet)
+                       steps=args.steps, max_strength=args.max_strength, threads=args.threads, progress=not args.quiet)
     if fit.strength == 0:
         raise PydetoxError(f"no strength tried keeps KL within {args.kl:g} on {model.name}: "
                            + ", ".join(f"{t.strength:g} -> {t.kl:.4f}" for t in fit.trials))
     fitted = plan.scaled(fit.strength, source=src.name)
     fitted = EditPlan(fitted.arch, fitted.edits, fitted.method, {**fitted.params, "fit": {
         "kl_budget": args.kl, "model": model.name, "clean_text": args.clean_text, "tokens": args.tokens,
-        "window": args.window, "edited_type": args.edited_type,
+        "window": args.window, "edited_type": args.edited_type, "max_strength": args.max_strength,
         "trials": [{"strength": t.strength, "kl": round(t.kl, 5), "perplexity": round(t.perplexity, 3)} for t in fit.trials],
     }}, fitted.model)
     fitted.save(args.output)
@@ -479,6 +479,8 @@ def _add_plan(sub: Any) -> None:
     ft.add_argument("--window", type=int, default=512)
     ft.add_argument("--edited-type", default="none", help="as apply's --edited-type (default none: types kept)")
     ft.add_argument("--steps", type=_positive_int, default=6, help="most strengths to try (default 6)")
+    ft.add_argument("--max-strength", type=_strength, default=1.0, help="strongest scale to try (default 1: the plan "
+                    "as discovered; above 1 extrapolates the edit when its KL leaves budget unused)")
     ft.add_argument("--threads", type=int)
     ft.add_argument("--quiet", action="store_true")
     ft.add_argument("-o", "--output", required=True, help="plan file to write")

@@ -19,6 +19,10 @@ from pydetox.errors import PydetoxError
 from pydetox.evaluate import EvalSettings, ModelSpec, run_evaluation
 from pydetox.plan import EditPlan
 from pydetox.recipe import RecipeSettings, distill_plan
+
+# RecipeSettings fields that `--param recipe:KEY=VALUE` may set (the calibrator and the student have their own owners:
+# `--param calibrator:...`, `--param distill:...`)
+RECIPE_SCALARS = {"kl_budget", "fit_tokens", "fit_steps", "max_strength"}
 from pydetox.report import label
 
 
@@ -201,6 +205,11 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
         cal = extra.pop("calibrator", None)
         from pydetox.discover.base import override
 
+        fit = (job.overrides or {}).get("recipe", {})
+        if set(fit) - RECIPE_SCALARS:
+            raise PydetoxError(f"recipe has no parameter {sorted(set(fit) - RECIPE_SCALARS)[0]!r}; it has: "
+                               f"{', '.join(sorted(RECIPE_SCALARS))}")
+        recipe = override(recipe, fit, "recipe")
         recipe = dataclasses.replace(recipe, distill={**recipe.distill, **extra}, seed=job.seed,
                                      calibrator_file=Path(cal) if cal else recipe.calibrator_file,
                                      calibrator=override(recipe.calibrator, (job.overrides or {}).get("calibrator", {}),

@@ -9,7 +9,9 @@ trial applies the scaled plan to the given GGUF exactly as `pydetox apply` would
 KL in llama.cpp against that GGUF.
 
 KL grows about quadratically with strength (the edited logits move linearly), so each step proposes
-s * sqrt(budget / KL(s)) and falls back to bisection when that leaves the bracket.
+s * sqrt(budget / KL(s)) and falls back to bisection when that leaves the bracket. The search starts at strength 1
+(the edit as discovered) and goes above it up to `max_strength` when the budget allows: a plan whose KL at strength 1
+is far under the budget leaves effect unused (Plan.scaled extrapolates the same edit linearly).
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ class Fit:
 
 def fit_strength(plan: EditPlan, model: str | Path, budget: float, documents: list[str], *, max_tokens: int = 4096,
                  window: int = 512, edited_floor: gguf.GGMLQuantizationType | None = None, steps: int = 6,
-                 tol: float = 0.05, threads: int | None = None, progress: bool = True) -> Fit:
+                 tol: float = 0.05, max_strength: float = 1.0, threads: int | None = None,
+                 progress: bool = True) -> Fit:
     if not budget > 0:
         raise PydetoxError(f"the KL budget must be > 0 nats/token, got {budget}")
+    if not 1.0 <= max_strength <= 10.0:
+        raise PydetoxError(f"max_strength must be in [1, 10], got {max_strength}")
     if steps < 1:
         raise PydetoxError(f"steps must be >= 1, got {steps}")
     trials: list[Trial] = []
@@ -70,18 +75,23 @@ def fit_strength(plan: EditPlan, model: str | Path, budget: float, documents: li
                 print(f"fit: strength {trial.strength:.4f}  KL {trial.kl:.4f}  perplexity {trial.perplexity:.2f}")
             return trial
 
-        lo, hi, s = 0.0, 1.0, 1.0
+        lo, hi, s = 0.0, max_strength, 1.0
+        tried: set[float] = set()
         for _ in range(steps):
             t = measure(s)
+            tried.add(s)
             if t.kl <= budget:
                 lo = s
             else:
                 hi = s
-            if (t.kl <= budget and (s == 1.0 or t.kl >= (1 - tol) * budget)) or hi - lo < 0.005:
+            if (t.kl <= budget and (s == max_strength or t.kl >= (1 - tol) * budget)) or hi - lo < 0.005:
                 break
             # aim inside the band [(1 - tol) budget, budget], not at its edge: a guess aimed at the budget itself
             # lands on either side of it by the curve's noise, and the steps can run out above it
             guess = s * math.sqrt((1 - tol / 2) * budget / max(t.kl, 1e-12))
-            s = round(guess if lo < guess < hi else (lo + hi) / 2, 4)
+            if guess >= hi and hi not in tried:
+                s = hi  # the ceiling itself is allowed: try it before bisecting below it
+            else:
+                s = round(guess if lo < guess < hi else (lo + hi) / 2, 4)
     within = [t.strength for t in trials if t.kl <= budget]
     return Fit(max(within, default=0.0), budget, trials)

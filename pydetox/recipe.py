@@ -49,6 +49,8 @@ class RecipeSettings:
     kl_budget: float = 0.045  # nats/token of KL(unedited || edited) on held-out wiki text
     fit_tokens: int = 2048
     fit_steps: int = 4
+    # the fit may scale the student's edit up to this strength when its KL at 1 leaves budget unused (1: never above)
+    max_strength: float = 1.0
     edited_type: str | None = "Q8_0"  # floor of the edited tensors while fitting (as `pydetox detox` applies them)
     seed: int = 0  # the student's seed (DistillParams.seed); the calibrator's is calibrator.seed
     # torch device of the calibrator's training and the student ("auto": CUDA when torch sees a GPU). Not part of any
@@ -181,7 +183,8 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
         plan = EditPlan.load(raw)
         floor = ggml.parse_type(settings.edited_type) if settings.edited_type else None
         fit = fit_strength(plan, f16, settings.kl_budget, load_clean_text("wiki"), max_tokens=settings.fit_tokens,
-                           edited_floor=floor, steps=settings.fit_steps, progress=progress)
+                           edited_floor=floor, steps=settings.fit_steps, max_strength=settings.max_strength,
+                           progress=progress)
         if fit.strength == 0:
             raise PydetoxError(f"no strength tried keeps KL within {settings.kl_budget:g}: "
                                + ", ".join(f"{t.strength:g} -> {t.kl:.4f}" for t in fit.trials))
@@ -189,10 +192,12 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
         scaled = plan.scaled(fit.strength, source=raw.name)
         fitted = EditPlan(scaled.arch, scaled.edits, scaled.method, {**scaled.params, "fit": {
             "kl_budget": settings.kl_budget, "clean_text": "wiki", "tokens": settings.fit_tokens,
-            "edited_type": settings.edited_type, "trials": trials}}, scaled.model)
+            "edited_type": settings.edited_type, "max_strength": settings.max_strength, "trials": trials}}, scaled.model)
         fitted.save(path)
         return {"strength": fit.strength, "trials": trials}
 
+    # max_strength joins the key only when it changes the search, so fits made before it existed stay valid
+    ceiling = () if settings.max_strength == 1.0 else (settings.max_strength,)
     fitted, _ = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
-                                          settings.edited_type), ".plan.gguf", make_fit)
+                                          settings.edited_type, *ceiling), ".plan.gguf", make_fit)
     return EditPlan.load(fitted), fitted, stages.timing

@@ -68,3 +68,22 @@ def test_plan_fit_command_writes_the_scaled_plan_and_its_trials(model_and_plan: 
     assert not (tmp_path / "x.plan.gguf").exists()  # one trial, at strength 1, over the budget: no plan written
     with pytest.raises(PydetoxError, match="budget must be > 0"):
         fit_strength(fitted, model, 0.0, DOCS, progress=False)
+
+
+def test_fit_goes_above_strength_one_only_when_allowed(model_and_plan: tuple[Path, Path]) -> None:
+    model, path = model_and_plan
+    plan = EditPlan.load(path)
+    at_one = fit_strength(plan, model, 10.0, DOCS, max_tokens=256, window=64, progress=False).trials[0].kl
+    budget = 2 * at_one
+    capped = fit_strength(plan, model, budget, DOCS, max_tokens=256, window=64, progress=False)
+    assert capped.strength == 1.0 and len(capped.trials) == 1  # the default ceiling: the plan as discovered
+    fit = fit_strength(plan, model, budget, DOCS, max_tokens=256, window=64, max_strength=3.0, progress=False)
+    best = fit.best
+    assert best is not None
+    assert 1.0 < fit.strength < 3.0
+    assert 0.8 * budget <= best.kl <= budget
+    assert 1.2 < fit.strength < 1.6  # KL ~ strength^2: twice the KL near sqrt(2)
+    loose = fit_strength(plan, model, 1e6, DOCS, max_tokens=256, window=64, max_strength=2.5, progress=False)
+    assert loose.strength == 2.5  # the ceiling itself is tried and kept when it fits
+    with pytest.raises(PydetoxError, match="max_strength must be in"):
+        fit_strength(plan, model, budget, DOCS, max_strength=0.5, progress=False)

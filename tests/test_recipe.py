@@ -118,3 +118,19 @@ def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
     _, again, timing = distill_plan(model, out, spelt, progress=False)
     assert again == path
     assert all(timing[s]["cached"] for s in ("f16", "calibrator", "distill", "fit"))
+    ceiling = RecipeSettings(**{**settings.__dict__, "max_strength": 1.0})
+    assert distill_plan(model, out, ceiling, progress=False)[1] == path  # the default ceiling, spelt: the same fit
+    higher = RecipeSettings(**{**settings.__dict__, "max_strength": 3.0})
+    plan, lifted, timing = distill_plan(model, out, higher, progress=False)
+    assert lifted != path
+    assert all(timing[s]["cached"] for s in ("f16", "calibrator", "distill")) and not timing["fit"]["cached"]
+    assert plan.params["fit"]["max_strength"] == 3.0
+    assert 0 < plan.params["plan_strength"] <= 3.0
+
+
+def test_detox_refuses_an_unknown_recipe_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pydetox.cli import main
+
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    assert main(["detox", "--model", str(model), "--out", str(tmp_path / "o"), "--param", "recipe:strength=2"]) == 2
+    assert "recipe has no parameter 'strength'; it has: fit_steps, fit_tokens, kl_budget, max_strength" in capsys.readouterr().err
