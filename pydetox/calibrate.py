@@ -172,7 +172,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
 
     torch = require("torch", "calibrator training")
 
-    from pydetox.discover.model import FullPrecisionModel, autocast
+    from pydetox.discover.model import FullPrecisionModel, autocast, store_float32
 
     t_start = time.perf_counter()
     target = Path(target)
@@ -211,6 +211,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     elif settings.objective != "standalone":
         raise PydetoxError(f"objective is 'fused' or 'standalone', not {settings.objective!r}")
     _truncate(fp, settings.layers)
+    store_float32(model.model.layers.modules())  # the kept layers are trained: float32 whatever the target's storage
     params = dict(model.named_parameters())
     for n, p in params.items():
         p.requires_grad_(_trainable(n))
@@ -238,7 +239,7 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
 
     def contrastive() -> Any:
         ids = used[torch.from_numpy(rng.choice(len(used), min(settings.vocab_sample, len(used)), replace=False)).to(dev)]
-        c = torch.nn.functional.normalize(E_cal[ids] @ A.T, dim=1)
+        c = torch.nn.functional.normalize(E_cal[ids].float() @ A.T, dim=1)
         t = torch.nn.functional.normalize(W[ids], dim=1)
         logits = c @ t.T / settings.tau
         return torch.nn.functional.cross_entropy(logits, torch.arange(len(ids), device=dev))

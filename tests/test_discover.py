@@ -466,3 +466,43 @@ def test_every_method_lists_its_parameters_with_types_and_defaults(capsys: pytes
     # the default recipe's method explains every key it takes
     assert all(d.help for d in param_docs(METHODS["distill"])), [d.name for d in param_docs(METHODS["distill"]) if not d.help]
     assert main(["discover", "--method", "profs"]) == 2  # neither --params nor a model and output
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weights_kept_in_float16_compute_what_float32_storage_does(tmp_path: Path, tied: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An F16 source is kept in float16 ("auto"): half the memory, the same logits and input gradients as float32
+    storage (the upcast weights are the same numbers), norms in float32 whether loaded through the GGUF conversion
+    or straight from the converted folder, and an output layer upcast a block of rows at a time."""
+    import torch
+
+    from pydetox.discover import model as model_mod
+
+    monkeypatch.setattr(model_mod, "_ROWS", 7)  # several blocks even for the tiny vocabulary
+    path = write_tiny_llama(tmp_path / "m.gguf", tied=tied, qtype=gguf.GGMLQuantizationType.F16, **SHAPE)
+    ref = FullPrecisionModel(path, progress=False, weights="float32")
+    first = FullPrecisionModel(path, progress=False)  # converted from the GGUF on the first load... (ref did it)
+    again = FullPrecisionModel(path, progress=False)  # ...and from the converted folder
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 11]])
+    want_logits = ref.model(input_ids=ids).logits
+    emb = ref.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    ref.model(inputs_embeds=emb).logits.square().sum().backward()
+    for fp in (first, again):
+        assert fp.weights == "float16"
+        assert fp.down_proj(0).weight.dtype == torch.float16
+        assert fp.model.get_input_embeddings().weight.dtype == torch.float16
+        assert fp.spec.final_norm(fp.model).weight.dtype == torch.float32
+        torch.testing.assert_close(fp.spec.final_norm(fp.model).weight, ref.spec.final_norm(ref.model).weight, rtol=0, atol=0)
+        torch.testing.assert_close(fp.model(input_ids=ids).logits, want_logits, rtol=1e-5, atol=1e-5)
+        e = fp.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        assert e.dtype == torch.float32
+        fp.model(inputs_embeds=e).logits.square().sum().backward()
+        assert e.grad is not None and emb.grad is not None
+        # the same sums in another order (the output layer's blocks): equal to float32 rounding, not bit for bit
+        assert float((e.grad - emb.grad).norm() / emb.grad.norm()) < 1e-5
+        np.testing.assert_array_equal(fp.unembedding().numpy(), ref.unembedding().numpy())
+    n_half = sum(p.numel() * p.element_size() for p in first.model.parameters())
+    n_full = sum(p.numel() * p.element_size() for p in ref.model.parameters())
+    assert n_half < 0.55 * n_full
+    with pytest.raises(PydetoxError, match="weights is one of auto, float32, float16, bfloat16; got 'int8'"):
+        FullPrecisionModel(path, progress=False, weights="int8")

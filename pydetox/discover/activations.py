@@ -44,7 +44,7 @@ def collect(fp: FullPrecisionModel, texts: list[str], *, max_tokens: int = 64, b
             for start in tqdm(range(0, len(texts), batch), desc=f"activations {label}".strip(), disable=not progress, leave=False):
                 enc = fp.tokenizer(texts[start : start + batch], return_tensors="pt", padding=True, truncation=True,
                                    max_length=max_tokens)
-                out = fp.model(**enc, output_hidden_states=True)
+                out = fp.model.base_model(**enc, output_hidden_states=True)  # no output layer: no logits
                 mask = enc["attention_mask"].to(torch.float64)
                 if skip_first:
                     # The first position carries the "attention sink" and its massive activations (FINDINGS.md);

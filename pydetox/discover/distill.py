@@ -505,7 +505,8 @@ def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
     inp, att = inp.to(ctx.fp.device), att.to(ctx.fp.device)
     hidden = model.model(input_ids=inp, attention_mask=att).last_hidden_state  # after the final norm
     rows = torch.cat([hidden[k, : len(s) - 1] for k, s in enumerate(seqs)])  # no padded positions through the head
-    logits = rows @ (ctx.fp.unembedding() if head is None else head).T
+    # the whole output layer through its module: a weight kept in a half type is upcast a block of rows at a time
+    logits = model.get_output_embeddings()(rows) if head is None else rows @ head.T
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -126,10 +126,129 @@ def _save_converted(model: Any, tokenizer: Any, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class FullPrecisionModel:
-    """A causal LM in float32 torch, its tokenizer, and the GGUF names of its matrices."""
+WEIGHTS = ("auto", "float32", "float16", "bfloat16")
+# Output rows upcast at a time by a half-stored Linear: bounds the float32 copy of a 262,144-token output layer
+# (Gemma-3: 671 MB whole) to ~16k rows.
+_ROWS = 16384
 
-    def __init__(self, source: str | Path, progress: bool = True, device: str = "cpu") -> None:
+
+def source_precision(source: str | Path) -> str:
+    """The precision the source's weight matrices are stored in: "float16"/"bfloat16" when every 2-D weight of a
+    GGUF is F16/BF16 (the recipe's `f16` stage), or a Hugging Face folder's `torch_dtype` says so; else "float32"
+    (quantized GGUFs dequantize to values a half type may not hold exactly)."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        from pydetox.gguf_io import ModelFile
+
+        with ModelFile(path) as m:
+            kinds = {t.qtype.name for t in m.tensors.values() if len(t.ne) == 2}
+        return {"F16": "float16", "BF16": "bfloat16"}.get(kinds.pop(), "float32") if len(kinds) == 1 else "float32"
+    config = path / "config.json"
+    if config.is_file():
+        import json
+
+        dtype = str(json.loads(config.read_text()).get("torch_dtype", "float32"))
+        return dtype if dtype in ("float16", "bfloat16") else "float32"
+    return "float32"
+
+
+def _half_linear() -> Any:
+    """A Linear product whose frozen weight stays in its half type: float32 compute from an upcast made per block of
+    output rows, and a backward that upcasts again instead of keeping the float32 copy for the whole graph."""
+    import torch
+
+    class HalfLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, weight: Any, bias: Any) -> Any:
+            ctx.save_for_backward(weight)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            xc = x.to(dtype)
+            parts = [xc @ weight[i : i + _ROWS].to(dtype).T for i in range(0, weight.shape[0], _ROWS)]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+            return out if bias is None else out + bias.to(dtype)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            (weight,) = ctx.saved_tensors
+            gx = None
+            for i in range(0, weight.shape[0], _ROWS):
+                part = grad[..., i : i + _ROWS] @ weight[i : i + _ROWS].to(grad.dtype)
+                gx = part if gx is None else gx + part
+            return gx, None, None
+
+    return HalfLinear
+
+
+def store_half(model: Any, dtype: str) -> int:
+    """Keep every Linear and Embedding weight of `model` in `dtype` ("float16" or "bfloat16") and compute in
+    float32 (or the autocast type): each module upcasts its weight when it runs, so float32 weights never exist
+    for more than one module (one block of rows) at a time. The outputs equal float32 storage's when the weights
+    are exactly representable in `dtype` (an F16 GGUF in float16). Returns the bytes the weights now take."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    half = getattr(torch, dtype)
+    fn = _half_linear()
+    done: set[int] = set()
+    total = 0
+
+    def linear(self: Any, x: Any) -> Any:
+        return fn.apply(x, self.weight, self.bias)
+
+    def embedding(self: Any, ids: Any) -> Any:
+        out = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                          self.sparse).float()
+        scale = getattr(self, "embed_scale", None)  # Gemma's scaled embedding multiplies after the lookup
+        return out if scale is None else out * scale.float()
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+            w = module.weight
+            if id(w) not in done:  # a tied output layer shares the embedding's Parameter
+                w.data = w.data.to(half)
+                done.add(id(w))
+                total += w.numel() * w.element_size()
+            module.forward = types.MethodType(linear if isinstance(module, torch.nn.Linear) else embedding, module)
+    return total
+
+
+def store_float32(modules: Any) -> None:
+    """Undo `store_half` for `modules` (those about to be trained): float32 weights and torch's own forward."""
+    import torch
+
+    for module in modules:
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+            module.weight.data = module.weight.data.float()
+            module.__dict__.pop("forward", None)
+
+
+def _small_tensors_float32(model: Any, folder: Path) -> None:
+    """Give every parameter that `store_half` leaves in float32 (norms, biases) its checkpoint value in float32:
+    a model loaded in a half type has them rounded. Raises when the checkpoint lacks one."""
+    import torch
+    from safetensors import safe_open
+
+    halves = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)}
+    wanted = {n: p for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in halves}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    wanted.pop(key).data = f.get_tensor(key).float()
+    if wanted:
+        raise PydetoxError(f"{folder}: no float32 value for {', '.join(sorted(wanted)[:3])} in its *.safetensors")
+
+
+class FullPrecisionModel:
+    """A causal LM computed in float32 torch, its tokenizer, and the GGUF names of its matrices.
+
+    `weights` is how its matrices are kept in memory: "float32", a half type ("float16", "bfloat16": half the
+    memory; each module upcasts when it runs, see `store_half`), or "auto": the source's own precision
+    (`source_precision`), which changes nothing in the results and halves the memory of an F16 or bf16 source."""
+
+    def __init__(self, source: str | Path, progress: bool = True, device: str = "cpu", weights: str = "auto") -> None:
         from pydetox.extras import require
 
         torch = require("torch", "discovery")
@@ -149,12 +268,24 @@ class FullPrecisionModel:
                 folder, kwargs["gguf_file"] = str(path.parent), path.name
         else:
             folder = str(source)  # a local HF folder, or a hub id for online users
+        if weights not in WEIGHTS:
+            raise PydetoxError(f"weights is one of {', '.join(WEIGHTS)}; got {weights!r}")
+        self.weights = source_precision(source) if weights == "auto" else weights
+        # Loaded straight in the half type from a local checkpoint (no float32 copy of the whole model on the way),
+        # then the small tensors (norms, biases) read again in float32; a GGUF's first conversion, or a hub id, loads
+        # in float32 and converts after.
+        direct = self.weights != "float32" and "gguf_file" not in kwargs and Path(folder).is_dir()
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, self.weights) if direct else torch.float32, **kwargs)
             self.model.eval()  # type: ignore[no-untyped-call]
             self.tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         except Exception as exc:
             raise PydetoxError(f"transformers could not load {source}: {exc}") from exc
+        if self.weights != "float32":
+            store_half(self.model, self.weights)
+            if direct:
+                _small_tensors_float32(self.model, Path(folder))
         if converted is not None and "gguf_file" in kwargs:
             _save_converted(self.model, self.tokenizer, converted)
         self.source = str(source)
@@ -202,5 +333,5 @@ class FullPrecisionModel:
         return _name(T.TOKEN_EMBD) if self.tied else None
 
     def unembedding(self) -> Any:
-        """(vocab, d) float32 tensor of the output layer."""
-        return self.model.get_output_embeddings().weight.detach()  # type: ignore[no-untyped-call]
+        """(vocab, d) float32 tensor of the output layer (a copy when the weights are kept in a half type)."""
+        return self.model.get_output_embeddings().weight.detach().float()  # type: ignore[no-untyped-call]

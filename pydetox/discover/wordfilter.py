@@ -178,7 +178,7 @@ class WordFilter(Method):
                 for start in range(0, len(texts), 16):
                     enc = tok(texts[start : start + 16], return_tensors="pt", padding=True, truncation=True,
                               max_length=64, add_special_tokens=special)
-                    h = ctx.fp.model(**enc, output_hidden_states=True).hidden_states[-1].double()
+                    h = ctx.fp.model.base_model(**enc).last_hidden_state.double()
                     logits = h[enc["attention_mask"].bool()] @ wf.T
                     edited = logits * torch.from_numpy(gain).double()
                     top.append((edited.max(1).values - edited[:, torch.from_numpy(banned)].max(1).values).numpy())
