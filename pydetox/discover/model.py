@@ -87,21 +87,31 @@ def autocast(precision: str, owner: str, device: str = "cpu") -> Any:
 def _converted_folder(gguf_path: Path) -> Path:
     """Where the Hugging Face form of a GGUF is kept once converted: transformers' GGUF loader spends ~20 s on
     SmolLM2 parsing metadata and the tokenizer (three GGUF reads), a saved folder loads in ~2 s. Keyed by the
-    file's path, size and modification time, so an edited or replaced file is converted afresh."""
+    file's path, size and modification time, so an edited or replaced file is converted afresh. The folder keeps
+    the matrices in the source's precision (`source_precision`): an F16 GGUF's folder is half the size of float32,
+    and a half-precision load maps it without a float32 copy."""
     import hashlib
 
     from pydetox.paths import cache_dir
 
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:16]
     return cache_dir() / "converted" / f"{gguf_path.stem}-{key}"
 
 
-def _save_converted(model: Any, tokenizer: Any, folder: Path) -> None:
-    """Save under a temporary name and rename when complete; a failure only costs the next load its speed."""
+def _save_converted(model: Any, tokenizer: Any, folder: Path, precision: str) -> None:
+    """Save under a temporary name and rename when complete; a failure only costs the next load its speed. The
+    Linear and Embedding weights are saved in `precision` (the source's: exact), whatever the model holds now."""
     import shutil
     import tempfile
 
+    import torch
+
+    matrices = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)}
+    held = {k: w.dtype for k, w in matrices.items()}
+    for w in matrices.values():
+        w.data = w.data.to(getattr(torch, precision))
+    tmp: Path | None = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
@@ -123,7 +133,11 @@ def _save_converted(model: Any, tokenizer: Any, folder: Path) -> None:
             shutil.rmtree(folder)
         tmp.rename(folder)
     except (OSError, ValueError):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        for k, w in matrices.items():
+            w.data = w.data.to(held[k])
 
 
 WEIGHTS = ("auto", "float32", "float16", "bfloat16")
@@ -287,7 +301,7 @@ class FullPrecisionModel:
             if direct:
                 _small_tensors_float32(self.model, Path(folder))
         if converted is not None and "gguf_file" in kwargs:
-            _save_converted(self.model, self.tokenizer, converted)
+            _save_converted(self.model, self.tokenizer, converted, source_precision(path))
         self.source = str(source)
         self.device = "cpu"
         self.to(resolve_device(device))
