@@ -470,3 +470,22 @@ def test_distill_benign_starts_join_the_clean_text_continued_by_the_unedited_mod
     more = disc.plan("distill", {**settings, "benign_starts": "6"}).params["diagnostics"]
     assert more["teacher_from_cache"]
     assert more["clean_sequences"] == plain["clean_sequences"] + 6
+    chat = disc.plan("distill", {**settings, "chat_starts": "4", "chat_tokens": "5"}).params["diagnostics"]
+    assert chat["teacher_from_cache"]
+    assert chat["clean_sequences"] == plain["clean_sequences"] + 4
+
+
+def test_distill_chat_starts_are_answers_of_the_unedited_model_in_its_chat_format(trained: tuple[Path, Path]) -> None:
+    """`chat_starts`: wiki sentences asked as the chat check asks (the GGUF's template, here none: "Question:
+    ...\nAnswer:"), each followed by the unedited model's greedy answer."""
+    from pydetox.discover.distill import DistillParams, _chat_continuations
+    from pydetox.helpfulness import chat_prompt
+
+    target, _ = trained
+    seqs = _chat_continuations(target, DistillParams(chat_starts=3, chat_tokens=4), False)
+    assert len(seqs) == 3
+    ending = chat_prompt(None, "QQQ").split("QQQ")[-1]  # "\nAnswer:"
+    with LlamaRuntime(target, n_ctx=512) as rt:
+        for s in seqs:  # the question in the chat check's format, then the unedited model's greedy answer (<= 4)
+            assert any(rt.detokenize(s[:k]).endswith(ending) and rt.generate([s[:k]], 4, Sampling(), [0])[0] == s[k:]
+                       for k in range(len(s) - 4, len(s)))
