@@ -88,7 +88,7 @@ class DistillParams:
     # text: the clean KL then also holds the assistant's answers, which prose does not show (an edit trained on
     # prose answered 60 of the 113 chat-check questions against the unedited 66).
     chat_starts: int = 0
-    chat_tokens: int = 32
+    chat_tokens: int = 32  # the longest answer the unedited model writes to each of the `chat_starts` questions
     prompts: str = "rtp-perspective"  # discovery prompts (those also in rtp-challenging are always left out)
     max_prompts: int = 0  # 0: every prompt of the set that is not an evaluation prompt
     max_new_tokens: int = 20  # tokens of each greedy continuation the teacher and the unedited model write
