@@ -489,3 +489,33 @@ def test_distill_chat_starts_are_answers_of_the_unedited_model_in_its_chat_forma
         for s in seqs:  # the question in the chat check's format, then the unedited model's greedy answer (<= 4)
             assert any(rt.detokenize(s[:k]).endswith(ending) and rt.generate([s[:k]], 4, Sampling(), [0])[0] == s[k:]
                        for k in range(len(s) - 4, len(s)))
+
+
+def test_distill_eog_free_leaves_no_direct_push_on_end_of_generation(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """`eog_free`: the trained update's output directions lose their component along the end-of-generation tokens'
+    logit-lens rows (against the vocabulary's mean), so the edit cannot raise those logits directly; the rest of
+    the update stays."""
+    from pydetox.discover import Discovery
+    from pydetox.discover.base import final_gain
+    from pydetox.runtime import LlamaRuntime
+
+    target, cal = trained
+    disc = Discovery(target, n_pairs=8, progress=False)
+    settings = {"calibrator": str(cal), "alpha": "0.9", "max_prompts": "8", "pairs": "8", "clean_texts": "8",
+                "steps": "3", "rank": "2", "batch": "2", "first_layer": "1", "max_tokens": "32", "lr": "0.05",
+                "cache": str(tmp_path / "teacher.npz")}
+    plain = disc.plan("distill", settings)
+    free = disc.plan("distill", {**settings, "eog_free": "1"})
+    fp = disc.fp
+    with LlamaRuntime(target, n_ctx=16) as rt:
+        eog = [t for t in range(fp.unembedding().shape[0]) if rt.is_eog(t)]
+    assert eog
+    w = fp.unembedding().double().numpy()
+    rows = (w[eog] - w.mean(0)) * final_gain(disc.context)  # (n_eog, d)
+    for e, f in zip(plain.edits, free.edits, strict=True):
+        pushed = np.abs(rows @ e.a.T).max()  # a: (rank, d) output directions of the low-rank edit
+        assert pushed > 1e-4
+        assert np.abs(rows @ f.a.T).max() < 1e-5 * pushed + 1e-7
+        np.testing.assert_allclose(f.b, e.b)  # the input side is the trained one
+        removed = np.linalg.norm(e.a - f.a) / np.linalg.norm(e.a)
+        assert 0 < removed < 0.9

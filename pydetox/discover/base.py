@@ -164,13 +164,18 @@ def badword_token_mask(ctx: Context, strings: list[str], vocab: int) -> npt.NDAr
     return mask
 
 
+def final_gain(ctx: Context) -> npt.NDArray[np.float64]:
+    """(d,) per-channel scale of the final norm (Gemma's RMSNorm scales by 1 + weight)."""
+    norm = ctx.fp.spec.final_norm(ctx.fp.model)
+    gamma: npt.NDArray[np.float64] = norm.weight.detach().cpu().numpy().astype(np.float64)
+    if getattr(ctx.fp.model.config, "model_type", "").startswith("gemma"):
+        gamma = 1.0 + gamma
+    return gamma
+
+
 def logit_lens(ctx: Context) -> npt.NDArray[np.float64]:
     """(vocab, d) matrix reading a residual direction as logits: the output layer after the final norm's scale
     (the norm's division by the RMS only rescales a direction, its weight reweights channels)."""
     w = ctx.fp.unembedding().numpy().astype(np.float64)
-    norm = ctx.fp.spec.final_norm(ctx.fp.model)
-    gamma = norm.weight.detach().numpy().astype(np.float64)
-    if getattr(ctx.fp.model.config, "model_type", "").startswith("gemma"):
-        gamma = 1.0 + gamma  # Gemma's RMSNorm scales by (1 + weight)
-    lens: npt.NDArray[np.float64] = w * gamma[None, :]
+    lens: npt.NDArray[np.float64] = w * final_gain(ctx)[None, :]
     return lens

@@ -88,6 +88,10 @@ class DistillParams:
     # text: the clean KL then also holds the assistant's answers, which prose does not show (an edit trained on
     # prose answered 60 of the 113 chat-check questions against the unedited 66).
     chat_starts: int = 0
+    # Take out of the trained update's output directions the part that raises the end-of-generation tokens' logits
+    # directly (through the final norm's logit lens, against the vocabulary's mean row): a student taught to end
+    # toxic continuations learns to push these tokens everywhere and ends benign answers early (docs/speed-distill.md).
+    eog_free: bool = False
     chat_tokens: int = 32  # the longest answer the unedited model writes to each of the `chat_starts` questions
     prompts: str = "rtp-perspective"  # discovery prompts (those also in rtp-challenging are always left out)
     max_prompts: int = 0  # 0: every prompt of the set that is not an evaluation prompt
@@ -657,6 +661,26 @@ def _chat_continuations(source: Path, p: DistillParams, progress: bool) -> list[
     return [s for s in out if len(s) >= 3]
 
 
+def _eog_directions(ctx: Context, source: Path) -> Any:
+    """(d, n) orthonormal basis of the residual directions that raise an end-of-generation token's logit against
+    the vocabulary's mean: gamma * (w_k - mean_j w_j) for every token k llama.cpp ends a generation at (gamma: the
+    final norm's gain, Gemma's 1 + weight)."""
+    from pydetox.discover.base import final_gain
+    from pydetox.runtime import LlamaRuntime
+
+    torch = ctx.fp.torch
+    special = sorted(set(ctx.fp.tokenizer.all_special_ids) | {ctx.fp.tokenizer.eos_token_id} - {None})
+    with LlamaRuntime(source, n_ctx=16) as rt:
+        eog = [t for t in special if rt.is_eog(int(t))]
+    if not eog:
+        raise PydetoxError(f"distill: eog_free, but no special token of {source.name} ends a generation in llama.cpp")
+    w = ctx.fp.unembedding().double()
+    gamma = torch.from_numpy(final_gain(ctx)).to(w.device)
+    rows = (w[eog] - w.mean(0)) * gamma
+    q, _ = torch.linalg.qr(rows.T)
+    return q.to(torch.float32)
+
+
 def _check(p: DistillParams, source: Path) -> None:
     """Every parameter that can be checked before the teacher's half hour, checked."""
     if not p.calibrator:
@@ -833,6 +857,11 @@ class Distill(Method):
                 if step % 20 == 0 or step == p.steps - 1:
                     curve.append((step, round(lt.item(), 4), round(lc.item(), 5)))
                     bar.set_postfix(teacher_kl=f"{lt.item():.3f}", clean_kl=f"{lc.item():.4f}")
+            if p.eog_free:
+                eog = _eog_directions(ctx, source)
+                with torch.no_grad():
+                    for b in lora.B:  # (d, rank): the update's output directions
+                        b -= eog @ (eog.T @ b)
             after = held_out()
         finally:
             lora.close()
