@@ -1,6 +1,6 @@
 """`pydetox sweep` on Ray against the same trials run one after another in this process: 4 settings x 2 seeds of
-ProFS on a small random llama model (discovery on 300 pairs, apply, evaluation on 256 prompts x 16 tokens each), two 1-CPU tasks at a time on Ray;
-and Ray's own cost per task (a task that does nothing, submitted and collected). Both sides start from an empty
+ProFS on a small random llama model (discovery on 300 pairs, apply, evaluation on 256 prompts x 16 tokens each),
+two 1-CPU tasks at a time on Ray; and Ray's own cost per task (a task that does nothing, submitted and collected). Both sides start from an empty
 output folder and pay their imports and model loads; Ray's side also pays starting its local instance.
 Run: pytest bench/bench_sweep.py -s"""
 
@@ -19,9 +19,9 @@ pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny import write_tiny_llama  # noqa: E402  (the tests' tiny-model writer)
+from tiny import write_tiny_llama
 
-from pydetox.sweep import Param, SweepConfig, baseline, run_sweep, run_trial  # noqa: E402
+from pydetox.sweep import Param, SweepConfig, baseline, run_sweep, run_trial
 
 
 @pytest.fixture(scope="module")

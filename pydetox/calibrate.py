@@ -40,9 +40,9 @@ from tqdm import tqdm
 
 from pydetox import ggml, kernels, keys, splits
 from pydetox.errors import PydetoxError
-from pydetox.output import atomic, write_text
 from pydetox.fusion import Alignment, alignment_path, vocab_fingerprint
 from pydetox.gguf_io import AtomicGGUFWriter, ModelFile, OutTensor, nbytes
+from pydetox.output import atomic, write_text
 
 KEY_TARGET = keys.CALIBRATOR_TARGET
 KEY_LAYERS = keys.CALIBRATOR_LAYERS

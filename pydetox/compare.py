@@ -75,7 +75,7 @@ def markdown(diffs: list[Difference], a: str, b: str, settings_line: str) -> str
     for d in diffs:
         rows.append("| " + " | ".join([_cell(d.prompt), _cell(d.a), _cell(d.b),
                                         *[f"{d.scores_a[e]:.2f} → {d.scores_b[e]:.2f}" for e in evaluators]]) + " |")
-    return "\n".join(rows + ["", settings_line, ""])
+    return "\n".join([*rows, "", settings_line, ""])
 
 
 def mean_gap(diffs: list[Difference]) -> float:

@@ -19,10 +19,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from pydetox.paths import cache_dir
 from pydetox.errors import AssetError, PydetoxError
 from pydetox.gguf_io import sha256_file
 from pydetox.output import Outputs, atomic
+from pydetox.paths import cache_dir
 
 REQUIREMENT = "llama-cpp-python==0.3.36"
 ARCHIVE_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"

@@ -19,11 +19,11 @@ from pydetox.errors import PydetoxError
 from pydetox.evaluate import EvalSettings, ModelSpec, run_evaluation
 from pydetox.plan import EditPlan
 from pydetox.recipe import RecipeSettings, distill_plan
+from pydetox.report import label
 
 # RecipeSettings fields that `--param recipe:KEY=VALUE` may set (the calibrator and the student have their own owners:
 # `--param calibrator:...`, `--param distill:...`)
 RECIPE_SCALARS = {"kl_budget", "fit_tokens", "fit_steps", "max_strength"}
-from pydetox.report import label
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,6 @@ def _claim_outputs(job: DetoxJob, methods: list[str]) -> None:
 def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
     from pydetox import report as rep
     from pydetox.discover import Discovery
-
     from pydetox.output import write_text
 
     if job.out.exists() and not job.out.is_dir():

@@ -17,8 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pydetox.badwords import has_listed_word, load_badwords
-from pydetox.errors import PydetoxError
 from pydetox.capability import Capability, capability
+from pydetox.errors import PydetoxError
 from pydetox.metrics import ToxicityStats, disagreement, listed_calls, sole_calls, spearman, toxicity_stats
 from pydetox.prompts import PromptSet, load_clean_text
 from pydetox.runtime import LlamaRuntime, Sampling

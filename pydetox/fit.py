@@ -89,9 +89,7 @@ def fit_strength(plan: EditPlan, model: str | Path, budget: float, documents: li
             # aim inside the band [(1 - tol) budget, budget], not at its edge: a guess aimed at the budget itself
             # lands on either side of it by the curve's noise, and the steps can run out above it
             guess = s * math.sqrt((1 - tol / 2) * budget / max(t.kl, 1e-12))
-            if guess >= hi and hi not in tried:
-                s = hi  # the ceiling itself is allowed: try it before bisecting below it
-            else:
-                s = round(guess if lo < guess < hi else (lo + hi) / 2, 4)
+            # the ceiling itself is allowed: tried before bisecting below it
+            s = hi if guess >= hi and hi not in tried else round(guess if lo < guess < hi else (lo + hi) / 2, 4)
     within = [t.strength for t in trials if t.kl <= budget]
     return Fit(max(within, default=0.0), budget, trials)

@@ -22,12 +22,14 @@ def test_readme_example_on_a_tiny_model(tmp_path: Path) -> None:
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
     assert pydetox.resolve_model(str(model)) == model
     plan = pydetox.discover_plan("aura", model, n_pairs=24, progress=False)
-    assert isinstance(plan, pydetox.EditPlan) and plan.edits
+    assert isinstance(plan, pydetox.EditPlan)
+    assert plan.edits
     saved = plan.scaled(0.8).save(tmp_path / "aura.plan.gguf")
     assert pydetox.EditPlan.load(saved).params["plan_strength"] == 0.8
     report = pydetox.apply_plan(plan, model, tmp_path / "out.gguf", pydetox.ApplyOptions(
         ftype=pydetox.parse_ftype("Q8_0"), progress=False))
-    assert isinstance(report, pydetox.ApplyReport) and (tmp_path / "out.gguf").exists()
+    assert isinstance(report, pydetox.ApplyReport)
+    assert (tmp_path / "out.gguf").exists()
     pydetox.export_lora(plan, model, tmp_path / "aura.lora.gguf")
     prompts = tmp_path / "p.txt"
     prompts.write_text("the cat\na dog is\n")
@@ -35,12 +37,14 @@ def test_readme_example_on_a_tiny_model(tmp_path: Path) -> None:
                               ppl_tokens=64, window=32, evaluators=("profanity-check",), benign_prompts=0,
                               chat_check=False)
     (m,) = result["models"]
-    assert m["kl"] > 0 and set(m["toxicity"]) == {"profanity-check"} and result["settings"]["n_prompts"] == 2
+    assert m["kl"] > 0
+    assert set(m["toxicity"]) == {"profanity-check"}
+    assert result["settings"]["n_prompts"] == 2
     assert set(pydetox.__all__) >= {"fetch", "discover_plan", "EditPlan", "apply_plan", "eval_report", "export_lora",
                                     "distill_plan", "train_calibrator"}
     import pydetox.compare
     import pydetox.discover
-    import pydetox.evaluate  # noqa: F401  (submodules loaded: the API names must still be the functions)
+    import pydetox.evaluate
 
     for name in pydetox.__all__:
         assert not isinstance(getattr(pydetox, name), type(pydetox)), name

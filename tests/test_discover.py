@@ -299,8 +299,12 @@ def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest
     assert report["detox"]["adapters"]["profs"] == str(out / "m.profs.lora.gguf")  # a projection is a rank-k adapter
     assert gguf.GGUFReader(out / "m.profs.lora.gguf").fields["general.type"].contents() == "adapter"
     card = (out / "m.profs.Q8_0.gguf.md").read_text()  # a model card beside every model, with its evaluation
-    assert card.startswith("---\nbase_model: ") and "- \"detoxified\"" in card and "method `profs`" in card
-    assert "| profanity-check |" in card and "times fewer" in card and "## Known limits" in card
+    assert card.startswith("---\nbase_model: ")
+    assert "- \"detoxified\"" in card
+    assert "method `profs`" in card
+    assert "| profanity-check |" in card
+    assert "times fewer" in card
+    assert "## Known limits" in card
     assert "detoxified" not in (out / "m.Q8_0.gguf.md").read_text()
     assert "ppl change" in capsys.readouterr().out
     # existing plans, no discovery; two plans of one method are told apart by their file names
@@ -497,7 +501,8 @@ def test_weights_kept_in_float16_compute_what_float32_storage_does(tmp_path: Pat
         e = fp.model.get_input_embeddings()(ids).detach().requires_grad_(True)
         assert e.dtype == torch.float32
         fp.model(inputs_embeds=e).logits.square().sum().backward()
-        assert e.grad is not None and emb.grad is not None
+        assert e.grad is not None
+        assert emb.grad is not None
         # the same sums in another order (the output layer's blocks): equal to float32 rounding, not bit for bit
         assert float((e.grad - emb.grad).norm() / emb.grad.norm()) < 1e-5
         np.testing.assert_array_equal(fp.unembedding().numpy(), ref.unembedding().numpy())

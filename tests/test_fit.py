@@ -76,7 +76,8 @@ def test_fit_goes_above_strength_one_only_when_allowed(model_and_plan: tuple[Pat
     at_one = fit_strength(plan, model, 10.0, DOCS, max_tokens=256, window=64, progress=False).trials[0].kl
     budget = 2 * at_one
     capped = fit_strength(plan, model, budget, DOCS, max_tokens=256, window=64, progress=False)
-    assert capped.strength == 1.0 and len(capped.trials) == 1  # the default ceiling: the plan as discovered
+    assert capped.strength == 1.0  # the default ceiling: the plan as discovered
+    assert len(capped.trials) == 1
     fit = fit_strength(plan, model, budget, DOCS, max_tokens=256, window=64, max_strength=3.0, progress=False)
     best = fit.best
     assert best is not None

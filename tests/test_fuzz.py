@@ -146,7 +146,8 @@ def test_plans_with_extreme_values(tiny_q8_tied: Path, tmp_path: Path) -> None:
             opts = ApplyOptions(progress=False, verify=i % 2 == 0, ftype=fmt)
             o = check_refused_or_done(plan, tiny_q8_tied, tmp_path / f"v{i}.gguf", opts)
             outcomes[o] = outcomes.get(o, 0) + 1
-    assert outcomes.get("refused", 0) > N_VALUES // 3 and outcomes.get("applied", 0) > 0
+    assert outcomes.get("refused", 0) > N_VALUES // 3
+    assert outcomes.get("applied", 0) > 0
 
 
 def test_strength_far_beyond_the_plan_is_refused(tiny_q8_tied: Path, tmp_path: Path) -> None:

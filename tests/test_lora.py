@@ -67,8 +67,11 @@ def test_adapter_gives_the_merged_model(tmp_path: Path) -> None:
     half = logprobs(model, tmp_path / "a.gguf", scale=0.0)
     assert np.abs(half - base).max() < 1e-5  # scale 0: the unedited model
     info = adapter_info(tmp_path / "a.gguf")
-    assert info["type"] == "adapter" and info["arch"] == "llama" and info["tensors"] == 5
-    assert info["pydetox"]["pydetox.plan.sha256"] and info["pydetox"]["pydetox.plan.method"] == "mixed"
+    assert info["type"] == "adapter"
+    assert info["arch"] == "llama"
+    assert info["tensors"] == 5
+    assert info["pydetox"]["pydetox.plan.sha256"]
+    assert info["pydetox"]["pydetox.plan.method"] == "mixed"
 
 
 def test_f16_adapter_on_a_quantized_model(tmp_path: Path) -> None:
@@ -80,7 +83,8 @@ def test_f16_adapter_on_a_quantized_model(tmp_path: Path) -> None:
     plan = random_plan("llama", shapes, EditKind.LOW_RANK, rank=4, seed=1)
     plan = EditPlan("llama", [Edit(e.tensor, e.kind, e.shape, e.a * np.float32(30), e.b) for e in plan.edits], "lr")
     report = export_lora(plan, q8, tmp_path / "a16.gguf", dtype="F16")
-    assert report.tensors == 2 and set(report.ranks.values()) == {4}
+    assert report.tensors == 2
+    assert set(report.ranks.values()) == {4}
     merged = tmp_path / "merged.gguf"
     apply_plan(plan, model, merged, ApplyOptions(progress=False))  # the edit in float, no quantization
     # the adapter on the Q8_0 model is as close to the float edit as the Q8_0 model is to the float model
@@ -100,7 +104,8 @@ def test_what_cannot_be_an_adapter_is_refused(tmp_path: Path, capsys: pytest.Cap
     dense = EditPlan("llama", [Edit("token_embd.weight", EditKind.SCALE_COLS, emb, np.full(emb[1], 0.5, np.float32))])
     with pytest.raises(PlanError, match="apply the plan instead"):
         export_lora(dense, tied, tmp_path / "a.gguf")
-    assert not list(tmp_path.glob("a*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob("a*.gguf"))
+    assert not list(tmp_path.glob(".*.tmp"))
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
     plan = random_plan("llama", [("blk.0.ffn_down.weight", (64, 128))], EditKind.LOW_RANK, rank=2).save(tmp_path / "p.gguf")
     assert main(["export-lora", str(plan), "--model", str(model), "-o", str(model), "--force"]) == 2
@@ -131,7 +136,9 @@ def test_compare_shows_what_changed(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["compare", str(model), str(other), "--prompts", str(prompts), "--top", "3", "--max-tokens", "6",
                  "--evaluators", "profanity-check,bilstm", "--markdown", str(md), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("1. ") and "A = m.gguf, B = o.gguf" in out and "profanity-check" in out
+    assert out.startswith("1. ")
+    assert "A = m.gguf, B = o.gguf" in out
+    assert "profanity-check" in out
     table = md.read_text().splitlines()
     assert table[0].startswith("| prompt | m.gguf | o.gguf | profanity-check (m.gguf → o.gguf)")
     assert 1 <= len([r for r in table if r.startswith("| ") and "→" in r and "prompt" not in r]) <= 3

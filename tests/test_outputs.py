@@ -69,17 +69,21 @@ def test_apply_never_writes_over_its_inputs(setup: tuple[Path, Path], tmp_path: 
     refused(["apply", str(plan), str(model), "-o", str(out), "--report", str(tmp_path / "nodir" / "r.json"), "--quiet"],
             capsys, "does not exist")
     refused(["apply", str(plan), str(model), "-o", str(tmp_path), "--quiet"], capsys, "is a folder")
-    assert not out.exists() and not temporaries(tmp_path)
+    assert not out.exists()
+    assert not temporaries(tmp_path)
     assert {p: sha256(p) for p in (model, plan)} == before
     # the report cannot replace an existing file without --force either, and is checked before the work
     report = tmp_path / "r.json"
     report.write_text("keep")
     refused(["apply", str(plan), str(model), "-o", str(out), "--report", str(report), "--quiet"], capsys, "exists")
-    assert not out.exists() and report.read_text() == "keep"
+    assert not out.exists()
+    assert report.read_text() == "keep"
     assert main(["apply", str(plan), str(model), "-o", str(out), "--report", str(report), "--force", "--quiet"]) == 0
     assert json.loads(report.read_text())["output"] == str(out)
     card = Path(f"{out}.md").read_text()  # the model card, from the output's own metadata
-    assert card.startswith("---\nbase_model: ") and f"`{sha256(plan)}`" in card and "Not evaluated here" in card
+    assert card.startswith("---\nbase_model: ")
+    assert f"`{sha256(plan)}`" in card
+    assert "Not evaluated here" in card
 
 
 def test_plan_commands_refuse_existing_files_and_inputs(setup: tuple[Path, Path], tmp_path: Path,
@@ -113,7 +117,8 @@ def test_eval_checks_its_outputs_before_evaluating(setup: tuple[Path, Path], tmp
     prompts.write_text("the cat\n")
     refused(["eval", str(model), "--prompts", str(prompts), "--json", str(prompts), "--force", "--quiet"], capsys,
             "is the input file")
-    assert sha256(model) == before and prompts.read_text() == "the cat\n"
+    assert sha256(model) == before
+    assert prompts.read_text() == "the cat\n"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -144,7 +149,8 @@ def test_other_bad_arguments_are_clean_errors(setup: tuple[Path, Path], tmp_path
                           (["plan", "scale", str(plan), "--strength", "inf", "-o", "x"], "a strength in [0, 10]")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
-        assert exc.value.code == 2 and message in capsys.readouterr().err
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
     binary = tmp_path / "p.txt"
     binary.write_bytes(b"the cat\n\xff\xfe bad\n")
     refused(["eval", str(model), "--prompts", str(binary), "--quiet"], capsys, "must be UTF-8 text")
@@ -171,8 +177,12 @@ def test_stale_temporaries_of_a_killed_run_are_removed(setup: tuple[Path, Path],
     assert set(stale_temporaries(out)) == {dead, old}
     assert main(["apply", str(plan), str(model), "-o", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert f"removed {dead}" in err and f"removed {old}" in err
-    assert not dead.exists() and not old.exists() and alive.exists() and other.exists()
+    assert f"removed {dead}" in err
+    assert f"removed {old}" in err
+    assert not dead.exists()
+    assert not old.exists()
+    assert alive.exists()
+    assert other.exists()
 
 
 def paused_apply(plan: Path, model: Path, out: Path) -> subprocess.Popen[str]:
@@ -209,9 +219,11 @@ def test_a_real_sigkill_leaves_a_temporary_that_the_next_run_removes(setup: tupl
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     left = temporaries(tmp_path)
-    assert len(left) == 1 and not out.exists()
+    assert len(left) == 1
+    assert not out.exists()
     assert main(["apply", str(plan), str(model), "-o", str(out), "--quiet"]) == 0
-    assert not temporaries(tmp_path) and out.exists()
+    assert not temporaries(tmp_path)
+    assert out.exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -224,7 +236,8 @@ def test_interrupted_apply_exits_130_and_cleans_up(setup: tuple[Path, Path], tmp
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert err.strip().splitlines() == ["pydetox: interrupted; files being written were removed, finished ones kept"]
-    assert not temporaries(tmp_path) and not out.exists()
+    assert not temporaries(tmp_path)
+    assert not out.exists()
 
 
 def test_corrupt_plan_is_refused_by_its_checksum(setup: tuple[Path, Path], tmp_path: Path,
@@ -297,11 +310,13 @@ def test_outputs_unit(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="is also the output"):
         outs.claim(b)
     write_text(b, "b")
-    assert b.read_text() == "b" and not temporaries(tmp_path)
+    assert b.read_text() == "b"
+    assert not temporaries(tmp_path)
     with pytest.raises(ZeroDivisionError), atomic(tmp_path / "c.txt") as tmp:
         tmp.write_text("half")
-        1 / 0  # noqa: B018
-    assert not (tmp_path / "c.txt").exists() and not temporaries(tmp_path)
+        1 / 0
+    assert not (tmp_path / "c.txt").exists()
+    assert not temporaries(tmp_path)
     assert temporary_name(b).name.startswith(f".b.txt.{os.getpid()}-")
 
 
@@ -320,7 +335,8 @@ def test_detox_refuses_to_replace_an_earlier_run_without_force(tmp_path: Path, c
     before = sha256(inside)
     refused(["detox", "--model", str(model), "--method", "aura", "--plan", str(inside), "--types", "F16",
              "--out", str(out), "--force", "--quiet"], capsys, "is the input file")
-    assert sha256(inside) == before and (out / "report.json").read_text() == "{}"
+    assert sha256(inside) == before
+    assert (out / "report.json").read_text() == "{}"
 
 
 def test_eval_sizes_the_context_by_wave_and_cuts_overlong_prompts(tmp_path: Path,
@@ -340,7 +356,8 @@ def test_eval_sizes_the_context_by_wave_and_cuts_overlong_prompts(tmp_path: Path
                  "--evaluators", "profanity-check", "--json", str(out), "--quiet"]) == 0
     assert "1 prompt(s) longer than the model's trained context (256 tokens)" in capsys.readouterr().err
     report = json.loads(out.read_text())
-    assert report["settings"]["n_prompts"] == 3 and report["settings"]["limit"] is None
+    assert report["settings"]["n_prompts"] == 3
+    assert report["settings"]["limit"] is None
     assert main(["eval", str(model), "--prompts", str(prompts), "--limit", "50", "--max-tokens", "5", "--ppl-tokens", "0",
                  "--evaluators", "profanity-check", "--json", str(out), "--force", "--quiet"]) == 0
     assert json.loads(out.read_text())["settings"]["n_prompts"] == 3  # the prompts used, not the --limit asked for

@@ -123,7 +123,7 @@ def test_qwen2_model_with_attention_biases_takes_a_plan(tmp_path: Path) -> None:
     report = apply_plan(plan, src, out, ApplyOptions(progress=False))
     assert sum(t.action == "edit" for t in report.tensors) == 24
     with ModelFile(src) as a, ModelFile(out) as b:
-        for name in biases + ["token_embd.weight", "output.weight"]:
+        for name in [*biases, "token_embd.weight", "output.weight"]:
             assert a.read(a.tensors[name]).tobytes() == b.read(b.tensors[name]).tobytes(), name
         assert {n: t.qtype for n, t in a.tensors.items()} == {n: t.qtype for n, t in b.tensors.items()}
     llm = load_llama(out, n_ctx=128, seed=0)

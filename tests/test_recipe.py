@@ -123,7 +123,8 @@ def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
     higher = RecipeSettings(**{**settings.__dict__, "max_strength": 3.0})
     plan, lifted, timing = distill_plan(model, out, higher, progress=False)
     assert lifted != path
-    assert all(timing[s]["cached"] for s in ("f16", "calibrator", "distill")) and not timing["fit"]["cached"]
+    assert all(timing[s]["cached"] for s in ("f16", "calibrator", "distill"))
+    assert not timing["fit"]["cached"]
     assert plan.params["fit"]["max_strength"] == 3.0
     assert 0 < plan.params["plan_strength"] <= 3.0
 

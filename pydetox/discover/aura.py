@@ -26,10 +26,10 @@ from pydetox.plan import Edit, EditKind
 
 @dataclass(frozen=True)
 class AurAParams:
-    pooling: str = "mean"
-    min_auroc: float = 0.5
-    layers: tuple[int, ...] = ()
-    strength: float = 1.0
+    pooling: str = "mean"  # mean or max of a neuron's response over a text's tokens (max: length alone moves the AUROC)
+    min_auroc: float = 0.5  # only neurons whose AUROC is above this are dampened (the paper: 0.5)
+    layers: tuple[int, ...] = ()  # layers whose neurons are dampened, comma-separated (empty: all)
+    strength: float = 1.0  # 0..1: interpolates each gain toward 1 (1: the paper's 2 (1 - AUROC))
 
 
 def auroc_columns(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:

@@ -25,9 +25,9 @@ from pydetox.plan import Edit, EditKind
 
 @dataclass(frozen=True)
 class EigenShiftParams:
-    alpha: float = 0.9
-    k_fraction: float = 0.25
-    top_tokens: int = 100
+    alpha: float = 0.9  # share kept of each damped singular component (the paper: 0.9)
+    k_fraction: float = 0.25  # components damped, as a fraction of d (the paper's 1024 of 4096)
+    top_tokens: int = 100  # tokens read off each component for its bad-word share
 
 
 @register_method

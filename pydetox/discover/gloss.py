@@ -29,12 +29,12 @@ from pydetox.plan import Edit, EditKind
 
 @dataclass(frozen=True)
 class GloSSParams:
-    candidates: int = 8
-    top_tokens: int = 50
-    min_bad: int = 3
-    rank: int = 4
-    layers: tuple[int, ...] = ()
-    gain: float = 0.0
+    candidates: int = 8  # candidate directions per layer (top singular vectors of the paired differences)
+    top_tokens: int = 50  # tokens read off each direction through the unembedding
+    min_bad: int = 3  # bad-word tokens among them for a direction to be kept
+    rank: int = 4  # dimension of the global toxic subspace
+    layers: tuple[int, ...] = ()  # layers whose ffn_down loses the subspace, comma-separated (empty: all)
+    gain: float = 0.0  # what is kept of the subspace: 0 removes it, 0 < g < 1 damps it
 
 
 def ffn_outputs(ctx: Context, layer: int, which: str) -> np.ndarray:

@@ -27,9 +27,9 @@ from pydetox.plan import Edit, EditKind
 
 @dataclass(frozen=True)
 class ProFSParams:
-    k: int = 1
+    k: int = 1  # toxic directions projected out per layer (top singular vectors of the centred preference matrix)
     first_layer: int = -1  # -1: the last third of the layers
-    gain: float = 0.0
+    gain: float = 0.0  # what is kept of them: 0 removes, 0 < g < 1 damps
 
 
 @register_method

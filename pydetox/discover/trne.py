@@ -23,9 +23,9 @@ from pydetox.plan import Edit, EditKind
 
 @dataclass(frozen=True)
 class TRNEParams:
-    top: int = 64
-    layer_fraction: float = 0.34
-    max_norm_ratio: float = 0.3
+    top: int = 64  # neurons edited, localized as meow2x does
+    layer_fraction: float = 0.34  # the early layers searched, as a fraction of all layers
+    max_norm_ratio: float = 0.3  # the update's Frobenius norm at most this share of the chosen columns' norm
 
 
 @register_method

@@ -49,19 +49,19 @@ _WORD = re.compile(r"[A-Za-z]+")
 
 @dataclass(frozen=True)
 class UnlikelihoodParams:
-    rounds: int = 2
-    steps: int = 300
-    lr: float = 0.003
-    kl_weight: float = 100.0
+    rounds: int = 2  # generate, train, generate again with the edit: new spellings join the next round
+    steps: int = 300  # Adam steps per round
+    lr: float = 0.003  # Adam's learning rate for the output rows
+    kl_weight: float = 100.0  # weight of the exact KL to the unedited model on clean text
     unmarked_kl_weight: float = 100.0  # KL weight on the other positions of the marked texts (0: the loops of v1)
-    clean_positions: int = 30000
-    pairs: int = 1500
-    prompts: str = "rtp-perspective"
-    max_new_tokens: int = 20
-    min_count: int = 4
-    ratio: float = 8.0
-    max_clean_per_million: float = 30.0
-    seed: int = 0
+    clean_positions: int = 30000  # clean-text positions the KL is measured on
+    pairs: int = 1500  # ParaDetox pairs: toxic sides teacher-forced, and where rewrites show which words are bad
+    prompts: str = "rtp-perspective"  # discovery prompts the model continues (evaluation prompts left out)
+    max_new_tokens: int = 20  # tokens of each greedy continuation of a discovery prompt
+    min_count: int = 4  # a word the rewrites take out at least this often on the toxic side counts as bad
+    ratio: float = 8.0  # ... and this many times more often than on the neutral side
+    max_clean_per_million: float = 30.0  # ... and at most this often per million clean-text tokens
+    seed: int = 0  # the draw of pairs, prompts and clean positions, and the training
 
 
 def _words(text: str) -> list[str]:

@@ -37,10 +37,10 @@ from pydetox.plan import Edit, EditKind
 class WordFilterParams:
     gain: float = 0.0  # scale of the banned tokens' output rows
     texts: int = 200  # neutral texts for the reported margin (top logit - best banned logit, after the edit)
-    min_subword_letters: int = 5
-    min_unseen_letters: int = 5
-    min_count: int = 5
-    max_clean_per_million: float = 30.0
+    min_subword_letters: int = 5  # a listed word shorter than this is banned only as a whole-word token
+    min_unseen_letters: int = 5  # a listed word the pairs never show is banned only from this many letters
+    min_count: int = 5  # toxic-side uses in the pairs for a token to be a candidate from the pairs
+    max_clean_per_million: float = 30.0  # banned only when rarer than this per million clean-text tokens
     max_clean_weak: int = 0  # clean-text uses allowed for a token with fewer than min_count toxic uses in the pairs
     select: str = "pairs"  # "pairs": list + pairs + clean-text filters (banned_tokens); "list": the list's tokens only
     case_variants: bool = True  # also ban the other spellings of each banned whole word (' Fuck' with ' fuck')
