@@ -1,7 +1,8 @@
 """`pydetox sweep` on Ray against the same trials run one after another in this process: 4 settings x 2 seeds of
 ProFS on a small random llama model (discovery on 300 pairs, apply, evaluation on 256 prompts x 16 tokens each),
-two 1-CPU tasks at a time on Ray; and Ray's own cost per task (a task that does nothing, submitted and collected). Both sides start from an empty
-output folder and pay their imports and model loads; Ray's side also pays starting its local instance.
+two 1-CPU tasks at a time on Ray; and Ray's own cost per task (a task that does nothing, submitted and collected).
+Both sides start from an empty output folder and pay their imports and model loads; Ray's side also pays starting
+its local instance.
 Run: pytest bench/bench_sweep.py -s"""
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -30,7 +29,7 @@ from pydetox.plan import EditKind, EditPlan, random_plan
 SHAPE = {"d": 64, "ff": 128, "heads": 2, "kv_heads": 1}
 
 
-@pytest.fixture()
+@pytest.fixture
 def setup(tmp_path: Path) -> tuple[Path, Path]:
     model = write_tiny_llama(tmp_path / "in.gguf", **SHAPE)
     with ModelFile(model) as m:
@@ -121,7 +120,7 @@ def test_eval_checks_its_outputs_before_evaluating(setup: tuple[Path, Path], tmp
     assert prompts.read_text() == "the cat\n"
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(("args", "message"), [
     (["--samples", "0"], "--samples: expected a whole number >= 1"),
     (["--samples", "-3"], "--samples: expected a whole number >= 1"),
     (["--limit", "0"], "--limit: expected a whole number >= 1"),
@@ -268,7 +267,7 @@ def _rewrite_tensor_infos(model: Path, dest: Path, change: dict[str, object]) ->
 
 
 def test_reader_refuses_overlapping_data_and_bad_names(setup: tuple[Path, Path], tmp_path: Path) -> None:
-    model, plan = setup
+    model, _ = setup
     h = read_header(model)
     overlapping = _rewrite_tensor_infos(model, tmp_path / "overlap.gguf", {"offset": h.tensors[3].offset})
     with pytest.raises(GGUFFileError, match="tensor data must follow in order"):
@@ -294,10 +293,10 @@ def test_quantized_result_out_of_range_is_refused(tmp_path: Path) -> None:
     from pydetox.plan import Edit
 
     plan = EditPlan("llama", [Edit(name, EditKind.SCALE_ROWS, entry.shape, gains)])
-    with pytest.raises(PydetoxError, match="NaN/inf|times its own norm"):
+    with pytest.raises(PydetoxError, match=r"NaN/inf|times its own norm"):
         apply_plan(plan, model, tmp_path / "o.gguf", ApplyOptions(progress=False, max_edit=1e12,
                                                                    ftype=gguf.LlamaFileType.MOSTLY_F16))
-    assert not list(p for p in tmp_path.iterdir() if p.name != "in.gguf")
+    assert not [p for p in tmp_path.iterdir() if p.name != "in.gguf"]
 
 
 def test_outputs_unit(tmp_path: Path) -> None:
@@ -312,9 +311,14 @@ def test_outputs_unit(tmp_path: Path) -> None:
     write_text(b, "b")
     assert b.read_text() == "b"
     assert not temporaries(tmp_path)
-    with pytest.raises(ZeroDivisionError), atomic(tmp_path / "c.txt") as tmp:
-        tmp.write_text("half")
-        1 / 0
+
+    def fail_halfway() -> None:
+        with atomic(tmp_path / "c.txt") as tmp:
+            tmp.write_text("half")
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        fail_halfway()
     assert not (tmp_path / "c.txt").exists()
     assert not temporaries(tmp_path)
     assert temporary_name(b).name.startswith(f".b.txt.{os.getpid()}-")
