@@ -164,6 +164,176 @@ def _trainable(name: str) -> bool:
     return name.startswith(("model.layers.", "model.norm."))
 
 
+def _check_paths(target: Path, out: Path) -> None:
+    if out.suffix != ".gguf":
+        raise PydetoxError(f"the calibrator is written as a GGUF: expected an output name ending in .gguf, got {out.name}")
+    if not out.parent.is_dir():
+        raise PydetoxError(f"output folder {out.parent} does not exist")
+    if out.resolve() == target.resolve():
+        raise PydetoxError("the calibrator would overwrite its target; choose another output name")
+
+
+class _Trainer:
+    """The calibrator being trained: the target's first layers (trainable), the alignment A (d_target x d_cal) and
+    gain g into the target's frozen output layer W, the training and validation rows, and the target's own final
+    hidden states on them (objective "fused")."""
+
+    def __init__(self, fp: Any, settings: CalibrateSettings, rng: np.random.Generator, progress: bool) -> None:
+        from pydetox.discover.model import autocast, store_float32
+
+        torch = fp.torch
+        self.torch, self.fp, self.settings, self.rng = torch, fp, settings, rng
+        dev = self.dev = fp.device
+        model = self.model = fp.model
+        sentences, clean, self.data_desc = training_texts(settings)
+        rows = pack(fp.tokenizer, sentences + clean, len(sentences), settings.clean_tokens, settings.seq_len)
+        order = rng.permutation(len(rows))
+        n_val = max(1, int(len(rows) * settings.val_fraction))
+        # At most steps x batch training rows: a row no step draws would only cost its target hidden states.
+        n_train = min(len(rows) - n_val, settings.steps * settings.batch)
+        self.val_rows = torch.from_numpy(rows[order[:n_val]]).to(dev)
+        self.train_rows = torch.from_numpy(rows[order[n_val : n_val + n_train]]).to(dev)
+        self.bf16 = autocast(settings.precision, "calibrate", dev)
+        self.W = fp.unembedding().clone()  # (V, d_target), frozen: the target's output layer
+        self.H_train = self.H_val = None
+        if settings.objective == "fused":
+            # The target's final hidden states of every row, once: the fused loss needs them at every step.
+            with self.bf16:
+                self.H_train = _target_hidden(model, self.train_rows, settings.batch, progress)
+                self.H_val = _target_hidden(model, self.val_rows, settings.batch, progress)
+        elif settings.objective != "standalone":
+            raise PydetoxError(f"objective is 'fused' or 'standalone', not {settings.objective!r}")
+        _truncate(fp, settings.layers)
+        store_float32(model.model.layers.modules())  # the kept layers are trained: float32 whatever the target's storage
+        params = dict(model.named_parameters())
+        for n, p in params.items():
+            p.requires_grad_(_trainable(n))
+        self.trained = {n: p for n, p in params.items() if p.requires_grad}
+        self.initial = {n: p.detach().clone() for n, p in self.trained.items()}
+        d_t, d_c = self.W.shape[1], model.config.hidden_size
+        self.A = torch.nn.Parameter(torch.eye(d_t, d_c, device=dev))
+        # LN(A h_c) ~ h_c at the start needs g = rms(h_c), measured on training rows. The rms of the final norm's
+        # gain is no substitute: on Gemma-3 it is far from uniform, and a fused model would start tens of nats off.
+        with torch.no_grad():
+            h0 = model.model(input_ids=self.train_rows[: settings.batch]).last_hidden_state
+            self.g = torch.nn.Parameter(torch.full((d_t,), float(h0.pow(2).mean(-1).sqrt().mean()), device=dev))
+        self.eps = 1e-6
+        self.E_cal = model.get_input_embeddings().weight.detach()
+        self.used = torch.from_numpy(np.unique(rows)).to(dev)
+        # The softmax's rows: the whole output layer, or only the tokens of the training data (targets re-indexed).
+        self.W_lm = self.W[self.used] if settings.restrict_vocab else self.W
+        self.index = torch.full((self.W.shape[0],), -1, dtype=torch.long, device=dev)
+        self.index[self.used] = torch.arange(len(self.used), device=dev)
+        lo, hi = settings.train_alpha
+        self.val_alpha = 0.5 * (lo + hi)
+
+    def targets(self, batch: Any) -> Any:
+        return self.index[batch[:, 1:]] if self.settings.restrict_vocab else batch[:, 1:]
+
+    def contrastive(self) -> Any:
+        """InfoNCE between the calibrator's input embeddings mapped by A and the target's output rows, on a sample
+        of the training data's tokens."""
+        F, s, used = self.torch.nn.functional, self.settings, self.used
+        pick = self.rng.choice(len(used), min(s.vocab_sample, len(used)), replace=False)
+        ids = used[self.torch.from_numpy(pick).to(self.dev)]
+        c = F.normalize(self.E_cal[ids].float() @ self.A.T, dim=1)
+        t = F.normalize(self.W[ids], dim=1)
+        return F.cross_entropy(c @ t.T / s.tau, self.torch.arange(len(ids), device=self.dev))
+
+    def lm_loss(self, batch: Any, h_t: Any, alpha: float) -> Any:
+        """Next-token cross-entropy of the calibrator (fused with the target's states `h_t` at weight `alpha`)."""
+        h = self.model.model(input_ids=batch).last_hidden_state  # after the final norm
+        u = h @ self.A.T
+        z = self.g * u * self.torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + self.eps)
+        if h_t is not None:
+            z = alpha * z + (1.0 - alpha) * h_t
+        logits = z[:, :-1] @ self.W_lm.T
+        return self.torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                      self.targets(batch).reshape(-1))
+
+    def validate(self) -> float:
+        b, rows, H = self.settings.batch, self.val_rows, self.H_val
+        self.model.eval()
+        with self.torch.no_grad(), self.bf16:
+            losses = [float(self.lm_loss(rows[i : i + b], None if H is None else H[i : i + b], self.val_alpha))
+                      for i in range(0, len(rows), b)]
+        return float(np.mean(losses))
+
+    def target_alone(self) -> float:
+        """The target's own validation loss (what fusion has to keep)."""
+        F, H, W, rows = self.torch.nn.functional, self.H_val, self.W, self.val_rows
+        assert H is not None
+        with self.torch.no_grad():
+            return float(np.mean([float(F.cross_entropy((H[i : i + 16, :-1] @ W.T).reshape(-1, W.shape[0]),
+                                                        rows[i : i + 16, 1:].reshape(-1)))
+                                  for i in range(0, len(rows), 16)]))
+
+    def align(self, log: dict[str, Any], progress: bool) -> None:
+        """Stage 1: A alone, by the contrastive loss."""
+        opt = self.torch.optim.Adam([self.A], lr=1e-3)
+        for step in tqdm(range(self.settings.align_steps), desc="align", disable=not progress, leave=False):
+            loss = self.contrastive()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            log["align"].append([step, float(loss.detach())])
+
+    def language_model(self, log: dict[str, Any], progress: bool) -> float | None:
+        """Stage 2: the kept layers, A and g by language modelling (fused at a random alpha per step), with warm-up
+        and cosine decay; validation every `eval_every` steps. Returns the final moving average of the loss."""
+        torch, s, rng = self.torch, self.settings, self.rng
+        lo, hi = s.train_alpha
+        weights = [*self.trained.values(), self.A, self.g]
+        opt = torch.optim.AdamW(weights, lr=s.lr, weight_decay=s.weight_decay)
+
+        def lr_at(step: int) -> float:
+            warm = 20
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, s.steps - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        ema = None
+        bar = tqdm(range(s.steps), desc="calibrate", disable=not progress)
+        for step in bar:
+            self.model.train()
+            idx = torch.from_numpy(rng.integers(0, len(self.train_rows), s.batch)).to(self.dev)
+            alpha = float(rng.uniform(lo, hi))
+            with self.bf16:
+                lm = self.lm_loss(self.train_rows[idx], None if self.H_train is None else self.H_train[idx], alpha)
+                loss = lm + s.contrastive_weight * self.contrastive() if s.contrastive_weight > 0 else lm
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights, 1.0)
+            opt.step()
+            sched.step()
+            lm_value = float(lm.detach())
+            ema = lm_value if ema is None else 0.9 * ema + 0.1 * lm_value
+            log["train"].append([step + 1, lm_value])
+            if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
+                log["val"].append([step + 1, self.validate()])
+            bar.set_postfix(loss=f"{ema:.3f}", val=f"{log['val'][-1][1]:.3f}")
+        bar.close()
+        self.model.eval()
+        return ema
+
+    def write(self, target: Path, out: Path) -> dict[str, Any]:
+        """The calibrator GGUF at `out`, and how its hidden states in llama.cpp compare with torch's on one row."""
+        s = self.settings
+        with self.torch.no_grad():
+            W_fused = (self.W * self.g[None, :]) @ self.A  # (V, d_cal): W diag(g) A
+            deltas = {n: (p.detach() - self.initial[n]).cpu().numpy() for n, p in self.trained.items()}
+        with ModelFile(target) as src:
+            write_calibrator(src, out, self.fp.arch, s.layers, deltas, W_fused.cpu().numpy(), s.output_type,
+                             threads=s.threads, layer_type=s.layer_type)
+        with self.torch.no_grad():
+            row = self.val_rows[0]
+            h_torch = self.model.model(input_ids=row[None]).last_hidden_state[0].cpu().numpy()
+        h_llama = calibrator_hidden(out, row.tolist(), threads=s.threads)
+        return {"tokens": len(row), "max_abs_diff": float(np.abs(h_llama - h_torch).max()),
+                "rel_rms_diff": float(np.sqrt(((h_llama - h_torch) ** 2).mean() / (h_torch**2).mean()))}
+
+
 def train(target: str | Path, out: str | Path, settings: CalibrateSettings = CalibrateSettings(),
           progress: bool = True, plot: bool = True, device: str = "auto") -> CalibrateResult:
     """Train a calibrator for the GGUF `target` and write `out` (a GGUF), its alignment, log and loss plot. `device`:
@@ -172,166 +342,32 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
 
     torch = require("torch", "calibrator training")
 
-    from pydetox.discover.model import FullPrecisionModel, autocast, store_float32
+    from pydetox.discover.model import FullPrecisionModel
 
     t_start = time.perf_counter()
-    target = Path(target)
-    out = Path(out)
-    if out.suffix != ".gguf":
-        raise PydetoxError(f"the calibrator is written as a GGUF: expected an output name ending in .gguf, got {out.name}")
-    if not out.parent.is_dir():
-        raise PydetoxError(f"output folder {out.parent} does not exist")
-    if out.resolve() == target.resolve():
-        raise PydetoxError("the calibrator would overwrite its target; choose another output name")
+    target, out = Path(target), Path(out)
+    _check_paths(target, out)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-
-    fp = FullPrecisionModel(target, progress=progress, device=device)
-    dev = fp.device
-    model, tok = fp.model, fp.tokenizer
-    sentences, clean, data_desc = training_texts(settings)
-    rows = pack(tok, sentences + clean, len(sentences), settings.clean_tokens, settings.seq_len)
-    order = rng.permutation(len(rows))
-    n_val = max(1, int(len(rows) * settings.val_fraction))
-    # At most steps x batch training rows: a row no step draws would only cost its target hidden states.
-    n_train = min(len(rows) - n_val, settings.steps * settings.batch)
-    val_rows = torch.from_numpy(rows[order[:n_val]]).to(dev)
-    train_rows = torch.from_numpy(rows[order[n_val : n_val + n_train]]).to(dev)
-    bf16 = autocast(settings.precision, "calibrate", dev)
-
-    W = fp.unembedding().clone()  # (V, d_target), frozen: the target's output layer
-    H_train = H_val = None
-    if settings.objective == "fused":
-        # The target's final hidden states of every row, once: the fused loss needs them at every step.
-        with bf16:
-            H_train = _target_hidden(model, train_rows, settings.batch, progress)
-            H_val = _target_hidden(model, val_rows, settings.batch, progress)
-    elif settings.objective != "standalone":
-        raise PydetoxError(f"objective is 'fused' or 'standalone', not {settings.objective!r}")
-    _truncate(fp, settings.layers)
-    store_float32(model.model.layers.modules())  # the kept layers are trained: float32 whatever the target's storage
-    params = dict(model.named_parameters())
-    for n, p in params.items():
-        p.requires_grad_(_trainable(n))
-    trained = {n: p for n, p in params.items() if p.requires_grad}
-    initial = {n: p.detach().clone() for n, p in trained.items()}
-    d_t, d_c = W.shape[1], model.config.hidden_size
-    A = torch.nn.Parameter(torch.eye(d_t, d_c, device=dev))
-    # LN(A h_c) ~ h_c at the start needs g = rms(h_c), measured on training rows. (The rms of the final norm's gain
-    # is close on SmolLM2, 1.83 vs 1.59, but not on Gemma-3, whose gain is far from uniform: 54 vs 7.0, and a fused
-    # model starting at 62 nats/token instead of 5.5.)
-    with torch.no_grad():
-        h0 = model.model(input_ids=train_rows[: settings.batch]).last_hidden_state
-        g = torch.nn.Parameter(torch.full((d_t,), float(h0.pow(2).mean(-1).sqrt().mean()), device=dev))
-    eps = 1e-6
-    E_cal = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
-    used = torch.from_numpy(np.unique(rows)).to(dev)
-    lo, hi = settings.train_alpha
-    # The softmax's rows: the whole output layer, or only the tokens of the training data (targets re-indexed).
-    W_lm = W[used] if settings.restrict_vocab else W
-    index = torch.full((W.shape[0],), -1, dtype=torch.long, device=dev)
-    index[used] = torch.arange(len(used), device=dev)
-
-    def targets(batch: Any) -> Any:
-        return index[batch[:, 1:]] if settings.restrict_vocab else batch[:, 1:]
-
-    def contrastive() -> Any:
-        ids = used[torch.from_numpy(rng.choice(len(used), min(settings.vocab_sample, len(used)), replace=False)).to(dev)]
-        c = torch.nn.functional.normalize(E_cal[ids].float() @ A.T, dim=1)
-        t = torch.nn.functional.normalize(W[ids], dim=1)
-        logits = c @ t.T / settings.tau
-        return torch.nn.functional.cross_entropy(logits, torch.arange(len(ids), device=dev))
-
-    def lm_loss(batch: Any, h_t: Any, alpha: float) -> Any:
-        h = model.model(input_ids=batch).last_hidden_state  # after the final norm
-        u = h @ A.T
-        z = g * u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
-        if h_t is not None:
-            z = alpha * z + (1.0 - alpha) * h_t
-        logits = z[:, :-1] @ W_lm.T
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets(batch).reshape(-1))
-
-    val_alpha = 0.5 * (lo + hi)
-
-    def validate() -> float:
-        model.eval()  # type: ignore[no-untyped-call]
-        with torch.no_grad(), bf16:
-            losses = [float(lm_loss(val_rows[i : i + settings.batch], None if H_val is None else H_val[i : i + settings.batch],
-                                    val_alpha)) for i in range(0, len(val_rows), settings.batch)]
-        return float(np.mean(losses))
-
-    log: dict[str, Any] = {"settings": asdict(settings), "device": dev, "target": str(target), "data": data_desc,
-                           "rows": {"train": len(train_rows), "val": len(val_rows), "seq_len": settings.seq_len},
-                           "val_alpha": val_alpha if H_val is not None else None, "align": [], "train": [], "val": []}
-    if H_val is not None:
-        with torch.no_grad():
-            target_alone = [float(torch.nn.functional.cross_entropy((H_val[i : i + 16, :-1] @ W.T).reshape(-1, W.shape[0]),
-                                                                    val_rows[i : i + 16, 1:].reshape(-1)))
-                            for i in range(0, len(val_rows), 16)]
-        log["val_target_alone"] = float(np.mean(target_alone))
-    # 1. alignment
-    opt_a = torch.optim.Adam([A], lr=1e-3)
-    for step in tqdm(range(settings.align_steps), desc="align", disable=not progress, leave=False):
-        loss = contrastive()
-        opt_a.zero_grad()
-        loss.backward()
-        opt_a.step()
-        log["align"].append([step, float(loss.detach())])
-    # 2. language modelling
-    val_start = validate()
+    t = _Trainer(FullPrecisionModel(target, progress=progress, device=device), settings, rng, progress)
+    log: dict[str, Any] = {"settings": asdict(settings), "device": t.dev, "target": str(target), "data": t.data_desc,
+                           "rows": {"train": len(t.train_rows), "val": len(t.val_rows), "seq_len": settings.seq_len},
+                           "val_alpha": t.val_alpha if t.H_val is not None else None, "align": [], "train": [], "val": []}
+    if t.H_val is not None:
+        log["val_target_alone"] = t.target_alone()
+    t.align(log, progress)
+    val_start = t.validate()
     log["val"].append([0, val_start])
-    opt = torch.optim.AdamW([*trained.values(), A, g], lr=settings.lr, weight_decay=settings.weight_decay)
-
-    def lr_at(step: int) -> float:
-        warm = 20
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, settings.steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    ema = None
-    bar = tqdm(range(settings.steps), desc="calibrate", disable=not progress)
-    for step in bar:
-        model.train()
-        idx = torch.from_numpy(rng.integers(0, len(train_rows), settings.batch)).to(dev)
-        alpha = float(rng.uniform(lo, hi))
-        with bf16:
-            lm = lm_loss(train_rows[idx], None if H_train is None else H_train[idx], alpha)
-            loss = lm + settings.contrastive_weight * contrastive() if settings.contrastive_weight > 0 else lm
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*trained.values(), A, g], 1.0)
-        opt.step()
-        sched.step()
-        lm_value = float(lm.detach())
-        ema = lm_value if ema is None else 0.9 * ema + 0.1 * lm_value
-        log["train"].append([step + 1, lm_value])
-        if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
-            log["val"].append([step + 1, validate()])
-        bar.set_postfix(loss=f"{ema:.3f}", val=f"{log['val'][-1][1]:.3f}")
-    bar.close()
-    model.eval()  # type: ignore[no-untyped-call]
-
-    with torch.no_grad():
-        W_fused = (W * g[None, :]) @ A  # (V, d_cal): W diag(g) A
-        deltas = {n: (p.detach() - initial[n]).cpu().numpy() for n, p in trained.items()}
-    with ModelFile(target) as src:
-        write_calibrator(src, out, fp.arch, settings.layers, deltas, W_fused.cpu().numpy(), settings.output_type,
-                         threads=settings.threads, layer_type=settings.layer_type)
+    ema = t.language_model(log, progress)
+    check = log["llama_cpp_check"] = t.write(target, out)
     with ModelFile(out) as cal:
         fingerprint = vocab_fingerprint(cal)
-    with torch.no_grad():
-        row = val_rows[0]
-        h_torch = model.model(input_ids=row[None]).last_hidden_state[0].cpu().numpy()
-    h_llama = calibrator_hidden(out, row.tolist(), threads=settings.threads)
-    check = {"tokens": len(row), "max_abs_diff": float(np.abs(h_llama - h_torch).max()),
-             "rel_rms_diff": float(np.sqrt(((h_llama - h_torch) ** 2).mean() / (h_torch**2).mean()))}
-    log["llama_cpp_check"] = check
-    info = {"llama_cpp_check": check, "target": target.name, "layers": settings.layers, "data": data_desc, "train_loss_final": ema,
-            "val_loss": log["val"][-1][1], "val_loss_start": val_start, "steps": settings.steps}
-    align_file = Alignment(A.detach().cpu().numpy(), g.detach().cpu().numpy(), eps, fingerprint, info).save(alignment_path(out))
+    info = {"llama_cpp_check": check, "target": target.name, "layers": settings.layers, "data": t.data_desc,
+            "train_loss_final": ema, "val_loss": log["val"][-1][1], "val_loss_start": val_start, "steps": settings.steps}
+    align_file = Alignment(t.A.detach().cpu().numpy(), t.g.detach().cpu().numpy(), t.eps, fingerprint,
+                           info).save(alignment_path(out))
     seconds = time.perf_counter() - t_start
     log["seconds"] = seconds
     log_file = write_text(log_path(out), json.dumps(log, indent=1) + "\n")
