@@ -173,6 +173,81 @@ def _floor(qtype: gguf.GGMLQuantizationType, floor: gguf.GGMLQuantizationType | 
     return floor
 
 
+def _work_list(model: ModelFile, src: Path, plan: EditPlan | None, opts: ApplyOptions
+               ) -> tuple[list[tuple[OutTensor, TensorEntry, list[Edit]]], dict[str, np.ndarray | None]]:
+    """(output tensor, source entry, edits) for every tensor of the output, in the source's order and then the
+    tensors the plan creates (a tied model's output layer); and the importance-matrix rows of every tensor that is
+    requantized. Refuses a plan that does not fit and a type llama.cpp cannot write for a tensor's shape."""
+    shapes = {n: t.shape for n, t in model.tensors.items() if len(t.ne) == 2}
+    if plan is not None:
+        plan.validate()
+        plan.check_fits(model.arch, shapes)
+    targets = {n: t.qtype for n, t in model.tensors.items()}
+    if opts.ftype is not None:
+        mix = llama_cpp_type_mix(src, opts.ftype)
+        missing = set(targets) - set(mix)
+        if missing:
+            raise GGUFFileError(f"llama.cpp's quantization plan does not cover tensors {sorted(missing)[:5]}")
+        targets = {n: mix[n] for n in targets}
+    imatrix = load_imatrix(opts.imatrix) if opts.imatrix is not None else None
+    work: list[tuple[OutTensor, TensorEntry, list[Edit]]] = []
+    edits_by_tensor = {n: plan.for_tensor(n) for n in plan.tensors} if plan is not None else {}
+    for name, entry in model.tensors.items():
+        edits = edits_by_tensor.pop(name, [])
+        qtype = _floor(targets[name], opts.edited_floor) if edits else targets[name]
+        work.append((OutTensor(name, qtype, entry.ne, nbytes(qtype, entry.ne)), entry, edits))
+    for name, edits in edits_by_tensor.items():  # tensors the plan creates (tied output layer)
+        source_name = edits[0].source
+        assert source_name is not None  # check_fits refuses an absent tensor without a source
+        source = model.tensors[source_name]
+        qtype = _floor(targets[source.name], opts.edited_floor)
+        work.append((OutTensor(name, qtype, source.ne, nbytes(qtype, source.ne)), source, edits))
+    imatrices: dict[str, np.ndarray | None] = {}
+    for out, entry, edits in work:
+        if edits or out.qtype != entry.qtype:
+            try:
+                _core.check_quantizable(int(out.qtype), entry.cols)
+            except _core.NativeError as exc:
+                raise UnsupportedTypeError(f"tensor {out.name}: {exc}") from None
+            imatrices[out.name] = _imatrix_for(out.name, entry.cols, out.qtype, imatrix)
+    return work, imatrices
+
+
+def _metadata(src: Path, plan: EditPlan | None, plan_sha: str | None, opts: ApplyOptions
+              ) -> dict[str, tuple[Any, gguf.GGUFValueType]]:
+    """The provenance keys the output carries (the source's sha256 is filled in when its hash is done)."""
+    metadata: dict[str, tuple[Any, gguf.GGUFValueType]] = {
+        KEY_TOOL: (__version__, V.STRING),
+        KEY_SOURCE_NAME: (src.name, V.STRING),
+        KEY_SOURCE_SHA256: (sha_placeholder(), V.STRING),
+    }
+    if opts.ftype is not None:
+        metadata[gguf.Keys.General.FILE_TYPE] = (int(opts.ftype), V.UINT32)
+        metadata[KEY_TARGET_TYPE] = (ggml.ftype_name(opts.ftype), V.STRING)
+    if plan is not None:
+        metadata[KEY_PLAN_METHOD] = (plan.method, V.STRING)
+        metadata[KEY_PLAN_PARAMS] = (json.dumps(plan.params, sort_keys=True), V.STRING)
+        if plan_sha is not None:
+            metadata[KEY_PLAN_SHA256] = (plan_sha, V.STRING)
+    return metadata
+
+
+def _copy(model: ModelFile, writer: AtomicGGUFWriter, out: OutTensor, entry: TensorEntry, src: Path,
+          validate: bool) -> TensorReport:
+    """An untouched tensor, byte for byte: read once, checked with llama.cpp's row validation, and written from the
+    same buffer (or copied file to file unchecked when `validate` is off)."""
+    if validate:
+        raw = model.read(entry)
+        if not _core.validate_row_data(raw, int(entry.qtype)):
+            raise GGUFFileError(f"{src}: tensor {entry.name!r} holds NaN/inf values or corrupt "
+                                f"{entry.qtype.name} block scales; the file is damaged (nothing was "
+                                "written; ApplyOptions.validate_copies=False copies it as it is)")
+        writer.write(out.name, raw)
+    else:
+        writer.copy_from(out.name, model.fileno(), entry.offset, entry.n_bytes)
+    return TensorReport(out.name, "copy", entry.qtype.name, out.qtype.name, out.n_bytes)
+
+
 def apply_plan(
     plan: EditPlan | None,
     src: str | os.PathLike[str],
@@ -193,56 +268,9 @@ def apply_plan(
 
     with ModelFile(src) as model:
         hasher = BackgroundHash(src)
-        shapes = {n: t.shape for n, t in model.tensors.items() if len(t.ne) == 2}
-        if plan is not None:
-            plan.validate()
-            plan.check_fits(model.arch, shapes)
-        targets = {n: t.qtype for n, t in model.tensors.items()}
-        if opts.ftype is not None:
-            mix = llama_cpp_type_mix(src, opts.ftype)
-            missing = set(targets) - set(mix)
-            if missing:
-                raise GGUFFileError(f"llama.cpp's quantization plan does not cover tensors {sorted(missing)[:5]}")
-            targets = {n: mix[n] for n in targets}
-        imatrix = load_imatrix(opts.imatrix) if opts.imatrix is not None else None
-
-        # The work list: (output tensor, source entry, edits).
-        work: list[tuple[OutTensor, TensorEntry, list[Edit]]] = []
-        edits_by_tensor = {n: plan.for_tensor(n) for n in plan.tensors} if plan is not None else {}
-        for name, entry in model.tensors.items():
-            edits = edits_by_tensor.pop(name, [])
-            qtype = _floor(targets[name], opts.edited_floor) if edits else targets[name]
-            work.append((OutTensor(name, qtype, entry.ne, nbytes(qtype, entry.ne)), entry, edits))
-        for name, edits in edits_by_tensor.items():  # tensors the plan creates (tied output layer)
-            source_name = edits[0].source
-            assert source_name is not None  # check_fits refuses an absent tensor without a source
-            source = model.tensors[source_name]
-            qtype = _floor(targets[source.name], opts.edited_floor)
-            work.append((OutTensor(name, qtype, source.ne, nbytes(qtype, source.ne)), source, edits))
-
-        imatrices: dict[str, np.ndarray | None] = {}
-        for out, entry, edits in work:
-            if edits or out.qtype != entry.qtype:
-                try:
-                    _core.check_quantizable(int(out.qtype), entry.cols)
-                except _core.NativeError as exc:
-                    raise UnsupportedTypeError(f"tensor {out.name}: {exc}") from None
-                imatrices[out.name] = _imatrix_for(out.name, entry.cols, out.qtype, imatrix)
-
-        metadata: dict[str, tuple[Any, gguf.GGUFValueType]] = {
-            KEY_TOOL: (__version__, V.STRING),
-            KEY_SOURCE_NAME: (src.name, V.STRING),
-            KEY_SOURCE_SHA256: (sha_placeholder(), V.STRING),
-        }
-        if opts.ftype is not None:
-            metadata[gguf.Keys.General.FILE_TYPE] = (int(opts.ftype), V.UINT32)
-            metadata[KEY_TARGET_TYPE] = (ggml.ftype_name(opts.ftype), V.STRING)
+        work, imatrices = _work_list(model, src, plan, opts)
         plan_sha = sha256_file(plan_path) if plan_path is not None else None
-        if plan is not None:
-            metadata[KEY_PLAN_METHOD] = (plan.method, V.STRING)
-            metadata[KEY_PLAN_PARAMS] = (json.dumps(plan.params, sort_keys=True), V.STRING)
-            if plan_sha is not None:
-                metadata[KEY_PLAN_SHA256] = (plan_sha, V.STRING)
+        metadata = _metadata(src, plan, plan_sha, opts)
         timings["plan"] = time.perf_counter() - t_start
 
         reports: list[TensorReport] = []
@@ -253,18 +281,8 @@ def apply_plan(
             for out, entry, edits in work:
                 if not edits and out.qtype == entry.qtype and out.name == entry.name:
                     t0 = time.perf_counter()
-                    if opts.validate_copies:
-                        # read once, checked, and written from the same buffer
-                        raw = model.read(entry)
-                        if not _core.validate_row_data(raw, int(entry.qtype)):
-                            raise GGUFFileError(f"{src}: tensor {entry.name!r} holds NaN/inf values or corrupt "
-                                                f"{entry.qtype.name} block scales; the file is damaged (nothing was "
-                                                "written; ApplyOptions.validate_copies=False copies it as it is)")
-                        writer.write(out.name, raw)
-                    else:
-                        writer.copy_from(out.name, model.fileno(), entry.offset, entry.n_bytes)
+                    reports.append(_copy(model, writer, out, entry, src, opts.validate_copies))
                     timings["write"] += time.perf_counter() - t0
-                    reports.append(TensorReport(out.name, "copy", entry.qtype.name, out.qtype.name, out.n_bytes))
                 else:
                     reports.append(_process(model, writer, out, entry, edits, imatrices.get(out.name), threads, opts.verify,
                                             timings, opts.max_edit))
