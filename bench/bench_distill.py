@@ -13,7 +13,7 @@ import numpy as np
 
 from pydetox.assets import fetch
 from pydetox.discover.data import EMBEDDED, usable_pairs
-from pydetox.discover.distill import _base_targets, _batch_kl, _full_kl, _LoRA, _Vocab
+from pydetox.discover.distill.student import _base_targets, _batch_kl, _full_kl, _LoRA, _Vocab
 from pydetox.discover.model import FullPrecisionModel
 
 
@@ -48,7 +48,7 @@ def test_plausible_top_k(compare: Callable[..., float]) -> None:
     """The teacher's targets at each position of one 64-token toxic ParaDetox sentence on Gemma-3-270m: the top-32
     of the distribution restricted to the plausible tokens (>= 1e-3 of the top token's probability), computed on the
     masked tokens only against numpy over all 262,144 logits of each row."""
-    from pydetox.discover.distill import _top_dense, _top_plausible
+    from pydetox.discover.distill.teacher import _top_dense, _top_plausible
     from pydetox.runtime import LlamaRuntime
 
     rows, _ = usable_pairs(EMBEDDED, set())

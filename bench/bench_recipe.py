@@ -64,7 +64,7 @@ def test_model_load(f16: Path, compare: Callable[..., float]) -> None:
 def _two_pass_teacher(source: Path, p: Any, prompts: list[str], texts: list[str]) -> int:
     """The teacher as it ran before: greedy continuations by the fused and the unedited model, then every sequence
     decoded again, one at a time, for both distributions."""
-    from pydetox.discover.distill import _top
+    from pydetox.discover.distill.teacher import _top
     from pydetox.fusion import FusedRuntime
     from pydetox.runtime import LlamaRuntime, Sampling
 
@@ -88,7 +88,8 @@ def _two_pass_teacher(source: Path, p: Any, prompts: list[str], texts: list[str]
 
 
 def test_teacher_one_pass(f16: Path, calibrator: Path, compare: Callable[..., float]) -> None:
-    from pydetox.discover.distill import DistillParams, _teacher
+    from pydetox.discover.distill.params import DistillParams
+    from pydetox.discover.distill.teacher import _teacher
     from pydetox.prompts import load_prompts
 
     p = DistillParams(calibrator=str(calibrator))
@@ -103,7 +104,7 @@ def test_teacher_one_pass(f16: Path, calibrator: Path, compare: Callable[..., fl
 def test_student_step(f16: Path, compare: Callable[..., float]) -> None:
     import torch
 
-    from pydetox.discover.distill import _base_targets, _batch_kl, _full_kl, _LoRA, _Vocab
+    from pydetox.discover.distill.student import _base_targets, _batch_kl, _full_kl, _LoRA, _Vocab
     from pydetox.discover.model import FullPrecisionModel
 
     fp = FullPrecisionModel(f16, progress=False)

@@ -115,7 +115,7 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
     where it was saved, and each stage's time."""
     from pydetox import ggml
     from pydetox.apply import ApplyOptions, apply_plan
-    from pydetox.discover.distill import file_stamp
+    from pydetox.discover.distill.teacher import file_stamp
 
     stages = Stages(out / "stages", progress)
     src_key = _key("source", file_stamp(source))
@@ -155,7 +155,7 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
         stages.timing["calibrator"] = shared.timing["calibrator"]
 
     from pydetox.discover.base import get_method, make_params
-    from pydetox.discover.distill import TEACHER_KEYS
+    from pydetox.discover.distill.teacher import TEACHER_KEYS
 
     overrides = {**settings.distill, "calibrator": str(cal), "seed": str(settings.seed)}
     # Keys from the settings as distill resolves them (a default given explicitly is the same setting); the teacher's

@@ -218,7 +218,7 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
 
     from pydetox.apply import ApplyOptions, apply_plan
     from pydetox.discover import Discovery
-    from pydetox.discover.distill import _first_half
+    from pydetox.discover.distill.data import _first_half
     from pydetox.discover.model import FullPrecisionModel
     from pydetox.errors import PydetoxError
     from pydetox.plan import EditKind
@@ -328,7 +328,7 @@ def test_anti_expert_decay_by_hand() -> None:
     """The teacher's top-k probabilities times exp(lam * min(0, p_unedited - p_anti)), renormalised with the rest
     bucket: a token the anti-expert makes likelier loses mass, one it makes less likely gains nothing of its own (only
     its share of the renormalisation), and it sums to one."""
-    from pydetox.discover.distill import _debiased, _Targets
+    from pydetox.discover.distill.teacher import _debiased, _Targets
 
     lp = np.log(np.array([[0.5, 0.3, 0.1]], np.float32))
     rest = np.log(np.array([0.1], np.float32))
@@ -352,7 +352,7 @@ def test_anti_expert_decay_by_hand() -> None:
 
 
 def test_distill_holds_out_whole_contexts() -> None:
-    from pydetox.discover.distill import _split_by_group
+    from pydetox.discover.distill.data import _split_by_group
 
     groups = np.repeat(np.arange(40), np.arange(40) % 3 + 1)  # 40 contexts of one to three sequences each
     val, train = _split_by_group(groups, np.random.default_rng(0))
@@ -366,7 +366,7 @@ def test_distill_holds_out_whole_contexts() -> None:
 def test_distill_targets_drop_tokens_the_unedited_model_finds_implausible() -> None:
     """The teacher's distribution restricted to the plausible tokens and renormalized over them: a junk token the
     teacher likes is not a target, and the top-k plus the rest bucket still hold probability 1."""
-    from pydetox.discover.distill import _top
+    from pydetox.discover.distill.teacher import _top
 
     teacher = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))  # token 0: junk the teacher likes
     base = np.log(np.array([[1e-6, 0.6, 0.3, 0.1 - 1e-6]]))
@@ -380,7 +380,7 @@ def test_distill_targets_drop_tokens_the_unedited_model_finds_implausible() -> N
 
 
 def test_plausible_top_k_on_the_masked_tokens_equals_the_whole_row_computation() -> None:
-    from pydetox.discover.distill import _top, _top_dense, _top_plausible
+    from pydetox.discover.distill.teacher import _top, _top_dense, _top_plausible
 
     rng = np.random.default_rng(0)
     logits = 3 * rng.standard_normal((40, 20000))
@@ -407,7 +407,7 @@ def test_restricted_vocabulary_log_probabilities_are_the_full_ones_renormalised(
 
     import torch
 
-    from pydetox.discover.distill import _forward
+    from pydetox.discover.distill.student import _forward
     from pydetox.discover.model import FullPrecisionModel
 
     fp = FullPrecisionModel(trained[0], progress=False)
@@ -454,7 +454,8 @@ def test_distill_benign_starts_join_the_clean_text_continued_by_the_unedited_mod
     """`benign_starts`: wiki sentence starts (never the held-out paragraphs) continued greedily by the unedited
     model are added to the clean sequences; the teacher's cache is the same with or without them."""
     from pydetox.discover import Discovery
-    from pydetox.discover.distill import DistillParams, _benign_continuations
+    from pydetox.discover.distill.data import _benign_continuations
+    from pydetox.discover.distill.params import DistillParams
 
     target, cal = trained
     seqs = _benign_continuations(target, DistillParams(benign_starts=6, max_new_tokens=5), False)
@@ -478,7 +479,8 @@ def test_distill_benign_starts_join_the_clean_text_continued_by_the_unedited_mod
 def test_distill_chat_starts_are_answers_of_the_unedited_model_in_its_chat_format(trained: tuple[Path, Path]) -> None:
     """`chat_starts`: wiki sentences asked as the chat check asks (the GGUF's template, here none: "Question:
     ...\nAnswer:"), each followed by the unedited model's greedy answer."""
-    from pydetox.discover.distill import DistillParams, _chat_continuations
+    from pydetox.discover.distill.data import _chat_continuations
+    from pydetox.discover.distill.params import DistillParams
     from pydetox.helpfulness import chat_prompt
 
     target, _ = trained

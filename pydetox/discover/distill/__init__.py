@@ -1,0 +1,113 @@
+"""Fusion distilled into the weights: a low-rank edit of the FFN down-projections that makes the model, in toxic
+contexts, predict what the model fused with a calibration model predicts, and elsewhere what it predicted before.
+
+Calibration-model fusion (pydetox.fusion; arXiv 2506.01266) cuts toxicity by large factors at a strong mixing
+weight, but it pays for it on every token, clean text included (SmolLM2 at alpha 0.4: 2-2.9x less toxic, +59%
+perplexity on news), and it needs a second model at run time. The detox it does happens only where the context is
+toxic; the cost is everywhere. So the teacher here is the fused model, asked only about toxic contexts, and the
+reference is the unedited model on clean text; the student is the model with a rank-`rank` update B A added to the
+down-projection of each chosen layer (the plan's `low_rank` kind, W <- W + L^T R), trained with
+
+    loss = KL(teacher || student) on toxic contexts + clean_weight * KL(unedited || student) on clean text
+
+(knowledge distillation of Hinton et al. 2015, sequence-level as in Kim & Rush 2016: the teacher's distribution at
+every position of greedy continuations, the teacher's own and the unedited model's). The edit is free to act only
+where the hidden states say the context is toxic, which the fused model cannot do. The teacher KL is over the
+teacher's top-`top_k` tokens plus one bucket for the rest of the vocabulary. The clean KL is the same with
+`clean_kl=top`, or exact over the whole vocabulary with `clean_kl=full`, the unedited model computed alongside at
+each step: the bucket does not see mass moved inside the rest, which matters where the top-k tokens hold little of
+the mass (Gemma-3-270m's 262,144 tokens: the bucket read 0.35 where the full KL was 0.43).
+
+Toxic contexts (never the evaluation prompts): the RealToxicityPrompts prompts of `prompts` that are not in
+rtp-challenging, each with the fused model's and the unedited model's greedy continuations of `max_new_tokens` tokens,
+and the toxic side of `pairs` ParaDetox pairs. The teacher's distributions are restricted to tokens the unedited
+model finds plausible (see `_teacher`). Clean text: `clean_texts` Wikipedia paragraphs from the ones the calibrator
+trains on (after the held-out ones of `pydetox.splits`; never `news`, where perplexity is measured) and the neutral side of the pairs.
+The teacher runs in llama.cpp (the fused runtime of `pydetox eval --calibrator`) on the GGUF the discovery loaded;
+the student in torch, on that GGUF's weights dequantized. Given a Q4_K_M, the update is learned on top of the
+rounded weights it will be added to, the teacher is that Q4_K_M fused, and the clean anchor is its own output (on
+SmolLM2 such an edit cut more at Q4_K_M for less KL than the F16-discovered one, and did as well at F16:
+docs/results/detox-runs.md).
+
+Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
+`rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
+`clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
+restriction), `pairs`, `pair_prompts`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`,
+`seed`, `train_seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`,
+`anti_lambda`, `expert`, `anti_rule`, `anti_margin` (an anti-expert the teacher moves away from, measured against
+an expert; see DistillParams).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pydetox.discover.base import Context, Method, register_method
+from pydetox.discover.distill.data import _contexts, _split_by_group
+from pydetox.discover.distill.params import DistillParams, _check
+from pydetox.discover.distill.student import _base_targets, _eog_directions, _Student
+from pydetox.discover.distill.teacher import _targets
+from pydetox.discover.model import autocast
+from pydetox.errors import PydetoxError
+from pydetox.plan import Edit
+
+__all__ = ["Distill", "DistillParams"]
+
+
+@register_method
+class Distill(Method):
+    name = "distill"
+    paper = ("calibration-model fusion (arXiv 2506.01266) distilled into a low-rank weight edit "
+             "(knowledge distillation, Hinton et al. 2015; sequence-level, Kim & Rush 2016)")
+    Params = DistillParams
+    devices = ("cpu", "cuda")
+
+    def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:
+        p: DistillParams = params
+        source = Path(str(ctx.fp.source))
+        _check(p, source)
+        bf16 = autocast(p.precision, "distill", ctx.fp.device)
+        torch = ctx.fp.torch
+        torch.manual_seed(p.seed)
+        prompts, toxic_texts, clean_texts = _contexts(p)
+        toxic, clean_seqs, from_cache = _targets(ctx, p, source, prompts, toxic_texts, clean_texts)
+        full = p.clean_kl == "full"  # then the unedited model's distributions are computed per step, not stored
+        with bf16:
+            clean = None if full else _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
+        n = ctx.fp.n_layers
+        first = p.first_layer if p.first_layer >= 0 else n // 3
+        if not 0 <= first < n:
+            raise PydetoxError(f"distill: first_layer must lie in [0, {n}), got {first}")
+        # Held out: whole contexts of the toxic sequences, a tenth of the clean ones (the seed's draw, whatever the
+        # training seed, so that runs of several training seeds are measured on the same sequences).
+        gen = np.random.default_rng(p.seed + 1)
+        val_t, train_t = _split_by_group(toxic.groups, gen)
+        if len(train_t) < p.batch:
+            raise PydetoxError(f"distill: {len(train_t)} toxic sequences left to train on after holding out "
+                               f"{len(val_t)}; need at least batch = {p.batch} (more prompts or pairs)")
+        perm_c = gen.permutation(len(clean_seqs))
+        val_c, train_c = perm_c[: max(1, len(clean_seqs) // 10)].tolist(), perm_c[max(1, len(clean_seqs) // 10) :]
+        ctx.fp.model.requires_grad_(False)
+        if p.train_seed >= 0:
+            torch.manual_seed(p.train_seed)
+            gen = np.random.default_rng([p.seed + 1, p.train_seed])
+        if p.held_out > 0:
+            val_t, val_c = val_t[: p.held_out], val_c[: p.held_out]
+        student = _Student(ctx, p, bf16, toxic, clean_seqs, clean, list(range(first, n)), train_c, gen)
+        try:
+            restricted = student.coverage(val_t, val_c)
+            before = student.held_out(val_t, val_c)
+            curve = student.train(train_t, train_c)
+            if p.eog_free:
+                student.remove(_eog_directions(ctx, source))
+            after = student.held_out(val_t, val_c)
+        finally:
+            student.lora.close()
+        return student.edits(), {
+            "device": ctx.fp.device, **from_cache, "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs),
+            "discovery_prompts": len(prompts), "layers": [first, n - 1], "held_out_toxic_sequences": len(val_t),
+            "held_out_contexts": len(np.unique(toxic.groups[val_t])), "held_out_before": before,
+            "held_out_after": after, "curve": curve, **({"vocab": restricted} if restricted is not None else {})}

@@ -1,0 +1,277 @@
+"""The student: a low-rank update of the down-projections through forward hooks, its log-probabilities, the KLs
+it is trained on, a restricted vocabulary, and the end-of-generation directions `eog_free` takes out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pydetox.discover.base import Context
+from pydetox.discover.distill.data import _length_batches
+from pydetox.discover.distill.params import DistillParams
+from pydetox.discover.distill.teacher import _Targets, _top
+from pydetox.errors import PydetoxError
+from pydetox.plan import Edit, EditKind
+
+
+class _LoRA:
+    """W x + B (A x) on the down-projections of the chosen layers, through forward hooks (the model stays frozen)."""
+
+    def __init__(self, ctx: Context, layers: list[int], rank: int, seed: int) -> None:
+        torch = ctx.fp.torch
+        gen = torch.Generator().manual_seed(seed)
+        self.layers = layers
+        self.A, self.B, self.hooks = [], [], []
+        for layer in layers:
+            lin = ctx.fp.down_proj(layer)
+            d, ff = lin.weight.shape
+            # drawn on the CPU whatever the device, so that a seed gives the same start everywhere
+            a = (torch.randn(rank, ff, generator=gen) / ff**0.5).to(ctx.fp.device).requires_grad_(True)
+            b = torch.zeros(d, rank, device=ctx.fp.device).requires_grad_(True)
+            self.A.append(a)
+            self.B.append(b)
+            self.hooks.append(lin.register_forward_hook(self._hook(a, b)))
+        self.on = True
+
+    def _hook(self, a: Any, b: Any) -> Any:
+        def add(_m: Any, args: tuple[Any, ...], out: Any) -> Any:
+            return out + (args[0] @ a.T) @ b.T if self.on else out
+        return add
+
+    def params(self) -> list[Any]:
+        return self.A + self.B
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
+    """log-softmax of the model's logits at every position but the last of each sequence, (n_positions, vocab), in
+    the order of `seqs`. `head` (n, d): output-layer rows to compute the logits with, the log-softmax then being over
+    those n tokens only (a restricted vocabulary, see `vocab`); None: the whole output layer."""
+    torch = ctx.fp.torch
+    n = max(len(s) for s in seqs)
+    pad = ctx.fp.tokenizer.pad_token_id
+    inp = torch.full((len(seqs), n), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    for k, s in enumerate(seqs):
+        inp[k, : len(s)] = torch.tensor(s)
+        att[k, : len(s)] = 1
+    model = ctx.fp.model
+    inp, att = inp.to(ctx.fp.device), att.to(ctx.fp.device)
+    hidden = model.model(input_ids=inp, attention_mask=att).last_hidden_state  # after the final norm
+    rows = torch.cat([hidden[k, : len(s) - 1] for k, s in enumerate(seqs)])  # no padded positions through the head
+    # the whole output layer through its module: a weight kept in a half type is upcast a block of rows at a time
+    logits = model.get_output_embeddings()(rows) if head is None else rows @ head.T
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _kl(lq: Any, ids: Any, lp: Any, rest: Any) -> Any:
+    """KL(p || q) per position over the top-k tokens of p and one bucket for the rest of the vocabulary."""
+    import torch
+
+    lq_top = torch.gather(lq, 1, ids)
+    lq_rest = torch.log1p(-torch.exp(torch.logsumexp(lq_top, 1)).clamp(max=1 - 1e-6))
+    p_top, p_rest = lp.exp(), rest.exp()
+    return (p_top * (lp - lq_top)).sum(1) + p_rest * (rest - lq_rest)
+
+
+class _Vocab:
+    """A restricted vocabulary for training: the token ids kept, their output-layer rows, and a map from full ids
+    to positions among them (-1: not kept)."""
+
+    def __init__(self, ctx: Context, keep: np.ndarray) -> None:
+        torch = ctx.fp.torch
+        full = ctx.fp.unembedding()
+        self.keep = np.sort(keep).astype(np.int64)
+        self.head = full[torch.from_numpy(self.keep).to(full.device)].contiguous()
+        self.index = np.full(full.shape[0], -1, np.int64)
+        self.index[self.keep] = np.arange(len(self.keep))
+
+    def ids(self, ids: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.index[ids]
+        assert (out >= 0).all(), "a target token outside the restricted vocabulary"
+        return out
+
+
+def _restricted_vocab(ctx: Context, size: int, targets: list[_Targets], clean: list[list[int]], seed: int,
+                      sample: int = 256, batch: int = 16) -> _Vocab:
+    """Every token a target names, then the tokens the unedited model gives the most probability mass on a sample of
+    the toxic and clean sequences, up to `size` tokens."""
+    torch = ctx.fp.torch
+    toxic = targets[0]
+    keep = np.unique(np.concatenate([i for t in targets for i in t.ids]))
+    rng = np.random.default_rng(seed)
+    seqs = [toxic.seqs[int(i)] for i in rng.permutation(len(toxic))[: sample // 2]]
+    seqs += [clean[int(i)] for i in rng.permutation(len(clean))[: sample // 2]]
+    mass = np.zeros(ctx.fp.unembedding().shape[0])
+    with torch.no_grad():
+        for s in tqdm(range(0, len(seqs), batch), desc="vocab: unedited mass", leave=False, disable=not ctx.progress):
+            mass += _forward(ctx, seqs[s : s + batch]).exp().sum(0).double().cpu().numpy()
+    mass[keep] = np.inf
+    return _Vocab(ctx, np.argsort(-mass, kind="stable")[: max(size, len(keep))])
+
+
+def _batch_kl(ctx: Context, t: _Targets, pick: list[int], vocab: _Vocab | None = None) -> Any:
+    import torch
+
+    seqs = [t.seqs[i] for i in pick]
+    lq = _forward(ctx, seqs, None if vocab is None else vocab.head)
+    full = np.concatenate([t.ids[i] for i in pick])
+    ids = torch.from_numpy(full if vocab is None else vocab.ids(full)).to(lq.device)
+    lp = torch.from_numpy(np.concatenate([t.logp[i] for i in pick])).to(lq.device)
+    rest = torch.from_numpy(np.concatenate([t.rest[i] for i in pick])).to(lq.device)
+    return _kl(lq, ids, lp, rest)
+
+
+def _full_kl(ctx: Context, lora: _LoRA, seqs: list[list[int]], vocab: _Vocab | None = None) -> Any:
+    """Exact KL(unedited || edited) per position over the whole vocabulary (or over `vocab`, both distributions
+    renormalised on it); the unedited model is the same one with the update switched off."""
+    torch = ctx.fp.torch
+    head = None if vocab is None else vocab.head
+    with torch.no_grad():
+        lora.on = False
+        try:
+            lp = _forward(ctx, seqs, head)
+        finally:
+            lora.on = True
+    return (lp.exp() * (lp - _forward(ctx, seqs, head))).sum(1)
+
+
+def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, batch: int = 16) -> _Targets:
+    torch = ctx.fp.torch
+    ids, logp, rest = [], [], []
+    with torch.no_grad():
+        for s in tqdm(range(0, len(seqs), batch), desc="unedited: distributions", leave=False, disable=not progress):
+            chunk = seqs[s : s + batch]
+            lq = _forward(ctx, chunk)
+            lq = lq.cpu().numpy()
+            at = 0
+            for c in chunk:
+                i, lp, r = _top(lq[at : at + len(c) - 1], k)
+                at += len(c) - 1
+                ids.append(i)
+                logp.append(lp)
+                rest.append(r)
+    return _Targets(seqs, ids, logp, rest, np.arange(len(seqs)))
+
+
+def _eog_directions(ctx: Context, source: Path) -> Any:
+    """(d, n) orthonormal basis of the residual directions that raise an end-of-generation token's logit against
+    the vocabulary's mean: gamma * (w_k - mean_j w_j) for every token k llama.cpp ends a generation at (gamma: the
+    final norm's gain, Gemma's 1 + weight)."""
+    from pydetox.discover.base import final_gain
+    from pydetox.runtime import LlamaRuntime
+
+    torch = ctx.fp.torch
+    special = sorted(set(ctx.fp.tokenizer.all_special_ids) | {ctx.fp.tokenizer.eos_token_id} - {None})
+    with LlamaRuntime(source, n_ctx=16) as rt:
+        eog = [t for t in special if rt.is_eog(int(t))]
+    if not eog:
+        raise PydetoxError(f"distill: eog_free, but no special token of {source.name} ends a generation in llama.cpp")
+    w = ctx.fp.unembedding().double()
+    gamma = torch.from_numpy(final_gain(ctx)).to(w.device)
+    rows = (w[eog] - w.mean(0)) * gamma
+    q, _ = torch.linalg.qr(rows.T)
+    return q.to(torch.float32)
+
+
+class _Student:
+    """The update being trained, with what it is trained against: the teacher's targets on the toxic sequences,
+    the unedited model's on the clean ones (`clean`; None: computed at each step, `clean_kl=full`), and the
+    restricted vocabulary when `vocab` asks for one."""
+
+    def __init__(self, ctx: Context, p: DistillParams, bf16: Any, toxic: _Targets, clean_seqs: list[list[int]],
+                 clean: _Targets | None, layers: list[int], train_c: Any, gen: np.random.Generator) -> None:
+        self.ctx, self.p, self.bf16, self.toxic, self.clean_seqs, self.clean, self.gen = (
+            ctx, p, bf16, toxic, clean_seqs, clean, gen)
+        self.torch = ctx.fp.torch
+        self.lora = _LoRA(ctx, layers, p.rank, p.seed if p.train_seed < 0 else p.train_seed)
+        self.n_vocab = int(ctx.fp.unembedding().shape[0])
+        self.vocab: _Vocab | None = None
+        if 0 < p.vocab < self.n_vocab:
+            with bf16:
+                self.vocab = _restricted_vocab(ctx, p.vocab, [toxic] + ([clean] if clean is not None else []),
+                                               [clean_seqs[i] for i in train_c], p.seed, sample=p.vocab_sample)
+
+    def _chunks(self, n_items: int, label: str) -> Any:
+        return tqdm(range(0, n_items, 16), desc=label, leave=False, disable=not self.ctx.progress)
+
+    def clean_kl(self, pick: list[int], v: _Vocab | None = None) -> Any:
+        if self.clean is None:
+            return _full_kl(self.ctx, self.lora, [self.clean_seqs[i] for i in pick], v)
+        return _batch_kl(self.ctx, self.clean, pick, v)
+
+    def held_out(self, val_t: list[int], val_c: list[int]) -> dict[str, float]:
+        """Mean KL to the teacher on the held-out toxic sequences and to the unedited model on the held-out clean
+        ones, over the whole vocabulary."""
+        torch, ctx = self.torch, self.ctx
+        with torch.no_grad(), self.bf16:
+            kt = torch.cat([_batch_kl(ctx, self.toxic, val_t[s : s + 16]) for s in self._chunks(len(val_t), "held out: toxic")])
+            kc = torch.cat([self.clean_kl(val_c[s : s + 16]) for s in self._chunks(len(val_c), "held out: clean")])
+        return {"teacher_kl": round(float(kt.mean()), 4), "clean_kl": round(float(kc.mean()), 5)}
+
+    def coverage(self, val_t: list[int], val_c: list[int]) -> dict[str, Any] | None:
+        """The unedited model's mean probability mass inside the restricted vocabulary (None: no restriction)."""
+        if self.vocab is None:
+            return None
+        torch, ctx = self.torch, self.ctx
+        keep = torch.from_numpy(self.vocab.keep).to(ctx.fp.device)
+
+        def mass(seqs: list[list[int]]) -> float:
+            with torch.no_grad(), self.bf16:
+                lp = torch.cat([_forward(ctx, seqs[s : s + 16]) for s in self._chunks(len(seqs), "vocab: coverage")])
+            return round(float(torch.logsumexp(lp[:, keep], 1).exp().mean()), 5)
+
+        return {"tokens": len(self.vocab.keep), "of": self.n_vocab,
+                "mass_toxic": mass([self.toxic.seqs[i] for i in val_t]),
+                "mass_clean": mass([self.clean_seqs[i] for i in val_c])}
+
+    def train(self, train_t: Any, train_c: Any) -> list[tuple[int, float, float]]:
+        """`steps` Adam steps of teacher KL + clean_weight x clean KL; returns the loss curve every 20 steps."""
+        p, gen, ctx = self.p, self.gen, self.ctx
+        opt = self.torch.optim.Adam(self.lora.params(), lr=p.lr)
+        by_length_t = _length_batches(train_t, [len(q) for q in self.toxic.seqs], p.batch, gen)
+        by_length_c = _length_batches(train_c, [len(q) for q in self.clean_seqs], p.batch, gen)
+        curve = []
+        bar = tqdm(range(p.steps), desc="distill: train", leave=False, disable=not ctx.progress)
+        for step in bar:
+            if p.batching == "length":
+                bt, bc = next(by_length_t), next(by_length_c)
+            else:
+                bt = gen.choice(train_t, p.batch, replace=False).tolist()
+                bc = gen.choice(train_c, p.batch, replace=False).tolist()
+            with self.bf16:
+                lt = _batch_kl(ctx, self.toxic, bt, self.vocab).mean()
+                lc = self.clean_kl(bc, self.vocab).mean()
+                loss = lt + p.clean_weight * lc
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 20 == 0 or step == p.steps - 1:
+                curve.append((step, round(lt.item(), 4), round(lc.item(), 5)))
+                bar.set_postfix(teacher_kl=f"{lt.item():.3f}", clean_kl=f"{lc.item():.4f}")
+        return curve
+
+    def remove(self, basis: Any) -> None:
+        """Take the span of the orthonormal columns of `basis` (d, n) out of the update's output directions."""
+        with self.torch.no_grad():
+            for b in self.lora.B:  # (d, rank)
+                b -= basis @ (basis.T @ b)
+
+    def edits(self) -> list[Edit]:
+        """The update as `low_rank` edits of the down-projections (W <- W + L^T R, L = B^T, R = A)."""
+        out = []
+        for layer, a, b in zip(self.lora.layers, self.lora.A, self.lora.B, strict=True):
+            w = self.ctx.fp.down_proj(layer).weight
+            out.append(Edit(self.ctx.fp.down_proj_name(layer), EditKind.LOW_RANK, tuple(w.shape),
+                            b.detach().T.contiguous().cpu().numpy().astype(np.float32),
+                            a.detach().cpu().numpy().astype(np.float32)))
+        return out

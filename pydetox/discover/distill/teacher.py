@@ -1,0 +1,333 @@
+"""The teacher: the fused model's top-k distributions on the toxic contexts (computed in llama.cpp, kept in a .npz
+cache keyed by everything they depend on), restricted to tokens the unedited model finds plausible, and the
+anti-expert's decay of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pydetox.discover.base import Context
+from pydetox.discover.distill.data import _benign_continuations, _chat_continuations
+from pydetox.discover.distill.params import DistillParams
+from pydetox.errors import PydetoxError
+
+
+class _Targets:
+    """Token sequences with a target distribution at each position but the last: top-k token ids, their
+    log-probabilities, and the log-probability of the rest of the vocabulary. `groups`: the context each sequence
+    came from (sequences of one group share their prompt, and are held out together)."""
+
+    def __init__(self, seqs: list[list[int]], ids: list[Any], logp: list[Any], rest: list[Any],
+                 groups: np.ndarray) -> None:
+        self.seqs, self.ids, self.logp, self.rest, self.groups = seqs, ids, logp, rest, groups
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {**_pack(self.seqs, prefix), f"{prefix}ids": np.concatenate(self.ids),
+                f"{prefix}logp": np.concatenate(self.logp), f"{prefix}rest": np.concatenate(self.rest),
+                f"{prefix}groups": self.groups}
+
+    @classmethod
+    def from_arrays(cls, z: Any, prefix: str) -> _Targets:
+        pos = np.cumsum(z[f"{prefix}lengths"] - 1)[:-1]  # targets: every position but the last
+        return cls(_unpack(z, prefix), np.split(z[f"{prefix}ids"], pos), np.split(z[f"{prefix}logp"], pos),
+                   np.split(z[f"{prefix}rest"], pos), z[f"{prefix}groups"])
+
+
+def _pack(seqs: list[list[int]], prefix: str) -> dict[str, np.ndarray]:
+    """Token sequences of different lengths as two flat arrays, PREFIXlengths and PREFIXtokens."""
+    return {f"{prefix}lengths": np.array([len(s) for s in seqs], np.int64),
+            f"{prefix}tokens": np.concatenate([np.asarray(s, np.int64) for s in seqs])}
+
+
+def _unpack(z: Any, prefix: str) -> list[list[int]]:
+    return [t.tolist() for t in np.split(z[f"{prefix}tokens"], np.cumsum(z[f"{prefix}lengths"])[:-1])]
+
+
+TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "pairs", "pair_prompts", "clean_texts", "prompts",
+                 "max_prompts", "max_new_tokens", "max_tokens", "seed")
+
+
+def file_stamp(f: Path) -> list[Any]:
+    """A file as a cache key sees it: its path, size and modification time."""
+    st = f.stat()
+    return [f.resolve().as_posix(), st.st_size, st.st_mtime_ns]
+
+
+def _cache_key(source: Path, p: DistillParams) -> str:
+    import json
+
+    return json.dumps({"format": 3, "model": file_stamp(source), "calibrator_file": file_stamp(Path(p.calibrator)),
+                       **{k: getattr(p, k) for k in TEACHER_KEYS}}, sort_keys=True)
+
+
+def _load_cache(path: Path, key: str) -> tuple[_Targets, list[list[int]]] | None:
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        if str(z["key"]) != key:
+            return None
+        return _Targets.from_arrays(z, "t_"), _unpack(z, "clean_")
+
+
+def _save_npz(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """`arrays` and the cache `key` in a .npz written under a temporary name and renamed when complete."""
+    from pydetox.output import atomic
+
+    with atomic(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the name
+        np.savez(f, key=np.array(key), **arrays)  # type: ignore[arg-type]
+
+
+def _save_cache(path: Path, key: str, toxic: _Targets, clean: list[list[int]]) -> None:
+    _save_npz(path, key, {**_pack(clean, "clean_"), **toxic.arrays("t_")})
+
+
+def _top(logp: np.ndarray, k: int, plausible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k ids, their log-probabilities and the log-probability of the rest, per row. With `plausible` (a mask of
+    the same shape), the distribution is first restricted to the masked tokens and renormalized over them."""
+    if plausible is not None:
+        per_row = np.count_nonzero(plausible, axis=1)  # one pass over the mask for both conditions
+        if per_row.all() and per_row.sum() < 0.01 * plausible.size:
+            return _top_plausible(logp, k, plausible)
+    return _top_dense(logp, k, plausible)
+
+
+def _top_plausible(logp: np.ndarray, k: int, plausible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_top` with a mask, computed on the masked tokens only (a handful to a few hundred of Gemma-3's 262,144 per
+    position) instead of whole rows. Every row must have a masked token. Where a row has fewer than k, the other slots
+    hold other token ids with no mass (log-probability -1e4), as in `_top_dense`."""
+    n = logp.shape[0]
+    rows, cols = np.nonzero(plausible)  # row-major: sorted by row
+    counts = np.bincount(rows, minlength=n)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    vals = logp[rows, cols].astype(np.float64)
+    m = np.maximum.reduceat(vals, starts)
+    norm = vals - (m + np.log(np.add.reduceat(np.exp(vals - m[rows]), starts)))[rows]
+    order = np.lexsort((-norm, rows))  # by row, then most likely first
+    rank = np.arange(len(order)) - starts[rows[order]]
+    first_k = rank < k
+    kept, slot = order[first_k], rank[first_k]
+    idx = np.empty((n, k), np.int64)
+    top = np.full((n, k), -1e4, np.float32)
+    idx[rows[kept], slot] = cols[kept]
+    top[rows[kept], slot] = norm[kept]
+    for i in np.flatnonzero(counts < k):
+        have = cols[starts[i] : starts[i] + counts[i]]
+        idx[i, counts[i] :] = np.setdiff1d(np.arange(k + counts[i]), have)[: k - counts[i]]
+    mass = np.exp(top.astype(np.float64)).sum(1)
+    return idx, top, np.log(np.clip(1.0 - mass, 1e-12, None)).astype(np.float32)
+
+
+def _top_dense(logp: np.ndarray, k: int, plausible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                                         np.ndarray]:
+    """`_top` on whole rows (numpy over every token); the reference `_top_plausible` is measured against."""
+    if plausible is not None:
+        logp = np.where(plausible, logp, -np.inf)
+        m = logp.max(axis=1, keepdims=True)
+        logp = logp - (m + np.log(np.exp(logp - m).sum(axis=1, keepdims=True)))
+    idx = np.argpartition(-logp, k, axis=1)[:, :k].astype(np.int64)
+    top = np.maximum(np.take_along_axis(logp, idx, axis=1), -1e4).astype(np.float32)  # -inf: masked, mass 0
+    mass = np.exp(top.astype(np.float64)).sum(1)
+    rest = np.log(np.clip(1.0 - mass, 1e-12, None)).astype(np.float32)
+    return idx, top, rest
+
+
+def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: list[str], progress: bool,
+             tokenize_only: list[str]) -> tuple[_Targets, list[list[int]]]:
+    """Contexts: the prompts continued greedily by the fused model and by the unedited model (where the edit has to
+    act), and the toxic texts. Targets: the fused model's top-k next-token distribution at every position,
+    restricted to tokens the unedited model finds plausible (probability >= `plausible` times its top token's, the
+    adaptive plausibility constraint of contrastive decoding, Li et al. 2023): at a strong mixing weight the fused
+    model puts mass on junk tokens ('HETATM', 'firehose') that a student would learn to emit. Also the llama.cpp
+    tokenization of `tokenize_only` (the clean texts).
+
+    One pass: the fused runtime computes the unedited model's logits and the fused ones in the same decode, so the
+    targets are read off while the continuations are generated (both continuations of a prompt share its decoded
+    prompt through a copy of its KV cache), instead of generating first and decoding every sequence again."""
+    from pydetox.fusion import FusedRuntime
+    from pydetox.runtime import log_softmax
+
+    n_seq = 16
+    n_ctx = 2 * n_seq * (p.max_tokens + p.max_new_tokens) + 64
+    floor = np.log(p.plausible) if p.plausible > 0 else None
+    with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_ctx, n_seq=2 * n_seq, n_batch=512) as rt:
+
+        def rows(items: list[tuple[int, int, int, bool]]) -> tuple[list[tuple[Any, Any, Any]], np.ndarray, np.ndarray]:
+            """Decode items (all with outputs) in chunks; per item its target row (ids, logp, rest), and the argmax
+            of the fused and of the unedited logits."""
+            out: list[tuple[Any, Any, Any]] = []
+            best_f, best_b = [], []
+            for c in range(0, len(items), rt.n_batch):
+                chunk = items[c : c + rt.n_batch]
+                rt.decode(chunk)
+                zf = rt.logits(len(chunk))
+                zb = rt.target_logits(len(chunk))
+                best_f.append(zf.argmax(1))
+                best_b.append(zb.argmax(1))
+                if floor is None:
+                    i, lp, r = _top(log_softmax(zf), p.top_k)
+                else:  # the restricted distribution is renormalised over the plausible tokens: raw logits will do
+                    i, lp, r = _top(zf, p.top_k, zb >= zb.max(axis=1, keepdims=True) + floor)
+                out += list(zip(i, lp, r, strict=True))
+            return out, np.concatenate(best_f), np.concatenate(best_b)
+
+        seqs: list[list[int]] = []
+        targets: list[list[tuple[Any, Any, Any]]] = []
+        groups: list[int] = []  # the prompt's index; len(prompts) + j for the j-th toxic text
+        toks = [rt.tokenize(q)[: p.max_tokens] for q in prompts]
+        waves = range(0, len(toks), n_seq)
+        for s0 in tqdm(waves, desc="teacher: continue prompts", leave=False, disable=not progress):
+            wave = toks[s0 : s0 + n_seq]
+            n = len(wave)
+            rt.clear()
+            got, bf, bb = rows([(t, j, s, True) for s, q in enumerate(wave) for j, t in enumerate(q)])
+            seq_rows: list[list[Any]] = [[] for _ in range(2 * n)]
+            nxt: dict[int, int] = {}
+            at = 0
+            for s, q in enumerate(wave):
+                seq_rows[s] = got[at : at + len(q)]
+                seq_rows[s + n] = list(seq_rows[s])
+                nxt[s], nxt[s + n] = int(bf[at + len(q) - 1]), int(bb[at + len(q) - 1])  # fused, unedited
+                at += len(q)
+                rt.copy_sequence(s, s + n)
+            gen: list[list[int]] = [[] for _ in range(2 * n)]
+            active = list(range(2 * n))
+            for _ in range(p.max_new_tokens):
+                still = []
+                for s in active:
+                    if rt.is_eog(nxt[s]):
+                        continue
+                    gen[s].append(nxt[s])
+                    if len(gen[s]) < p.max_new_tokens:  # the last token's row is no target
+                        still.append(s)
+                active = still
+                if not active:
+                    break
+                got, bf, bb = rows([(nxt[s], len(wave[s % n]) + len(gen[s]) - 1, s, True) for s in active])
+                for i, s in enumerate(active):
+                    seq_rows[s].append(got[i])
+                    nxt[s] = int(bf[i] if s < n else bb[i])
+            for s in range(2 * n):
+                seq = wave[s % n] + gen[s]
+                seqs.append(seq)
+                targets.append(seq_rows[s][: len(seq) - 1])
+                groups.append(s0 + s % n)
+        texts = [rt.tokenize(t)[: p.max_tokens] for t in toxic_texts]
+        for s0 in tqdm(range(0, len(texts), n_seq), desc="teacher: toxic texts", leave=False, disable=not progress):
+            wave = [(s0 + j, t) for j, t in enumerate(texts[s0 : s0 + n_seq]) if len(t) >= 2]
+            rt.clear()
+            got, _, _ = rows([(t, j, s, True) for s, (_, q) in enumerate(wave) for j, t in enumerate(q)])
+            at = 0
+            for j, q in wave:
+                seqs.append(q)
+                targets.append(got[at : at + len(q) - 1])
+                groups.append(len(prompts) + j)
+                at += len(q)
+        clean = [rt.tokenize(t)[: p.max_tokens] for t in tokenize_only]
+    unique: dict[tuple[int, ...], int] = {}
+    for k, seq in enumerate(seqs):
+        if len(seq) >= 3:
+            unique.setdefault(tuple(seq), k)  # continuations often agree
+    keep = list(unique.values())
+    ids = [np.stack([r[0] for r in targets[k]]) for k in keep]
+    logp = [np.stack([r[1] for r in targets[k]]) for k in keep]
+    rest = [np.array([r[2] for r in targets[k]], np.float32) for k in keep]
+    return (_Targets([seqs[k] for k in keep], ids, logp, rest, np.asarray([groups[k] for k in keep], np.int64)),
+            [c for c in clean if len(c) >= 3])
+
+
+def _fused_logp(source: Path, model: str, alpha: float, toxic: _Targets, progress: bool, desc: str) -> list[np.ndarray]:
+    """Per sequence, log p_unedited and log p of the unedited model fused with `model` at `alpha`, at the teacher's
+    top-k token ids, stacked ((2, positions, k), float32; one decode of both)."""
+    from pydetox.fusion import FusedRuntime
+
+    n = max(len(s) for s in toxic.seqs)
+    out = []
+    with FusedRuntime(source, model, alpha, n_ctx=n, n_batch=n) as rt:
+        for seq, ids in tqdm(zip(toxic.seqs, toxic.ids, strict=True), total=len(toxic), desc=desc, leave=False,
+                             disable=not progress):
+            la, lb = rt.logprobs_and_target(seq)
+            out.append(np.stack([np.take_along_axis(lb, ids, axis=1), np.take_along_axis(la, ids, axis=1)]))
+    return out
+
+
+def _debiased(t: _Targets, both: list[np.ndarray], lam: float, spare: np.ndarray | None = None, rule: str = "prob",
+              margin: float = 1.0) -> _Targets:
+    """The targets with lam * min(0, p_ref - p_anti) (rule "prob"), or lam * min(0, log p_ref - log p_anti +
+    log margin) (rule "ratio"), added to their top-k log-probabilities (`both`: the two log-probabilities per position
+    and token, p_ref first: the unedited model's or the expert's), renormalised together with the rest bucket (left
+    as it is). Slots with no mass (-1e4) stay without mass; token ids in `spare` (special tokens) get no penalty."""
+    logp, rest = [], []
+    for lp, r, b, ids in zip(t.logp, t.rest, both, t.ids, strict=True):
+        ref, anti = b[0].astype(np.float64), b[1].astype(np.float64)
+        gap = ref - anti + np.log(margin) if rule == "ratio" else np.exp(ref) - np.exp(anti)
+        pen = lam * np.minimum(0.0, gap)
+        if spare is not None:
+            pen[np.isin(ids, spare)] = 0.0
+        new = lp.astype(np.float64) + pen
+        z = np.logaddexp(np.logaddexp.reduce(new, axis=1), r.astype(np.float64))
+        logp.append((new - z[:, None]).astype(np.float32))
+        rest.append((r - z).astype(np.float32))
+    return _Targets(t.seqs, t.ids, logp, rest, t.groups)
+
+
+def _side_logp(source: Path, role: str, model: str, alpha: float, toxic: _Targets, teacher_key: str,
+               cache: Path | None, progress: bool) -> tuple[list[np.ndarray], bool]:
+    """`_fused_logp` for the anti-expert or the expert (`role`), read from or written to `cache`'s sibling
+    CACHE.<role>.npz, and whether it came from there."""
+    import json
+
+    key = json.dumps({"teacher": teacher_key, role: file_stamp(Path(model)), "anti_alpha": alpha}, sort_keys=True)
+    path = None if cache is None else cache.with_name(cache.name.removesuffix(".npz") + f".{role}.npz")
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            if str(z["key"]) == key:
+                return np.split(z["logp"], np.cumsum([len(i) for i in toxic.ids])[:-1], axis=1), True
+    both = _fused_logp(source, model, alpha, toxic, progress, f"teacher: {role}")
+    if path is not None:
+        _save_npz(path, key, {"logp": np.concatenate(both, axis=1)})
+    return both, False
+
+
+def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: str, cache: Path | None,
+                  progress: bool, spare: np.ndarray) -> tuple[_Targets, bool]:
+    """The teacher's targets moved away from the anti-expert (see `anti`), measured against the expert when there
+    is one and against the unedited model when not, and whether the log-probabilities all came from the cache."""
+    both, hit = _side_logp(source, "anti", p.anti, p.anti_alpha, toxic, teacher_key, cache, progress)
+    if p.expert:
+        ref, hit_ref = _side_logp(source, "expert", p.expert, p.anti_alpha, toxic, teacher_key, cache, progress)
+        both = [np.stack([e[1], a[1]]) for e, a in zip(ref, both, strict=True)]
+        hit = hit and hit_ref
+    return _debiased(toxic, both, p.anti_lambda, spare, p.anti_rule, p.anti_margin), hit
+
+
+def _targets(ctx: Context, p: DistillParams, source: Path, prompts: list[str], toxic_texts: list[str],
+             clean_texts: list[str]) -> tuple[_Targets, list[list[int]], dict[str, Any]]:
+    """The teacher's targets on the toxic contexts and the tokenized clean texts, from `cache` when it holds them
+    for these settings; with the anti-expert's decay applied when `anti` is set. Also what came from the cache."""
+    cache = Path(p.cache) if p.cache else None
+    if cache is not None and cache.suffix != ".npz":
+        raise PydetoxError(f"distill: the teacher cache is a .npz file, got {p.cache}")
+    key = _cache_key(source, p)
+    cached = _load_cache(cache, key) if cache is not None else None
+    if cached is None:
+        toxic, clean_seqs = _teacher(source, p, prompts, toxic_texts, ctx.progress, clean_texts)
+        if cache is not None:
+            _save_cache(cache, key, toxic, clean_seqs)
+    else:
+        toxic, clean_seqs = cached
+    anti_cached = None
+    if p.anti:
+        spare = np.asarray(ctx.fp.tokenizer.all_special_ids, np.int64)  # the anti-expert's data ends every text at EOS
+        toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress, spare)
+    if p.benign_starts > 0:
+        clean_seqs = clean_seqs + _benign_continuations(source, p, ctx.progress)
+    if p.chat_starts > 0:
+        clean_seqs = clean_seqs + _chat_continuations(source, p, ctx.progress)
+    return toxic, clean_seqs, {"teacher_from_cache": cached is not None, **({"anti_from_cache": anti_cached} if p.anti else {})}
