@@ -138,6 +138,82 @@ def _top_dense(logp: np.ndarray, k: int, plausible: np.ndarray | None = None) ->
     return idx, top, rest
 
 
+class _TeacherPass:
+    """The fused runtime's decodes, read as targets: per decoded position the teacher's top-k row (ids, logp, rest)
+    and the argmax of the fused and of the unedited logits (the next greedy token of each continuation)."""
+
+    def __init__(self, rt: Any, p: DistillParams) -> None:
+        self.rt, self.p = rt, p
+        self.floor = np.log(p.plausible) if p.plausible > 0 else None
+
+    def rows(self, items: list[tuple[int, int, int, bool]]) -> tuple[list[tuple[Any, Any, Any]], np.ndarray, np.ndarray]:
+        """Decode items (all with outputs) in chunks of the runtime's batch."""
+        from pydetox.runtime import log_softmax
+
+        rt, p = self.rt, self.p
+        out: list[tuple[Any, Any, Any]] = []
+        best_f, best_b = [], []
+        for c in range(0, len(items), rt.n_batch):
+            chunk = items[c : c + rt.n_batch]
+            rt.decode(chunk)
+            zf = rt.logits(len(chunk))
+            zb = rt.target_logits(len(chunk))
+            best_f.append(zf.argmax(1))
+            best_b.append(zb.argmax(1))
+            if self.floor is None:
+                i, lp, r = _top(log_softmax(zf), p.top_k)
+            else:  # the restricted distribution is renormalised over the plausible tokens: raw logits will do
+                i, lp, r = _top(zf, p.top_k, zb >= zb.max(axis=1, keepdims=True) + self.floor)
+            out += list(zip(i, lp, r, strict=True))
+        return out, np.concatenate(best_f), np.concatenate(best_b)
+
+    def continue_wave(self, wave: list[list[int]]) -> tuple[list[list[int]], list[list[Any]]]:
+        """Prompts (at most n_seq) continued greedily by the fused model (sequences 0..n-1) and by the unedited one
+        (n..2n-1), both from one decode of each prompt (KV cache copied); each sequence with its target rows."""
+        rt, p = self.rt, self.p
+        n = len(wave)
+        rt.clear()
+        got, bf, bb = self.rows([(t, j, s, True) for s, q in enumerate(wave) for j, t in enumerate(q)])
+        seq_rows: list[list[Any]] = [[] for _ in range(2 * n)]
+        nxt: dict[int, int] = {}
+        at = 0
+        for s, q in enumerate(wave):
+            seq_rows[s] = got[at : at + len(q)]
+            seq_rows[s + n] = list(seq_rows[s])
+            nxt[s], nxt[s + n] = int(bf[at + len(q) - 1]), int(bb[at + len(q) - 1])  # fused, unedited
+            at += len(q)
+            rt.copy_sequence(s, s + n)
+        gen: list[list[int]] = [[] for _ in range(2 * n)]
+        active = list(range(2 * n))
+        for _ in range(p.max_new_tokens):
+            still = []
+            for s in active:
+                if rt.is_eog(nxt[s]):
+                    continue
+                gen[s].append(nxt[s])
+                if len(gen[s]) < p.max_new_tokens:  # the last token's row is no target
+                    still.append(s)
+            active = still
+            if not active:
+                break
+            got, bf, bb = self.rows([(nxt[s], len(wave[s % n]) + len(gen[s]) - 1, s, True) for s in active])
+            for i, s in enumerate(active):
+                seq_rows[s].append(got[i])
+                nxt[s] = int(bf[i] if s < n else bb[i])
+        seqs = [wave[s % n] + gen[s] for s in range(2 * n)]
+        return seqs, [seq_rows[s][: len(seqs[s]) - 1] for s in range(2 * n)]
+
+    def texts_wave(self, wave: list[list[int]]) -> list[list[Any]]:
+        """Texts (teacher-forced, at most n_seq): the target rows of each."""
+        self.rt.clear()
+        got, _, _ = self.rows([(t, j, s, True) for s, q in enumerate(wave) for j, t in enumerate(q)])
+        out, at = [], 0
+        for q in wave:
+            out.append(got[at : at + len(q) - 1])
+            at += len(q)
+        return out
+
+
 def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: list[str], progress: bool,
              tokenize_only: list[str]) -> tuple[_Targets, list[list[int]]]:
     """Contexts: the prompts continued greedily by the fused model and by the unedited model (where the edit has to
@@ -151,84 +227,29 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
     targets are read off while the continuations are generated (both continuations of a prompt share its decoded
     prompt through a copy of its KV cache), instead of generating first and decoding every sequence again."""
     from pydetox.fusion import FusedRuntime
-    from pydetox.runtime import log_softmax
 
     n_seq = 16
     n_ctx = 2 * n_seq * (p.max_tokens + p.max_new_tokens) + 64
-    floor = np.log(p.plausible) if p.plausible > 0 else None
+    seqs: list[list[int]] = []
+    targets: list[list[Any]] = []
+    groups: list[int] = []  # the prompt's index; len(prompts) + j for the j-th toxic text
     with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_ctx, n_seq=2 * n_seq, n_batch=512) as rt:
-
-        def rows(items: list[tuple[int, int, int, bool]]) -> tuple[list[tuple[Any, Any, Any]], np.ndarray, np.ndarray]:
-            """Decode items (all with outputs) in chunks; per item its target row (ids, logp, rest), and the argmax
-            of the fused and of the unedited logits."""
-            out: list[tuple[Any, Any, Any]] = []
-            best_f, best_b = [], []
-            for c in range(0, len(items), rt.n_batch):
-                chunk = items[c : c + rt.n_batch]
-                rt.decode(chunk)
-                zf = rt.logits(len(chunk))
-                zb = rt.target_logits(len(chunk))
-                best_f.append(zf.argmax(1))
-                best_b.append(zb.argmax(1))
-                if floor is None:
-                    i, lp, r = _top(log_softmax(zf), p.top_k)
-                else:  # the restricted distribution is renormalised over the plausible tokens: raw logits will do
-                    i, lp, r = _top(zf, p.top_k, zb >= zb.max(axis=1, keepdims=True) + floor)
-                out += list(zip(i, lp, r, strict=True))
-            return out, np.concatenate(best_f), np.concatenate(best_b)
-
-        seqs: list[list[int]] = []
-        targets: list[list[tuple[Any, Any, Any]]] = []
-        groups: list[int] = []  # the prompt's index; len(prompts) + j for the j-th toxic text
+        teach = _TeacherPass(rt, p)
         toks = [rt.tokenize(q)[: p.max_tokens] for q in prompts]
-        waves = range(0, len(toks), n_seq)
-        for s0 in tqdm(waves, desc="teacher: continue prompts", leave=False, disable=not progress):
+        for s0 in tqdm(range(0, len(toks), n_seq), desc="teacher: continue prompts", leave=False, disable=not progress):
             wave = toks[s0 : s0 + n_seq]
-            n = len(wave)
-            rt.clear()
-            got, bf, bb = rows([(t, j, s, True) for s, q in enumerate(wave) for j, t in enumerate(q)])
-            seq_rows: list[list[Any]] = [[] for _ in range(2 * n)]
-            nxt: dict[int, int] = {}
-            at = 0
-            for s, q in enumerate(wave):
-                seq_rows[s] = got[at : at + len(q)]
-                seq_rows[s + n] = list(seq_rows[s])
-                nxt[s], nxt[s + n] = int(bf[at + len(q) - 1]), int(bb[at + len(q) - 1])  # fused, unedited
-                at += len(q)
-                rt.copy_sequence(s, s + n)
-            gen: list[list[int]] = [[] for _ in range(2 * n)]
-            active = list(range(2 * n))
-            for _ in range(p.max_new_tokens):
-                still = []
-                for s in active:
-                    if rt.is_eog(nxt[s]):
-                        continue
-                    gen[s].append(nxt[s])
-                    if len(gen[s]) < p.max_new_tokens:  # the last token's row is no target
-                        still.append(s)
-                active = still
-                if not active:
-                    break
-                got, bf, bb = rows([(nxt[s], len(wave[s % n]) + len(gen[s]) - 1, s, True) for s in active])
-                for i, s in enumerate(active):
-                    seq_rows[s].append(got[i])
-                    nxt[s] = int(bf[i] if s < n else bb[i])
-            for s in range(2 * n):
-                seq = wave[s % n] + gen[s]
-                seqs.append(seq)
-                targets.append(seq_rows[s][: len(seq) - 1])
-                groups.append(s0 + s % n)
+            got_seqs, got_rows = teach.continue_wave(wave)
+            seqs += got_seqs
+            targets += got_rows
+            groups += [s0 + s % len(wave) for s in range(2 * len(wave))]
         texts = [rt.tokenize(t)[: p.max_tokens] for t in toxic_texts]
         for s0 in tqdm(range(0, len(texts), n_seq), desc="teacher: toxic texts", leave=False, disable=not progress):
-            wave = [(s0 + j, t) for j, t in enumerate(texts[s0 : s0 + n_seq]) if len(t) >= 2]
-            rt.clear()
-            got, _, _ = rows([(t, j, s, True) for s, (_, q) in enumerate(wave) for j, t in enumerate(q)])
-            at = 0
-            for j, q in wave:
-                seqs.append(q)
-                targets.append(got[at : at + len(q) - 1])
-                groups.append(len(prompts) + j)
-                at += len(q)
+            numbered = [(s0 + j, t) for j, t in enumerate(texts[s0 : s0 + n_seq]) if len(t) >= 2]
+            if not numbered:
+                continue
+            seqs += [q for _, q in numbered]
+            targets += teach.texts_wave([q for _, q in numbered])
+            groups += [len(prompts) + j for j, _ in numbered]
         clean = [rt.tokenize(t)[: p.max_tokens] for t in tokenize_only]
     unique: dict[tuple[int, ...], int] = {}
     for k, seq in enumerate(seqs):
