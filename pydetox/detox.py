@@ -178,42 +178,45 @@ def _claim_outputs(job: DetoxJob, methods: list[str]) -> None:
                            f"in {job.out / 'stages'} are reused either way), or choose another --out")
 
 
-def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
-    from pydetox import report as rep
-    from pydetox.discover import Discovery
-    from pydetox.output import write_text
-
-    if job.out.exists() and not job.out.is_dir():
-        raise PydetoxError(f"--out {job.out} is a file; expected a folder for the job's models and report")
-    job.out.mkdir(parents=True, exist_ok=True)
+def _given_plans(job: DetoxJob) -> dict[str, tuple[EditPlan, Path]]:
+    """The `--plan` files, each named by its method, or by its file name where two plans share a method."""
     plans: dict[str, tuple[EditPlan, Path]] = {}
     loaded = [(EditPlan.load(path), path) for path in job.plans]
     methods = [plan.method for plan, _ in loaded]
     for plan, path in loaded:
-        # a plan is named by its method, or by its file name where two plans share a method (two distill runs)
         label = plan.method if methods.count(plan.method) == 1 else path.name.removesuffix(".gguf").removesuffix(".plan")
         if label in plans or label in job.methods:
             raise PydetoxError(f"two plans named {label!r}: {plans[label][1] if label in plans else 'discovered here'} "
                                f"and {path}; rename one of the files")
         plans[label] = (plan, path)
-    _claim_outputs(job, [*job.methods, *plans])
+    return plans
+
+
+def _recipe_settings(job: DetoxJob) -> RecipeSettings:
+    """The recipe's settings with the job's `--param recipe:`, `distill:` and `calibrator:` overrides and its seed."""
+    from pydetox.discover.base import override
+
+    overrides = job.overrides or {}
+    extra = dict(overrides.get("distill", {}))
+    cal = extra.pop("calibrator", None)
+    fit = overrides.get("recipe", {})
+    if set(fit) - RECIPE_SCALARS:
+        raise PydetoxError(f"recipe has no parameter {sorted(set(fit) - RECIPE_SCALARS)[0]!r}; it has: "
+                           f"{', '.join(sorted(RECIPE_SCALARS))}")
+    recipe = override(job.recipe, fit, "recipe")
+    return dataclasses.replace(recipe, distill={**recipe.distill, **extra}, seed=job.seed,
+                               calibrator_file=Path(cal) if cal else recipe.calibrator_file,
+                               calibrator=override(recipe.calibrator, overrides.get("calibrator", {}), "calibrator"))
+
+
+def _discover(job: DetoxJob, plans: dict[str, tuple[EditPlan, Path]], progress: bool) -> dict[str, Any]:
+    """Run the job's methods (distill through the staged recipe, the others on one Discovery), save their plans
+    in `job.out` and add them to `plans`; returns the discovery timings."""
+    from pydetox.discover import Discovery
+
     timing: dict[str, Any] = {}
     if "distill" in job.methods:
-        recipe = job.recipe
-        extra = dict((job.overrides or {}).get("distill", {}))
-        cal = extra.pop("calibrator", None)
-        from pydetox.discover.base import override
-
-        fit = (job.overrides or {}).get("recipe", {})
-        if set(fit) - RECIPE_SCALARS:
-            raise PydetoxError(f"recipe has no parameter {sorted(set(fit) - RECIPE_SCALARS)[0]!r}; it has: "
-                               f"{', '.join(sorted(RECIPE_SCALARS))}")
-        recipe = override(recipe, fit, "recipe")
-        recipe = dataclasses.replace(recipe, distill={**recipe.distill, **extra}, seed=job.seed,
-                                     calibrator_file=Path(cal) if cal else recipe.calibrator_file,
-                                     calibrator=override(recipe.calibrator, (job.overrides or {}).get("calibrator", {}),
-                                                         "calibrator"))
-        plan, staged, timing["stages"] = distill_plan(job.model, job.out, recipe, progress)
+        plan, staged, timing["stages"] = distill_plan(job.model, job.out, _recipe_settings(job), progress)
         plans["distill"] = (plan, plan.save(job.out / "distill.plan.gguf"))
         print(f"distill: {len(plan.edits)} edits at strength {plan.params['plan_strength']:g} "
               f"-> {plans['distill'][1]} (stages in {staged.parent})")
@@ -227,14 +230,14 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
             timing[f"{method}_s"] = plan.params["method_s"]
             print(f"{method}: {len(plan.edits)} edits -> {plans[method][1]}")
         timing.update(load_s=discovery.load_s, activations_s=discovery.activation_s)
-        del discovery
-    if not plans:
-        raise PydetoxError("nothing to evaluate: name a --method to discover or a --plan to apply")
+    return timing
 
-    t_eval = time.perf_counter()
+
+def _models(job: DetoxJob, plans: dict[str, tuple[EditPlan, Path]], f16: Path
+            ) -> tuple[list[ModelSpec], dict[str, tuple[str, str]]]:
+    """The models to evaluate, written at every type (unedited, each plan, fusion when asked), and the
+    (method, type) each label stands for."""
     stem = job.model.name.removesuffix(".gguf")
-    f16 = _apply(None, None, job.model, job.out / f"{stem}.F16.gguf", "F16")
-    adapters = _adapters(plans, f16, job.out / stem)
     models: list[ModelSpec] = []
     names: dict[str, tuple[str, str]] = {}
     for qtype in job.types:
@@ -250,8 +253,49 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                 models.append(ModelSpec(base, job.calibrator, a))
                 names[models[-1].label] = (f"fusion a={a:g}", qtype)
         names[ModelSpec(base).label] = ("base", qtype)
-    settings = job.eval_settings
-    report, _ = run_evaluation(models, settings, reference=f16, progress=progress)
+    return models, names
+
+
+def _write_reports(job: DetoxJob, report: dict[str, Any], rows: list[dict[str, Any]],
+                   names: dict[str, tuple[str, str]], timing: dict[str, Any]) -> None:
+    """report.json, report.md, report.png, the model cards, and the tables on the terminal."""
+    from pydetox import report as rep
+    from pydetox.output import write_text
+
+    evaluators = list(job.eval_settings.evaluators)
+    write_text(job.out / "report.json", json.dumps(report, indent=2) + "\n")
+    stages = stage_line(timing.get("stages", {}))
+    if stages:
+        stages += f"; apply and evaluation {report['detox']['apply_and_evaluation_s']:.0f} s"
+    write_text(job.out / "report.md", rep.markdown(report) + "\n" + summary_table(rows, evaluators) + "\n"
+               + (f"\n{stages}\n" if stages else ""))
+    rep.plot(report, job.out / "report.png", groups=names)
+    _cards(report, rows, names)
+    print(rep.table(report))
+    print()
+    print(summary_table(rows, evaluators))
+    if stages:
+        print(f"\n{stages}")
+    print(f"\nwrote {job.out / 'report.json'}, report.md, report.png and the GGUFs in {job.out}")
+
+
+def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
+    """Discover (or load) the job's plans, apply them at every type, evaluate every model against the unedited
+    one of its type, and write the report, the models and their cards in `job.out`."""
+    if job.out.exists() and not job.out.is_dir():
+        raise PydetoxError(f"--out {job.out} is a file; expected a folder for the job's models and report")
+    job.out.mkdir(parents=True, exist_ok=True)
+    plans = _given_plans(job)
+    _claim_outputs(job, [*job.methods, *plans])
+    timing = _discover(job, plans, progress)
+    if not plans:
+        raise PydetoxError("nothing to evaluate: name a --method to discover or a --plan to apply")
+    t_eval = time.perf_counter()
+    stem = job.model.name.removesuffix(".gguf")
+    f16 = _apply(None, None, job.model, job.out / f"{stem}.F16.gguf", "F16")
+    adapters = _adapters(plans, f16, job.out / stem)
+    models, names = _models(job, plans, f16)
+    report, _ = run_evaluation(models, job.eval_settings, reference=f16, progress=progress)
     rows = summarize(report, names)
     report["detox"] = {"model": str(job.model), "methods": list(plans), "types": list(job.types),
                        "plans": {m: str(p) for m, (_, p) in plans.items()},
@@ -260,18 +304,5 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                        "discovery": {"data": job.data, "n_pairs": job.n_pairs, "seed": job.seed, **timing} if job.methods else {},
                        "adapters": adapters,
                        "summary": rows, "apply_and_evaluation_s": round(time.perf_counter() - t_eval, 1)}
-    write_text(job.out / "report.json", json.dumps(report, indent=2) + "\n")
-    stages = stage_line(timing.get("stages", {}))
-    if stages:
-        stages += f"; apply and evaluation {report['detox']['apply_and_evaluation_s']:.0f} s"
-    write_text(job.out / "report.md", rep.markdown(report) + "\n" + summary_table(rows, list(settings.evaluators)) + "\n"
-               + (f"\n{stages}\n" if stages else ""))
-    rep.plot(report, job.out / "report.png", groups=names)
-    _cards(report, rows, names)
-    print(rep.table(report))
-    print()
-    print(summary_table(rows, list(settings.evaluators)))
-    if stages:
-        print(f"\n{stages}")
-    print(f"\nwrote {job.out / 'report.json'}, report.md, report.png and the GGUFs in {job.out}")
+    _write_reports(job, report, rows, names, timing)
     return report

@@ -109,51 +109,41 @@ def shared_calibrators() -> Path:
     return cache_dir() / "calibrators"
 
 
-def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSettings(),
-                 progress: bool = True) -> tuple[EditPlan, Path, dict[str, dict[str, Any]]]:
-    """Run (or resume) the recipe on the GGUF `source` with its stages under `out/stages`; returns the fitted plan,
-    where it was saved, and each stage's time."""
-    from pydetox import ggml
-    from pydetox.apply import ApplyOptions, apply_plan
-    from pydetox.discover.distill.teacher import file_stamp
-
-    stages = Stages(out / "stages", progress)
-    src_key = _key("source", file_stamp(source))
-
-    def make_f16(path: Path) -> dict[str, Any]:
-        apply_plan(None, source, path, ApplyOptions(ftype=ggml.parse_ftype("F16"), progress=False))
-        return {"source": str(source)}
-
-    f16, _ = stages.run("f16", src_key, ".gguf", make_f16)
-
+def _calibrator(stages: Stages, f16: Path, src_key: str, settings: RecipeSettings, progress: bool) -> tuple[Path, str]:
+    """The given calibrator, or the one trained for this source and settings (kept in the shared folder, reused by
+    every output folder); and its key."""
     if settings.calibrator_file is not None:
         cal = settings.calibrator_file
         if not cal.is_file():
             raise PydetoxError(f"expected a calibrator GGUF at {cal}, found nothing")
-        cal_key = _key("calibrator-file", file_stamp(cal))
-    else:
-        from pydetox.calibrate import train
+        return cal, _key("calibrator-file", _file_stamp(cal))
+    from pydetox.calibrate import train
 
-        # `seed` is the student's (its data draw, held-out split and initialisation): the calibrator, a property of
-        # the model trained once, keeps its own (`calibrator.seed`), so runs over several seeds share it.
-        cal_settings = settings.calibrator
-        cal_key = _key("calibrator", src_key, asdict(cal_settings))
+    # `seed` is the student's (its data draw, held-out split and initialisation): the calibrator, a property of
+    # the model trained once, keeps its own (`calibrator.seed`), so runs over several seeds share it.
+    cal_settings = settings.calibrator
+    cal_key = _key("calibrator", src_key, asdict(cal_settings))
 
-        def make_cal(path: Path) -> dict[str, Any]:
-            tmp = path.with_name(path.name.removesuffix(".gguf") + ".partial.gguf")
-            result = train(f16, tmp, cal_settings, progress=progress, plot=False, device=settings.device)
-            # the alignment and log live beside the GGUF under its name; rename them first, the GGUF last
-            from pydetox.fusion import alignment_path
+    def make_cal(path: Path) -> dict[str, Any]:
+        tmp = path.with_name(path.name.removesuffix(".gguf") + ".partial.gguf")
+        result = train(f16, tmp, cal_settings, progress=progress, plot=False, device=settings.device)
+        # the alignment and log live beside the GGUF under its name; rename them first, the GGUF last
+        from pydetox.fusion import alignment_path
 
-            alignment_path(tmp).replace(alignment_path(path))
-            result.log.replace(path.with_name(path.name.removesuffix(".gguf") + ".train.json"))
-            tmp.replace(path)
-            return {"val_loss_start": result.val_loss_start, "val_loss": result.val_loss}
+        alignment_path(tmp).replace(alignment_path(path))
+        result.log.replace(path.with_name(path.name.removesuffix(".gguf") + ".train.json"))
+        tmp.replace(path)
+        return {"val_loss_start": result.val_loss_start, "val_loss": result.val_loss}
 
-        shared = Stages(settings.calibrators or shared_calibrators(), progress)
-        cal, _ = shared.run("calibrator", cal_key, ".gguf", make_cal)
-        stages.timing["calibrator"] = shared.timing["calibrator"]
+    shared = Stages(settings.calibrators or shared_calibrators(), progress)
+    cal, _ = shared.run("calibrator", cal_key, ".gguf", make_cal)
+    stages.timing["calibrator"] = shared.timing["calibrator"]
+    return cal, cal_key
 
+
+def _distill(stages: Stages, f16: Path, cal: Path, cal_key: str, settings: RecipeSettings,
+             progress: bool) -> tuple[Path, str]:
+    """The student's plan (strength 1), its teacher's targets cached beside it; and the plan's key."""
     from pydetox.discover.base import get_method, make_params
     from pydetox.discover.distill.teacher import TEACHER_KEYS
 
@@ -175,6 +165,13 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
                 "teacher_from_cache": d["teacher_from_cache"]}
 
     raw, _ = stages.run("distill", plan_key, ".plan.gguf", make_plan)
+    return raw, plan_key
+
+
+def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSettings, progress: bool) -> Path:
+    """The student's plan scaled to the largest strength (up to `max_strength`) within the KL budget on held-out
+    wiki text, measured in llama.cpp at the edited tensors' floor type."""
+    from pydetox import ggml
 
     def make_fit(path: Path) -> dict[str, Any]:
         from pydetox.fit import fit_strength
@@ -200,4 +197,31 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
     ceiling = () if settings.max_strength == 1.0 else (settings.max_strength,)
     fitted, _ = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
                                           settings.edited_type, *ceiling), ".plan.gguf", make_fit)
+    return fitted
+
+
+def _file_stamp(path: Path) -> Any:
+    from pydetox.discover.distill.teacher import file_stamp
+
+    return file_stamp(path)
+
+
+def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSettings(),
+                 progress: bool = True) -> tuple[EditPlan, Path, dict[str, dict[str, Any]]]:
+    """Run (or resume) the recipe on the GGUF `source` with its stages under `out/stages`; returns the fitted plan,
+    where it was saved, and each stage's time."""
+    from pydetox import ggml
+    from pydetox.apply import ApplyOptions, apply_plan
+
+    stages = Stages(out / "stages", progress)
+    src_key = _key("source", _file_stamp(source))
+
+    def make_f16(path: Path) -> dict[str, Any]:
+        apply_plan(None, source, path, ApplyOptions(ftype=ggml.parse_ftype("F16"), progress=False))
+        return {"source": str(source)}
+
+    f16, _ = stages.run("f16", src_key, ".gguf", make_f16)
+    cal, cal_key = _calibrator(stages, f16, src_key, settings, progress)
+    raw, plan_key = _distill(stages, f16, cal, cal_key, settings, progress)
+    fitted = _fit(stages, f16, raw, plan_key, settings, progress)
     return EditPlan.load(fitted), fitted, stages.timing
