@@ -1,0 +1,7 @@
+"""`python -m pydetox.cli`."""
+
+import sys
+
+from pydetox.cli import main
+
+sys.exit(main())
