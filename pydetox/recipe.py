@@ -32,10 +32,15 @@ from pydetox.plan import EditPlan
 # held-out loss in half the time. Fewer steps and less clean text gave a calibrator that, fused, writes junk, and a
 # teacher that taught nothing (docs/speed-distill.md).
 DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True)
-# DistillParams' own settings: the student's speed levers (bfloat16, a restricted softmax, batches by length, fewer
-# steps) made each step up to 2x faster and the edit weaker (docs/speed-distill.md), so none is on by default; the
-# held-out diagnostics are computed on 48 sequences of each kind (they do not change the training).
-DEFAULT_DISTILL: dict[str, str] = {"held_out": "48"}
+# The student (DistillParams overrides): a third of DistillParams' 450 steps, with what keeps the edit's effect and
+# its helpfulness at that length: benign sentence starts continued by the unedited model join the clean anchor
+# (`benign_starts`; at half DistillParams' `clean_weight`, so that the larger anchor does not cancel the cut), and
+# the update loses its direct push on end-of-generation tokens (`eog_free`), which shortened benign answers and cost
+# chat answers (docs/speed-distill.md, docs/results/default-recipe-seeds.md). The per-step levers (bfloat16, a
+# restricted softmax, batches by length) made steps up to 2x faster and the edit weaker, so none is on. The held-out
+# diagnostics are computed on 48 sequences of each kind (they do not change the training).
+DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_starts": "600", "clean_weight": "4",
+                                   "eog_free": "1"}
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,13 @@ class RecipeSettings:
     # Where trained calibrators are kept (None: CACHE/calibrators, $PYDETOX_CACHE or ~/.cache/pydetox): one is
     # trained once per source model and settings, then reused by every output folder.
     calibrators: Path | None = None
-    kl_budget: float = 0.045  # nats/token of KL(unedited || edited) on held-out wiki text
+    # nats/token of KL(unedited || edited) on held-out wiki text: the default student's KL on news text runs ~1.3x
+    # its KL on wiki (its clean anchor includes wiki sentence starts), so 0.033 here lands under 0.05 on news
+    kl_budget: float = 0.033
     fit_tokens: int = 2048
     fit_steps: int = 4
     # the fit may scale the student's edit up to this strength when its KL at 1 leaves budget unused (1: never above)
-    max_strength: float = 1.0
+    max_strength: float = 2.0
     edited_type: str | None = "Q8_0"  # floor of the edited tensors while fitting (as `pydetox detox` applies them)
     seed: int = 0  # the student's seed (DistillParams.seed); the calibrator's is calibrator.seed
     # torch device of the calibrator's training and the student ("auto": CUDA when torch sees a GPU). Not part of any
@@ -193,7 +200,7 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
         fitted.save(path)
         return {"strength": fit.strength, "trials": trials}
 
-    # max_strength joins the key only when it changes the search, so fits made before it existed stay valid
+    # a ceiling of 1 (the search before max_strength existed) leaves the key as it was, so such fits stay valid
     ceiling = () if settings.max_strength == 1.0 else (settings.max_strength,)
     fitted, _ = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
                                           settings.edited_type, *ceiling), ".plan.gguf", make_fit)

@@ -34,7 +34,7 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     assert {e.kind for e in plan.edits} == {EditKind.LOW_RANK}
     assert len(plan.edits) == 2
     strength = plan.params["plan_strength"]
-    assert 0 < strength <= 1
+    assert 0 < strength <= settings.max_strength
     assert plan.params["fit"]["kl_budget"] == 0.05
     assert all(t["kl"] >= 0 for t in plan.params["fit"]["trials"])
     assert len(list((out / "stages").glob("teacher-*.npz"))) == 1
@@ -118,7 +118,7 @@ def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
     _, again, timing = distill_plan(model, out, spelt, progress=False)
     assert again == path
     assert all(timing[s]["cached"] for s in ("f16", "calibrator", "distill", "fit"))
-    ceiling = RecipeSettings(**{**settings.__dict__, "max_strength": 1.0})
+    ceiling = RecipeSettings(**{**settings.__dict__, "max_strength": RecipeSettings().max_strength})
     assert distill_plan(model, out, ceiling, progress=False)[1] == path  # the default ceiling, spelt: the same fit
     higher = RecipeSettings(**{**settings.__dict__, "max_strength": 3.0})
     plan, lifted, timing = distill_plan(model, out, higher, progress=False)
