@@ -188,7 +188,9 @@ def paused_apply(plan: Path, model: Path, out: Path) -> subprocess.Popen[str]:
     """`pydetox apply` in a subprocess, stopped with its output half written (after the first edited tensor, before
     the rename); returns once it says so."""
     script = textwrap.dedent(f"""
-        import sys, time, pydetox.apply as a
+        import signal, sys, time, pydetox.apply as a
+        # a child of a background job inherits SIGINT ignored; the test sends it, so it must be heard
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         real = a._process
         def slow(*args, **kw):
             r = real(*args, **kw)
