@@ -107,7 +107,7 @@ def _save_converted(model: Any, tokenizer: Any, folder: Path, precision: str) ->
 
     import torch
 
-    matrices = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)}
+    matrices = {id(m.weight): m.weight for m in _matrix_modules(model)}
     held = {k: w.dtype for k, w in matrices.items()}
     for w in matrices.values():
         w.data = w.data.to(getattr(torch, precision))
@@ -141,6 +141,13 @@ def _save_converted(model: Any, tokenizer: Any, folder: Path, precision: str) ->
 
 
 WEIGHTS = ("auto", "float32", "float16", "bfloat16")
+
+
+def _matrix_modules(model: Any) -> list[Any]:
+    """The modules whose weight `store_half` keeps in a half type: every Linear and Embedding."""
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
 # Output rows upcast at a time by a half-stored Linear: bounds the float32 copy of a 262,144-token output layer
 # (Gemma-3: 671 MB whole) to ~16k rows.
 _ROWS = 16384
@@ -193,11 +200,11 @@ def _half_linear() -> Any:
     return HalfLinear
 
 
-def store_half(model: Any, dtype: str) -> int:
+def store_half(model: Any, dtype: str) -> None:
     """Keep every Linear and Embedding weight of `model` in `dtype` ("float16" or "bfloat16") and compute in
     float32 (or the autocast type): each module upcasts its weight when it runs, so float32 weights never exist
     for more than one module (one block of rows) at a time. The outputs equal float32 storage's when the weights
-    are exactly representable in `dtype` (an F16 GGUF in float16). Returns the bytes the weights now take."""
+    are exactly representable in `dtype` (an F16 GGUF in float16)."""
     import types
 
     import torch
@@ -205,8 +212,6 @@ def store_half(model: Any, dtype: str) -> int:
 
     half = getattr(torch, dtype)
     fn = _half_linear()
-    done: set[int] = set()
-    total = 0
 
     def linear(self: Any, x: Any) -> Any:
         return fn.apply(x, self.weight, self.bias)
@@ -217,15 +222,9 @@ def store_half(model: Any, dtype: str) -> int:
         scale = getattr(self, "embed_scale", None)  # Gemma's scaled embedding multiplies after the lookup
         return out if scale is None else out * scale.float()
 
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
-            w = module.weight
-            if id(w) not in done:  # a tied output layer shares the embedding's Parameter
-                w.data = w.data.to(half)
-                done.add(id(w))
-                total += w.numel() * w.element_size()
-            module.forward = types.MethodType(linear if isinstance(module, torch.nn.Linear) else embedding, module)
-    return total
+    for module in _matrix_modules(model):
+        module.weight.data = module.weight.data.to(half)  # a no-op for a tied output layer's shared Parameter
+        module.forward = types.MethodType(linear if isinstance(module, torch.nn.Linear) else embedding, module)
 
 
 def store_float32(modules: Any) -> None:
@@ -233,7 +232,7 @@ def store_float32(modules: Any) -> None:
     import torch
 
     for module in modules:
-        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):  # the modules of `_matrix_modules`
             module.weight.data = module.weight.data.float()
             module.__dict__.pop("forward", None)
 
@@ -241,10 +240,9 @@ def store_float32(modules: Any) -> None:
 def _small_tensors_float32(model: Any, folder: Path) -> None:
     """Give every parameter that `store_half` leaves in float32 (norms, biases) its checkpoint value in float32:
     a model loaded in a half type has them rounded. Raises when the checkpoint lacks one."""
-    import torch
     from safetensors import safe_open
 
-    halves = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)}
+    halves = {id(m.weight) for m in _matrix_modules(model)}
     wanted = {n: p for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in halves}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -284,7 +282,8 @@ class FullPrecisionModel:
             folder = str(source)  # a local HF folder, or a hub id for online users
         if weights not in WEIGHTS:
             raise PydetoxError(f"weights is one of {', '.join(WEIGHTS)}; got {weights!r}")
-        self.weights = source_precision(source) if weights == "auto" else weights
+        native = source_precision(source)
+        self.weights = native if weights == "auto" else weights
         # Loaded straight in the half type from a local checkpoint (no float32 copy of the whole model on the way),
         # then the small tensors (norms, biases) read again in float32; a GGUF's first conversion, or a hub id, loads
         # in float32 and converts after.
@@ -301,7 +300,7 @@ class FullPrecisionModel:
             if direct:
                 _small_tensors_float32(self.model, Path(folder))
         if converted is not None and "gguf_file" in kwargs:
-            _save_converted(self.model, self.tokenizer, converted, source_precision(path))
+            _save_converted(self.model, self.tokenizer, converted, native)
         self.source = str(source)
         self.device = "cpu"
         self.to(resolve_device(device))
@@ -345,6 +344,23 @@ class FullPrecisionModel:
     def output_source(self) -> str | None:
         """Where llama.cpp finds the output layer of a tied model: the token embedding."""
         return _name(T.TOKEN_EMBD) if self.tied else None
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        """(vocab, d) of the output layer, without the float32 copy `unembedding` makes of a half-stored one."""
+        rows, cols = self.model.get_output_embeddings().weight.shape  # type: ignore[no-untyped-call]
+        return int(rows), int(cols)
+
+    def padded(self, seqs: list[list[int]]) -> tuple[Any, Any]:
+        """Token sequences as (input_ids, attention_mask) on the model's device, right-padded with the pad token."""
+        torch = self.torch
+        n = max(len(s) for s in seqs)
+        inp = torch.full((len(seqs), n), self.tokenizer.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(seqs), n), dtype=torch.long)
+        for k, s in enumerate(seqs):
+            inp[k, : len(s)] = torch.tensor(s)
+            att[k, : len(s)] = 1
+        return inp.to(self.device), att.to(self.device)
 
     def unembedding(self) -> Any:
         """(vocab, d) float32 tensor of the output layer (a copy when the weights are kept in a half type)."""

@@ -174,13 +174,7 @@ class _Hidden:
 
     def run(self, batch_ids: list[list[int]]) -> tuple[list[Any], list[Any]]:
         torch = self.fp.torch
-        n = max(len(x) for x in batch_ids)
-        pad = self.fp.tokenizer.pad_token_id
-        inp = torch.full((len(batch_ids), n), pad, dtype=torch.long)
-        att = torch.zeros((len(batch_ids), n), dtype=torch.long)
-        for k, ids in enumerate(batch_ids):
-            inp[k, : len(ids)] = torch.tensor(ids)
-            att[k, : len(ids)] = 1
+        inp, att = self.fp.padded(batch_ids)
         self.captured.clear()
         with torch.no_grad():
             logits = self.fp.model(input_ids=inp, attention_mask=att).logits.float()
@@ -267,7 +261,7 @@ def _collect(hidden: _Hidden, seqs: list[list[int]], spell: _Spelling, bad: set[
     states and log-sum-exp at every other position of the sequences that have a mark (the KL keeps the edit from
     raising tokens there: without it greedy decoding fell into loops of raised pieces such as 'vag' + 'gy')."""
     torch = hidden.fp.torch
-    d = hidden.fp.unembedding().shape[1]
+    d = hidden.fp.output_shape[1]
     marked = [(k, spell.marks(ids, bad)) for k, ids in enumerate(seqs)]
     marked = [(k, m) for k, m in marked if m]
     hs, ls, sets = [torch.zeros(0, d)], [torch.zeros(0)], []

@@ -90,7 +90,7 @@ def banned_tokens(ctx: Context, p: WordFilterParams) -> tuple[np.ndarray, dict[s
     from pydetox.splits import evaluation_prompts, training_wiki
 
     tok = ctx.fp.tokenizer
-    vocab = ctx.fp.unembedding().shape[0]
+    vocab = ctx.fp.output_shape[0]
     strings = token_strings(ctx)
     pieces = [str(t) for t in tok.convert_ids_to_tokens(list(range(min(len(tok), vocab))))]
     listed_mask = badword_token_mask(ctx, strings, vocab)

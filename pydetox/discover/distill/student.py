@@ -54,15 +54,8 @@ def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
     the order of `seqs`. `head` (n, d): output-layer rows to compute the logits with, the log-softmax then being over
     those n tokens only (a restricted vocabulary, see `vocab`); None: the whole output layer."""
     torch = ctx.fp.torch
-    n = max(len(s) for s in seqs)
-    pad = ctx.fp.tokenizer.pad_token_id
-    inp = torch.full((len(seqs), n), pad, dtype=torch.long)
-    att = torch.zeros((len(seqs), n), dtype=torch.long)
-    for k, s in enumerate(seqs):
-        inp[k, : len(s)] = torch.tensor(s)
-        att[k, : len(s)] = 1
     model = ctx.fp.model
-    inp, att = inp.to(ctx.fp.device), att.to(ctx.fp.device)
+    inp, att = ctx.fp.padded(seqs)
     hidden = model.model(input_ids=inp, attention_mask=att).last_hidden_state  # after the final norm
     rows = torch.cat([hidden[k, : len(s) - 1] for k, s in enumerate(seqs)])  # no padded positions through the head
     # the whole output layer through its module: a weight kept in a half type is upcast a block of rows at a time
@@ -111,7 +104,7 @@ def _restricted_vocab(ctx: Context, size: int, targets: list[_Targets], clean: l
     rng = np.random.default_rng(seed)
     seqs = [toxic.seqs[int(i)] for i in rng.permutation(len(toxic))[: sample // 2]]
     seqs += [clean[int(i)] for i in rng.permutation(len(clean))[: sample // 2]]
-    mass = np.zeros(ctx.fp.unembedding().shape[0])
+    mass = np.zeros(ctx.fp.output_shape[0])
     with torch.no_grad():
         for s in tqdm(range(0, len(seqs), batch), desc="vocab: unedited mass", leave=False, disable=not ctx.progress):
             mass += _forward(ctx, seqs[s : s + batch]).exp().sum(0).double().cpu().numpy()
@@ -176,9 +169,9 @@ def _eog_directions(ctx: Context, source: Path) -> Any:
         eog = [t for t in special if rt.is_eog(int(t))]
     if not eog:
         raise PydetoxError(f"distill: eog_free, but no special token of {source.name} ends a generation in llama.cpp")
-    w = ctx.fp.unembedding().double()
+    w = ctx.fp.model.get_output_embeddings().weight.detach()  # as stored: no float64 copy of the whole layer
     gamma = torch.from_numpy(final_gain(ctx)).to(w.device)
-    rows = (w[eog] - w.mean(0)) * gamma
+    rows = (w[eog].double() - w.sum(0, dtype=torch.float64) / w.shape[0]) * gamma
     q, _ = torch.linalg.qr(rows.T)
     return q.to(torch.float32)
 
@@ -194,7 +187,7 @@ class _Student:
             ctx, p, bf16, toxic, clean_seqs, clean, gen)
         self.torch = ctx.fp.torch
         self.lora = _LoRA(ctx, layers, p.rank, p.seed if p.train_seed < 0 else p.train_seed)
-        self.n_vocab = int(ctx.fp.unembedding().shape[0])
+        self.n_vocab = ctx.fp.output_shape[0]
         self.vocab: _Vocab | None = None
         if 0 < p.vocab < self.n_vocab:
             with bf16:
