@@ -82,29 +82,6 @@ const float* gain_ptr(const F32* gain, int64_t k) {
     return gain->data();
 }
 
-py::dict stats_dict(const pydetox::TensorStats& st) {
-    py::dict d;
-    d["dequantize_s"] = st.dequantize_s;
-    d["edit_s"] = st.edit_s;
-    d["quantize_s"] = st.quantize_s;
-    d["verify_s"] = st.verify_s;
-    d["write_s"] = st.write_s;
-    d["norm_orig"] = st.norm_orig;
-    d["norm_delta"] = st.norm_delta;
-    d["norm_edited"] = st.norm_edited;
-    d["norm_quant_err"] = st.norm_quant_err;
-    py::list ops;
-    for (const auto& o : st.ops) {
-        py::dict od;
-        od["removed"] = o.removed;
-        od["survived_f32"] = o.survived_f32;
-        od["survived"] = o.survived;
-        ops.append(od);
-    }
-    d["ops"] = ops;
-    return d;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -114,6 +91,35 @@ PYBIND11_MODULE(_core, m) {
     // registered second, so it is tried first for an IoError (pybind11 tries translators newest first)
     py::register_exception<pydetox::IoError>(m, "NativeIOError", errors.attr("OutputError"));
     m.def("release_workspace", &pydetox::release_workspace);
+
+    // The edit kinds and the per-tensor measurements, bound once so that Python never copies their numbers.
+    py::enum_<pydetox::OpKind>(m, "OpKind", "An edit kind of the tensor pipeline (pydetox.plan.EditKind, by name).")
+        .value("PROJECT_OUT", pydetox::OpKind::ProjectOut)
+        .value("PROJECT_IN", pydetox::OpKind::ProjectIn)
+        .value("LOW_RANK", pydetox::OpKind::LowRank)
+        .value("SCALE_ROWS", pydetox::OpKind::ScaleRows)
+        .value("SCALE_COLS", pydetox::OpKind::ScaleCols)
+        .value("ADD_ROWS", pydetox::OpKind::AddRows);
+    py::class_<pydetox::OpStats>(m, "OpStats",
+                                 "For a projection: removed = ||(1 - g) P W0||; survived_f32 / survived = ||P W' - g "
+                                 "P W0|| before / after requantization. Zeros for other kinds.")
+        .def_readonly("removed", &pydetox::OpStats::removed)
+        .def_readonly("survived_f32", &pydetox::OpStats::survived_f32)
+        .def_readonly("survived", &pydetox::OpStats::survived);
+    py::class_<pydetox::TensorStats>(m, "TensorStats",
+                                     "One tensor through process_tensor: stage times in seconds and norms (the "
+                                     "dequantized input, the edit in float, the edited tensor, the requantization "
+                                     "error).")
+        .def_readonly("dequantize_s", &pydetox::TensorStats::dequantize_s)
+        .def_readonly("edit_s", &pydetox::TensorStats::edit_s)
+        .def_readonly("quantize_s", &pydetox::TensorStats::quantize_s)
+        .def_readonly("verify_s", &pydetox::TensorStats::verify_s)
+        .def_readonly("write_s", &pydetox::TensorStats::write_s)
+        .def_readonly("norm_orig", &pydetox::TensorStats::norm_orig)
+        .def_readonly("norm_delta", &pydetox::TensorStats::norm_delta)
+        .def_readonly("norm_edited", &pydetox::TensorStats::norm_edited)
+        .def_readonly("norm_quant_err", &pydetox::TensorStats::norm_quant_err)
+        .def_readonly("ops", &pydetox::TensorStats::ops);
 
     m.def("load_ggml", &pydetox::ggml::load, py::arg("path"));
     m.def("ggml_loaded", &pydetox::ggml::loaded);
@@ -254,8 +260,11 @@ PYBIND11_MODULE(_core, m) {
                 auto t = item.cast<py::tuple>();
                 if (t.size() != 4) throw Error("process_tensor: each op is (kind, a, b, gain)");
                 pydetox::Op op;
-                const int kind = t[0].cast<int>();
-                op.kind = static_cast<pydetox::OpKind>(kind);
+                if (!py::isinstance<pydetox::OpKind>(t[0])) {
+                    throw Error("process_tensor: an op's kind must be a pydetox._core.OpKind, got " +
+                                std::string(py::str(py::type::of(t[0]).attr("__name__"))));
+                }
+                op.kind = t[0].cast<pydetox::OpKind>();
                 auto arr = [&](py::handle h) -> const F32* {
                     if (h.is_none()) return nullptr;
                     keep.push_back(F32::ensure(h));
@@ -292,7 +301,7 @@ PYBIND11_MODULE(_core, m) {
                         op.b = b->data();
                         break;
                     default:
-                        throw Error("process_tensor: unknown op kind " + std::to_string(kind));
+                        throw Error("process_tensor: unknown op kind " + std::to_string(static_cast<int>(op.kind)));
                 }
                 op.a = a->data();
                 if (g != nullptr) {
@@ -322,7 +331,7 @@ PYBIND11_MODULE(_core, m) {
                     pydetox::write_all(out_fd, dst, out_bytes, out_offset);
                     st.write_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
                 }
-                return py::tuple(py::make_tuple(py::none(), stats_dict(st)));
+                return py::tuple(py::make_tuple(py::none(), st));
             }
             U8 out(static_cast<py::ssize_t>(out_bytes));
             uint8_t* dst = out.mutable_data();
@@ -331,7 +340,7 @@ PYBIND11_MODULE(_core, m) {
                 st = pydetox::process_tensor(src.data(), src_type, rows, cols, native, dst_type, im, dst, threads,
                                              verify);
             }
-            return py::tuple(py::make_tuple(out, stats_dict(st)));
+            return py::tuple(py::make_tuple(out, st));
         },
         py::arg("src"), py::arg("src_type"), py::arg("rows"), py::arg("cols"), py::arg("ops"), py::arg("dst_type"),
         py::arg("imatrix") = py::none(), py::arg("threads") = 1, py::arg("verify") = true, py::arg("out_fd") = -1,

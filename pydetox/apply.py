@@ -351,10 +351,10 @@ def _process(
     except _core.NativeError as exc:
         raise type(exc)(f"tensor {out.name}: {exc}") from None
     for key in ("dequantize", "edit", "quantize", "verify", "write"):
-        timings[key] += st[key + "_s"]
-    if edits and st["norm_orig"] > 0:
-        exact = verify and st["norm_delta"] > 0
-        size = (st["norm_delta"] if exact else abs(st["norm_edited"] - st["norm_orig"])) / st["norm_orig"]
+        timings[key] += getattr(st, key + "_s")
+    if edits and st.norm_orig > 0:
+        exact = verify and st.norm_delta > 0
+        size = (st.norm_delta if exact else abs(st.norm_edited - st.norm_orig)) / st.norm_orig
         if size > max_edit:
             raise PlanError(f"tensor {out.name}: the plan changes it by {size:.3g} times its own norm "
                             f"({'' if exact else 'at least; '}||W_edited - W|| / ||W||), over the bound of {max_edit:g} "
@@ -363,18 +363,18 @@ def _process(
     action = "create" if out.name != entry.name else ("edit" if edits else "requantize")
     report = TensorReport(out.name, action, entry.qtype.name, out.qtype.name, out.n_bytes)
     if edits and verify:
-        delta = st["norm_delta"]
-        report.rel_edit = delta / st["norm_orig"] if st["norm_orig"] > 0 else None
-        report.quant_noise_to_edit = st["norm_quant_err"] / delta if delta > 0 else None
-        for e, s in zip(edits, st["ops"], strict=True):
-            removed = s["removed"]
+        delta = st.norm_delta
+        report.rel_edit = delta / st.norm_orig if st.norm_orig > 0 else None
+        report.quant_noise_to_edit = st.norm_quant_err / delta if delta > 0 else None
+        for e, s in zip(edits, st.ops, strict=True):
+            removed = s.removed
             projection = e.kind.value.startswith("project")
             report.edits.append(
                 EditReport(
                     e.kind.value,
                     e.rank,
-                    s["survived_f32"] / removed if projection and removed > 0 else None,
-                    s["survived"] / removed if projection and removed > 0 else None,
+                    s.survived_f32 / removed if projection and removed > 0 else None,
+                    s.survived / removed if projection and removed > 0 else None,
                 )
             )
     elif edits:

@@ -8,7 +8,7 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,17 @@ class ModelResult:
     base: str | None = None
     degeneration: dict[str, float] = field(default_factory=dict)
     helpfulness: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, prompts: Sequence[str] | None = None) -> dict[str, Any]:
+        """This model's entry of the report JSON: every field, the label defaulting to the file name; the
+        continuations only when `prompts` is given, each beside its prompt."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "continuations"}
+        out["label"] = self.label or Path(self.path).name
+        out["toxicity"] = {name: asdict(stats) for name, stats in self.toxicity.items()}
+        if prompts is not None:
+            out["continuations"] = [{"prompt": p, "continuations": c}
+                                    for p, c in zip(prompts, self.continuations, strict=True)]
+        return out
 
 
 def degeneration(continuations: list[list[str]]) -> dict[str, float]:
@@ -285,30 +296,7 @@ def _chat_template(path: Path) -> str | None:
 
 def report_json(results: list[ModelResult], settings: EvalSettings, prompts: PromptSet, reference: Path | None,
                 scorers: list[Scorer], include_texts: bool = False) -> dict[str, Any]:
-    models = []
-    for r in results:
-        m: dict[str, Any] = {
-            "path": r.path,
-            "label": r.label or Path(r.path).name,
-            "calibrator": r.calibrator,
-            "alpha": r.alpha,
-            "toxicity": {name: asdict(stats) for name, stats in r.toxicity.items()},
-            "perplexity": r.perplexity,
-            "kl": r.kl,
-            "kl_base": r.kl_base,
-            "degeneration": r.degeneration,
-            "helpfulness": r.helpfulness,
-            "base": r.base,
-            "tokens_per_s": r.tokens_per_s,
-            "generated_tokens": r.generated_tokens,
-            "generation_s": r.generation_s,
-            "agreement": r.agreement,
-            "sole": r.sole,
-            "listed": r.listed,
-        }
-        if include_texts:
-            m["continuations"] = [{"prompt": p, "continuations": c} for p, c in zip(prompts.prompts, r.continuations, strict=True)]
-        models.append(m)
+    models = [r.to_json(prompts.prompts if include_texts else None) for r in results]
     return {
         "settings": {
             **asdict(settings),

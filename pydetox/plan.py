@@ -32,7 +32,7 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-from pydetox import __version__, keys
+from pydetox import __version__, _core, keys
 from pydetox.errors import PlanError, PlanMismatchError
 from pydetox.gguf_io import write_small_gguf
 
@@ -68,9 +68,8 @@ class EditKind(str, Enum):
 
 @dataclass(frozen=True)
 class KindSpec:
-    """How one edit kind is checked and handed to the native core."""
+    """How one edit kind is checked. The native core knows it by the same name (`_core.OpKind`)."""
 
-    native_id: int  # pydetox::OpKind
     shapes: Callable[[int, int, int], dict[str, tuple[int, ...]]]  # (rows, cols, k) -> expected array shapes
     orthonormal: bool  # `a` must have orthonormal rows
     takes_gain: bool
@@ -83,12 +82,12 @@ def register_kind(kind: EditKind, spec: KindSpec) -> None:
     EDIT_KINDS[kind] = spec
 
 
-register_kind(EditKind.PROJECT_OUT, KindSpec(0, lambda r, c, k: {"a": (k, r), "gain": (k,)}, True, True))
-register_kind(EditKind.PROJECT_IN, KindSpec(1, lambda r, c, k: {"a": (k, c), "gain": (k,)}, True, True))
-register_kind(EditKind.LOW_RANK, KindSpec(2, lambda r, c, k: {"a": (k, r), "b": (k, c)}, False, False))
-register_kind(EditKind.SCALE_ROWS, KindSpec(3, lambda r, c, k: {"a": (r,)}, False, False))
-register_kind(EditKind.SCALE_COLS, KindSpec(4, lambda r, c, k: {"a": (c,)}, False, False))
-register_kind(EditKind.ADD_ROWS, KindSpec(5, lambda r, c, k: {"a": (k,), "b": (k, c)}, False, False))
+register_kind(EditKind.PROJECT_OUT, KindSpec(lambda r, c, k: {"a": (k, r), "gain": (k,)}, True, True))
+register_kind(EditKind.PROJECT_IN, KindSpec(lambda r, c, k: {"a": (k, c), "gain": (k,)}, True, True))
+register_kind(EditKind.LOW_RANK, KindSpec(lambda r, c, k: {"a": (k, r), "b": (k, c)}, False, False))
+register_kind(EditKind.SCALE_ROWS, KindSpec(lambda r, c, k: {"a": (r,)}, False, False))
+register_kind(EditKind.SCALE_COLS, KindSpec(lambda r, c, k: {"a": (c,)}, False, False))
+register_kind(EditKind.ADD_ROWS, KindSpec(lambda r, c, k: {"a": (k,), "b": (k, c)}, False, False))
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,8 +120,8 @@ class Edit:
             out["gain"] = self.gain
         return out
 
-    def native(self) -> tuple[int, Array, Array | None, Array | None]:
-        return (EDIT_KINDS[self.kind].native_id, self.a, self.b, self.gain)
+    def native(self) -> tuple[_core.OpKind, Array, Array | None, Array | None]:
+        return (_core.OpKind.__members__[self.kind.name], self.a, self.b, self.gain)
 
     def scaled(self, strength: float) -> Edit:
         """The same edit at `strength`: 0 leaves the tensor as it is, 1 is this edit, and between them the change is

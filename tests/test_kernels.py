@@ -149,3 +149,27 @@ def test_quantize_refuses_what_libggml_would_abort_on() -> None:
         K.quantize(np.zeros((2, 256), np.float32), Q.IQ2_XXS)
     raw = K.quantize(np.ones((2, 256), np.float32), Q.IQ2_XXS, imatrix=np.ones(256, np.float32))
     assert raw.size == 2 * gguf.GGML_QUANT_SIZES[Q.IQ2_XXS][1]
+
+
+def test_process_tensor_takes_bound_kinds_and_returns_bound_stats() -> None:
+    """Every plan kind has a native kind of the same name; the stats are the native struct, read by attribute."""
+    from pydetox import _core
+    from pydetox.plan import EditKind
+
+    assert {k.name for k in EditKind} == set(_core.OpKind.__members__)
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((8, 32)).astype(np.float32)
+    basis = np.linalg.qr(rng.standard_normal((8, 2)))[0].T.astype(np.float32)
+    raw = K.quantize(W, Q.F32)
+    out, st = _core.process_tensor(raw, int(Q.F32), 8, 32, [(_core.OpKind.PROJECT_OUT, basis, None, None)],
+                                   int(Q.F32), verify=True)
+    edited = out.view(np.float32).reshape(8, 32)
+    np.testing.assert_allclose(edited, R.project_out(W, basis), rtol=1e-5, atol=1e-5)
+    assert isinstance(st, _core.TensorStats)
+    assert len(st.ops) == 1
+    assert st.norm_orig == pytest.approx(np.linalg.norm(W), rel=1e-5)
+    assert st.norm_delta == pytest.approx(np.linalg.norm(edited - W), rel=1e-4)
+    assert st.ops[0].removed == pytest.approx(np.linalg.norm(basis @ W), rel=1e-4)
+    assert st.ops[0].survived < 1e-4 * st.ops[0].removed
+    with pytest.raises(PydetoxError, match=r"kind must be a pydetox\._core\.OpKind, got int"):
+        _core.process_tensor(raw, int(Q.F32), 8, 32, [(0, basis, None, None)], int(Q.F32))
