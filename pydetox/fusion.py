@@ -175,16 +175,6 @@ def _one_blas_thread() -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _decode_without_outputs(rt: LlamaRuntime, items: list[tuple[int, int, int, bool]]) -> None:
-    """Decode into the KV cache of an embeddings context with embeddings off: with them on, llama.cpp outputs every
-    token of a batch (logits included, vocabulary-wide), and these tokens need no output."""
-    rt.lib.llama_set_embeddings(rt.ctx, False)
-    try:
-        rt._decode([(t, p, q, False) for t, p, q, _ in items])
-    finally:
-        rt.lib.llama_set_embeddings(rt.ctx, True)
-
-
 def _outputs_come_last(items: list[tuple[int, int, int, bool]]) -> bool:
     """True when, in every sequence, the tokens that need no output all precede the ones that do."""
     last_plain: dict[int, int] = {}
@@ -237,32 +227,32 @@ class FusedRuntime(LlamaRuntime):
 
     def _clear(self) -> None:
         super()._clear()
-        self.cal._clear()
+        self.cal.clear()
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
         super()._decode(items)
         rows = [i for i, it in enumerate(items) if it[3]]
         self._rows = {i: r for r, i in enumerate(rows)}
         n = len(rows)
-        lib, cal = self.lib, self.cal
+        cal = self.cal
         # Prompt tokens that need no output go through the calibrator first without embeddings; only the outputs pay
         # for the vocabulary-wide logits.
         if not rows:
-            _decode_without_outputs(cal, items)
+            cal.prefill(items)
             return
         if len(rows) < len(items) and _outputs_come_last(items):
-            _decode_without_outputs(cal, [it for it in items if not it[3]])
-            cal._decode([items[i] for i in rows])
+            cal.prefill([it for it in items if not it[3]])
+            cal.decode([items[i] for i in rows])
             idx = list(range(n))
         else:
-            cal._decode([(t, p, q, True) for t, p, q, _ in items])  # llama.cpp outputs them all anyway
+            cal.decode([(t, p, q, True) for t, p, q, _ in items])  # llama.cpp outputs them all anyway
             idx = rows
-        zt = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n, self.n_vocab))
+        zt = self.target_logits(n)
         zc = np.empty((n, self.n_vocab), np.float32)
         h = np.empty((n, cal.n_embd), np.float32)
         for r, i in enumerate(idx):
-            zc[r] = np.ctypeslib.as_array(lib.llama_get_logits_ith(cal.ctx, i), shape=(self.n_vocab,))
-            h[r] = np.ctypeslib.as_array(lib.llama_get_embeddings_ith(cal.ctx, i), shape=(cal.n_embd,))
+            zc[r] = cal.logits_at(i)
+            h[r] = cal.embedding_at(i)
         self._fused = fuse(zt, zc, h, self.align, self.alpha)
 
     def _output_logits(self, n: int) -> FloatArray:
@@ -276,7 +266,7 @@ class FusedRuntime(LlamaRuntime):
         """`logprobs(tokens)` of the fused model and of the target alone, from one decode: the target's logits stay
         in its own llama.cpp context while the calibrator decodes in another."""
         fused = self.logprobs(tokens)
-        return fused, log_softmax(LlamaRuntime._output_logits(self, len(tokens) - 1))
+        return fused, log_softmax(self.target_logits(len(tokens) - 1))
 
     def _sample(self, chain: Any, i: int) -> int:
         cand = self._cand
@@ -320,17 +310,16 @@ class FusionLogitsProcessor:
             if a != b:
                 break
             keep += 1
-        lib = self.cal.lib
         if keep < len(self.seen):
-            lib.llama_memory_seq_rm(lib.llama_get_memory(self.cal.ctx), 0, keep, -1)
+            self.cal.forget_from(0, keep)
             self.seen = self.seen[:keep]
         for start in range(keep, len(ids) - 1, self.cal.n_batch):  # all but the last token: no output needed
             chunk = ids[start : min(start + self.cal.n_batch, len(ids) - 1)]
-            _decode_without_outputs(self.cal, [(t, start + j, 0, False) for j, t in enumerate(chunk)])
-        self.cal._decode([(ids[-1], len(ids) - 1, 0, True)])
+            self.cal.prefill([(t, start + j, 0, False) for j, t in enumerate(chunk)])
+        self.cal.decode([(ids[-1], len(ids) - 1, 0, True)])
         self.seen = ids
-        zc = np.ctypeslib.as_array(lib.llama_get_logits(self.cal.ctx), shape=(1, self.cal.n_vocab))
-        h = np.ctypeslib.as_array(lib.llama_get_embeddings(self.cal.ctx), shape=(1, self.cal.n_embd))
+        zc = self.cal.logits(1)
+        h = self.cal.embeddings(1)
         fused = fuse(np.asarray(scores, np.float32)[None, :], zc, h, self.align, self.alpha)[0]
         result: npt.NDArray[np.single] = fused.astype(scores.dtype, copy=False)
         return result

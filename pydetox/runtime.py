@@ -121,6 +121,7 @@ class LlamaRuntime:
         cparams.kv_unified = True
         cparams.n_threads = cparams.n_threads_batch = threads or default_threads()
         cparams.no_perf = True
+        self.embeddings_on = embeddings
         if embeddings:
             # Final hidden states (after the output norm) of every output token, next to its logits. A causal LM
             # has no pooling type of its own, which llama.cpp resolves to NONE (asking for NONE explicitly only
@@ -329,6 +330,30 @@ class LlamaRuntime:
         """(n, n_embd) float32 copy of the final hidden states of the last decode's `n` output rows (a runtime made
         with embeddings=True)."""
         return np.ctypeslib.as_array(self.lib.llama_get_embeddings(self.ctx), shape=(n, self.n_embd)).copy()
+
+    def prefill(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """Decode tokens that need no output into the KV cache (their wants-output flags are ignored). On a runtime
+        made with embeddings=True, embeddings are off for this batch: with them on, llama.cpp outputs every token of
+        a batch, vocabulary-wide logits included."""
+        if self.embeddings_on:
+            self.lib.llama_set_embeddings(self.ctx, False)
+        try:
+            self.decode([(t, p, q, False) for t, p, q, _ in items])
+        finally:
+            if self.embeddings_on:
+                self.lib.llama_set_embeddings(self.ctx, True)
+
+    def logits_at(self, i: int) -> np.ndarray:
+        """(n_vocab,) logits of item `i` of the last decode (llama.cpp's `idx`; a view, valid until the next decode)."""
+        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+
+    def embedding_at(self, i: int) -> np.ndarray:
+        """(n_embd,) final hidden state of item `i` of the last decode (embeddings=True; a view as `logits_at`)."""
+        return np.ctypeslib.as_array(self.lib.llama_get_embeddings_ith(self.ctx, i), shape=(self.n_embd,))
+
+    def forget_from(self, seq: int, pos: int) -> None:
+        """Drop sequence `seq`'s cached context from position `pos` on (the KV cache keeps positions < pos)."""
+        self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx), seq, pos, -1)
 
     def copy_sequence(self, src: int, dst: int) -> None:
         """Give sequence `dst` the whole cached context of sequence `src` (a fork: both continue from there)."""
