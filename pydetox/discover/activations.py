@@ -47,7 +47,7 @@ def collect(fp: FullPrecisionModel, texts: list[str], *, max_tokens: int = 64, b
                 out = fp.model.base_model(**enc, output_hidden_states=True)  # no output layer: no logits
                 mask = enc["attention_mask"].to(torch.float64)
                 if skip_first:
-                    # The first position carries the "attention sink" and its massive activations (FINDINGS.md);
+                    # The first position carries the "attention sink" and its massive activations;
                     # it says nothing about the text's toxicity.
                     mask[:, 0] = 0
                     mask[mask.sum(1) == 0, 0] = 1

@@ -140,7 +140,7 @@ def override(defaults: Any, overrides: dict[str, str], owner: str) -> Any:
 def massive_dims(ctx: Context, factor: float = 20.0) -> npt.NDArray[np.int64]:
     """Residual-stream channels with "massive activations" (Sun et al., 2024): mean |activation| over the neutral
     texts more than `factor` times the median channel in some layer. They dominate any raw difference of hidden
-    states (shared/FINDINGS.md: dims 247, 507, 17 on SmolLM2) and must not be projected out."""
+    states (dims 247, 507, 17 on SmolLM2) and must not be projected out: removing them breaks the model."""
     dims: set[int] = set()
     for layer in ctx.neutral.residual_mean:
         mag = np.abs(layer).mean(axis=0)

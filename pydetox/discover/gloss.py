@@ -6,7 +6,7 @@ unembedding, and kept when enough of its top tokens are bad words (an LDNOOBW li
 layers, weighted by their singular values, are decomposed again (PCA); the top `rank` components are the global
 toxic subspace, projected out of the down-projections of the chosen layers (`project_out` of ffn_down).
 
-Deviation from a naive implementation, after shared/FINDINGS.md: residual channels with massive activations are
+Deviation from a naive implementation (see `base.massive_dims`): residual channels with massive activations are
 zeroed in the differences before any decomposition, so the subspace never contains them (removing them breaks the
 model), and the first token of each text (the attention sink) is left out of the pooling.
 

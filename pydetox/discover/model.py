@@ -4,7 +4,8 @@ Sources: a local Hugging Face folder or a hub id (transformers), or a GGUF file 
 transformers' GGUF loader (the bundled models ship only as GGUF). One registry maps each architecture's torch
 modules to GGUF tensor names (llama.cpp `convert_hf_to_gguf.py` names). Only matrices whose edited side is not
 permuted by the converter are named here: llama.cpp permutes the rows of q_proj/k_proj, but ffn_down and the output
-layer line up with the HF weights directly (measured in shared/FINDINGS.md).
+layer line up with the HF weights directly (SmolLM2: the dequantized blk.L.ffn_down.weight, (576, 1536), equals
+torch's down_proj weight exactly).
 """
 
 from __future__ import annotations

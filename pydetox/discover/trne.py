@@ -2,8 +2,8 @@
 budget.
 
 The neurons are localized as in `meow2x` (early layers, largest standardized toxic-minus-neutral difference).
-Per edited layer, u is the mean toxic-minus-neutral FFN output direction (massive-activation channels zeroed,
-shared/FINDINGS.md); each chosen neuron's column w_j of the down-projection loses its component along u,
+Per edited layer, u is the mean toxic-minus-neutral FFN output direction (massive-activation channels zeroed, as
+`base.massive_dims` explains); each chosen neuron's column w_j of the down-projection loses its component along u,
 w_j <- w_j - (u . w_j) u, which for the layer is the rank-one update W <- W - u (u^T W M) (M selects the chosen
 columns), stored as a `low_rank` edit. The update is scaled down when needed so that its Frobenius norm stays within
 `max_norm_ratio` of the chosen columns' norm: the "norm-constrained" part, which bounds the damage to fluency.
