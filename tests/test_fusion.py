@@ -423,6 +423,49 @@ def test_restricted_vocabulary_log_probabilities_are_the_full_ones_renormalised(
     torch.testing.assert_close(part, torch.log_softmax(full[:, keep], -1), atol=1e-5, rtol=0)
 
 
+def test_distill_loss_over_blocks_of_positions_equals_the_whole_batch_loss_and_gradient(
+        trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The student's KL computed a block of positions at a time, each block recomputed in the backward pass, gives
+    the loss and the update's gradients of one pass over the whole batch."""
+    import types
+
+    import torch
+
+    from pydetox.discover.distill import student
+    from pydetox.discover.distill.teacher import _Targets, _top
+    from pydetox.discover.model import FullPrecisionModel
+
+    fp = FullPrecisionModel(trained[0], progress=False)
+    ctx = types.SimpleNamespace(fp=fp)
+    seqs = [[1, 260, 261, 262, 263, 264, 265], [1, 266, 267], [1, 268, 269, 270, 271]]
+    rng = np.random.default_rng(0)
+    logits = [2 * rng.standard_normal((len(q) - 1, 275)) for q in seqs]
+    parts = [_top((z - np.log(np.exp(z).sum(1, keepdims=True))).astype(np.float32), 8) for z in logits]
+    t = _Targets(seqs, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], np.arange(3))
+    lora = student._LoRA(ctx, [0, 1], 4, seed=1)  # type: ignore[arg-type]
+    with torch.no_grad():
+        for b in lora.B:
+            b.normal_(0, 0.1)
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for q in lora.params():
+            q.grad = None
+        kl = student._batch_kl(ctx, t, [0, 1, 2])  # type: ignore[arg-type]
+        kl.mean().backward()
+        return kl.detach(), [q.grad.clone() for q in lora.params()]
+
+    whole, g_whole = loss_and_grads()
+    monkeypatch.setattr(student, "_LOSS_BLOCK_FLOATS", 3 * 275)  # 3 positions a block: 4 blocks of the 12
+    assert student._loss_rows(275) == 3
+    blocks, g_blocks = loss_and_grads()
+    assert whole.shape == (12,)
+    torch.testing.assert_close(blocks, whole, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_blocks, g_whole, strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+    lora.close()
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 def test_the_step_interface_forks_a_sequence_like_decoding_it_again(trained: tuple[Path, Path], fused: bool) -> None:
     """decode / copy_sequence / logits / target_logits / clear, as discovery drives them: a sequence forked after

@@ -49,21 +49,40 @@ class _LoRA:
             h.remove()
 
 
-def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
-    """log-softmax of the model's logits at every position but the last of each sequence, (n_positions, vocab), in
-    the order of `seqs`. `head` (n, d): output-layer rows to compute the logits with, the log-softmax then being over
-    those n tokens only (a restricted vocabulary, see `vocab`); None: the whole output layer."""
+def _hidden(ctx: Context, seqs: list[list[int]]) -> Any:
+    """The final (normalised) hidden states at every position but the last of each sequence, (n_positions, d), in
+    the order of `seqs`; padded positions never reach the output layer."""
+    inp, att = ctx.fp.padded(seqs)
+    hidden = ctx.fp.model.model(input_ids=inp, attention_mask=att).last_hidden_state  # after the final norm
+    return ctx.fp.torch.cat([hidden[k, : len(s) - 1] for k, s in enumerate(seqs)])
+
+
+def _log_softmax(ctx: Context, rows: Any, head: Any = None) -> Any:
+    """log-softmax of the logits of hidden states `rows`. `head` (n, d): output-layer rows to compute the logits
+    with, the log-softmax then being over those n tokens only (a restricted vocabulary, see `vocab`); None: the
+    whole output layer, through its module (a weight kept in a half type is upcast a block of rows at a time)."""
     torch = ctx.fp.torch
     model = ctx.fp.model
-    inp, att = ctx.fp.padded(seqs)
-    hidden = model.model(input_ids=inp, attention_mask=att).last_hidden_state  # after the final norm
-    rows = torch.cat([hidden[k, : len(s) - 1] for k, s in enumerate(seqs)])  # no padded positions through the head
-    # the whole output layer through its module: a weight kept in a half type is upcast a block of rows at a time
     logits = model.get_output_embeddings()(rows) if head is None else rows @ head.T
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
+    """`_log_softmax` at every position but the last of each sequence, (n_positions, vocab)."""
+    return _log_softmax(ctx, _hidden(ctx, seqs), head)
+
+
+# Vocabulary-wide floats one block of positions may hold in the loss: the logits, their log-softmax and its gradient
+# exist for one block at a time (recomputed in the backward pass), so a step's memory does not grow with
+# positions x vocabulary (Qwen2.5's 151,936 tokens: 0.6 MB a position).
+_LOSS_BLOCK_FLOATS = 1 << 26
+
+
+def _loss_rows(n_vocab: int) -> int:
+    return max(1, _LOSS_BLOCK_FLOATS // n_vocab)
 
 
 def _kl(lq: Any, ids: Any, lp: Any, rest: Any) -> Any:
@@ -113,15 +132,31 @@ def _restricted_vocab(ctx: Context, size: int, targets: list[_Targets], clean: l
 
 
 def _batch_kl(ctx: Context, t: _Targets, pick: list[int], vocab: _Vocab | None = None) -> Any:
-    import torch
+    """KL(target || model) per position of the picked sequences. The output layer and the loss run over blocks of
+    positions (`_LOSS_BLOCK_FLOATS`); with gradients on, each block is recomputed in the backward pass instead of
+    its vocabulary-wide activations being kept."""
+    torch = ctx.fp.torch
+    from torch.utils.checkpoint import checkpoint
 
-    seqs = [t.seqs[i] for i in pick]
-    lq = _forward(ctx, seqs, None if vocab is None else vocab.head)
+    rows = _hidden(ctx, [t.seqs[i] for i in pick])
+    head = None if vocab is None else vocab.head
     full = np.concatenate([t.ids[i] for i in pick])
-    ids = torch.from_numpy(full if vocab is None else vocab.ids(full)).to(lq.device)
-    lp = torch.from_numpy(np.concatenate([t.logp[i] for i in pick])).to(lq.device)
-    rest = torch.from_numpy(np.concatenate([t.rest[i] for i in pick])).to(lq.device)
-    return _kl(lq, ids, lp, rest)
+    ids = torch.from_numpy(full if vocab is None else vocab.ids(full)).to(rows.device)
+    lp = torch.from_numpy(np.concatenate([t.logp[i] for i in pick])).to(rows.device)
+    rest = torch.from_numpy(np.concatenate([t.rest[i] for i in pick])).to(rows.device)
+
+    def block(r: Any, i: Any, p: Any, q: Any) -> Any:
+        return _kl(_log_softmax(ctx, r, head), i, p, q)
+
+    size = _loss_rows(ctx.fp.output_shape[0] if head is None else head.shape[0])
+    if rows.shape[0] <= size:
+        return block(rows, ids, lp, rest)
+    recompute = torch.is_grad_enabled() and rows.requires_grad
+    parts = []
+    for s in range(0, rows.shape[0], size):
+        args = (rows[s : s + size], ids[s : s + size], lp[s : s + size], rest[s : s + size])
+        parts.append(checkpoint(block, *args, use_reentrant=False) if recompute else block(*args))
+    return torch.cat(parts)
 
 
 def _full_kl(ctx: Context, lora: _LoRA, seqs: list[list[int]], vocab: _Vocab | None = None) -> Any:
