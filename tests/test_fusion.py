@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -423,10 +424,12 @@ def test_restricted_vocabulary_log_probabilities_are_the_full_ones_renormalised(
     torch.testing.assert_close(part, torch.log_softmax(full[:, keep], -1), atol=1e-5, rtol=0)
 
 
-def test_distill_loss_over_blocks_of_positions_equals_the_whole_batch_loss_and_gradient(
-        trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The student's KL computed a block of positions at a time, each block recomputed in the backward pass, gives
-    the loss and the update's gradients of one pass over the whole batch."""
+@pytest.mark.parametrize(("cap", "restricted"), [(None, False), (None, True), (5.0, False)],
+                         ids=["whole", "restricted", "softcap"])
+def test_distill_loss_in_closed_form_over_blocks_equals_autograd_through_the_log_softmax(
+        trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, cap: float | None, restricted: bool) -> None:
+    """The student's KL with its gradient computed in closed form a block of positions at a time gives the loss and
+    the update's gradients of autograd through the whole batch's log-softmax (`_kl(_forward(...))`)."""
     import types
 
     import torch
@@ -436,33 +439,47 @@ def test_distill_loss_over_blocks_of_positions_equals_the_whole_batch_loss_and_g
     from pydetox.discover.model import FullPrecisionModel
 
     fp = FullPrecisionModel(trained[0], progress=False)
+    monkeypatch.setattr(fp.model.config, "final_logit_softcapping", cap, raising=False)
     ctx = types.SimpleNamespace(fp=fp)
     seqs = [[1, 260, 261, 262, 263, 264, 265], [1, 266, 267], [1, 268, 269, 270, 271]]
+    keep = torch.tensor([2, 5, 100, 259, *range(260, 275)])
+    vocab = types.SimpleNamespace(head=fp.unembedding()[keep], ids=lambda i: np.searchsorted(keep.numpy(), i))
+    n_vocab = len(keep) if restricted else 275
     rng = np.random.default_rng(0)
-    logits = [2 * rng.standard_normal((len(q) - 1, 275)) for q in seqs]
-    parts = [_top((z - np.log(np.exp(z).sum(1, keepdims=True))).astype(np.float32), 8) for z in logits]
-    t = _Targets(seqs, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], np.arange(3))
+    logits = [2 * rng.standard_normal((len(q) - 1, n_vocab)) for q in seqs]
+    parts = [_top((z - np.log(np.exp(z).sum(1, keepdims=True))).astype(np.float32), 6) for z in logits]
+    ids = [keep.numpy()[p[0]] if restricted else p[0] for p in parts]  # targets name full-vocabulary ids
+    t = _Targets(seqs, ids, [p[1] for p in parts], [p[2] for p in parts], np.arange(3))
     lora = student._LoRA(ctx, [0, 1], 4, seed=1)  # type: ignore[arg-type]
     with torch.no_grad():
         for b in lora.B:
             b.normal_(0, 0.1)
+    v = vocab if restricted else None
 
-    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def loss_and_grads(kl_of: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         for q in lora.params():
             q.grad = None
-        kl = student._batch_kl(ctx, t, [0, 1, 2])  # type: ignore[arg-type]
-        kl.mean().backward()
+        kl = kl_of()
+        (kl * torch.linspace(0.5, 1.5, len(kl))).sum().backward()  # a different weight per position
         return kl.detach(), [q.grad.clone() for q in lora.params()]
 
-    whole, g_whole = loss_and_grads()
-    monkeypatch.setattr(student, "_LOSS_BLOCK_FLOATS", 3 * 275)  # 3 positions a block: 4 blocks of the 12
-    assert student._loss_rows(275) == 3
-    blocks, g_blocks = loss_and_grads()
-    assert whole.shape == (12,)
-    torch.testing.assert_close(blocks, whole, atol=1e-6, rtol=1e-5)
-    for a, b in zip(g_blocks, g_whole, strict=True):
+    def reference() -> torch.Tensor:
+        lq = student._forward(ctx, seqs, None if v is None else v.head)  # type: ignore[arg-type]
+        full = np.concatenate(ids)
+        idx = torch.from_numpy(full if v is None else v.ids(full))
+        return student._kl(lq, idx, torch.from_numpy(np.concatenate(t.logp)), torch.from_numpy(np.concatenate(t.rest)))
+
+    want, g_want = loss_and_grads(reference)
+    monkeypatch.setattr(student, "_LOSS_BLOCK_FLOATS", 3 * n_vocab)  # 3 positions a block: 4 blocks of the 12
+    assert student._loss_rows(n_vocab) == 3
+    got, g_got = loss_and_grads(lambda: student._batch_kl(ctx, t, [0, 1, 2], v))  # type: ignore[arg-type]
+    assert want.shape == (12,)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_got, g_want, strict=True):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(student._batch_kl(ctx, t, [0, 1, 2], v), want, atol=1e-6, rtol=1e-5)  # type: ignore[arg-type]
     lora.close()
 
 

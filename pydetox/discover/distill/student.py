@@ -75,14 +75,93 @@ def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
     return _log_softmax(ctx, _hidden(ctx, seqs), head)
 
 
-# Vocabulary-wide floats one block of positions may hold in the loss: the logits, their log-softmax and its gradient
-# exist for one block at a time (recomputed in the backward pass), so a step's memory does not grow with
-# positions x vocabulary (Qwen2.5's 151,936 tokens: 0.6 MB a position).
-_LOSS_BLOCK_FLOATS = 1 << 26
+# Vocabulary-wide floats one block of positions holds in the student's loss (64 MB): the loss and its gradient are
+# computed a block at a time, so a step's memory does not grow with positions x vocabulary (Qwen2.5's 151,936
+# tokens: 0.6 MB a position, three such arrays per position in a plain autograd pass).
+_LOSS_BLOCK_FLOATS = 1 << 24
+_HEAD_ROWS = 16384  # output-layer rows upcast at a time from a half type
 
 
 def _loss_rows(n_vocab: int) -> int:
     return max(1, _LOSS_BLOCK_FLOATS // n_vocab)
+
+
+def _head_kl_blocks(x: Any, weight: Any, bias: Any, cap: float | None, ids: Any, lp: Any, rest: Any,
+                    with_grad: bool) -> tuple[Any, Any]:
+    """`_kl` of the output layer's log-softmax at hidden states `x` (n, d), a block of positions at a time, and
+    with `with_grad` its gradient with respect to `x` per position (n, d), computed in closed form in the same pass:
+    for logits z, q = softmax(z), the top-k set T with target p_i, the rest r = p_rest, S = sum_T q_i, and
+    c = r / (1 - S), dKL/dz_j = q_j (sum_T p_i - c S) + [j in T] (c q_j - p_j); a softcap z = cap tanh(y / cap)
+    multiplies it by 1 - (z / cap)^2. Nothing vocabulary-wide outlives its block."""
+    import torch
+
+    n, dim = x.shape
+    vocab = weight.shape[0]
+    mm = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else torch.float32
+    chunks = [(i, weight[i : i + _HEAD_ROWS]) for i in range(0, vocab, _HEAD_ROWS)]
+    kl = torch.empty(n, device=x.device)
+    grad = torch.empty(n, dim, device=x.device) if with_grad else None
+    size = _loss_rows(vocab)
+    with torch.autocast(x.device.type, enabled=False):
+        for s in range(0, n, size):
+            xb = x[s : s + size].to(mm)
+            z = torch.empty(xb.shape[0], vocab, device=x.device)
+            for i, w in chunks:
+                z[:, i : i + w.shape[0]] = (xb @ w.to(mm).T).float()
+            if bias is not None:
+                z += bias.float()
+            t = None
+            if cap:
+                t = torch.tanh(z / cap)
+                z = t * cap
+            z -= torch.logsumexp(z, 1, keepdim=True)  # log q
+            idb, lpb, rb = ids[s : s + size], lp[s : s + size], rest[s : s + size]
+            lq_top = torch.gather(z, 1, idb)
+            top_mass = torch.exp(torch.logsumexp(lq_top, 1))
+            clamped = top_mass.clamp(max=1 - 1e-6)
+            p_top, p_rest = lpb.exp(), rb.exp()
+            kl[s : s + size] = (p_top * (lpb - lq_top)).sum(1) + p_rest * (rb - torch.log1p(-clamped))
+            if grad is None:
+                continue
+            c = torch.where(top_mass < 1 - 1e-6, p_rest / (1 - clamped), torch.zeros_like(p_rest))
+            g = z.exp_()  # q, in place of log q
+            g *= (p_top.sum(1) - c * top_mass)[:, None]
+            g.scatter_add_(1, idb, c[:, None] * lq_top.exp() - p_top)
+            if t is not None:
+                g *= 1 - t * t
+            gb = torch.zeros(xb.shape[0], dim, device=x.device)
+            for i, w in chunks:
+                gb += (g[:, i : i + w.shape[0]].to(mm) @ w.to(mm)).float()
+            grad[s : s + size] = gb
+    return kl, grad
+
+
+def _head_kl(ctx: Context, rows: Any, head: Any, ids: Any, lp: Any, rest: Any) -> Any:
+    """KL(target || model) per position from the final hidden states `rows`, through the output layer (or the
+    restricted `head`), its softcap and log-softmax, without keeping any vocabulary-wide array for the backward
+    pass: the gradient with respect to `rows` is computed with the loss (`_head_kl_blocks`) and scaled by the
+    incoming gradient in the backward pass. The same values and gradients as `_kl(_log_softmax(...))`."""
+    torch = ctx.fp.torch
+    module = ctx.fp.model.get_output_embeddings()
+    weight = module.weight.detach() if head is None else head
+    bias = None if head is not None or module.bias is None else module.bias.detach()
+    cap = getattr(ctx.fp.model.config, "final_logit_softcapping", None)
+    if not (torch.is_grad_enabled() and rows.requires_grad):
+        return _head_kl_blocks(rows, weight, bias, cap, ids, lp, rest, with_grad=False)[0]
+
+    class HeadKL(torch.autograd.Function):
+        @staticmethod
+        def forward(fctx: Any, x: Any) -> Any:
+            kl, grad = _head_kl_blocks(x, weight, bias, cap, ids, lp, rest, with_grad=True)
+            fctx.save_for_backward(grad)
+            return kl
+
+        @staticmethod
+        def backward(fctx: Any, grad_kl: Any) -> Any:
+            (grad,) = fctx.saved_tensors
+            return (grad_kl[:, None] * grad).to(rows.dtype)
+
+    return HeadKL.apply(rows)
 
 
 def _kl(lq: Any, ids: Any, lp: Any, rest: Any) -> Any:
@@ -132,31 +211,15 @@ def _restricted_vocab(ctx: Context, size: int, targets: list[_Targets], clean: l
 
 
 def _batch_kl(ctx: Context, t: _Targets, pick: list[int], vocab: _Vocab | None = None) -> Any:
-    """KL(target || model) per position of the picked sequences. The output layer and the loss run over blocks of
-    positions (`_LOSS_BLOCK_FLOATS`); with gradients on, each block is recomputed in the backward pass instead of
-    its vocabulary-wide activations being kept."""
+    """KL(target || model) per position of the picked sequences (`_head_kl`: memory bounded by blocks of
+    positions, whatever the batch and vocabulary)."""
     torch = ctx.fp.torch
-    from torch.utils.checkpoint import checkpoint
-
     rows = _hidden(ctx, [t.seqs[i] for i in pick])
-    head = None if vocab is None else vocab.head
     full = np.concatenate([t.ids[i] for i in pick])
     ids = torch.from_numpy(full if vocab is None else vocab.ids(full)).to(rows.device)
     lp = torch.from_numpy(np.concatenate([t.logp[i] for i in pick])).to(rows.device)
     rest = torch.from_numpy(np.concatenate([t.rest[i] for i in pick])).to(rows.device)
-
-    def block(r: Any, i: Any, p: Any, q: Any) -> Any:
-        return _kl(_log_softmax(ctx, r, head), i, p, q)
-
-    size = _loss_rows(ctx.fp.output_shape[0] if head is None else head.shape[0])
-    if rows.shape[0] <= size:
-        return block(rows, ids, lp, rest)
-    recompute = torch.is_grad_enabled() and rows.requires_grad
-    parts = []
-    for s in range(0, rows.shape[0], size):
-        args = (rows[s : s + size], ids[s : s + size], lp[s : s + size], rest[s : s + size])
-        parts.append(checkpoint(block, *args, use_reentrant=False) if recompute else block(*args))
-    return torch.cat(parts)
+    return _head_kl(ctx, rows, None if vocab is None else vocab.head, ids, lp, rest)
 
 
 def _full_kl(ctx: Context, lora: _LoRA, seqs: list[list[int]], vocab: _Vocab | None = None) -> Any:
