@@ -426,10 +426,11 @@ def test_restricted_vocabulary_log_probabilities_are_the_full_ones_renormalised(
 
 @pytest.mark.parametrize(("cap", "restricted"), [(None, False), (None, True), (5.0, False)],
                          ids=["whole", "restricted", "softcap"])
-def test_distill_loss_in_closed_form_over_blocks_equals_autograd_through_the_log_softmax(
+def test_distill_loss_streamed_over_the_output_layer_equals_autograd_through_the_log_softmax(
         trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, cap: float | None, restricted: bool) -> None:
-    """The student's KL with its gradient computed in closed form a block of positions at a time gives the loss and
-    the update's gradients of autograd through the whole batch's log-softmax (`_kl(_forward(...))`)."""
+    """The student's KL with its gradient in closed form, streamed over chunks of the output layer (running
+    log-sum-exp), gives the loss and the update's gradients of autograd through the whole batch's log-softmax
+    (`_kl(_forward(...))`)."""
     import types
 
     import torch
@@ -470,8 +471,7 @@ def test_distill_loss_in_closed_form_over_blocks_equals_autograd_through_the_log
         return student._kl(lq, idx, torch.from_numpy(np.concatenate(t.logp)), torch.from_numpy(np.concatenate(t.rest)))
 
     want, g_want = loss_and_grads(reference)
-    monkeypatch.setattr(student, "_LOSS_BLOCK_FLOATS", 3 * n_vocab)  # 3 positions a block: 4 blocks of the 12
-    assert student._loss_rows(n_vocab) == 3
+    monkeypatch.setattr(student, "_HEAD_ROWS", 8)  # the output layer 8 rows at a time: 35 chunks (3 restricted)
     got, g_got = loss_and_grads(lambda: student._batch_kl(ctx, t, [0, 1, 2], v))  # type: ignore[arg-type]
     assert want.shape == (12,)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

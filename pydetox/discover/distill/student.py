@@ -75,71 +75,74 @@ def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
     return _log_softmax(ctx, _hidden(ctx, seqs), head)
 
 
-# Vocabulary-wide floats one block of positions holds in the student's loss (64 MB): the loss and its gradient are
-# computed a block at a time, so a step's memory does not grow with positions x vocabulary (Qwen2.5's 151,936
-# tokens: 0.6 MB a position, three such arrays per position in a plain autograd pass).
-_LOSS_BLOCK_FLOATS = 1 << 24
-_HEAD_ROWS = 16384  # output-layer rows upcast at a time from a half type
+_HEAD_ROWS = 16384  # output-layer rows taken at a time: a half-stored weight is upcast one such chunk at a time
 
 
-def _loss_rows(n_vocab: int) -> int:
-    return max(1, _LOSS_BLOCK_FLOATS // n_vocab)
-
-
-def _head_kl_blocks(x: Any, weight: Any, bias: Any, cap: float | None, ids: Any, lp: Any, rest: Any,
+def _head_kl_stream(x: Any, weight: Any, bias: Any, cap: float | None, ids: Any, lp: Any, rest: Any,
                     with_grad: bool) -> tuple[Any, Any]:
-    """`_kl` of the output layer's log-softmax at hidden states `x` (n, d), a block of positions at a time, and
-    with `with_grad` its gradient with respect to `x` per position (n, d), computed in closed form in the same pass:
-    for logits z, q = softmax(z), the top-k set T with target p_i, the rest r = p_rest, S = sum_T q_i, and
-    c = r / (1 - S), dKL/dz_j = q_j (sum_T p_i - c S) + [j in T] (c q_j - p_j); a softcap z = cap tanh(y / cap)
-    multiplies it by 1 - (z / cap)^2. Nothing vocabulary-wide outlives its block."""
+    """`_kl` of the output layer's log-softmax at hidden states `x` (n, d) and, with `with_grad`, its gradient with
+    respect to `x` (n, d), in one pass over the output layer `_HEAD_ROWS` rows at a time (each chunk upcast once),
+    never holding more than (n, _HEAD_ROWS) logits: the normaliser is a running log-sum-exp, and the gradient's
+    softmax-weighted sum of output rows is accumulated with the same running rescaling (as flash attention does).
+
+    For logits z, q = softmax(z), the top-k set T with target p_i, the rest r = p_rest, S = sum_T q_i and
+    c = r / (1 - S): dKL/dz_j = q_j (sum_T p_i - c S) + [j in T] (c q_j - p_j); a softcap z = cap tanh(y / cap)
+    multiplies it by 1 - (z / cap)^2. So dKL/dx = (sum_T p_i - c S) sum_j q_j z'_j w_j + sum_T (c q_j - p_j) z'_j w_j."""
     import torch
 
     n, dim = x.shape
     vocab = weight.shape[0]
     mm = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else torch.float32
-    chunks = [(i, weight[i : i + _HEAD_ROWS]) for i in range(0, vocab, _HEAD_ROWS)]
-    kl = torch.empty(n, device=x.device)
-    grad = torch.empty(n, dim, device=x.device) if with_grad else None
-    size = _loss_rows(vocab)
     with torch.autocast(x.device.type, enabled=False):
-        for s in range(0, n, size):
-            xb = x[s : s + size].to(mm)
-            z = torch.empty(xb.shape[0], vocab, device=x.device)
-            for i, w in chunks:
-                z[:, i : i + w.shape[0]] = (xb @ w.to(mm).T).float()
+        xm = x.to(mm)
+        w_top = weight[ids].to(mm)  # (n, k, d): the target tokens' output rows
+        y_top = torch.einsum("nd,nkd->nk", xm, w_top).float()
+        if bias is not None:
+            y_top += bias.float()[ids]
+        m = torch.full((n,), -torch.inf, device=x.device)  # running max of the logits
+        total = torch.zeros(n, device=x.device)  # sum_j exp(z_j - m)
+        acc = torch.zeros(n, dim, device=x.device) if with_grad else None  # sum_j exp(z_j - m) z'_j w_j
+        for i in range(0, vocab, _HEAD_ROWS):
+            w = weight[i : i + _HEAD_ROWS].to(mm)
+            z = (xm @ w.T).float()
             if bias is not None:
-                z += bias.float()
+                z += bias[i : i + _HEAD_ROWS].float()
             t = None
             if cap:
                 t = torch.tanh(z / cap)
                 z = t * cap
-            z -= torch.logsumexp(z, 1, keepdim=True)  # log q
-            idb, lpb, rb = ids[s : s + size], lp[s : s + size], rest[s : s + size]
-            lq_top = torch.gather(z, 1, idb)
-            top_mass = torch.exp(torch.logsumexp(lq_top, 1))
-            clamped = top_mass.clamp(max=1 - 1e-6)
-            p_top, p_rest = lpb.exp(), rb.exp()
-            kl[s : s + size] = (p_top * (lpb - lq_top)).sum(1) + p_rest * (rb - torch.log1p(-clamped))
-            if grad is None:
-                continue
-            c = torch.where(top_mass < 1 - 1e-6, p_rest / (1 - clamped), torch.zeros_like(p_rest))
-            g = z.exp_()  # q, in place of log q
-            g *= (p_top.sum(1) - c * top_mass)[:, None]
-            g.scatter_add_(1, idb, c[:, None] * lq_top.exp() - p_top)
-            if t is not None:
-                g *= 1 - t * t
-            gb = torch.zeros(xb.shape[0], dim, device=x.device)
-            for i, w in chunks:
-                gb += (g[:, i : i + w.shape[0]].to(mm) @ w.to(mm)).float()
-            grad[s : s + size] = gb
+            m_new = torch.maximum(m, z.max(1).values)
+            scale = torch.exp(m - m_new)
+            e = torch.exp(z - m_new[:, None])
+            total = total * scale + e.sum(1)
+            if acc is not None:
+                if t is not None:
+                    e *= 1 - t * t
+                acc = acc * scale[:, None] + (e.to(mm) @ w).float()
+            m = m_new
+        lse = m + torch.log(total)
+        t_top = torch.tanh(y_top / cap) if cap else None
+        lq_top = (t_top * cap if t_top is not None else y_top) - lse[:, None]
+        q_top = lq_top.exp()
+        top_mass = q_top.sum(1)
+        clamped = top_mass.clamp(max=1 - 1e-6)
+        p_top, p_rest = lp.exp(), rest.exp()
+        kl = (p_top * (lp - lq_top)).sum(1) + p_rest * (rest - torch.log1p(-clamped))
+        if acc is None:
+            return kl, None
+        c = torch.where(top_mass < 1 - 1e-6, p_rest / (1 - clamped), torch.zeros_like(p_rest))
+        coef_top = c[:, None] * q_top - p_top
+        if t_top is not None:
+            coef_top = coef_top * (1 - t_top * t_top)
+        grad = ((p_top.sum(1) - c * top_mass) / total)[:, None] * acc
+        grad += torch.einsum("nk,nkd->nd", coef_top.to(mm), w_top).float()
     return kl, grad
 
 
 def _head_kl(ctx: Context, rows: Any, head: Any, ids: Any, lp: Any, rest: Any) -> Any:
     """KL(target || model) per position from the final hidden states `rows`, through the output layer (or the
     restricted `head`), its softcap and log-softmax, without keeping any vocabulary-wide array for the backward
-    pass: the gradient with respect to `rows` is computed with the loss (`_head_kl_blocks`) and scaled by the
+    pass: the gradient with respect to `rows` is computed with the loss (`_head_kl_stream`) and scaled by the
     incoming gradient in the backward pass. The same values and gradients as `_kl(_log_softmax(...))`."""
     torch = ctx.fp.torch
     module = ctx.fp.model.get_output_embeddings()
@@ -147,12 +150,12 @@ def _head_kl(ctx: Context, rows: Any, head: Any, ids: Any, lp: Any, rest: Any) -
     bias = None if head is not None or module.bias is None else module.bias.detach()
     cap = getattr(ctx.fp.model.config, "final_logit_softcapping", None)
     if not (torch.is_grad_enabled() and rows.requires_grad):
-        return _head_kl_blocks(rows, weight, bias, cap, ids, lp, rest, with_grad=False)[0]
+        return _head_kl_stream(rows, weight, bias, cap, ids, lp, rest, with_grad=False)[0]
 
     class HeadKL(torch.autograd.Function):
         @staticmethod
         def forward(fctx: Any, x: Any) -> Any:
-            kl, grad = _head_kl_blocks(x, weight, bias, cap, ids, lp, rest, with_grad=True)
+            kl, grad = _head_kl_stream(x, weight, bias, cap, ids, lp, rest, with_grad=True)
             fctx.save_for_backward(grad)
             return kl
 
@@ -211,8 +214,8 @@ def _restricted_vocab(ctx: Context, size: int, targets: list[_Targets], clean: l
 
 
 def _batch_kl(ctx: Context, t: _Targets, pick: list[int], vocab: _Vocab | None = None) -> Any:
-    """KL(target || model) per position of the picked sequences (`_head_kl`: memory bounded by blocks of
-    positions, whatever the batch and vocabulary)."""
+    """KL(target || model) per position of the picked sequences (`_head_kl`: no vocabulary-wide array for the
+    whole batch, whatever the vocabulary)."""
     torch = ctx.fp.torch
     rows = _hidden(ctx, [t.seqs[i] for i in pick])
     full = np.concatenate([t.ids[i] for i in pick])
