@@ -87,10 +87,6 @@ class CalibrateSettings:
     restrict_vocab: bool = False
     seed: int = 0
     threads: int | None = None
-    # Where the target's final hidden states (objective "fused") come from: "torch" (the full-precision model in
-    # torch, under `precision`), "llama" (llama.cpp running the target GGUF with embeddings on: the runtime fusion
-    # itself runs in, and several times faster than torch on a CPU), "auto" (llama.cpp when the target is a GGUF).
-    target_states: str = "torch"
 
 
 @dataclass
@@ -202,19 +198,9 @@ class _Trainer:
         self.H_train = self.H_val = None
         if settings.objective == "fused":
             # The target's final hidden states of every row, once: the fused loss needs them at every step.
-            gguf_target = Path(fp.source).suffix == ".gguf" and Path(fp.source).is_file()
-            if settings.target_states not in ("torch", "llama", "auto"):
-                raise PydetoxError(f"target_states is 'torch', 'llama' or 'auto', not {settings.target_states!r}")
-            if settings.target_states == "llama" and not gguf_target:
-                raise PydetoxError(f"target_states 'llama' needs a GGUF target; {fp.source} is not one")
-            if settings.target_states != "torch" and gguf_target:
-                self.H_train, self.H_val = (torch.from_numpy(_target_hidden_llama(Path(fp.source), r.cpu().numpy(),
-                                                                                  settings.threads, progress)).to(dev)
-                                            for r in (self.train_rows, self.val_rows))
-            else:
-                with self.bf16:
-                    self.H_train = _target_hidden(model, self.train_rows, settings.batch, progress)
-                    self.H_val = _target_hidden(model, self.val_rows, settings.batch, progress)
+            with self.bf16:
+                self.H_train = _target_hidden(model, self.train_rows, settings.batch, progress)
+                self.H_val = _target_hidden(model, self.val_rows, settings.batch, progress)
         elif settings.objective != "standalone":
             raise PydetoxError(f"objective is 'fused' or 'standalone', not {settings.objective!r}")
         _truncate(fp, settings.layers)
@@ -468,25 +454,6 @@ def _target_hidden(model: Any, rows: Any, batch: int, progress: bool) -> Any:
         for i in tqdm(range(0, len(rows), batch), desc="target hidden states", disable=not progress, leave=False):
             out.append(model.model(input_ids=rows[i : i + batch]).last_hidden_state.float())
     return torch.cat(out)
-
-
-def _target_hidden_llama(path: Path, rows: np.ndarray, threads: int | None, progress: bool,
-                         tokens_per_batch: int = 512) -> np.ndarray:
-    """`_target_hidden` computed by llama.cpp from the target GGUF: each row its own sequence from position 0, as
-    torch sees it, several rows per decode; (n, T, d) float32."""
-    from pydetox.runtime import LlamaRuntime
-
-    n, length = rows.shape
-    per = max(1, tokens_per_batch // length)
-    with LlamaRuntime(path, n_ctx=per * length, n_seq=per, n_batch=per * length, threads=threads,
-                      embeddings=True) as rt:
-        out = np.empty((n, length, rt.n_embd), np.float32)
-        for i in tqdm(range(0, n, per), desc="target hidden states (llama.cpp)", disable=not progress, leave=False):
-            chunk = rows[i : i + per]
-            rt.clear()
-            rt.decode([(int(t), j, s, True) for s, row in enumerate(chunk) for j, t in enumerate(row)])
-            out[i : i + len(chunk)] = rt.embeddings(len(chunk) * length).reshape(len(chunk), length, -1)
-    return out
 
 
 def calibrator_hidden(path: Path, tokens: list[int], threads: int | None = None) -> np.ndarray:

@@ -483,22 +483,6 @@ def test_distill_loss_streamed_over_the_output_layer_equals_autograd_through_the
     lora.close()
 
 
-def test_calibrator_target_states_from_llama_cpp_are_torch_s(trained: tuple[Path, Path]) -> None:
-    """The target's final hidden states that calibrator training reads, computed by llama.cpp (several rows per
-    decode, each its own sequence) equal torch's on the same rows."""
-    import torch
-
-    from pydetox.calibrate import _target_hidden, _target_hidden_llama
-    from pydetox.discover.model import FullPrecisionModel
-
-    fp = FullPrecisionModel(trained[0], progress=False)
-    rows = np.random.default_rng(0).integers(3, 270, (5, 16))
-    want = _target_hidden(fp.model, torch.from_numpy(rows), 2, False).numpy()
-    got = _target_hidden_llama(trained[0], rows, 1, False, tokens_per_batch=40)  # 2 rows a decode: 3 decodes
-    assert got.shape == want.shape == (5, 16, fp.model.config.hidden_size)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * float(np.abs(want).max()))
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 def test_the_step_interface_forks_a_sequence_like_decoding_it_again(trained: tuple[Path, Path], fused: bool) -> None:
     """decode / copy_sequence / logits / target_logits / clear, as discovery drives them: a sequence forked after

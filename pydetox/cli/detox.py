@@ -101,7 +101,7 @@ def _cmd_calibrate_train(args: argparse.Namespace) -> int:
         layers=args.layers, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
         pairs=args.data, side=args.side, clean_text=args.clean_text, clean_tokens=args.clean_tokens, output_type=args.output_type,
         layer_type=args.layer_type, seed=args.seed, threads=args.threads, objective=args.objective,
-        precision=args.precision, restrict_vocab=args.restrict_vocab, target_states=args.target_states,
+        precision=args.precision, restrict_vocab=args.restrict_vocab,
     )
     res = train(model, out, settings, progress=not args.quiet, device=args.device)
     print(f"calibrator  {res.calibrator}\nalignment   {res.alignment}\nlog         {res.log}\nloss plot   {res.plot}")
@@ -135,9 +135,6 @@ def _add_calibrate(sub: Any) -> None:
                     help="bfloat16: torch CPU autocast for the forward and backward passes (faster where the CPU has AVX-512 BF16)")
     ct.add_argument("--restrict-vocab", action="store_true",
                     help="train the softmax over the tokens of the training text only (the output layer is most of a step)")
-    ct.add_argument("--target-states", default="torch", choices=["torch", "llama", "auto"],
-                    help="where the target's hidden states come from: torch (default), llama (llama.cpp on the target "
-                         "GGUF, several times faster on a CPU), auto (llama.cpp for a GGUF target)")
     ct.add_argument("--threads", type=int)
     ct.add_argument("--device", **DEVICE_ARG)
     ct.add_argument("--force", action="store_true", help="replace an existing calibrator")
