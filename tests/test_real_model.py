@@ -130,6 +130,28 @@ def test_qwen2_model_with_attention_biases_takes_a_plan(tmp_path: Path) -> None:
     assert llm("def fibonacci(n):", max_tokens=8, temperature=0.0)["usage"]["completion_tokens"] > 0
 
 
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
+def test_discovery_tokenizer_gives_llama_cpp_s_token_ids(name: str) -> None:
+    """Discovery tokenizes with transformers' tokenizer converted from the GGUF, the teacher and evaluation with
+    llama.cpp's; both must give the same ids (the student trains on ids llama.cpp produced), and llama.cpp must
+    give the text back."""
+    from transformers import AutoTokenizer
+
+    from pydetox.assets import fetch
+    from pydetox.runtime import LlamaRuntime
+
+    src = fetch(name, quiet=True)
+    hf = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    texts = ["The quick brown fox jumps over the lazy dog.", "  two leading spaces and a tab\there",
+             "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "Ünïcödé naïve café, 東京, emoji 🙂!",
+             "You are such an idiot, shut up", "1234567 + 89 = 1234656", "line one\n\nline three\r\n"]
+    with LlamaRuntime(src, n_ctx=256) as rt:
+        for text in texts:
+            ids = rt.tokenize(text, add_special=False)
+            assert hf.encode(text, add_special_tokens=False) == ids, text
+            assert rt.detokenize(ids) == text, text
+
+
 def test_demo_runs_the_engine_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`pydetox demo`, the README's one-minute check of the engine: apply, llama.cpp, the evaluation, all written."""
     import json
