@@ -59,3 +59,32 @@ def test_plausible_top_k(compare: Callable[..., float]) -> None:
     ratio = compare("numpy over whole rows", lambda: _top_plausible(lp, 32, mask), lambda: _top_dense(lp, 32, mask))
     print(f"plausible tokens per position: median {np.median(mask.sum(1)):.0f} of {lp.shape[1]}")
     assert ratio > 0
+
+
+def test_streamed_student_loss(compare: Callable[..., float]) -> None:
+    """distill's teacher KL with its gradient on Gemma-3-270m (8 sequences of up to 64 tokens, top-32 targets, a
+    rank-32 update of ffn_down from layer 6 on): streamed over the output layer in closed form (`_batch_kl`) against
+    torch autograd through the whole batch's log-softmax (what distill computed before), forward and backward."""
+    import torch
+
+    from pydetox.discover.distill.student import _forward, _kl
+
+    fp = FullPrecisionModel(fetch("gemma3-270m", quiet=True), progress=False)
+    fp.model.requires_grad_(False)
+    ctx: Any = types.SimpleNamespace(fp=fp)
+    rows, _ = usable_pairs(EMBEDDED, set())
+    toxic = [fp.tokenizer(r["toxic"]).input_ids[:64] for r in rows[:8]]
+    targets = _base_targets(ctx, toxic, 32, progress=False)  # stand-in teacher targets: the model's own top-32
+    lora = _LoRA(ctx, list(range(6, fp.n_layers)), 32, 0)
+    flat = [torch.from_numpy(np.concatenate(a)) for a in (targets.ids, targets.logp, targets.rest)]
+
+    def step(loss: Callable[[], Any]) -> None:
+        loss().mean().backward()
+        for p in lora.params():
+            p.grad = None
+
+    ratio = compare("autograd through the log-softmax",
+                    lambda: step(lambda: _batch_kl(ctx, targets, list(range(8)))),
+                    lambda: step(lambda: _kl(_forward(ctx, toxic), *flat)), rounds=3)
+    lora.close()
+    assert ratio > 0
