@@ -232,13 +232,16 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     plan = disc.plan("distill", settings)
     diag = plan.params["diagnostics"]
     assert not diag["teacher_from_cache"]
+    assert not diag["clean_targets_from_cache"]
     assert (tmp_path / "teacher.npz").is_file()
+    assert (tmp_path / "teacher.clean.npz").is_file()
     assert diag["held_out_after"]["teacher_kl"] < 0.7 * diag["held_out_before"]["teacher_kl"], diag
     # The clean-text term holds the model where it was (a random tiny model has no toxic contexts to tell apart,
     # so the teacher's pull shows on clean text too): ten times its weight, a fraction of the clean KL.
     anchored = disc.plan("distill", {**settings, "clean_weight": "10"}).params["diagnostics"]
     # the teacher's targets come back from the cache: same sequences, same distributions (same loss before training)
     assert anchored["teacher_from_cache"]
+    assert anchored["clean_targets_from_cache"]  # and the unedited model's on the clean sequences: the same loss
     assert anchored["toxic_sequences"] == diag["toxic_sequences"]
     assert anchored["held_out_before"] == diag["held_out_before"]
     # another training seed: the same teacher (from the cache) and held-out split, another start for the update

@@ -75,8 +75,7 @@ class Distill(Method):
         prompts, toxic_texts, clean_texts = _contexts(p)
         toxic, clean_seqs, from_cache = _targets(ctx, p, source, prompts, toxic_texts, clean_texts)
         full = p.clean_kl == "full"  # then the unedited model's distributions are computed per step, not stored
-        with bf16:
-            clean = None if full else _base_targets(ctx, clean_seqs, p.top_k, ctx.progress)
+        clean, clean_hit = (None, False) if full else _clean_targets(ctx, p, source, clean_seqs, bf16)
         n = ctx.fp.n_layers
         first = p.first_layer if p.first_layer >= 0 else n // 3
         if not 0 <= first < n:
@@ -107,7 +106,34 @@ class Distill(Method):
         finally:
             student.lora.close()
         return student.edits(), {
-            "device": ctx.fp.device, **from_cache, "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs),
+            "device": ctx.fp.device, **from_cache, "clean_targets_from_cache": clean_hit,
+            "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs),
             "discovery_prompts": len(prompts), "layers": [first, n - 1], "held_out_toxic_sequences": len(val_t),
             "held_out_contexts": len(np.unique(toxic.groups[val_t])), "held_out_before": before,
             "held_out_after": after, "curve": curve, **({"vocab": restricted} if restricted is not None else {})}
+
+
+def _clean_targets(ctx: Context, p: DistillParams, source: Path, seqs: list[list[int]],
+                   bf16: Any) -> tuple[Any, bool]:
+    """The unedited model's top-k distributions on the clean sequences, read from or written to `cache`'s sibling
+    CACHE.clean.npz (keyed by the model file, the sequences, top_k and precision: the training seed changes none of
+    them, so the runs of several seeds compute them once), and whether they came from there."""
+    import hashlib
+    import json
+
+    from pydetox.discover.distill.teacher import _save_npz, _Targets, file_stamp
+
+    digest = hashlib.sha256(np.concatenate([np.asarray(q, np.int64) for q in seqs]).tobytes()
+                            + np.array([len(q) for q in seqs], np.int64).tobytes()).hexdigest()
+    key = json.dumps({"format": 1, "model": file_stamp(source), "sequences": digest, "top_k": p.top_k,
+                      "precision": p.precision}, sort_keys=True)
+    path = None if not p.cache else Path(p.cache).with_name(Path(p.cache).name.removesuffix(".npz") + ".clean.npz")
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            if str(z["key"]) == key:
+                return _Targets.from_arrays(z, "c_"), True
+    with bf16:
+        clean = _base_targets(ctx, seqs, p.top_k, ctx.progress)
+    if path is not None:
+        _save_npz(path, key, clean.arrays("c_"))
+    return clean, False
