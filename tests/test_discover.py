@@ -482,7 +482,7 @@ def test_weights_kept_in_float16_compute_what_float32_storage_does(tmp_path: Pat
 
     from pydetox.discover import model as model_mod
 
-    monkeypatch.setattr(model_mod, "_ROWS", 7)  # several blocks even for the tiny vocabulary
+    monkeypatch.setattr(model_mod, "OUTPUT_ROWS", 7)  # several blocks even for the tiny vocabulary
     path = write_tiny_llama(tmp_path / "m.gguf", tied=tied, qtype=gguf.GGMLQuantizationType.F16, **SHAPE)
     ref = FullPrecisionModel(path, progress=False, weights="float32")
     first = FullPrecisionModel(path, progress=False)  # converted from the GGUF on the first load... (ref did it)

@@ -474,7 +474,7 @@ def test_distill_loss_streamed_over_the_output_layer_equals_autograd_through_the
         return student._kl(lq, idx, torch.from_numpy(np.concatenate(t.logp)), torch.from_numpy(np.concatenate(t.rest)))
 
     want, g_want = loss_and_grads(reference)
-    monkeypatch.setattr(student, "_HEAD_ROWS", 8)  # the output layer 8 rows at a time: 35 chunks (3 restricted)
+    monkeypatch.setattr(student, "OUTPUT_ROWS", 8)  # the output layer 8 rows at a time: 35 chunks (3 restricted)
     got, g_got = loss_and_grads(lambda: student._batch_kl(ctx, t, [0, 1, 2], v))  # type: ignore[arg-type]
     assert want.shape == (12,)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

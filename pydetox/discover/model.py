@@ -108,7 +108,7 @@ def _save_converted(model: Any, tokenizer: Any, folder: Path, precision: str) ->
 
     import torch
 
-    matrices = {id(m.weight): m.weight for m in _matrix_modules(model)}
+    matrices = {id(m.weight): m.weight for m in _matrix_modules(model.modules())}
     held = {k: w.dtype for k, w in matrices.items()}
     for w in matrices.values():
         w.data = w.data.to(getattr(torch, precision))
@@ -144,14 +144,16 @@ def _save_converted(model: Any, tokenizer: Any, folder: Path, precision: str) ->
 WEIGHTS = ("auto", "float32", "float16", "bfloat16")
 
 
-def _matrix_modules(model: Any) -> list[Any]:
-    """The modules whose weight `store_half` keeps in a half type: every Linear and Embedding."""
+def _matrix_modules(modules: Any) -> list[Any]:
+    """Those of `modules` whose weight `store_half` keeps in a half type: every Linear and Embedding."""
     import torch
 
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
-# Output rows upcast at a time by a half-stored Linear: bounds the float32 copy of a 262,144-token output layer
-# (Gemma-3: 671 MB whole) to ~16k rows.
-_ROWS = 16384
+    return [m for m in modules if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
+
+
+# Output rows upcast at a time from a half-stored layer (the HalfLinear here, distill's streamed loss): bounds the
+# float32 copy of a 262,144-token output layer (Gemma-3: 671 MB whole) to ~16k rows.
+OUTPUT_ROWS = 16384
 
 
 def source_precision(source: str | Path) -> str:
@@ -185,7 +187,7 @@ def _half_linear() -> Any:
             ctx.save_for_backward(weight)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             xc = x.to(dtype)
-            parts = [xc @ weight[i : i + _ROWS].to(dtype).T for i in range(0, weight.shape[0], _ROWS)]
+            parts = [xc @ weight[i : i + OUTPUT_ROWS].to(dtype).T for i in range(0, weight.shape[0], OUTPUT_ROWS)]
             out = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
             return out if bias is None else out + bias.to(dtype)
 
@@ -193,8 +195,8 @@ def _half_linear() -> Any:
         def backward(ctx: Any, grad: Any) -> Any:
             (weight,) = ctx.saved_tensors
             gx = None
-            for i in range(0, weight.shape[0], _ROWS):
-                part = grad[..., i : i + _ROWS] @ weight[i : i + _ROWS].to(grad.dtype)
+            for i in range(0, weight.shape[0], OUTPUT_ROWS):
+                part = grad[..., i : i + OUTPUT_ROWS] @ weight[i : i + OUTPUT_ROWS].to(grad.dtype)
                 gx = part if gx is None else gx + part
             return gx, None, None
 
@@ -223,19 +225,16 @@ def store_half(model: Any, dtype: str) -> None:
         scale = getattr(self, "embed_scale", None)  # Gemma's scaled embedding multiplies after the lookup
         return out if scale is None else out * scale.float()
 
-    for module in _matrix_modules(model):
+    for module in _matrix_modules(model.modules()):
         module.weight.data = module.weight.data.to(half)  # a no-op for a tied output layer's shared Parameter
         module.forward = types.MethodType(linear if isinstance(module, torch.nn.Linear) else embedding, module)
 
 
 def store_float32(modules: Any) -> None:
     """Undo `store_half` for `modules` (those about to be trained): float32 weights and torch's own forward."""
-    import torch
-
-    for module in modules:
-        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):  # the modules of `_matrix_modules`
-            module.weight.data = module.weight.data.float()
-            module.__dict__.pop("forward", None)
+    for module in _matrix_modules(modules):
+        module.weight.data = module.weight.data.float()
+        module.__dict__.pop("forward", None)
 
 
 def _small_tensors_float32(model: Any, folder: Path) -> None:
@@ -243,7 +242,7 @@ def _small_tensors_float32(model: Any, folder: Path) -> None:
     a model loaded in a half type has them rounded. Raises when the checkpoint lacks one."""
     from safetensors import safe_open
 
-    halves = {id(m.weight) for m in _matrix_modules(model)}
+    halves = {id(m.weight) for m in _matrix_modules(model.modules())}
     wanted = {n: p for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in halves}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:

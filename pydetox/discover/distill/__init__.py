@@ -121,17 +121,16 @@ def _clean_targets(ctx: Context, p: DistillParams, source: Path, seqs: list[list
     import hashlib
     import json
 
-    from pydetox.discover.distill.teacher import _save_npz, _Targets, file_stamp
+    from pydetox.discover.distill.teacher import _read_npz, _save_npz, _sibling, _Targets, file_stamp
 
     digest = hashlib.sha256(np.concatenate([np.asarray(q, np.int64) for q in seqs]).tobytes()
                             + np.array([len(q) for q in seqs], np.int64).tobytes()).hexdigest()
     key = json.dumps({"format": 1, "model": file_stamp(source), "sequences": digest, "top_k": p.top_k,
                       "precision": p.precision}, sort_keys=True)
-    path = None if not p.cache else Path(p.cache).with_name(Path(p.cache).name.removesuffix(".npz") + ".clean.npz")
-    if path is not None and path.is_file():
-        with np.load(path) as z:
-            if str(z["key"]) == key:
-                return _Targets.from_arrays(z, "c_"), True
+    path = _sibling(Path(p.cache) if p.cache else None, "clean")
+    cached = _read_npz(path, key, lambda z: _Targets.from_arrays(z, "c_"))
+    if cached is not None:
+        return cached, True
     with bf16:
         clean = _base_targets(ctx, seqs, p.top_k, ctx.progress)
     if path is not None:

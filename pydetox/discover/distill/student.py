@@ -13,6 +13,7 @@ from pydetox.discover.base import Context
 from pydetox.discover.distill.data import _length_batches
 from pydetox.discover.distill.params import DistillParams
 from pydetox.discover.distill.teacher import _Targets, _top
+from pydetox.discover.model import OUTPUT_ROWS
 from pydetox.errors import PydetoxError
 from pydetox.plan import Edit, EditKind
 
@@ -75,14 +76,11 @@ def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
     return _log_softmax(ctx, _hidden(ctx, seqs), head)
 
 
-_HEAD_ROWS = 16384  # output-layer rows taken at a time: a half-stored weight is upcast one such chunk at a time
-
-
 def _head_kl_stream(x: Any, weight: Any, bias: Any, cap: float | None, ids: Any, lp: Any, rest: Any,
                     with_grad: bool) -> tuple[Any, Any]:
     """`_kl` of the output layer's log-softmax at hidden states `x` (n, d) and, with `with_grad`, its gradient with
-    respect to `x` (n, d), in one pass over the output layer `_HEAD_ROWS` rows at a time (each chunk upcast once),
-    never holding more than (n, _HEAD_ROWS) logits: the normaliser is a running log-sum-exp, and the gradient's
+    respect to `x` (n, d), in one pass over the output layer `OUTPUT_ROWS` rows at a time (each chunk upcast once),
+    never holding more than (n, OUTPUT_ROWS) logits: the normaliser is a running log-sum-exp, and the gradient's
     softmax-weighted sum of output rows is accumulated with the same running rescaling (as flash attention does).
 
     For logits z, q = softmax(z), the top-k set T with target p_i, the rest r = p_rest, S = sum_T q_i and
@@ -102,11 +100,11 @@ def _head_kl_stream(x: Any, weight: Any, bias: Any, cap: float | None, ids: Any,
         m = torch.full((n,), -torch.inf, device=x.device)  # running max of the logits
         total = torch.zeros(n, device=x.device)  # sum_j exp(z_j - m)
         acc = torch.zeros(n, dim, device=x.device) if with_grad else None  # sum_j exp(z_j - m) z'_j w_j
-        for i in range(0, vocab, _HEAD_ROWS):
-            w = weight[i : i + _HEAD_ROWS].to(mm)
+        for i in range(0, vocab, OUTPUT_ROWS):
+            w = weight[i : i + OUTPUT_ROWS].to(mm)
             z = (xm @ w.T).float()
             if bias is not None:
-                z += bias[i : i + _HEAD_ROWS].float()
+                z += bias[i : i + OUTPUT_ROWS].float()
             t = None
             if cap:
                 t = torch.tanh(z / cap)

@@ -4,8 +4,9 @@ anti-expert's decay of them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -67,13 +68,20 @@ def _cache_key(source: Path, p: DistillParams) -> str:
                        **{k: getattr(p, k) for k in TEACHER_KEYS}}, sort_keys=True)
 
 
-def _load_cache(path: Path, key: str) -> tuple[_Targets, list[list[int]]] | None:
-    if not path.is_file():
+_T = TypeVar("_T")
+
+
+def _sibling(cache: Path | None, role: str) -> Path | None:
+    """`cache`'s sibling CACHE.<role>.npz: where a part of distill's targets computed apart from the teacher's is kept."""
+    return None if cache is None else cache.with_name(cache.name.removesuffix(".npz") + f".{role}.npz")
+
+
+def _read_npz(path: Path | None, key: str, read: Callable[[Any], _T]) -> _T | None:
+    """`read` of the .npz at `path` when it is there and was written under `key` (`_save_npz`); None otherwise."""
+    if path is None or not path.is_file():
         return None
     with np.load(path) as z:
-        if str(z["key"]) != key:
-            return None
-        return _Targets.from_arrays(z, "t_"), _unpack(z, "clean_")
+        return read(z) if str(z["key"]) == key else None
 
 
 def _save_npz(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
@@ -305,11 +313,10 @@ def _side_logp(source: Path, role: str, model: str, alpha: float, toxic: _Target
     import json
 
     key = json.dumps({"teacher": teacher_key, role: file_stamp(Path(model)), "anti_alpha": alpha}, sort_keys=True)
-    path = None if cache is None else cache.with_name(cache.name.removesuffix(".npz") + f".{role}.npz")
-    if path is not None and path.is_file():
-        with np.load(path) as z:
-            if str(z["key"]) == key:
-                return np.split(z["logp"], np.cumsum([len(i) for i in toxic.ids])[:-1], axis=1), True
+    path = _sibling(cache, role)
+    cached = _read_npz(path, key, lambda z: np.split(z["logp"], np.cumsum([len(i) for i in toxic.ids])[:-1], axis=1))
+    if cached is not None:
+        return cached, True
     both = _fused_logp(source, model, alpha, toxic, progress, f"teacher: {role}")
     if path is not None:
         _save_npz(path, key, {"logp": np.concatenate(both, axis=1)})
@@ -336,7 +343,7 @@ def _targets(ctx: Context, p: DistillParams, source: Path, prompts: list[str], t
     if cache is not None and cache.suffix != ".npz":
         raise PydetoxError(f"distill: the teacher cache is a .npz file, got {p.cache}")
     key = _cache_key(source, p)
-    cached = _load_cache(cache, key) if cache is not None else None
+    cached = _read_npz(cache, key, lambda z: (_Targets.from_arrays(z, "t_"), _unpack(z, "clean_")))
     if cached is None:
         toxic, clean_seqs = _teacher(source, p, prompts, toxic_texts, ctx.progress, clean_texts)
         if cache is not None:
