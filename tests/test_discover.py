@@ -511,3 +511,52 @@ def test_weights_kept_in_float16_compute_what_float32_storage_does(tmp_path: Pat
     assert n_half < 0.55 * n_full
     with pytest.raises(PydetoxError, match="weights is one of auto, float32, float16, bfloat16; got 'int8'"):
         FullPrecisionModel(path, progress=False, weights="int8")
+
+
+def test_converted_model_cache_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each GGUF discovery reads leaves its Hugging Face form in the cache; without pruning that grows by a model's
+    size per file (every training seed's model, every test's temporary file). A new conversion removes the folders
+    that can never be read again (source gone, source rewritten, older layout), then the least recently used ones over
+    the budget, never one used in the last 10 minutes."""
+    import os
+
+    from pydetox.discover import model as model_mod
+
+    monkeypatch.setenv("PYDETOX_CACHE", str(tmp_path / "cache"))
+    old = 1_000_000_000  # a timestamp long past: these folders were last used then
+    gone = tmp_path / "gone.gguf"
+    write_tiny_llama(gone, **SHAPE)
+    FullPrecisionModel(gone, progress=False)
+    orphan = model_mod._converted_folder(gone)
+    gone.unlink()
+    legacy = tmp_path / "cache" / "converted" / "m-0123456789abcdef"
+    legacy.mkdir()
+    (legacy / "model.safetensors").write_bytes(b"x" * 10)
+    other = tmp_path / "other.gguf"
+    write_tiny_llama(other, **SHAPE)
+    FullPrecisionModel(other, progress=False)
+    kept_other = model_mod._converted_folder(other)
+    path = tmp_path / "m.gguf"
+    write_tiny_llama(path, **SHAPE)
+    FullPrecisionModel(path, progress=False)
+    first = model_mod._converted_folder(path)
+    for folder in (orphan, kept_other, first):
+        os.utime(folder / model_mod._DONE, (old, old))
+    write_tiny_llama(path, **SHAPE)  # the same path rewritten: a new key
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert model_mod._converted_folder(path) != first
+    FullPrecisionModel(path, progress=False)
+    second = model_mod._converted_folder(path)
+    assert (second / model_mod._DONE).is_file()
+    assert not orphan.exists()
+    assert not legacy.exists()
+    assert not first.exists()
+    assert kept_other.exists()  # its source exists and the cache is under budget
+    # over budget, the least recently used folder goes, not one used in the last 10 minutes
+    recent = tmp_path / "recent.gguf"
+    write_tiny_llama(recent, **SHAPE)
+    FullPrecisionModel(recent, progress=False)
+    monkeypatch.setenv("PYDETOX_CONVERTED_CACHE_GB", "0")
+    assert model_mod._prune_converted(second, path) == [kept_other]
+    assert model_mod._converted_folder(recent).exists()
+    assert second.exists()

@@ -96,11 +96,47 @@ def _converted_folder(gguf_path: Path) -> Path:
     from pydetox.paths import cache_dir
 
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v3".encode()).hexdigest()[:16]
     return cache_dir() / "converted" / f"{gguf_path.stem}-{key}"
 
 
-def _save_converted(model: Any, tokenizer: Any, folder: Path, precision: str) -> None:
+def _prune_converted(keep: Path, source: Path) -> list[Path]:
+    """Bound the converted-model cache, which otherwise grows by a model's size with every new GGUF that discovery
+    reads (each training seed's, each test's temporary file). Removed, besides `keep` (the folder just written for
+    `source`): folders converted from a file that no longer exists or from an earlier version of `source` (its
+    key changed: they can never be read again), folders without a readable marker (an older cache layout), and then
+    the least recently used ones while the cache holds more than $PYDETOX_CONVERTED_CACHE_GB (default 20). A folder
+    used in the last 10 minutes is never removed, so a concurrent run's model stays put. Returns what was removed."""
+    import os
+    import shutil
+    import time
+
+    budget = float(os.environ.get("PYDETOX_CONVERTED_CACHE_GB", "20")) * 1e9
+    now, removed = time.time(), []
+    entries = []  # (last use, bytes, folder) of the folders that stay after the first pass
+    for folder in keep.parent.iterdir():
+        marker = folder / _DONE
+        if folder == keep or not folder.is_dir() or folder.name.endswith(".tmp") or (
+                marker.is_file() and now - marker.stat().st_mtime < 600):
+            continue
+        origin = marker.read_text().partition("source: ")[2].strip() if marker.is_file() else ""
+        if not origin or not Path(origin).is_file() or Path(origin) == source.resolve():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            continue
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        entries.append((marker.stat().st_mtime, size, folder))
+    total = sum(f.stat().st_size for f in keep.iterdir() if f.is_file()) + sum(e[1] for e in entries)
+    for _, size, folder in sorted(entries):
+        if total <= budget:
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        total -= size
+    return removed
+
+
+def _save_converted(model: Any, tokenizer: Any, folder: Path, precision: str, source: Path) -> None:
     """Save under a temporary name and rename when complete; a failure only costs the next load its speed. The
     Linear and Embedding weights are saved in `precision` (the source's: exact), whatever the model holds now."""
     import shutil
@@ -129,10 +165,11 @@ def _save_converted(model: Any, tokenizer: Any, folder: Path, precision: str) ->
             if qconfig is not None:
                 model.config.quantization_config = qconfig
         tokenizer.save_pretrained(tmp)
-        (tmp / _DONE).write_text("converted by pydetox from a GGUF; safe to delete\n")
+        (tmp / _DONE).write_text(f"converted by pydetox from a GGUF; safe to delete\nsource: {source.resolve()}\n")
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
+        _prune_converted(folder, source)
     except (OSError, ValueError):
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -276,6 +313,7 @@ class FullPrecisionModel:
             converted = _converted_folder(path)
             if (converted / _DONE).is_file():
                 folder = str(converted)
+                (converted / _DONE).touch()  # its last use, for the cache's eviction order
             else:
                 folder, kwargs["gguf_file"] = str(path.parent), path.name
         else:
@@ -300,7 +338,7 @@ class FullPrecisionModel:
             if direct:
                 _small_tensors_float32(self.model, Path(folder))
         if converted is not None and "gguf_file" in kwargs:
-            _save_converted(self.model, self.tokenizer, converted, native)
+            _save_converted(self.model, self.tokenizer, converted, native, path)
         self.source = str(source)
         self.device = "cpu"
         self.to(resolve_device(device))
