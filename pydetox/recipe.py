@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
+
 from pydetox.calibrate import CalibrateSettings
 from pydetox.errors import PydetoxError
 from pydetox.plan import EditPlan
@@ -59,6 +61,10 @@ class RecipeSettings:
     # the fit may scale the student's edit up to this strength when its KL at 1 leaves budget unused (1: never above)
     max_strength: float = 2.0
     edited_type: str | None = "Q8_0"  # floor of the edited tensors while fitting (as `pydetox detox` applies them)
+    # the model type at which the KL budget is measured (the edit applied with it, against the unedited model at it);
+    # "F16" measures on the F16 source. `pydetox detox` picks the requested type with the fewest bits, where the same
+    # edit costs the most KL, so that the one fitted plan keeps the budget at every type it ships.
+    fit_type: str = "F16"
     seed: int = 0  # the student's seed (DistillParams.seed); the calibrator's is calibrator.seed
     # torch device of the calibrator's training and the student ("auto": CUDA when torch sees a GPU). Not part of any
     # stage's key: the results agree within numerical tolerance, and a stage made on one device is reused on another.
@@ -177,7 +183,7 @@ def _distill(stages: Stages, f16: Path, cal: Path, cal_key: str, settings: Recip
 
 def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSettings, progress: bool) -> Path:
     """The student's plan scaled to the largest strength (up to `max_strength`) within the KL budget on held-out
-    wiki text, measured in llama.cpp at the edited tensors' floor type."""
+    wiki text, measured in llama.cpp at `fit_type` with the edited tensors at their floor type."""
     from pydetox import ggml
 
     def make_fit(path: Path) -> dict[str, Any]:
@@ -186,9 +192,10 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
 
         plan = EditPlan.load(raw)
         floor = ggml.parse_type(settings.edited_type) if settings.edited_type else None
+        at = ggml.parse_ftype(settings.fit_type)
         fit = fit_strength(plan, f16, settings.kl_budget, load_clean_text("wiki"), max_tokens=settings.fit_tokens,
                            edited_floor=floor, steps=settings.fit_steps, max_strength=settings.max_strength,
-                           progress=progress)
+                           ftype=None if at == gguf.LlamaFileType.MOSTLY_F16 else at, progress=progress)
         if fit.strength == 0:
             raise PydetoxError(f"no strength tried keeps KL within {settings.kl_budget:g}: "
                                + ", ".join(f"{t.strength:g} -> {t.kl:.4f}" for t in fit.trials))
@@ -196,14 +203,17 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
         scaled = plan.scaled(fit.strength, source=raw.name)
         fitted = EditPlan(scaled.arch, scaled.edits, scaled.method, {**scaled.params, "fit": {
             "kl_budget": settings.kl_budget, "clean_text": "wiki", "tokens": settings.fit_tokens,
-            "edited_type": settings.edited_type, "max_strength": settings.max_strength, "trials": trials}}, scaled.model)
+            "edited_type": settings.edited_type, "max_strength": settings.max_strength, "model_type": settings.fit_type,
+            "trials": trials}}, scaled.model)
         fitted.save(path)
         return {"strength": fit.strength, "trials": trials}
 
     # a ceiling of 1 (the search before max_strength existed) leaves the key as it was, so such fits stay valid
+    # and so does a fit at F16 (the only type before fit_type existed)
     ceiling = () if settings.max_strength == 1.0 else (settings.max_strength,)
+    at = () if ggml.parse_ftype(settings.fit_type) == gguf.LlamaFileType.MOSTLY_F16 else (settings.fit_type.upper(),)
     fitted, _ = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
-                                          settings.edited_type, *ceiling), ".plan.gguf", make_fit)
+                                          settings.edited_type, *ceiling, *at), ".plan.gguf", make_fit)
     return fitted
 
 

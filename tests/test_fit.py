@@ -88,3 +88,27 @@ def test_fit_goes_above_strength_one_only_when_allowed(model_and_plan: tuple[Pat
     assert loose.strength == 2.5  # the ceiling itself is tried and kept when it fits
     with pytest.raises(PydetoxError, match="max_strength must be in"):
         fit_strength(plan, model, budget, DOCS, max_strength=0.5, progress=False)
+
+
+def test_fit_at_a_model_type_measures_against_the_unedited_model_at_that_type(model_and_plan: tuple[Path, Path],
+                                                                              tmp_path: Path) -> None:
+    """With `ftype` the KL is that of the edited model at the type against the unedited model at the type, as
+    `pydetox apply --type` makes both: what a user running the quantized file gets, not the source's KL."""
+    from pydetox import ggml
+    from pydetox.apply import ApplyOptions, apply_plan
+    from pydetox.capability import capability
+    from pydetox.runtime import LlamaRuntime
+
+    model, path = model_and_plan
+    plan = EditPlan.load(path)
+    q4 = ggml.parse_ftype("Q4_0")
+    fit = fit_strength(plan, model, 10.0, DOCS, max_tokens=256, window=64, ftype=q4, progress=False)
+    ref, edited = tmp_path / "ref.gguf", tmp_path / "edited.gguf"
+    apply_plan(None, model, ref, ApplyOptions(ftype=q4, progress=False))
+    apply_plan(plan, model, edited, ApplyOptions(ftype=q4, progress=False))
+    with LlamaRuntime(ref, n_ctx=64, n_batch=64) as r, LlamaRuntime(edited, n_ctx=64, n_batch=64) as e:
+        want = capability(e, DOCS, reference=r, max_tokens=256, window=64, progress=False).kl
+    assert fit.trials[0].kl == pytest.approx(want, rel=1e-4)
+    source = fit_strength(plan, model, 10.0, DOCS, max_tokens=256, window=64, progress=False).trials[0].kl
+    assert abs(fit.trials[0].kl - source) > 1e-3 * source  # not the source's KL under another name
+    assert sorted(["F16", "Q8_0", "Q4_K_M"], key=ggml.nominal_bits)[0] == "Q4_K_M"

@@ -3,6 +3,7 @@ finds them all and runs nothing, and a changed setting reruns only the stages th
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,23 @@ def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
     assert not timing["fit"]["cached"]
     assert plan.params["fit"]["max_strength"] == 3.0
     assert 0 < plan.params["plan_strength"] <= 3.0
+    f16 = RecipeSettings(**{**settings.__dict__, "fit_type": "f16"})
+    assert distill_plan(model, out, f16, progress=False)[1] == path  # F16, spelt: the fit before fit_type existed
+    plan, at_q4, timing = distill_plan(model, out, RecipeSettings(**{**settings.__dict__, "fit_type": "Q4_0"}),
+                                       progress=False)
+    assert at_q4 != path
+    assert not timing["fit"]["cached"]
+    assert plan.params["fit"]["model_type"] == "Q4_0"
+
+
+def test_detox_fits_at_the_requested_type_with_the_fewest_bits() -> None:
+    from pydetox.detox import DetoxJob, _recipe_settings
+
+    job = DetoxJob(model=Path("m.gguf"), methods=("distill",), types=("F16", "Q4_K_M", "Q8_0"))
+    assert _recipe_settings(job).fit_type == "Q4_K_M"
+    assert _recipe_settings(dataclasses.replace(job, types=("Q8_0", "F16"))).fit_type == "Q8_0"
+    pinned = dataclasses.replace(job, overrides={"recipe": {"fit_type": "F16"}})
+    assert _recipe_settings(pinned).fit_type == "F16"
 
 
 def test_detox_refuses_an_unknown_recipe_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,4 +152,5 @@ def test_detox_refuses_an_unknown_recipe_setting(tmp_path: Path, capsys: pytest.
 
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
     assert main(["detox", "--model", str(model), "--out", str(tmp_path / "o"), "--param", "recipe:strength=2"]) == 2
-    assert "recipe has no parameter 'strength'; it has: fit_steps, fit_tokens, kl_budget, max_strength" in capsys.readouterr().err
+    assert ("recipe has no parameter 'strength'; it has: fit_steps, fit_tokens, fit_type, kl_budget, max_strength"
+            in capsys.readouterr().err)

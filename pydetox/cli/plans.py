@@ -58,7 +58,8 @@ def _cmd_plan_fit(args: argparse.Namespace) -> int:
     documents = load_clean_text(args.clean_text)
     floor = None if args.edited_type.lower() == "none" else ggml.parse_type(args.edited_type)
     fit = fit_strength(plan, model, args.kl, documents, max_tokens=args.tokens, window=args.window, edited_floor=floor,
-                       steps=args.steps, max_strength=args.max_strength, threads=args.threads, progress=not args.quiet)
+                       steps=args.steps, max_strength=args.max_strength, threads=args.threads,
+                       ftype=ggml.parse_ftype(args.type) if args.type else None, progress=not args.quiet)
     if fit.strength == 0:
         raise PydetoxError(f"no strength tried keeps KL within {args.kl:g} on {model.name}: "
                            + ", ".join(f"{t.strength:g} -> {t.kl:.4f}" for t in fit.trials))
@@ -66,6 +67,7 @@ def _cmd_plan_fit(args: argparse.Namespace) -> int:
     fitted = EditPlan(fitted.arch, fitted.edits, fitted.method, {**fitted.params, "fit": {
         "kl_budget": args.kl, "model": model.name, "clean_text": args.clean_text, "tokens": args.tokens,
         "window": args.window, "edited_type": args.edited_type, "max_strength": args.max_strength,
+        "model_type": args.type,
         "trials": [{"strength": t.strength, "kl": round(t.kl, 5), "perplexity": round(t.perplexity, 3)} for t in fit.trials],
     }}, fitted.model)
     fitted.save(args.output)
@@ -128,6 +130,8 @@ def _add_plan(sub: Any) -> None:
     ft.add_argument("--tokens", type=_positive_int, default=4096, help="clean-text tokens to measure on (default 4096)")
     ft.add_argument("--window", type=int, default=512)
     ft.add_argument("--edited-type", default="none", help="as apply's --edited-type (default none: types kept)")
+    ft.add_argument("--type", help="measure at this model type (as apply's --type: each trial applied with it, against "
+                    "the unedited model converted to it); default: the model's own types")
     ft.add_argument("--steps", type=_positive_int, default=6, help="most strengths to try (default 6)")
     ft.add_argument("--max-strength", type=_strength, default=1.0, help="strongest scale to try (default 1: the plan "
                     "as discovered; above 1 extrapolates the edit when its KL leaves budget unused)")
