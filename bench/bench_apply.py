@@ -70,6 +70,25 @@ def test_apply_q4_k_m_vs_llama_quantize(f16_model: Path, plan_file: Path, compar
                 assert a.read(t).tobytes() == b.read(b.tensors[name]).tobytes(), name
 
 
+@pytest.mark.parametrize("asset", ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
+def test_default_edit_per_model(asset: str, tmp_path: Path, compare: Callable[..., float]) -> None:
+    """What `pydetox detox` applies at Q4_K_M on each bundled model: a rank-32 update of the upper two thirds of
+    the ffn_down tensors (random here, the default recipe's shape), edited tensors floored at Q8_0, from the F16
+    model; against llama.cpp producing Q4_K_M from the same F16 file."""
+    src = tmp_path / "f16.gguf"
+    apply_plan(None, fetch(asset, quiet=True), src, ApplyOptions(ftype=gguf.LlamaFileType.MOSTLY_F16, progress=False))
+    with ModelFile(src) as m:
+        downs = [(n, t.shape) for n, t in m.tensors.items() if n.endswith("ffn_down.weight")]
+        plan = random_plan(m.arch, downs[len(downs) // 3:], EditKind.LOW_RANK, rank=32, seed=0)
+    threads = default_threads()
+    opts = ApplyOptions(ftype=Q4_K_M, threads=threads, overwrite=True, progress=False,
+                        edited_floor=gguf.GGMLQuantizationType.Q8_0)
+    compare(f"{asset}: llama_model_quantize Q4_K_M, {threads} threads",
+            lambda: apply_plan(plan, src, tmp_path / "ours.gguf", opts),
+            lambda: llama_quantize(src, tmp_path / "llama.gguf", threads), rounds=2)
+    assert (tmp_path / "ours.gguf").stat().st_size > (tmp_path / "llama.gguf").stat().st_size  # the Q8_0 floor
+
+
 def _child_peak_rss(code: str) -> int:
     """Peak RSS of a fresh interpreter running `code`, as that process reports it at exit."""
     # VmHWM, not getrusage: Linux carries ru_maxrss over fork + exec, so a child started from a big pytest process
