@@ -537,6 +537,20 @@ def test_distill_benign_starts_join_the_clean_text_continued_by_the_unedited_mod
     chat = disc.plan("distill", {**settings, "chat_starts": "4", "chat_tokens": "5"}).params["diagnostics"]
     assert chat["teacher_from_cache"]
     assert chat["clean_sequences"] == plain["clean_sequences"] + 4
+    # the continuations are kept beside the teacher's cache and read back, not computed again
+    from pydetox.discover.distill import teacher
+
+    assert (tmp_path / "teacher.benign.npz").is_file()
+    assert (tmp_path / "teacher.chat.npz").is_file()
+
+    def refuse(*_: object) -> list[list[int]]:
+        raise AssertionError("computed again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(teacher, "_benign_continuations", refuse)
+        again = disc.plan("distill", {**settings, "benign_starts": "6"}).params["diagnostics"]
+    assert again["clean_sequences"] == more["clean_sequences"]
+    assert again["held_out_before"] == more["held_out_before"]
 
 
 def test_distill_chat_starts_are_answers_of_the_unedited_model_in_its_chat_format(trained: tuple[Path, Path]) -> None:

@@ -335,6 +335,25 @@ def _anti_targets(source: Path, p: DistillParams, toxic: _Targets, teacher_key: 
     return _debiased(toxic, both, p.anti_lambda, spare, p.anti_rule, p.anti_margin), hit
 
 
+def _continuations(cache: Path | None, role: str, source: Path, p: DistillParams, keys: tuple[str, ...],
+                   make: Callable[[], list[list[int]]]) -> list[list[int]]:
+    """The unedited model's continuations `make` computes (benign sentence starts, chat answers; the default's 600
+    benign starts take ~2.5 min on Qwen2.5-0.5B), read from or written to `cache`'s sibling CACHE.<role>.npz, keyed
+    by the model file and the parameters they depend on, so a resumed run or another training seed reuses them."""
+    import json
+
+    key = json.dumps({"source": file_stamp(source), "seed": p.seed, "max_tokens": p.max_tokens,
+                      **{k: getattr(p, k) for k in keys}}, sort_keys=True)
+    path = _sibling(cache, role)
+    cached = _read_npz(path, key, lambda z: _unpack(z, "seq_"))
+    if cached is not None:
+        return cached
+    seqs = make()
+    if path is not None and seqs:
+        _save_npz(path, key, _pack(seqs, "seq_"))
+    return seqs
+
+
 def _targets(ctx: Context, p: DistillParams, source: Path, prompts: list[str], toxic_texts: list[str],
              clean_texts: list[str]) -> tuple[_Targets, list[list[int]], dict[str, Any]]:
     """The teacher's targets on the toxic contexts and the tokenized clean texts, from `cache` when it holds them
@@ -355,7 +374,9 @@ def _targets(ctx: Context, p: DistillParams, source: Path, prompts: list[str], t
         spare = np.asarray(ctx.fp.tokenizer.all_special_ids, np.int64)  # the anti-expert's data ends every text at EOS
         toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress, spare)
     if p.benign_starts > 0:
-        clean_seqs = clean_seqs + _benign_continuations(source, p, ctx.progress)
+        clean_seqs = clean_seqs + _continuations(cache, "benign", source, p, ("benign_starts", "max_new_tokens"),
+                                                 lambda: _benign_continuations(source, p, ctx.progress))
     if p.chat_starts > 0:
-        clean_seqs = clean_seqs + _chat_continuations(source, p, ctx.progress)
+        clean_seqs = clean_seqs + _continuations(cache, "chat", source, p, ("chat_starts", "chat_tokens"),
+                                                 lambda: _chat_continuations(source, p, ctx.progress))
     return toxic, clean_seqs, {"teacher_from_cache": cached is not None, **({"anti_from_cache": anti_cached} if p.anti else {})}
