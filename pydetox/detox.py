@@ -193,8 +193,7 @@ def _given_plans(job: DetoxJob) -> dict[str, tuple[EditPlan, Path]]:
 
 
 def _recipe_settings(job: DetoxJob) -> RecipeSettings:
-    """The recipe's settings with the job's `--param recipe:`, `distill:` and `calibrator:` overrides and its seed;
-    the strength is fitted at the job's type with the fewest bits unless `recipe:fit_type` names another."""
+    """The recipe's settings with the job's `--param recipe:`, `distill:` and `calibrator:` overrides and its seed."""
     from pydetox.discover.base import override
 
     overrides = job.overrides or {}
@@ -204,8 +203,6 @@ def _recipe_settings(job: DetoxJob) -> RecipeSettings:
     if set(fit) - RECIPE_SCALARS:
         raise PydetoxError(f"recipe has no parameter {sorted(set(fit) - RECIPE_SCALARS)[0]!r}; it has: "
                            f"{', '.join(sorted(RECIPE_SCALARS))}")
-    if "fit_type" not in fit:  # the budget holds at the type that adds the most quantization error
-        fit = {**fit, "fit_type": min(job.types, key=ggml.nominal_bits)}
     recipe = override(job.recipe, fit, "recipe")
     return dataclasses.replace(recipe, distill={**recipe.distill, **extra}, seed=job.seed,
                                calibrator_file=Path(cal) if cal else recipe.calibrator_file,

@@ -137,14 +137,13 @@ def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
     assert plan.params["fit"]["model_type"] == "Q4_0"
 
 
-def test_detox_fits_at_the_requested_type_with_the_fewest_bits() -> None:
+def test_detox_fit_type_is_a_recipe_setting() -> None:
     from pydetox.detox import DetoxJob, _recipe_settings
 
     job = DetoxJob(model=Path("m.gguf"), methods=("distill",), types=("F16", "Q4_K_M", "Q8_0"))
-    assert _recipe_settings(job).fit_type == "Q4_K_M"
-    assert _recipe_settings(dataclasses.replace(job, types=("Q8_0", "F16"))).fit_type == "Q8_0"
-    pinned = dataclasses.replace(job, overrides={"recipe": {"fit_type": "F16"}})
-    assert _recipe_settings(pinned).fit_type == "F16"
+    assert _recipe_settings(job).fit_type == "F16"
+    at_q4 = dataclasses.replace(job, overrides={"recipe": {"fit_type": "Q4_K_M"}})
+    assert _recipe_settings(at_q4).fit_type == "Q4_K_M"
 
 
 def test_detox_refuses_an_unknown_recipe_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
