@@ -340,12 +340,15 @@ class _Student:
             else:
                 bt = gen.choice(train_t, p.batch, replace=False).tolist()
                 bc = gen.choice(train_c, p.batch, replace=False).tolist()
+            opt.zero_grad()
+            # The two terms' gradients are accumulated one after the other, so that only one batch's activations
+            # are held for a backward pass at a time (the same gradient as one backward of their sum).
             with self.bf16:
                 lt = _batch_kl(ctx, self.toxic, bt, self.vocab).mean()
+            lt.backward()
+            with self.bf16:
                 lc = self.clean_kl(bc, self.vocab).mean()
-                loss = lt + p.clean_weight * lc
-            opt.zero_grad()
-            loss.backward()
+            (p.clean_weight * lc).backward()
             opt.step()
             if step % 20 == 0 or step == p.steps - 1:
                 curve.append((step, round(lt.item(), 4), round(lc.item(), 5)))
