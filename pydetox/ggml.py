@@ -104,20 +104,6 @@ def parse_ftype(name: str) -> gguf.LlamaFileType:
         raise UnsupportedTypeError(f"unknown model type {name!r}; expected one of: {known}") from None
 
 
-def nominal_bits(name: str) -> float:
-    """Bits per weight of a model type's main tensor type, from gguf's block table: 'Q4_K_M' -> Q4_K's 4.5,
-    'Q8_0' -> 8.5, 'F16' -> 16. Ranks the types a job asks for by how much quantization error they add (a mix such as
-    Q4_K_M keeps some tensors at more bits; the main type decides the order)."""
-    parse_ftype(name)  # refuses a name llama-quantize does not know
-    parts = name.upper().split("_")
-    for n in range(len(parts), 0, -1):
-        qtype = gguf.GGMLQuantizationType.__members__.get("_".join(parts[:n]))
-        if qtype is not None:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            return 8 * size / block
-    raise UnsupportedTypeError(f"model type {name!r} names no tensor type whose size gguf knows")
-
-
 def ftype_name(ftype: gguf.LlamaFileType) -> str:
     return "F32" if ftype == gguf.LlamaFileType.ALL_F32 else ftype.name.removeprefix("MOSTLY_")
 
