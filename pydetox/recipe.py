@@ -218,6 +218,20 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
     return fitted
 
 
+def _release_memory() -> None:
+    """Give the heap that a torch stage freed back to the system before the llama.cpp stages: glibc keeps freed
+    memory mapped otherwise (Qwen2.5-0.5B after distill: 3.78 GB resident, 2.73 GB after the stage's objects are
+    collected, 0.51 GB after malloc_trim). A no-op where the C library has no malloc_trim."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def _file_stamp(path: Path) -> Any:
     from pydetox.discover.distill.teacher import file_stamp
 
@@ -240,6 +254,8 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
 
     f16, _ = stages.run("f16", src_key, ".gguf", make_f16)
     cal, cal_key = _calibrator(stages, f16, src_key, settings, progress)
+    _release_memory()
     raw, plan_key = _distill(stages, f16, cal, cal_key, settings, progress)
+    _release_memory()
     fitted = _fit(stages, f16, raw, plan_key, settings, progress)
     return EditPlan.load(fitted), fitted, stages.timing
