@@ -187,16 +187,19 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
     wiki text, measured in llama.cpp at `fit_type` with the edited tensors at their floor type."""
     from pydetox import ggml
 
+    ftype: gguf.LlamaFileType | None = ggml.parse_ftype(settings.fit_type)  # None: measured on the F16 source as is
+    if ftype == gguf.LlamaFileType.MOSTLY_F16:
+        ftype = None
+
     def make_fit(path: Path) -> dict[str, Any]:
         from pydetox.fit import fit_strength
         from pydetox.prompts import load_clean_text
 
         plan = EditPlan.load(raw)
         floor = ggml.parse_type(settings.edited_type) if settings.edited_type else None
-        at = ggml.parse_ftype(settings.fit_type)
         fit = fit_strength(plan, f16, settings.kl_budget, load_clean_text("wiki"), max_tokens=settings.fit_tokens,
                            edited_floor=floor, steps=settings.fit_steps, max_strength=settings.max_strength,
-                           ftype=None if at == gguf.LlamaFileType.MOSTLY_F16 else at, progress=progress)
+                           ftype=ftype, progress=progress)
         if fit.strength == 0:
             raise PydetoxError(f"no strength tried keeps KL within {settings.kl_budget:g}: "
                                + ", ".join(f"{t.strength:g} -> {t.kl:.4f}" for t in fit.trials))
@@ -212,7 +215,7 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
     # a ceiling of 1 (the search before max_strength existed) leaves the key as it was, so such fits stay valid
     # and so does a fit at F16 (the only type before fit_type existed)
     ceiling = () if settings.max_strength == 1.0 else (settings.max_strength,)
-    at = () if ggml.parse_ftype(settings.fit_type) == gguf.LlamaFileType.MOSTLY_F16 else (settings.fit_type.upper(),)
+    at = () if ftype is None else (settings.fit_type.upper(),)
     fitted, _ = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
                                           settings.edited_type, *ceiling, *at), ".plan.gguf", make_fit)
     return fitted

@@ -111,22 +111,26 @@ def _prune_converted(keep: Path, source: Path) -> list[Path]:
     import shutil
     import time
 
+    def size(folder: Path) -> int:
+        return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
     budget = float(os.environ.get("PYDETOX_CONVERTED_CACHE_GB", "20")) * 1e9
-    now, removed = time.time(), []
+    now, own, removed = time.time(), source.resolve(), []
     entries = []  # (last use, bytes, folder) of the folders that stay after the first pass
     for folder in keep.parent.iterdir():
-        marker = folder / _DONE
-        if folder == keep or not folder.is_dir() or folder.name.endswith(".tmp") or (
-                marker.is_file() and now - marker.stat().st_mtime < 600):
+        if folder == keep or not folder.is_dir() or folder.name.endswith(".tmp"):
             continue
-        origin = marker.read_text().partition("source: ")[2].strip() if marker.is_file() else ""
-        if not origin or not Path(origin).is_file() or Path(origin) == source.resolve():
+        marker = folder / _DONE
+        used = marker.stat().st_mtime if marker.is_file() else None
+        if used is not None and now - used < 600:
+            continue
+        origin = marker.read_text().partition("source: ")[2].strip() if used is not None else ""
+        if not origin or not Path(origin).is_file() or Path(origin) == own:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
             continue
-        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-        entries.append((marker.stat().st_mtime, size, folder))
-    total = sum(f.stat().st_size for f in keep.iterdir() if f.is_file()) + sum(e[1] for e in entries)
+        entries.append((used, size(folder), folder))
+    total = size(keep) + sum(e[1] for e in entries)
     for _, size, folder in sorted(entries):
         if total <= budget:
             break
