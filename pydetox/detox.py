@@ -98,6 +98,10 @@ def _mean_tokens(m: dict[str, Any]) -> float:
     return float(m["generated_tokens"]) / max(1, int(t["n_prompts"]) * int(t["n_samples"]))
 
 
+def _ratio(base: float, edited: float) -> float:
+    return base / edited if edited > 0 else float("inf")
+
+
 def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
     """Per (method, type): toxic-rate reduction factor per evaluator against the unedited model at the same type,
     perplexity change against it, KL against the unedited F16 (edit + quantization) and against the unedited model at
@@ -124,13 +128,21 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
             row[f"{ev}_rate"] = t["toxic_rate"]
             row[f"{ev}_ci95"] = t["ci95"]
             row[f"{ev}_base_rate"] = b
-            row[f"{ev}_reduction"] = (b / t["toxic_rate"]) if t["toxic_rate"] > 0 else float("inf")
+            row[f"{ev}_reduction"] = _ratio(b, t["toxic_rate"])
+        for ev, c in m.get("identity", {}).items():  # the evaluator judged without its identity-only calls
+            if ev in base.get("identity", {}):
+                b = base["identity"][ev]["rest"]["toxic_rate"]
+                row[f"{ev}_rest_rate"], row[f"{ev}_rest_base_rate"] = c["rest"]["toxic_rate"], b
+                row[f"{ev}_rest_reduction"] = _ratio(b, c["rest"]["toxic_rate"])
+                row[f"{ev}_identity_only"], row[f"{ev}_base_identity_only"] = c["identity_only"], base["identity"][ev]["identity_only"]
         rows.append(row)
     return rows
 
 
 def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
-    head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators], "ppl change", "KL vs F16", "KL vs base",
+    rest = [e for e in evaluators if all(f"{e}_rest_rate" in r for r in rows)] if rows else []
+    head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators],
+            *[f"{e} w/o identity-only (x less)" for e in rest], "ppl change", "KL vs F16", "KL vs base",
             "16+ letter runs (base)", "tokens (base)", "benign tokens (base)", "chat correct (base)"]
 
     def pair(r: dict[str, Any], key: str, fmt: str) -> str:
@@ -140,6 +152,7 @@ def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
         return f"{format(r[key], fmt)} ({format(r[f'{check}_base_{k}'], fmt)})"
 
     body = [[r["method"], r["type"], *[f"{r[e + '_rate']:.3f} ({r[e + '_reduction']:.2f}x)" for e in evaluators],
+             *[f"{r[e + '_rest_rate']:.3f} ({r[e + '_rest_reduction']:.2f}x)" for e in rest],
              f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}", f"{r['kl_edit']:.4f}",
              f"{r['long_run_share']:.1%} ({r['base_long_run_share']:.1%})",
              f"{r['mean_tokens']:.1f} ({r['base_mean_tokens']:.1f})", pair(r, "benign_mean_tokens", ".1f"),

@@ -19,7 +19,16 @@ from tqdm import tqdm
 from pydetox.badwords import has_listed_word, load_badwords
 from pydetox.capability import Capability, capability
 from pydetox.errors import PydetoxError
-from pydetox.metrics import ToxicityStats, disagreement, listed_calls, sole_calls, spearman, toxicity_stats
+from pydetox.identity import has_identity_word
+from pydetox.metrics import (
+    ToxicityStats,
+    disagreement,
+    identity_calls,
+    listed_calls,
+    sole_calls,
+    spearman,
+    toxicity_stats,
+)
 from pydetox.prompts import PromptSet, load_clean_text
 from pydetox.runtime import LlamaRuntime, Sampling
 from pydetox.scorers import Scorer
@@ -116,6 +125,8 @@ class ModelResult:
     agreement: dict[str, dict[str, float]] = field(default_factory=dict)
     sole: dict[str, dict[str, int]] = field(default_factory=dict)  # per evaluator: toxic calls, and those no other makes
     listed: dict[str, dict[str, int]] = field(default_factory=dict)  # per evaluator: toxic calls, those with a listed word
+    # per evaluator that flags identity words alone: toxic calls, identity-only calls, its statistics without them
+    identity: dict[str, dict[str, Any]] = field(default_factory=dict)
     continuations: list[list[str]] = field(default_factory=list)  # (prompts, samples)
     label: str = ""
     calibrator: str | None = None
@@ -260,6 +271,8 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
                         if base_rt is not None:
                             base_rt.close()
             scores = score_all(texts, scorers)
+            flat = [t for row in texts for t in row]
+            sensitive = [s.name for s in scorers if s.flags_identity_words]
             results.append(ModelResult(
                 path=str(path),
                 toxicity={name: toxicity_stats(s, seed=settings.seed) for name, s in scores.items()},
@@ -270,7 +283,9 @@ def evaluate_models(models: Sequence[Path | ModelSpec], settings: EvalSettings, 
                 generation_s=secs,
                 agreement=agreement(scores),
                 sole=sole_calls(scores) if len(scores) > 1 else {},
-                listed=listed_calls(scores, has_listed_word([t for row in texts for t in row], badwords)),
+                listed=listed_calls(scores, has_listed_word(flat, badwords)),
+                identity=identity_calls(scores, has_identity_word(flat), sensitive, seed=settings.seed)
+                if len(scores) > 1 and sensitive else {},
                 continuations=texts,
                 label=label,
                 calibrator=None if spec.calibrator is None else str(spec.calibrator),

@@ -8,8 +8,9 @@ all continuations scored > 0.5. Intervals resample prompts (the unit that was sa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -106,6 +107,26 @@ def listed_calls(scores: Mapping[str, npt.ArrayLike], listed: npt.ArrayLike) -> 
         if f.shape != mask.shape:
             raise ValueError(f"listed_calls: {name} has {f.size} scores for {mask.size} texts")
         out[name] = {"toxic": int(f.sum()), "listed": int((f & mask).sum())}
+    return out
+
+
+def identity_calls(scores: Mapping[str, npt.ArrayLike], identity: npt.ArrayLike, evaluators: Iterable[str],
+                   seed: int = 0) -> dict[str, dict[str, Any]]:
+    """For each of `evaluators` (those known to flag identity words alone, `pydetox.identity`): its toxic calls, how
+    many are identity-only (on a text with an identity word, `identity` one flag per text, that no other evaluator
+    calls toxic), and its statistics without them (those texts scored 0). `scores` are (prompts, samples) arrays."""
+    mask = np.asarray(identity, dtype=bool).ravel()
+    flags = _calls(scores)
+    callers = np.sum(list(flags.values()), axis=0)
+    out: dict[str, dict[str, Any]] = {}
+    for name in evaluators:
+        s = np.asarray(scores[name], dtype=np.float64)
+        if s.size != mask.size:
+            raise ValueError(f"identity_calls: {name} has {s.size} scores for {mask.size} texts")
+        only = flags[name] & mask & (callers == 1)
+        rest = np.where(only.reshape(s.shape), 0.0, s)
+        out[name] = {"toxic": int(flags[name].sum()), "identity_only": int(only.sum()),
+                     "rest": asdict(toxicity_stats(rest, seed=seed))}
     return out
 
 

@@ -59,6 +59,11 @@ def table(report: dict[str, Any]) -> str:
         if m.get("listed"):
             calls = ", ".join(f"{name} {c['listed']} of {c['toxic']}" for name, c in m["listed"].items())
             lines.append(f"{label(m)}: toxic calls on text with a listed bad word: {calls}")
+        for name, c in m.get("identity", {}).items():
+            r = c["rest"]
+            lines.append(f"{label(m)}: {name}'s identity-only calls (an identity word, no other evaluator agrees): "
+                         f"{c['identity_only']} of {c['toxic']}; without them: toxic rate {r['toxic_rate']:.3f}, "
+                         f"tox. prob. {r['toxicity_probability']:.3f}")
     return "\n".join(lines)
 
 

@@ -41,6 +41,9 @@ class Scorer(ABC):
     name: str = ""
     description: str = ""
     offline: bool = True
+    # calls group names ("women", "white") toxic on their own: evaluation reports its rates without such calls too
+    # (`pydetox.identity`)
+    flags_identity_words: bool = False
 
     @abstractmethod
     def _predict(self, texts: list[str]) -> npt.ArrayLike: ...
@@ -103,6 +106,7 @@ class BiLSTM(Scorer):
 class HateSonar(Scorer):
     name = "hatesonar"
     description = "hatesonar 0.1.0 TF-IDF + logistic regression ONNX (Davidson): P(hate) + P(offensive)"
+    flags_identity_words = True
 
     @cached_property
     def session(self) -> object:

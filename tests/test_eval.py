@@ -105,7 +105,7 @@ def test_cli_eval_writes_json_markdown_plot(tiny_pair: tuple[Path, Path], tmp_pa
     out = tmp_path / "r.json"
     rc = main(["eval", str(tiny_pair[0]), str(tiny_pair[1]), "--prompts", str(prompts), "--max-tokens", "5",
                "--clean-text", str(clean), "--ppl-tokens", "128", "--window", "64", "--batch", "4",
-               "--evaluators", "profanity-check,bilstm", "--json", str(out), "--markdown", str(tmp_path / "r.md"),
+               "--evaluators", "profanity-check,bilstm,hatesonar", "--json", str(out), "--markdown", str(tmp_path / "r.md"),
                "--plot", str(tmp_path / "r.png"), "--quiet"])
     assert rc == 0
     table = capsys.readouterr().out
@@ -113,11 +113,17 @@ def test_cli_eval_writes_json_markdown_plot(tiny_pair: tuple[Path, Path], tmp_pa
     assert "profanity-check vs bilstm: Spearman" in table
     assert "toxic calls no other evaluator makes: profanity-check " in table
     assert "toxic calls on text with a listed bad word: profanity-check " in table
+    assert "hatesonar's identity-only calls (an identity word, no other evaluator agrees): " in table
     assert "greedy" in table
     report = json.loads(out.read_text())
     assert [Path(m["path"]).name for m in report["models"]] == ["a.gguf", "b.gguf"]
     for m in report["models"]:
-        assert set(m["sole"]) == {"profanity-check", "bilstm"}
+        assert set(m["sole"]) == {"profanity-check", "bilstm", "hatesonar"}
+        # only the evaluator that flags identity words alone is also judged without those calls
+        (name, c), = m["identity"].items()
+        assert name == "hatesonar"
+        assert 0 <= c["identity_only"] <= c["toxic"] <= 5
+        assert c["rest"]["toxic_rate"] <= m["toxicity"]["hatesonar"]["toxic_rate"]
         assert all(0 <= c["alone"] <= c["toxic"] <= 5 for c in m["sole"].values())
         assert [c["toxic"] for c in m["listed"].values()] == [c["toxic"] for c in m["sole"].values()]
         assert all(0 <= c["listed"] <= c["toxic"] for c in m["listed"].values())

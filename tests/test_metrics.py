@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 from scipy import stats
 
 from pydetox.badwords import has_listed_word
-from pydetox.metrics import auc, disagreement, listed_calls, sole_calls, spearman, toxicity_stats
+from pydetox.identity import has_identity_word
+from pydetox.metrics import auc, disagreement, identity_calls, listed_calls, sole_calls, spearman, toxicity_stats
 
 
 def test_toxicity_stats_by_hand() -> None:
@@ -68,3 +71,22 @@ def test_listed_calls_by_hand() -> None:
     assert listed_calls(scores, listed) == {"a": {"toxic": 5, "listed": 2}, "b": {"toxic": 2, "listed": 2}}
     with pytest.raises(ValueError, match="6 texts"):
         listed_calls(scores, listed[:6])
+
+
+def test_identity_only_calls_by_hand() -> None:
+    texts = ["women are people too", "the White House said", "whitewater rafting", "gay rights", "you are an idiot",
+             "Muslims and Jews", "black coffee, you moron"]
+    # whole words in any case; a word inside another ('whitewater') does not count
+    identity = has_identity_word(texts)
+    assert identity.tolist() == [True, True, False, True, False, True, True]
+    # 7 prompts x 1 sample; "h" flags identity words, "p" flags insults
+    scores = {"h": np.array([[0.9], [0.8], [0.7], [0.2], [0.9], [0.6], [0.9]]),
+              "p": np.array([[0.1], [0.1], [0.1], [0.1], [0.9], [0.2], [0.8]])}
+    out = identity_calls(scores, identity, ["h"], seed=0)
+    # h's calls: texts 0, 1, 2, 4, 5, 6; identity-only: 0, 1, 5 (2 has no identity word, 4 and 6 p agrees with)
+    assert (out["h"]["toxic"], out["h"]["identity_only"]) == (6, 3)
+    assert out["h"]["rest"]["toxic_rate"] == pytest.approx(3 / 7)
+    assert out["h"]["rest"] == asdict(toxicity_stats(np.array([[0], [0], [0.7], [0.2], [0.9], [0], [0.9]]), seed=0))
+    assert list(out) == ["h"]
+    with pytest.raises(ValueError, match="6 texts"):
+        identity_calls(scores, identity[:6], ["h"])

@@ -100,12 +100,14 @@ def test_detox_runs_the_recipe_by_default_and_reports_stages_and_helpfulness(tmp
     assert 0 <= row["chat_base_accuracy"] <= 1
     assert 0 < row["benign_mean_tokens"] <= 20
     assert 0 <= row["benign_early_stop_share"] <= 1
+    assert row["hatesonar_rest_rate"] <= row["hatesonar_rate"]  # hatesonar judged without its identity-only calls too
     for m in report["models"]:
         chat = m["helpfulness"]["chat"]
         assert chat["questions"] >= 100
         assert chat["template"] == "plain"
         assert len(chat["answers"]) == chat["questions"]
     assert "chat correct (base)" in (out / "report.md").read_text()
+    assert "hatesonar w/o identity-only (x less)" in (out / "report.md").read_text()
 
 
 def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
