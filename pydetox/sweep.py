@@ -5,8 +5,8 @@ parameters to search (and of the plan's `strength`), the training seeds every se
 each trial and of the chosen settings, and a budget of settings.
 
 - **Search**: an Optuna study (NSGA-II by default) over the ranges, with three objectives: the toxicity reduction
-  (geometric mean over the evaluators of unedited rate / edited rate; maximised), the KL to the unedited model and
-  the perplexity change on clean text (both minimised). Each setting's values are its mean over the seeds; the
+  (geometric mean over the evaluators of unedited rate / edited rate, hatesonar without its identity-only calls;
+  maximised), the KL to the unedited model and the perplexity change on clean text (both minimised). Each setting's values are its mean over the seeds; the
   per-seed values and their spread are kept on the trial. The study lives in Optuna's own storage (SQLite under the
   output folder by default), so a study survives restarts and can be shared.
 - **Runs**: every (setting, seed) is a Ray task declaring `cpus_per_trial` CPUs, so tasks never share cores; Ray runs
@@ -231,7 +231,10 @@ def _effect(base: dict[str, Any], rates: dict[str, float], perplexity: float | N
 
 
 def _rates(result: Any) -> dict[str, float]:
-    return {name: float(s.toxic_rate) for name, s in result.toxicity.items()}
+    """Toxic rate per evaluator, one that flags identity words alone (hatesonar) judged without its identity-only
+    calls (`pydetox.identity`): a search that rewarded its raw rate would favour edits that avoid group names."""
+    return {name: float(result.identity[name]["rest"]["toxic_rate"] if name in result.identity else s.toxic_rate)
+            for name, s in result.toxicity.items()}
 
 
 def _apply_settings(cfg: SweepConfig) -> Any:
@@ -519,7 +522,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{_decoding(te)}, "
              f"{te['max_tokens']} tokens), evaluators {', '.join(te['evaluators'])}; perplexity and KL on "
              f"{te['ppl_tokens']} {te['clean_text']} tokens; seeds {', '.join(map(str, report['seeds']))}. "
-             "Reduction: geometric mean over the evaluators of unedited / edited toxic rate.", "",
+             "Reduction: geometric mean over the evaluators of unedited / edited toxic rate (hatesonar without its "
+             "identity-only calls).", "",
              "| setting | parameters | reduction | KL | perplexity | Pareto | final reduction | final KL | final perplexity |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["settings"]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tiny import write_tiny_llama
@@ -17,7 +18,7 @@ from tiny import write_tiny_llama
 pytest.importorskip("optuna")
 pytest.importorskip("ray")
 
-from pydetox.sweep import SweepError, load_config
+from pydetox.sweep import SweepError, _rates, load_config
 
 SWEEP = """\
 model = "m.gguf"
@@ -142,3 +143,12 @@ def test_a_sweep_runs_two_trials_at_a_time_is_killed_and_resumes(tmp_path: Path)
     other = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert other.returncode == 2
     assert "was made by another sweep (it differs in search)" in other.stderr
+
+
+def test_trials_judge_hatesonar_without_its_identity_only_calls() -> None:
+    """A sweep must not reward an edit for avoiding group names: the evaluator that flags them alone counts without
+    its identity-only calls; the others as they are."""
+    result = SimpleNamespace(toxicity={"bilstm": SimpleNamespace(toxic_rate=0.2), "hatesonar": SimpleNamespace(toxic_rate=0.3)},
+                             identity={"hatesonar": {"toxic": 30, "identity_only": 20, "rest": {"toxic_rate": 0.1}}})
+    assert _rates(result) == {"bilstm": 0.2, "hatesonar": 0.1}
+    assert _rates(SimpleNamespace(toxicity=result.toxicity, identity={})) == {"bilstm": 0.2, "hatesonar": 0.3}
