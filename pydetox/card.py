@@ -83,6 +83,14 @@ def _evaluation(m: dict[str, Any], row: dict[str, Any] | None) -> list[str]:
         known = row and ev + "_reduction" in row and row[ev + "_base_rate"] > 0 and t["toxic_rate"] > 0
         less = f"{row[ev + '_reduction']:.2f}" if known else "-"  # (none toxic on either side: no ratio)
         lines.append(f"| {ev} | {t['toxic_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {base} | {less} |")
+    for ev, c in m.get("identity", {}).items():  # the evaluator without its calls on group names alone
+        t = c["rest"]
+        lo, hi = t["ci95"]
+        base = f"{row[ev + '_rest_base_rate']:.3f}" if row and ev + "_rest_base_rate" in row else "-"
+        known = row and ev + "_rest_reduction" in row and row[ev + "_rest_base_rate"] > 0 and t["toxic_rate"] > 0
+        less = f"{row[ev + '_rest_reduction']:.2f}" if known else "-"
+        lines.append(f"| {ev} without its {c['identity_only']} identity-only calls | {t['toxic_rate']:.3f} "
+                     f"[{lo:.3f}, {hi:.3f}] | {base} | {less} |")
     lines.append("")
     if m.get("perplexity") is not None:
         change = f" ({row['perplexity_change']:+.1%} against the unedited model)" if row else ""

@@ -6,9 +6,9 @@ each trial and of the chosen settings, and a budget of settings.
 
 - **Search**: an Optuna study (NSGA-II by default) over the ranges, with three objectives: the toxicity reduction
   (geometric mean over the evaluators of unedited rate / edited rate, hatesonar without its identity-only calls;
-  maximised), the KL to the unedited model and the perplexity change on clean text (both minimised). Each setting's values are its mean over the seeds; the
-  per-seed values and their spread are kept on the trial. The study lives in Optuna's own storage (SQLite under the
-  output folder by default), so a study survives restarts and can be shared.
+  maximised), the KL to the unedited model and the perplexity change on clean text (both minimised). Each setting's
+  values are its mean over the seeds; the per-seed values and their spread are kept on the trial. The study lives in
+  Optuna's own storage (SQLite under the output folder by default), so a study survives restarts and can be shared.
 - **Runs**: every (setting, seed) is a Ray task declaring `cpus_per_trial` CPUs, so tasks never share cores; Ray runs
   locally by default and on a cluster with `--address`. A task discovers the plan, scales it, applies it at `type`,
   evaluates it on the trial prompts (discovery-side prompts, never the evaluation prompts) and writes

@@ -304,6 +304,7 @@ def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest
     assert "method `profs`" in card
     assert "| profanity-check |" in card
     assert "times fewer" in card
+    assert "| hatesonar without its " in card  # and judged without its calls on group names alone
     assert "## Known limits" in card
     assert "detoxified" not in (out / "m.Q8_0.gguf.md").read_text()
     assert "ppl change" in capsys.readouterr().out
