@@ -276,6 +276,7 @@ def run_trial(cfg: SweepConfig, params: dict[str, Any], seed: int, base: dict[st
     from pydetox.assets import resolve_model
     from pydetox.discover import Discovery
     from pydetox.evaluate import run_evaluation
+    from pydetox.plan import EditPlan
 
     folder = cfg.out / "trials" / setting_key(cfg.method, params, cfg.fixed) / f"seed{seed}"
     done = folder / "result.json"
@@ -288,8 +289,17 @@ def run_trial(cfg: SweepConfig, params: dict[str, Any], seed: int, base: dict[st
     model = resolve_model(cfg.model)
     extra, data_seed = _seed_overrides(cfg.method, seed)
     method_params = {k: str(v) for k, v in params.items() if k != "strength"}
-    plan = Discovery(model, n_pairs=cfg.pairs, seed=data_seed, progress=False, device="cpu").plan(
-        cfg.method, {**cfg.fixed, **method_params, **extra})
+    # The discovered plan is kept per (method parameters, seed): settings that differ in strength alone (a scaling of
+    # the same plan) share one discovery, the expensive part of a trial.
+    discovered = (cfg.out / "plans" / setting_key(cfg.method, method_params, cfg.fixed)
+                  / f"seed{seed}-pairs{cfg.pairs}.plan.gguf")
+    if discovered.is_file():
+        plan = EditPlan.load(discovered)
+    else:
+        plan = Discovery(model, n_pairs=cfg.pairs, seed=data_seed, progress=False, device="cpu").plan(
+            cfg.method, {**cfg.fixed, **method_params, **extra})
+        discovered.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(discovered)
     if "strength" in params:
         plan = plan.scaled(float(params["strength"]))
     plan_path = plan.save(folder / "plan.gguf")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from tiny import write_tiny_llama
 
@@ -152,3 +153,29 @@ def test_trials_judge_hatesonar_without_its_identity_only_calls() -> None:
                              identity={"hatesonar": {"toxic": 30, "identity_only": 20, "rest": {"toxic_rate": 0.1}}})
     assert _rates(result) == {"bilstm": 0.2, "hatesonar": 0.1}
     assert _rates(SimpleNamespace(toxicity=result.toxicity, identity={})) == {"bilstm": 0.2, "hatesonar": 0.3}
+
+
+def test_settings_that_differ_in_strength_alone_share_one_discovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydetox.discover import Discovery
+    from pydetox.plan import EditPlan
+    from pydetox.sweep import baseline, run_trial
+
+    write_tiny_llama(tmp_path / "m.gguf", d=64, ff=128, layers=3, heads=4, kv_heads=2)
+    (tmp_path / "p.txt").write_text("the cat is\na dog was\nthe\nin the\na cat and\nthe dog of\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(tmp_path))
+    base = baseline(cfg, Path("m.gguf"), cfg.trial_eval, "trial_eval")
+    calls = []
+    plan = Discovery.plan
+    monkeypatch.setattr(Discovery, "plan", lambda self, *a, **k: calls.append(a) or plan(self, *a, **k))
+    full = run_trial(cfg, {"k": 2, "strength": 1.0}, 0, base)
+    half = run_trial(cfg, {"k": 2, "strength": 0.5}, 0, base)
+    assert len(calls) == 1  # the second setting scaled the kept plan
+    assert full["folder"] != half["folder"]
+    want = EditPlan.load(Path(full["folder"]) / "plan.gguf").scaled(0.5)
+    got = EditPlan.load(Path(half["folder"]) / "plan.gguf")
+    assert [e.tensor for e in got.edits] == [e.tensor for e in want.edits]
+    for a, b in zip(got.edits, want.edits, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a.arrays().values(), b.arrays().values(), strict=True))
+    run_trial(cfg, {"k": 2, "strength": 1.0}, 1, base)  # another seed is another discovery
+    assert len(calls) == 2
