@@ -562,32 +562,48 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
-    """Reduction against KL, one point per setting (error bars: sd over seeds), the Pareto front joined."""
+    """Reduction (log scale) against KL, one point per setting on the trial prompts (error bars: sd over seeds), the
+    Pareto front joined; each front setting's final evaluation (the evaluation prompts, mean over its seeds) drawn
+    as a hollow diamond tied to its trial point, since trial prompts can flatter a setting (distill's teacher trains
+    on them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from pydetox.output import atomic
 
     rows = report["settings"]
+    te = report["trial_eval"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for front in (False, True):
         pick = [r for r in rows if r["pareto"] == front]
         if pick:
             ax.errorbar([r["kl"] for r in pick], [r["reduction"] for r in pick], xerr=[r["kl_sd"] for r in pick],
-                        yerr=[r["reduction_sd"] for r in pick], fmt="o", color="C3" if front else "0.6",
-                        label="Pareto front" if front else "other settings", capsize=2)
+                        yerr=[r["reduction_sd"] for r in pick], fmt="o", color="C3" if front else "0.6", capsize=2,
+                        label=f"Pareto front, {te['prompts']}" if front else f"other settings, {te['prompts']}")
     line = sorted((r["kl"], r["reduction"]) for r in rows if r["pareto"])
     if line:
         ax.plot(*zip(*line, strict=True), color="C3", lw=1)
+    finals = [(r, list(r["final"].values())) for r in rows if r.get("final")]
+    for i, (r, runs) in enumerate(finals):
+        kl, red = float(np.mean([f["kl"] for f in runs])), float(np.mean([f["reduction"] for f in runs]))
+        ax.plot([r["kl"], kl], [r["reduction"], red], color="C0", lw=0.8, ls=":")
+        ax.plot([kl], [red], "D", mfc="none", color="C0",
+                label=f"front, final: {report['final_eval']['prompts']}" if i == 0 else None)
+        ax.annotate(str(r["setting"]), (kl, red), fontsize=7, xytext=(3, -9), textcoords="offset points", color="C0")
     for r in rows:
         ax.annotate(str(r["setting"]), (r["kl"], r["reduction"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    te = report["trial_eval"]
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel(f"KL to the unedited model ({te['clean_text']}, nats/token)")
     ax.set_ylabel("toxicity reduction (x fewer toxic continuations)")
-    ax.set_title(f"{report['method']} on {report['model']}: {len(rows)} settings x {len(report['seeds'])} seeds")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{report['method']} on {Path(report['model']).name}: {len(rows)} settings x {len(report['seeds'])} "
+                 "seed(s)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
