@@ -554,7 +554,8 @@ def markdown(report: dict[str, Any]) -> str:
     if "final_eval" in report:
         fe = report["final_eval"]
         lines += ["", f"Final: {fe['prompts']} ({fe['base']['n'] // fe['samples']} prompts x {fe['samples']} samples, "
-                  f"{fe['max_tokens']} tokens), perplexity and KL on {fe['ppl_tokens']} {fe['clean_text']} tokens."]
+                  f"{_decoding(fe)}, {fe['max_tokens']} tokens), perplexity and KL on {fe['ppl_tokens']} {fe['clean_text']} "
+                  "tokens."]
     lines += ["", f"Settings proposed twice are one row (their runs were reused). Wall time "
               f"{report['wall_s_total']:.0f} s over every run of this sweep, {report['wall_s']:.0f} s this time "
               f"(search {report['search_wall_s']:.0f} s); the trials' own times add up to {report['task_seconds_sum']:.0f} s."]
