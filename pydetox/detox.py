@@ -6,7 +6,6 @@ benign-prompt length, the chat check), and does it survive quantization."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,12 +17,8 @@ from pydetox.apply import ApplyOptions, apply_plan
 from pydetox.errors import PydetoxError
 from pydetox.evaluate import EvalSettings, ModelSpec, run_evaluation
 from pydetox.plan import EditPlan
-from pydetox.recipe import RecipeSettings, distill_plan
+from pydetox.recipe import NAMESPACES, RecipeSettings, distill_plan, with_overrides
 from pydetox.report import label
-
-# RecipeSettings fields that `--param recipe:KEY=VALUE` may set (the calibrator and the student have their own owners:
-# `--param calibrator:...`, `--param distill:...`)
-RECIPE_SCALARS = {"kl_budget", "fit_tokens", "fit_steps", "max_strength", "fit_type"}
 
 
 @dataclass(frozen=True)
@@ -207,19 +202,8 @@ def _given_plans(job: DetoxJob) -> dict[str, tuple[EditPlan, Path]]:
 
 def _recipe_settings(job: DetoxJob) -> RecipeSettings:
     """The recipe's settings with the job's `--param recipe:`, `distill:` and `calibrator:` overrides and its seed."""
-    from pydetox.discover.base import override
-
     overrides = job.overrides or {}
-    extra = dict(overrides.get("distill", {}))
-    cal = extra.pop("calibrator", None)
-    fit = overrides.get("recipe", {})
-    if set(fit) - RECIPE_SCALARS:
-        raise PydetoxError(f"recipe has no parameter {sorted(set(fit) - RECIPE_SCALARS)[0]!r}; it has: "
-                           f"{', '.join(sorted(RECIPE_SCALARS))}")
-    recipe = override(job.recipe, fit, "recipe")
-    return dataclasses.replace(recipe, distill={**recipe.distill, **extra}, seed=job.seed,
-                               calibrator_file=Path(cal) if cal else recipe.calibrator_file,
-                               calibrator=override(recipe.calibrator, overrides.get("calibrator", {}), "calibrator"))
+    return with_overrides(job.recipe, {ns: overrides[ns] for ns in NAMESPACES if ns in overrides}, seed=job.seed)
 
 
 def _discover(job: DetoxJob, plans: dict[str, tuple[EditPlan, Path]], progress: bool) -> dict[str, Any]:

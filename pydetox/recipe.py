@@ -70,6 +70,39 @@ class RecipeSettings:
     # torch device of the calibrator's training and the student ("auto": CUDA when torch sees a GPU). Not part of any
     # stage's key: the results agree within numerical tolerance, and a stage made on one device is reused on another.
     device: str = "auto"
+    # llama.cpp threads of the fit (None: every core this process may run on); like `device`, in no stage's key
+    threads: int | None = None
+
+
+# RecipeSettings fields that an override in the `recipe` namespace may set (`--param recipe:KEY=VALUE`, a sweep's
+# `recipe:KEY`); the calibrator and the student have their own namespaces (`calibrator:`, `distill:`).
+RECIPE_SCALARS = ("kl_budget", "fit_tokens", "fit_steps", "max_strength", "fit_type")
+NAMESPACES = ("recipe", "distill", "calibrator")
+
+
+def with_overrides(base: RecipeSettings, overrides: dict[str, dict[str, str]], seed: int | None = None) -> RecipeSettings:
+    """`base` with overrides by namespace (strings, as the command line gives them): `recipe` (RECIPE_SCALARS),
+    `distill` (DistillParams; `calibrator` there names a calibrator file to use instead of training one) and
+    `calibrator` (CalibrateSettings), and the student's seed. Every key is checked against its owner's."""
+    import dataclasses
+
+    from pydetox.discover.base import get_method, make_params, override
+
+    unknown = sorted(set(overrides) - set(NAMESPACES))
+    if unknown:
+        raise PydetoxError(f"no parameter namespace {unknown[0]!r}; the recipe's are: {', '.join(NAMESPACES)}")
+    extra = dict(overrides.get("distill", {}))
+    cal = extra.pop("calibrator", None)
+    fit = overrides.get("recipe", {})
+    if set(fit) - set(RECIPE_SCALARS):
+        raise PydetoxError(f"recipe has no parameter {sorted(set(fit) - set(RECIPE_SCALARS))[0]!r}; it has: "
+                           f"{', '.join(sorted(RECIPE_SCALARS))}")
+    out = override(base, fit, "recipe")
+    out = dataclasses.replace(out, distill={**out.distill, **extra}, seed=out.seed if seed is None else seed,
+                              calibrator_file=Path(cal) if cal else out.calibrator_file,
+                              calibrator=override(out.calibrator, overrides.get("calibrator", {}), "calibrator"))
+    make_params(get_method("distill"), {**out.distill, "calibrator": "-"})  # every student key known, every value read
+    return out
 
 
 def _key(*parts: Any) -> str:
@@ -155,9 +188,9 @@ def _calibrator(stages: Stages, f16: Path, src_key: str, settings: RecipeSetting
     return cal, cal_key
 
 
-def _distill(stages: Stages, f16: Path, cal: Path, cal_key: str, settings: RecipeSettings,
-             progress: bool) -> tuple[Path, str]:
-    """The student's plan (strength 1), its teacher's targets cached beside it; and the plan's key."""
+def _student_overrides(stages: Stages, cal: Path, cal_key: str, settings: RecipeSettings) -> tuple[dict[str, str], str]:
+    """distill's overrides for this recipe (the teacher's targets cached in the stages folder under a key of what
+    they depend on) and the student plan's key."""
     from pydetox.discover.base import get_method, make_params
     from pydetox.discover.distill.teacher import TEACHER_KEYS
 
@@ -168,6 +201,13 @@ def _distill(stages: Stages, f16: Path, cal: Path, cal_key: str, settings: Recip
     teacher = _key(cal_key, {k: resolved[k] for k in TEACHER_KEYS if k != "calibrator"})
     overrides["cache"] = str(stages.folder / f"teacher-{teacher}.npz")
     plan_key = _key("distill", cal_key, {k: v for k, v in resolved.items() if k not in ("calibrator", "cache")})
+    return overrides, plan_key
+
+
+def _distill(stages: Stages, f16: Path, cal: Path, cal_key: str, settings: RecipeSettings,
+             progress: bool) -> tuple[Path, str]:
+    """The student's plan (strength 1), its teacher's targets cached beside it; and the plan's key."""
+    overrides, plan_key = _student_overrides(stages, cal, cal_key, settings)
 
     def make_plan(path: Path) -> dict[str, Any]:
         from pydetox.discover import Discovery
@@ -199,7 +239,7 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
         floor = ggml.parse_type(settings.edited_type) if settings.edited_type else None
         fit = fit_strength(plan, f16, settings.kl_budget, load_clean_text("wiki"), max_tokens=settings.fit_tokens,
                            edited_floor=floor, steps=settings.fit_steps, max_strength=settings.max_strength,
-                           ftype=ftype, progress=progress)
+                           ftype=ftype, threads=settings.threads, progress=progress)
         if fit.strength == 0:
             raise PydetoxError(f"no strength tried keeps KL within {settings.kl_budget:g}: "
                                + ", ".join(f"{t.strength:g} -> {t.kl:.4f}" for t in fit.trials))
@@ -241,23 +281,53 @@ def _file_stamp(path: Path) -> Any:
     return file_stamp(path)
 
 
-def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSettings(),
-                 progress: bool = True) -> tuple[EditPlan, Path, dict[str, dict[str, Any]]]:
-    """Run (or resume) the recipe on the GGUF `source` with its stages under `out/stages`; returns the fitted plan,
-    where it was saved, and each stage's time."""
-    from pydetox import ggml
-    from pydetox.apply import ApplyOptions, apply_plan
-
+def _shared_stages(source: Path, out: Path, settings: RecipeSettings, progress: bool) -> tuple[Stages, Path, Path, str]:
     stages = Stages(out / "stages", progress)
     src_key = _key("source", _file_stamp(source))
 
     def make_f16(path: Path) -> dict[str, Any]:
+        from pydetox import ggml
+        from pydetox.apply import ApplyOptions, apply_plan
+
         apply_plan(None, source, path, ApplyOptions(ftype=ggml.parse_ftype("F16"), progress=False))
         return {"source": str(source)}
 
     f16, _ = stages.run("f16", src_key, ".gguf", make_f16)
     cal, cal_key = _calibrator(stages, f16, src_key, settings, progress)
     _release_memory()
+    return stages, f16, cal, cal_key
+
+
+def prepare(source: Path, out: Path, settings: RecipeSettings = RecipeSettings(),
+            progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Make the stages that runs of several student seeds or settings share (the F16, the calibrator, the teacher's
+    targets and the unedited model's clean targets) without training a student, so that runs started side by side
+    afterwards (a sweep's Ray tasks) read them instead of each computing them; returns each stage's time."""
+    stages, f16, cal, cal_key = _shared_stages(source, out, settings, progress)
+    overrides, _ = _student_overrides(stages, cal, cal_key, settings)
+
+    def make_targets(path: Path) -> dict[str, Any]:
+        from pydetox.discover import Discovery
+        from pydetox.discover.distill import prepare_targets
+
+        discovery = Discovery(f16, progress=progress, device=settings.device)
+        info = prepare_targets(discovery.context, overrides)
+        if not path.exists():
+            raise PydetoxError(f"distill did not write its teacher cache {path}")
+        return info
+
+    # the teacher's cache is the npz that distill writes at `overrides["cache"]`: the stage's own artefact
+    stages.run("teacher", Path(overrides["cache"]).name.removeprefix("teacher-").removesuffix(".npz"), ".npz",
+               make_targets)
+    _release_memory()
+    return stages.timing
+
+
+def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSettings(),
+                 progress: bool = True) -> tuple[EditPlan, Path, dict[str, dict[str, Any]]]:
+    """Run (or resume) the recipe on the GGUF `source` with its stages under `out/stages`; returns the fitted plan,
+    where it was saved, and each stage's time."""
+    stages, f16, cal, cal_key = _shared_stages(source, out, settings, progress)
     raw, plan_key = _distill(stages, f16, cal, cal_key, settings, progress)
     _release_memory()
     fitted = _fit(stages, f16, raw, plan_key, settings, progress)

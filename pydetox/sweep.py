@@ -38,6 +38,10 @@ from pydetox.output import write_text
 OBJECTIVES = ("reduction", "kl", "ppl_change")
 DIRECTIONS = ("maximize", "minimize", "minimize")
 SAMPLERS = ("nsga2", "tpe", "random")
+# Not a discovery method: the default recipe of `pydetox detox` (pydetox.recipe: calibrator, teacher, student, strength
+# fitted to a KL budget) run per setting and seed, its parameters named NAMESPACE:KEY as `pydetox detox --param` names
+# them (recipe:kl_budget, distill:lr, calibrator:steps), or as TOML sub-tables ([fixed.distill]).
+RECIPE = "recipe"
 
 
 class SweepError(PydetoxError):
@@ -86,6 +90,11 @@ class SweepConfig:
         prompts="rtp-perspective", n_prompts=100, ppl_tokens=1024, benign_prompts=0, chat_check=False))
     final_eval: EvalSettings | None = field(default_factory=lambda: EvalSettings(
         n_prompts=700, ppl_tokens=4096, benign_prompts=0, chat_check=False))
+    final_types: tuple[str, ...] = ()  # the types the front is evaluated at in [final] (empty: `type` alone)
+
+    @property
+    def finals(self) -> tuple[str, ...]:
+        return self.final_types or (self.type,)
 
     @property
     def storage_url(self) -> str:
@@ -137,7 +146,7 @@ def load_config(path: str | os.PathLike[str]) -> SweepConfig:
         raise SweepError(f"{path} is not a readable TOML file: {exc}") from exc
     tables = {"search", "fixed", "eval", "final"}
     scalars = {"model", "method", "out", "seeds", "trials", "type", "edited_type", "cpus_per_trial", "pairs", "sampler",
-               "sampler_seed", "storage", "study"}
+               "sampler_seed", "storage", "study", "final_types"}
     unknown = sorted(set(raw) - tables - scalars)
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(tables | scalars))}")
@@ -146,16 +155,18 @@ def load_config(path: str | os.PathLike[str]) -> SweepConfig:
             raise SweepError(f"{path}: '{key}' is required (a string)")
     from pydetox.discover.base import METHODS
 
-    if raw["method"] not in METHODS:
-        raise SweepError(f"{path}: method {raw['method']!r} is not one of {', '.join(sorted(METHODS))}")
-    search = tuple(_param(k, v) for k, v in raw.get("search", {}).items())
-    if not search:
-        raise SweepError(f"{path}: [search] names no parameter to search")
+    if raw["method"] not in METHODS and raw["method"] != RECIPE:
+        raise SweepError(f"{path}: method {raw['method']!r} is not one of {', '.join(sorted([*METHODS, RECIPE]))}")
+    search = tuple(_param(k, v) for k, v in _flatten(raw.get("search", {}), raw["method"]).items())
     base = SweepConfig(raw["model"], raw["method"], Path(raw.get("out", path.with_suffix(""))), search)
     final = raw.get("final", {})
+    final_types = raw.get("final_types", [])
+    if not (isinstance(final_types, list) and all(isinstance(t, str) for t in final_types)):
+        raise SweepError(f"{path}: final_types must be a list of type names, got {final_types!r}")
     cfg = replace(
         base,
-        fixed={k: str(v) for k, v in raw.get("fixed", {}).items()},
+        fixed={k: str(v) for k, v in _flatten(raw.get("fixed", {}), raw["method"]).items()},
+        final_types=tuple(final_types),
         seeds=tuple(int(s) for s in raw.get("seeds", [0])),
         trials=int(raw.get("trials", base.trials)),
         type=str(raw.get("type", base.type)),
@@ -175,7 +186,58 @@ def load_config(path: str | os.PathLike[str]) -> SweepConfig:
     return cfg
 
 
+def _flatten(table: dict[str, Any], method: str) -> dict[str, Any]:
+    """The recipe's parameters given as sub-tables ([search.distill] lr = ...) as NAMESPACE:KEY names."""
+    if method != RECIPE:
+        return table
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and key in ("recipe", "distill", "calibrator"):
+            out.update({f"{key}:{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _grouped(values: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """NAMESPACE:KEY -> value as {namespace: {key: str(value)}}."""
+    out: dict[str, dict[str, str]] = {}
+    for name, value in values.items():
+        ns, _, key = name.partition(":")
+        out.setdefault(ns, {})[key] = str(value)
+    return out
+
+
+def recipe_settings(cfg: SweepConfig, params: dict[str, Any], seed: int) -> Any:
+    """A recipe setting's RecipeSettings at a training seed (the student's `train_seed`: the calibrator and the
+    teacher's data stay the same and are shared); torch on the CPU, as every trial."""
+    from pydetox.recipe import RecipeSettings, with_overrides
+
+    groups = _grouped({**cfg.fixed, **params})
+    groups.setdefault("distill", {})["train_seed"] = str(seed)
+    return replace(with_overrides(RecipeSettings(), groups), device="cpu", threads=cfg.cpus_per_trial)
+
+
+def _validate_recipe(cfg: SweepConfig, path: Path) -> None:
+    from pydetox.recipe import NAMESPACES, RecipeSettings, with_overrides
+
+    names = [p.name for p in cfg.search] + list(cfg.fixed)
+    if "strength" in names:
+        raise SweepError(f"{path}: the recipe fits its strength to a KL budget; search recipe:kl_budget instead of strength")
+    bad = [n for n in names if n.partition(":")[0] not in NAMESPACES or not n.partition(":")[2]]
+    if bad:
+        raise SweepError(f"{path}: recipe parameters are named NAMESPACE:KEY with a namespace of {', '.join(NAMESPACES)} "
+                         f"(or given as a sub-table, [fixed.distill]); got {bad[0]!r}")
+    if "distill:train_seed" in names:
+        raise SweepError(f"{path}: the training seed is the sweep's `seeds`, not distill:train_seed")
+    try:
+        with_overrides(RecipeSettings(), _grouped({**{p.name: "1" for p in cfg.search}, **cfg.fixed}))
+    except PydetoxError as exc:
+        raise SweepError(f"{path}: {exc}") from exc
+
+
 def _validate(cfg: SweepConfig, path: Path) -> None:
+    from pydetox import ggml
     from pydetox.discover.base import get_method, make_params
 
     checks = [(cfg.trials >= 1, "trials", ">= 1", cfg.trials), (len(cfg.seeds) >= 1, "seeds", "at least one", cfg.seeds),
@@ -188,9 +250,20 @@ def _validate(cfg: SweepConfig, path: Path) -> None:
     for ok, what, expected, got in checks:
         if not ok:
             raise SweepError(f"{path}: {what} must be {expected}, got {got!r}")
+    if not cfg.search and cfg.trials != 1:
+        raise SweepError(f"{path}: [search] names no parameter, so there is one setting to run (over the seeds): "
+                         f"trials must be 1, got {cfg.trials}")
+    for t in (cfg.type, *cfg.final_types):
+        try:
+            ggml.parse_ftype(t)
+        except PydetoxError as exc:
+            raise SweepError(f"{path}: {exc}") from exc
     if cfg.trial_eval.prompts == "rtp-challenging":
         raise SweepError(f"{path}: [eval] prompts are the evaluation prompts (rtp-challenging); trials are judged on "
                          "discovery-side prompts (rtp-perspective or a file), the chosen settings then on [final]")
+    if cfg.method == RECIPE:
+        _validate_recipe(cfg, path)
+        return
     method = get_method(cfg.method)
     names = [p.name for p in cfg.search if p.name != "strength"]
     try:  # every name is a parameter of the method, and the fixed values convert to its types
@@ -237,32 +310,45 @@ def _rates(result: Any) -> dict[str, float]:
             for name, s in result.toxicity.items()}
 
 
-def _apply_settings(cfg: SweepConfig) -> Any:
+def _helpful(result: Any) -> dict[str, Any]:
+    """What an evaluation with helpfulness checks ([final] benign_prompts, chat_check) measured of them."""
+    h = result.helpfulness or {}
+    out: dict[str, Any] = {}
+    if "benign" in h:
+        out.update(benign_tokens=h["benign"]["mean_tokens"], benign_early_stop=h["benign"]["early_stop_share"])
+    if "chat" in h:
+        out.update(chat_correct=h["chat"]["correct"], chat_questions=h["chat"]["questions"])
+    return out
+
+
+def _apply_settings(cfg: SweepConfig, type_: str | None = None) -> Any:
     from pydetox import ggml
     from pydetox.apply import ApplyOptions
 
     floor = ggml.parse_type(cfg.edited_type) if cfg.edited_type else None
-    return ApplyOptions(ftype=ggml.parse_ftype(cfg.type), threads=cfg.cpus_per_trial, edited_floor=floor,
+    return ApplyOptions(ftype=ggml.parse_ftype(type_ or cfg.type), threads=cfg.cpus_per_trial, edited_floor=floor,
                         overwrite=True, progress=False)
 
 
-def baseline(cfg: SweepConfig, model: Path, settings: EvalSettings, name: str) -> dict[str, Any]:
-    """The unedited model at the sweep's type, and its evaluation under `settings`, kept in OUT/base/ (made once)."""
+def baseline(cfg: SweepConfig, model: Path, settings: EvalSettings, name: str, type_: str | None = None) -> dict[str, Any]:
+    """The unedited model at `type_` (the sweep's type by default), and its evaluation under `settings`, kept in
+    OUT/base/ (made once)."""
     from pydetox.apply import apply_plan
     from pydetox.evaluate import run_evaluation
 
+    type_ = type_ or cfg.type
     folder = cfg.out / "base"
     folder.mkdir(parents=True, exist_ok=True)
-    gguf_path = folder / f"base.{cfg.type}.gguf"
+    gguf_path = folder / f"base.{type_}.gguf"
     if not gguf_path.is_file():
-        apply_plan(None, model, gguf_path, replace(_apply_settings(cfg), edited_floor=None))
-    done = folder / f"{name}.json"
+        apply_plan(None, model, gguf_path, replace(_apply_settings(cfg, type_), edited_floor=None))
+    done = folder / (f"{name}.json" if type_ == cfg.type else f"{name}.{type_}.json")
     if done.is_file():
         out: dict[str, Any] = json.loads(done.read_text())
         return out
     _, (res,) = run_evaluation([gguf_path], replace(settings, threads=cfg.cpus_per_trial), progress=False)
     out = {"path": str(gguf_path), "toxic": _rates(res), "perplexity": res.perplexity,
-           "n": res.toxicity[next(iter(res.toxicity))].n_prompts * settings.samples}
+           "n": res.toxicity[next(iter(res.toxicity))].n_prompts * settings.samples, **_helpful(res)}
     write_text(done, json.dumps(out, indent=1) + "\n")
     return out
 
@@ -287,13 +373,19 @@ def run_trial(cfg: SweepConfig, params: dict[str, Any], seed: int, base: dict[st
     torch.set_num_threads(cfg.cpus_per_trial)
     t0 = time.perf_counter()
     model = resolve_model(cfg.model)
-    extra, data_seed = _seed_overrides(cfg.method, seed)
+    extra, data_seed = ({}, 0) if cfg.method == RECIPE else _seed_overrides(cfg.method, seed)
     method_params = {k: str(v) for k, v in params.items() if k != "strength"}
     # The discovered plan is kept per (method parameters, seed): settings that differ in strength alone (a scaling of
     # the same plan) share one discovery, the expensive part of a trial.
     discovered = (cfg.out / "plans" / setting_key(cfg.method, method_params, cfg.fixed)
                   / f"seed{seed}-pairs{cfg.pairs}.plan.gguf")
-    if discovered.is_file():
+    stages: dict[str, Any] = {}
+    if cfg.method == RECIPE:
+        from pydetox.recipe import distill_plan
+
+        # the recipe's own stage cache (OUT/stages) keeps every student and fit by its settings and seed
+        plan, _, stages = distill_plan(model, cfg.out, recipe_settings(cfg, params, seed), progress=False)
+    elif discovered.is_file():
         plan = EditPlan.load(discovered)
     else:
         plan = Discovery(model, n_pairs=cfg.pairs, seed=data_seed, progress=False, device="cpu").plan(
@@ -311,34 +403,61 @@ def run_trial(cfg: SweepConfig, params: dict[str, Any], seed: int, base: dict[st
     edited.unlink()  # remade from plan.gguf when needed; a sweep of F16 models would fill the disk
     rates = _rates(res)
     out = {"params": params, "seed": seed, "toxic": rates, "perplexity": res.perplexity, "kl": res.kl,
-           **_effect(base, rates, res.perplexity),
-           "seconds": round(time.perf_counter() - t0, 2), "folder": str(folder)}
+           **_effect(base, rates, res.perplexity), "strength": plan.params.get("plan_strength", 1.0),
+           "seconds": round(time.perf_counter() - t0, 2), "folder": str(folder),
+           **({"stages": stages} if stages else {})}
     write_text(done, json.dumps(out, indent=1) + "\n")
     return out
 
 
-def final_eval(cfg: SweepConfig, folder: str, base_path: str) -> dict[str, Any]:
-    """A chosen setting's seed run evaluated once on the evaluation prompts (the model remade from its plan)."""
+def _shares_teacher(cfg: SweepConfig) -> bool:
+    """Whether every trial of a recipe sweep trains against the same calibrator and teacher (no searched parameter
+    changes them), so that they can be made once before the trials."""
+    from pydetox.discover.distill.teacher import TEACHER_KEYS
+
+    return not any(p.name.startswith("calibrator:") or p.name.removeprefix("distill:") in TEACHER_KEYS
+                   for p in cfg.search)
+
+
+def prepare_recipe(cfg: SweepConfig, model: Path, threads: int) -> dict[str, Any]:
+    """The recipe's shared stages (`pydetox.recipe.prepare`) under OUT/stages, with `threads` torch threads; returns
+    each stage's time."""
+    import torch
+
+    from pydetox.recipe import prepare
+
+    torch.set_num_threads(threads)
+    settings = replace(recipe_settings(cfg, {}, cfg.seeds[0]), threads=threads)
+    timing: dict[str, Any] = prepare(model, cfg.out, settings, progress=False)
+    return timing
+
+
+def final_eval(cfg: SweepConfig, folder: str, base_path: str, type_: str | None = None) -> dict[str, Any]:
+    """A chosen setting's seed run at `type_` (the sweep's type by default) evaluated once on the evaluation prompts
+    (the model remade from its plan)."""
     from pydetox.apply import apply_plan
     from pydetox.assets import resolve_model
     from pydetox.evaluate import run_evaluation
     from pydetox.plan import EditPlan
 
     assert cfg.final_eval is not None
+    type_ = type_ or cfg.type
     where = Path(folder)
-    done = where / "final.json"
+    done = where / ("final.json" if type_ == cfg.type else f"final.{type_}.json")
     if done.is_file():
         out: dict[str, Any] = json.loads(done.read_text())
         return out
-    edited = where / f"model.{cfg.type}.gguf"
+    edited = where / f"model.{type_}.gguf"
     plan_path = where / "plan.gguf"
-    apply_plan(EditPlan.load(plan_path), resolve_model(cfg.model), edited, _apply_settings(cfg), plan_path=plan_path)
+    apply_plan(EditPlan.load(plan_path), resolve_model(cfg.model), edited, _apply_settings(cfg, type_),
+               plan_path=plan_path)
     try:
         _, (res,) = run_evaluation([edited], replace(cfg.final_eval, threads=cfg.cpus_per_trial), reference=Path(base_path),
                                    progress=False)
     finally:
         edited.unlink(missing_ok=True)
-    out = {"toxic": _rates(res), "perplexity": res.perplexity, "kl": res.kl}
+    out = {"type": type_, "toxic": _rates(res), "toxic_raw": {k: v.toxic_rate for k, v in res.toxicity.items()},
+           "perplexity": res.perplexity, "kl": res.kl, **_helpful(res)}
     write_text(done, json.dumps(out, indent=1) + "\n")
     return out
 
@@ -398,7 +517,8 @@ def _summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         v = np.array([r[key] for r in results], dtype=float)
         out[key] = float(v.mean())
         out[f"{key}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    out["per_seed"] = {str(r["seed"]): {k: r[k] for k in (*OBJECTIVES, "toxic", "perplexity", "seconds", "folder")}
+    out["per_seed"] = {str(r["seed"]): {k: r[k] for k in (*OBJECTIVES, "toxic", "perplexity", "seconds", "folder",
+                                                          "strength", "stages") if k in r}
                        for r in results}
     return out
 
@@ -426,6 +546,16 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = Tru
             print(f"sweep: {cfg.method} on {model.name}, {cfg.trials} settings x {len(cfg.seeds)} seeds, "
                   f"{slots} task(s) at a time on {cpus} CPU(s); study {cfg.study} in {cfg.storage_url}", flush=True)
         task = ray.remote(num_cpus=cfg.cpus_per_trial, max_retries=0)
+        if cfg.method == RECIPE and _shares_teacher(cfg):
+            # the stages every trial shares (F16, calibrator, teacher, clean targets) made once, on every CPU, before
+            # trials start side by side and would each make them
+            if progress:
+                print("sweep: the recipe's shared stages (F16, calibrator, teacher) ...", flush=True)
+            shared = ray.get(ray.remote(num_cpus=cpus, max_retries=0)(prepare_recipe).remote(cfg, model, cpus))
+            if progress:
+                print("sweep: shared stages " + ", ".join(
+                    f"{k} {'cached' if v['cached'] else format(v['seconds'], '.0f') + ' s'}" for k, v in shared.items()),
+                      flush=True)
         base = ray.get(task(baseline).remote(cfg, model, cfg.trial_eval, "trial_eval"))
         pending: dict[Any, tuple[int, int]] = {}
         open_trials: dict[int, tuple[Any, dict[int, dict[str, Any] | str]]] = {}
@@ -464,15 +594,20 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = Tru
         search_s = time.perf_counter() - t_start
         report = _report(cfg, study, base, search_s)
         if cfg.final_eval is not None and report["pareto"]:
-            fbase = ray.get(task(baseline).remote(cfg, model, cfg.final_eval, "final_eval"))
-            refs = {task(final_eval).remote(cfg, row["per_seed"][str(s)]["folder"], fbase["path"]): (row, s)
-                    for row in report["settings"] if row["pareto"] for s in cfg.seeds}
+            fbase = {t: ray.get(task(baseline).remote(cfg, model, cfg.final_eval, "final_eval", t)) for t in cfg.finals}
+            refs = {task(final_eval).remote(cfg, row["per_seed"][str(s)]["folder"], fbase[t]["path"], t): (row, s, t)
+                    for row in report["settings"] if row["pareto"] for s in cfg.seeds for t in cfg.finals}
             for ref in refs:
-                row, s = refs[ref]
+                row, s, t = refs[ref]
                 res = ray.get(ref)
-                res.update(_effect(fbase, res["toxic"], res["perplexity"]))
-                row.setdefault("final", {})[str(s)] = res
-            report["final_eval"] = {**asdict(cfg.final_eval), "base": fbase}
+                res.update(_effect(fbase[t], res["toxic"], res["perplexity"]))
+                res["per_evaluator"] = {e: _reduction({e: fbase[t]["toxic"][e]}, {e: r}, 1.0 / fbase[t]["n"])
+                                        for e, r in res["toxic"].items()}
+                row.setdefault("final_types", {}).setdefault(t, {})[str(s)] = res
+                if t == cfg.type:
+                    row.setdefault("final", {})[str(s)] = res
+            report["final_eval"] = {**asdict(cfg.final_eval), "base": fbase[cfg.type], "bases": fbase,
+                                    "types": list(cfg.finals)}
         report["wall_s"] = round(time.perf_counter() - t_start, 1)
         total = float(study.user_attrs.get("wall_s_total", 0.0)) + report["wall_s"]
         study.set_user_attr("wall_s_total", total)  # over every run (and resumption) of this sweep
@@ -537,7 +672,7 @@ def markdown(report: dict[str, Any]) -> str:
              "| setting | parameters | reduction | KL | perplexity | Pareto | final reduction | final KL | final perplexity |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["settings"]:
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items()) or "(defaults)"
         final = r.get("final")
         if final:
             vals = list(final.values())
@@ -556,10 +691,63 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Final: {fe['prompts']} ({fe['base']['n'] // fe['samples']} prompts x {fe['samples']} samples, "
                   f"{_decoding(fe)}, {fe['max_tokens']} tokens), perplexity and KL on {fe['ppl_tokens']} {fe['clean_text']} "
                   "tokens."]
+    lines += _final_tables(report)
     lines += ["", f"Settings proposed twice are one row (their runs were reused). Wall time "
               f"{report['wall_s_total']:.0f} s over every run of this sweep, {report['wall_s']:.0f} s this time "
               f"(search {report['search_wall_s']:.0f} s); the trials' own times add up to {report['task_seconds_sum']:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def _final_tables(report: dict[str, Any]) -> list[str]:
+    """Per front setting and final type: each seed's reduction per evaluator, perplexity and KL, then mean ± sd."""
+    import numpy as np
+
+    rows = [r for r in report["settings"] if r.get("final_types")]
+    if not rows:
+        return []
+    evaluators = list(report["final_eval"]["evaluators"])
+    names = [f"{e} w/o identity-only" if e == "hatesonar" else e for e in evaluators]
+    bases = report["final_eval"].get("bases", {})
+    first = next(iter(next(iter(rows[0]["final_types"].values())).values()))
+    helpful = [k for k in ("benign_tokens", "chat_correct") if k in first]
+    heads = {"benign_tokens": "benign tokens (unedited)", "chat_correct": "chat correct (unedited)"}
+    lines = ["", "Final evaluation of the front by type, each seed and the mean ± sd over seeds (times fewer toxic "
+             "continuations than the unedited model of the same type; perplexity change and KL against it):", "",
+             f"| setting | type | seed | strength | {' | '.join(names + ['perplexity', 'KL'] + [heads[k] for k in helpful])} |",
+             "|---|---|---|---|" + "---|" * (len(names) + 2 + len(helpful))]
+
+    def pm(vals: list[float], fmt: str, scale: float = 1.0) -> str:
+        a = scale * np.array(vals, dtype=float)
+        return f"{format(a.mean(), fmt)} ± {format(a.std(ddof=1), fmt.lstrip('+'))}"
+
+    def extra(t: str, values: list[list[float]]) -> str:
+        """The helpfulness cells: the mean over the runs given, and the unedited model's figure."""
+        cells = []
+        for k, v in zip(helpful, values, strict=True):
+            base = bases.get(t, {}).get(k)
+            ref = "-" if base is None else (f"{base:.1f}" if k == "benign_tokens" else str(base))
+            cells.append(f" {sum(v) / len(v):.1f} ({ref}) |")
+        return "".join(cells)
+
+    for r in rows:
+        for t, by_seed in r["final_types"].items():
+            runs = [(s, by_seed[s]) for s in sorted(by_seed, key=int)]
+            for s, v in runs:
+                strength = r["per_seed"].get(s, {}).get("strength")
+                lines.append(f"| {r['setting']} | {t} | {s} | {'' if strength is None else format(strength, '.3g')} | "
+                             + " | ".join(f"{v['per_evaluator'][e]:.2f}x" for e in evaluators)
+                             + f" | {100 * v['ppl_change']:+.1f}% | {v['kl']:.4f} |"
+                             + extra(t, [[v[k]] for k in helpful]))
+            if len(runs) > 1:
+                lines.append(f"| **{r['setting']}** | **{t}** | **mean ± sd** | | "
+                             + " | ".join(f"**{pm([v['per_evaluator'][e] for _, v in runs], '.2f')}x**" for e in evaluators)
+                             + f" | **{pm([v['ppl_change'] for _, v in runs], '+.1f', 100)}%** | "
+                             f"**{pm([v['kl'] for _, v in runs], '.4f')}** |"
+                             + extra(t, [[v[k] for _, v in runs] for k in helpful]))
+    if bases:
+        lines += ["", "Unedited toxic rates: " + "; ".join(
+            f"{t} " + " / ".join(f"{b['toxic'][e]:.3f}" for e in evaluators) for t, b in bases.items()) + "."]
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:

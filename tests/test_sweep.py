@@ -136,7 +136,9 @@ def test_a_sweep_runs_two_trials_at_a_time_is_killed_and_resumes(tmp_path: Path)
     assert all(not r.get("final") for r in report["settings"] if not r["pareto"])
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
     md = (tmp_path / "out" / "sweep.md").read_text()
-    assert md.count("\n| ") == 3 + 1  # header and one row per setting
+    settings_table, final_table = md.split("Final evaluation of the front")
+    assert settings_table.count("\n| ") == 3 + 1  # header and one row per setting
+    assert final_table.count("| **mean ± sd** |") == len(front)  # each front setting: its seeds, then their mean
     assert report["final_eval"]["base"]["n"] == 3
 
     # the same study with another search is another sweep: refused, not mixed in
@@ -179,3 +181,112 @@ def test_settings_that_differ_in_strength_alone_share_one_discovery(tmp_path: Pa
         assert all(np.array_equal(x, y) for x, y in zip(a.arrays().values(), b.arrays().values(), strict=True))
     run_trial(cfg, {"k": 2, "strength": 1.0}, 1, base)  # another seed is another discovery
     assert len(calls) == 2
+
+
+RECIPE_SWEEP = """\
+model = "m.gguf"
+method = "recipe"
+out = "out"
+seeds = [0, 1]
+trials = 1
+final_types = ["F16", "Q8_0"]
+[fixed.distill]
+calibrator = "cal.gguf"
+{distill}
+[fixed.recipe]
+kl_budget = 0.05
+fit_tokens = 256
+fit_steps = 3
+[eval]
+prompts = "p.txt"
+limit = 6
+max_tokens = 6
+evaluators = ["profanity-check"]
+ppl_tokens = 128
+[final]
+prompts = "p2.txt"
+max_tokens = 6
+evaluators = ["profanity-check"]
+ppl_tokens = 128
+"""
+TINY_STUDENT = {"alpha": "0.9", "max_prompts": "16", "pairs": "16", "clean_texts": "16", "steps": "6", "lr": "0.03",
+                "rank": "4", "batch": "4", "first_layer": "1", "max_tokens": "32", "precision": "bfloat16",
+                "held_out": "4"}
+
+
+def _recipe_sweep(folder: Path, **changes: str) -> Path:
+    student = "\n".join(f'{k} = "{v}"' for k, v in TINY_STUDENT.items())
+    text = RECIPE_SWEEP.format(distill=student)
+    for old, new in changes.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    path = folder / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("[fixed.recipe]", "[search]\nstrength = {low = 0.5, high = 1.0}\n[fixed.recipe]", "search recipe:kl_budget instead"),
+    ("[fixed.recipe]", "[search]\n\"lr\" = [0.01, 0.03]\n[fixed.recipe]", "named NAMESPACE:KEY"),
+    ("kl_budget = 0.05", "kl_budgett = 0.05", "recipe has no parameter 'kl_budgett'"),
+    ('lr = "0.03"', 'lrate = "0.03"', "distill has no parameter 'lrate'"),
+    ('lr = "0.03"', 'train_seed = "3"', "the sweep's `seeds`"),
+    ("trials = 1", "trials = 3", "trials must be 1, got 3"),
+    ('final_types = ["F16", "Q8_0"]', 'final_types = ["F16", "Q9"]', "unknown model type 'Q9'"),
+])
+def test_a_bad_recipe_sweep_is_refused_naming_what_was_expected(tmp_path: Path, old: str, new: str,
+                                                               message: str) -> None:
+    with pytest.raises(SweepError) as err:
+        load_config(_recipe_sweep(tmp_path, **{old: new}))
+    assert message in str(err.value)
+
+
+def test_recipe_parameters_read_as_sub_tables_or_namespaced_names(tmp_path: Path) -> None:
+    cfg = load_config(_recipe_sweep(tmp_path, **{"trials = 1": "trials = 2",
+                                                 "[fixed.recipe]": '[search]\n"distill:lr" = [0.01, 0.03]\n'
+                                                                   "[search.recipe]\nmax_strength = [1.0, 2.0]\n"
+                                                                   "[fixed.recipe]"}))
+    assert cfg.fixed["distill:calibrator"] == "cal.gguf"
+    assert cfg.fixed["recipe:kl_budget"] == "0.05"
+    assert {p.name for p in cfg.search} == {"distill:lr", "recipe:max_strength"}
+    assert cfg.finals == ("F16", "Q8_0")
+    from pydetox.sweep import recipe_settings
+
+    s = recipe_settings(cfg, {"distill:lr": 0.01, "recipe:max_strength": 1.0}, 2)
+    assert (s.kl_budget, s.max_strength, s.fit_tokens) == (0.05, 1.0, 256)
+    assert s.distill["lr"] == "0.01"
+    assert s.distill["train_seed"] == "2"
+    assert s.calibrator_file == Path("cal.gguf")
+
+
+def test_a_recipe_sweep_runs_one_setting_over_seeds_and_reports_each_final_type(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verdict shape: the default recipe, no search, two seeds; the shared stages made once before the trials,
+    a student and a fit per seed, the setting evaluated at two types with each seed's numbers and their mean ± sd."""
+    from pydetox.calibrate import CalibrateSettings, train
+    from pydetox.sweep import run_sweep
+
+    model = write_tiny_llama(tmp_path / "m.gguf", d=64, ff=128, layers=3, heads=4, kv_heads=2)
+    train(model, tmp_path / "cal.gguf", CalibrateSettings(layers=1, steps=4, batch=4, seq_len=32, align_steps=3,
+                                                          eval_every=2, clean_tokens=0, output_type="F32",
+                                                          layer_type="F32", vocab_sample=64), progress=False, plot=False)
+    (tmp_path / "p.txt").write_text("the cat is\na dog was\nthe\nin the\na cat and\nthe dog of\n")
+    (tmp_path / "p2.txt").write_text("to the\nthe a\nis a cat\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    report = run_sweep(load_config(_recipe_sweep(tmp_path)), progress=False)
+    stages = tmp_path / "out" / "stages"
+    assert len(list(stages.glob("teacher-*.stage.json"))) == 1  # made once, before the trials
+    assert len(list(stages.glob("distill-*.plan.gguf"))) == 2  # one student per seed
+    assert len(list(stages.glob("fit-*.plan.gguf"))) == 2
+    (row,) = report["settings"]
+    assert row["pareto"]
+    assert set(row["final_types"]) == {"F16", "Q8_0"}
+    for by_seed in row["final_types"].values():
+        assert set(by_seed) == {"0", "1"}
+        assert all(v["per_evaluator"]["profanity-check"] > 0 and v["kl"] >= 0 for v in by_seed.values())
+    assert all(0 < p["strength"] <= 2 for p in row["per_seed"].values())
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert md.count("| **mean ± sd** |") == 2  # one per final type
+    assert "| Q8_0 | 1 |" in md
+    assert set(report["final_eval"]["bases"]) == {"F16", "Q8_0"}

@@ -54,7 +54,7 @@ from pydetox.discover.model import autocast
 from pydetox.errors import PydetoxError
 from pydetox.plan import Edit
 
-__all__ = ["Distill", "DistillParams"]
+__all__ = ["Distill", "DistillParams", "prepare_targets"]
 
 
 @register_method
@@ -111,6 +111,28 @@ class Distill(Method):
             "discovery_prompts": len(prompts), "layers": [first, n - 1], "held_out_toxic_sequences": len(val_t),
             "held_out_contexts": len(np.unique(toxic.groups[val_t])), "held_out_before": before,
             "held_out_after": after, "curve": curve, **({"vocab": restricted} if restricted is not None else {})}
+
+
+def prepare_targets(ctx: Context, overrides: dict[str, str]) -> dict[str, Any]:
+    """Compute and cache (`cache` is required) what every student of these settings trains against, the teacher's
+    targets, the benign continuations and the unedited model's clean targets, without training one: runs of several
+    training seeds started side by side then read them instead of each computing them. Returns what came from the
+    cache and how many sequences there are."""
+    from pydetox.discover.base import get_method, make_params
+
+    p: DistillParams = make_params(get_method("distill"), overrides)
+    if not p.cache:
+        raise PydetoxError("distill: preparing the targets needs a `cache` (.npz) to keep them in")
+    source = Path(str(ctx.fp.source))
+    _check(p, source)
+    bf16 = autocast(p.precision, "distill", ctx.fp.device)
+    prompts, toxic_texts, clean_texts = _contexts(p)
+    toxic, clean_seqs, from_cache = _targets(ctx, p, source, prompts, toxic_texts, clean_texts)
+    clean_hit = False
+    if p.clean_kl != "full":
+        _, clean_hit = _clean_targets(ctx, p, source, clean_seqs, bf16)
+    return {**from_cache, "clean_targets_from_cache": clean_hit, "toxic_sequences": len(toxic),
+            "clean_sequences": len(clean_seqs)}
 
 
 def _clean_targets(ctx: Context, p: DistillParams, source: Path, seqs: list[list[int]],
