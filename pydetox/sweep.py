@@ -475,9 +475,11 @@ def _sampler(cfg: SweepConfig, done: int) -> Any:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _open_study(cfg: SweepConfig) -> Any:
+def _open_study(cfg: SweepConfig, retry_failed: bool = False) -> Any:
     """The study in its storage, created or loaded; one whose search differs from `cfg`'s is refused. Trials left
-    running by an interrupted sweep are failed (marked `interrupted`) and their settings queued to be asked again."""
+    running by an interrupted sweep are failed (marked `interrupted`) and their settings queued to be asked again;
+    with `retry_failed`, so are the settings that failed (a crashed worker, a killed task): their seeds that finished
+    are read back from their results, the others run again."""
     import optuna
     from optuna.trial import TrialState
 
@@ -499,14 +501,30 @@ def _open_study(cfg: SweepConfig) -> Any:
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, skip_if_exists=False)
+    if retry_failed:
+        # a finished trial takes no new attribute: the study keeps the numbers of the failed ones asked again
+        failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if not _not_counted(study, t)]
+        study.set_user_attr("retried", sorted(_retried(study) | {t.number for t in failed}))
+        for t in failed:
+            study.enqueue_trial(t.params, skip_if_exists=False)
     return study
+
+
+def _retried(study: Any) -> set[int]:
+    return set(study.user_attrs.get("retried", []))
+
+
+def _not_counted(study: Any, trial: Any) -> bool:
+    """A failed trial that was interrupted, or asked again with --retry-failed: neither counts against the budget
+    nor is reported as failed."""
+    return bool(trial.user_attrs.get("interrupted")) or trial.number in _retried(study)
 
 
 def _budget_used(study: Any) -> int:
     from optuna.trial import TrialState
 
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted"))
+               if t.state in (TrialState.COMPLETE, TrialState.FAIL) and not _not_counted(study, t))
 
 
 def _summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -523,8 +541,10 @@ def _summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the sweep; returns the report that `sweep.json` holds."""
+def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = True,
+              retry_failed: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep, the settings that failed asked again with `retry_failed`; returns the report that
+    `sweep.json` holds."""
     from pydetox.extras import require
 
     ray = require("ray", "pydetox sweep")
@@ -536,7 +556,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = Tru
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg.model)
-    study = _open_study(cfg)
+    study = _open_study(cfg, retry_failed)
     t_start = time.perf_counter()
     ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
@@ -640,7 +660,7 @@ def _report(cfg: SweepConfig, study: Any, base: dict[str, Any], search_s: float)
         # a difference smaller than the two seed spreads together is not a difference these seeds can show
         a["separated_from_next"] = abs(a["reduction"] - b["reduction"]) > a["reduction_sd"] + b["reduction_sd"]
     failed = [{"setting": t.number, "params": t.params, "error": t.user_attrs.get("error")}
-              for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if not t.user_attrs.get("interrupted")]
+              for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if not _not_counted(study, t)]
     task_s = sum(p["seconds"] for r in rows for p in r["per_seed"].values())
     return {"model": cfg.model, "method": cfg.method, "type": cfg.type, "seeds": list(cfg.seeds),
             "fixed": cfg.fixed, "search": [asdict(p) for p in cfg.search], "study": cfg.study,

@@ -290,3 +290,27 @@ def test_a_recipe_sweep_runs_one_setting_over_seeds_and_reports_each_final_type(
     assert md.count("| **mean ± sd** |") == 2  # one per final type
     assert "| Q8_0 | 1 |" in md
     assert set(report["final_eval"]["bases"]) == {"F16", "Q8_0"}
+
+
+def test_retry_failed_asks_a_failed_setting_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting whose task crashed fails and counts against the budget; `--retry-failed` queues it again (its
+    finished seeds are read back from their results), without it a rerun leaves it failed."""
+    from optuna.trial import TrialState
+
+    from pydetox.sweep import _budget_used, _open_study
+
+    write_tiny_llama(tmp_path / "m.gguf", d=64, ff=128, layers=3, heads=4, kv_heads=2)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(tmp_path))
+    cfg.out.mkdir()
+    study = _open_study(cfg)
+    trial = study.ask()
+    params = {p.name: p.suggest(trial) for p in cfg.search}  # as run_sweep asks a setting
+    study.tell(trial, state=TrialState.FAIL)
+    assert _budget_used(_open_study(cfg)) == 1
+    assert not _open_study(cfg).get_trials(states=(TrialState.WAITING,))
+    again = _open_study(cfg, retry_failed=True)
+    (queued,) = again.get_trials(states=(TrialState.WAITING,))
+    assert queued.system_attrs["fixed_params"] == params  # what the next ask() gets
+    assert _budget_used(again) == 0
+

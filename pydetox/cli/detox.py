@@ -146,7 +146,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from pydetox.sweep import load_config, run_sweep
 
     cfg = load_config(args.config)
-    report = run_sweep(cfg, address=args.address, progress=not args.quiet)
+    report = run_sweep(cfg, address=args.address, progress=not args.quiet, retry_failed=args.retry_failed)
     print((cfg.out / "sweep.md").read_text(encoding="utf-8"))
     print(f"wrote {cfg.out / 'sweep.json'}, {cfg.out / 'sweep.md'}, {cfg.out / 'pareto.png'} "
           f"({len(report['settings'])} settings, {len(report['pareto'])} on the Pareto front)")
@@ -158,5 +158,7 @@ def _add_sweep(sub: Any) -> None:
                         "runs the trials; resumable (docs/sweep.md)")
     sw.add_argument("config", help="the sweep's TOML file")
     sw.add_argument("--address", help="a Ray cluster to run on (default: a local Ray instance on this machine)")
+    sw.add_argument("--retry-failed", action="store_true",
+                    help="ask the settings that failed again (their finished seeds are reused)")
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
