@@ -96,9 +96,9 @@ def with_overrides(base: RecipeSettings, overrides: dict[str, dict[str, str]], s
     extra = dict(overrides.get("distill", {}))
     cal = extra.pop("calibrator", None)
     fit = overrides.get("recipe", {})
-    if set(fit) - set(RECIPE_SCALARS):
-        raise PydetoxError(f"recipe has no parameter {sorted(set(fit) - set(RECIPE_SCALARS))[0]!r}; it has: "
-                           f"{', '.join(sorted(RECIPE_SCALARS))}")
+    stray = sorted(set(fit) - set(RECIPE_SCALARS))
+    if stray:
+        raise PydetoxError(f"recipe has no parameter {stray[0]!r}; it has: {', '.join(sorted(RECIPE_SCALARS))}")
     out = override(base, fit, "recipe")
     out = dataclasses.replace(out, distill={**out.distill, **extra}, seed=out.seed if seed is None else seed,
                               calibrator_file=Path(cal) if cal else out.calibrator_file,
@@ -190,9 +190,10 @@ def _calibrator(stages: Stages, f16: Path, src_key: str, settings: RecipeSetting
     return cal, cal_key
 
 
-def _student_overrides(stages: Stages, cal: Path, cal_key: str, settings: RecipeSettings) -> tuple[dict[str, str], str]:
-    """distill's overrides for this recipe (the teacher's targets cached in the stages folder under a key of what
-    they depend on) and the student plan's key."""
+def _student_overrides(stages: Stages, cal: Path, cal_key: str,
+                       settings: RecipeSettings) -> tuple[dict[str, str], str, str]:
+    """distill's overrides for this recipe (the teacher's targets cached in the stages folder as the "teacher"
+    stage's artefact, under a key of what they depend on), that key, and the student plan's key."""
     from pydetox.discover.base import get_method, make_params
     from pydetox.discover.distill.teacher import TEACHER_KEYS
 
@@ -203,13 +204,13 @@ def _student_overrides(stages: Stages, cal: Path, cal_key: str, settings: Recipe
     teacher = _key(cal_key, {k: resolved[k] for k in TEACHER_KEYS if k != "calibrator"})
     overrides["cache"] = str(stages.folder / f"teacher-{teacher}.npz")
     plan_key = _key("distill", cal_key, {k: v for k, v in resolved.items() if k not in ("calibrator", "cache")})
-    return overrides, plan_key
+    return overrides, teacher, plan_key
 
 
 def _distill(stages: Stages, f16: Path, cal: Path, cal_key: str, settings: RecipeSettings,
              progress: bool) -> tuple[Path, str]:
     """The student's plan (strength 1), its teacher's targets cached beside it; and the plan's key."""
-    overrides, plan_key = _student_overrides(stages, cal, cal_key, settings)
+    overrides, _, plan_key = _student_overrides(stages, cal, cal_key, settings)
 
     def make_plan(path: Path) -> dict[str, Any]:
         from pydetox.discover import Discovery
@@ -306,7 +307,7 @@ def prepare(source: Path, out: Path, settings: RecipeSettings = RecipeSettings()
     targets and the unedited model's clean targets) without training a student, so that runs started side by side
     afterwards (a sweep's Ray tasks) read them instead of each computing them; returns each stage's time."""
     stages, f16, cal, cal_key = _shared_stages(source, out, settings, progress)
-    overrides, _ = _student_overrides(stages, cal, cal_key, settings)
+    overrides, teacher_key, _ = _student_overrides(stages, cal, cal_key, settings)
 
     def make_targets(path: Path) -> dict[str, Any]:
         from pydetox.discover import Discovery
@@ -318,9 +319,7 @@ def prepare(source: Path, out: Path, settings: RecipeSettings = RecipeSettings()
             raise PydetoxError(f"distill did not write its teacher cache {path}")
         return info
 
-    # the teacher's cache is the npz that distill writes at `overrides["cache"]`: the stage's own artefact
-    stages.run("teacher", Path(overrides["cache"]).name.removeprefix("teacher-").removesuffix(".npz"), ".npz",
-               make_targets)
+    stages.run("teacher", teacher_key, ".npz", make_targets)  # the npz distill writes at overrides["cache"]
     _release_memory()
     return stages.timing
 

@@ -190,9 +190,11 @@ def _flatten(table: dict[str, Any], method: str) -> dict[str, Any]:
     """The recipe's parameters given as sub-tables ([search.distill] lr = ...) as NAMESPACE:KEY names."""
     if method != RECIPE:
         return table
+    from pydetox.recipe import NAMESPACES
+
     out: dict[str, Any] = {}
     for key, value in table.items():
-        if isinstance(value, dict) and key in ("recipe", "distill", "calibrator"):
+        if isinstance(value, dict) and key in NAMESPACES:
             out.update({f"{key}:{k}": v for k, v in value.items()})
         else:
             out[key] = value
@@ -353,6 +355,32 @@ def baseline(cfg: SweepConfig, model: Path, settings: EvalSettings, name: str, t
     return out
 
 
+def _trial_plan(cfg: SweepConfig, model: Path, params: dict[str, Any], seed: int) -> tuple[Any, dict[str, Any]]:
+    """A setting's plan at a seed, before any `strength` scaling, and the recipe's stage times (empty for a method)."""
+    if cfg.method == RECIPE:
+        from pydetox.recipe import distill_plan
+
+        # the recipe's own stage cache (OUT/stages) keeps every student and fit by its settings and seed
+        plan, _, stages = distill_plan(model, cfg.out, recipe_settings(cfg, params, seed), progress=False)
+        return plan, stages
+    from pydetox.discover import Discovery
+    from pydetox.plan import EditPlan
+
+    extra, data_seed = _seed_overrides(cfg.method, seed)
+    method_params = {k: str(v) for k, v in params.items() if k != "strength"}
+    # The discovered plan is kept per (method parameters, seed): settings that differ in strength alone (a scaling of
+    # the same plan) share one discovery, the expensive part of a trial.
+    discovered = (cfg.out / "plans" / setting_key(cfg.method, method_params, cfg.fixed)
+                  / f"seed{seed}-pairs{cfg.pairs}.plan.gguf")
+    if discovered.is_file():
+        return EditPlan.load(discovered), {}
+    plan = Discovery(model, n_pairs=cfg.pairs, seed=data_seed, progress=False, device="cpu").plan(
+        cfg.method, {**cfg.fixed, **method_params, **extra})
+    discovered.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(discovered)
+    return plan, {}
+
+
 def run_trial(cfg: SweepConfig, params: dict[str, Any], seed: int, base: dict[str, Any]) -> dict[str, Any]:
     """One setting at one seed: discover, scale, apply, evaluate on the trial prompts. Idempotent: the result file,
     written last, is returned as it is when present."""
@@ -360,9 +388,7 @@ def run_trial(cfg: SweepConfig, params: dict[str, Any], seed: int, base: dict[st
 
     from pydetox.apply import apply_plan
     from pydetox.assets import resolve_model
-    from pydetox.discover import Discovery
     from pydetox.evaluate import run_evaluation
-    from pydetox.plan import EditPlan
 
     folder = cfg.out / "trials" / setting_key(cfg.method, params, cfg.fixed) / f"seed{seed}"
     done = folder / "result.json"
@@ -373,25 +399,7 @@ def run_trial(cfg: SweepConfig, params: dict[str, Any], seed: int, base: dict[st
     torch.set_num_threads(cfg.cpus_per_trial)
     t0 = time.perf_counter()
     model = resolve_model(cfg.model)
-    extra, data_seed = ({}, 0) if cfg.method == RECIPE else _seed_overrides(cfg.method, seed)
-    method_params = {k: str(v) for k, v in params.items() if k != "strength"}
-    # The discovered plan is kept per (method parameters, seed): settings that differ in strength alone (a scaling of
-    # the same plan) share one discovery, the expensive part of a trial.
-    discovered = (cfg.out / "plans" / setting_key(cfg.method, method_params, cfg.fixed)
-                  / f"seed{seed}-pairs{cfg.pairs}.plan.gguf")
-    stages: dict[str, Any] = {}
-    if cfg.method == RECIPE:
-        from pydetox.recipe import distill_plan
-
-        # the recipe's own stage cache (OUT/stages) keeps every student and fit by its settings and seed
-        plan, _, stages = distill_plan(model, cfg.out, recipe_settings(cfg, params, seed), progress=False)
-    elif discovered.is_file():
-        plan = EditPlan.load(discovered)
-    else:
-        plan = Discovery(model, n_pairs=cfg.pairs, seed=data_seed, progress=False, device="cpu").plan(
-            cfg.method, {**cfg.fixed, **method_params, **extra})
-        discovered.parent.mkdir(parents=True, exist_ok=True)
-        plan.save(discovered)
+    plan, stages = _trial_plan(cfg, model, params, seed)
     if "strength" in params:
         plan = plan.scaled(float(params["strength"]))
     plan_path = plan.save(folder / "plan.gguf")
@@ -670,8 +678,12 @@ def _report(cfg: SweepConfig, study: Any, base: dict[str, Any], search_s: float)
             "task_seconds_sum": round(task_s, 1)}
 
 
+def _mean_sd(mean: float, sd: float, fmt: str, scale: float = 1.0) -> str:
+    return f"{format(scale * mean, fmt)} ± {format(scale * sd, fmt.lstrip('+'))}"
+
+
 def _pm(row: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
-    return f"{format(scale * row[key], fmt)} ± {format(scale * row[key + '_sd'], fmt.lstrip('+'))}"
+    return _mean_sd(row[key], row[key + "_sd"], fmt, scale)
 
 
 def _decoding(settings: dict[str, Any]) -> str:
@@ -737,8 +749,8 @@ def _final_tables(report: dict[str, Any]) -> list[str]:
              "|---|---|---|---|" + "---|" * (len(names) + 2 + len(helpful))]
 
     def pm(vals: list[float], fmt: str, scale: float = 1.0) -> str:
-        a = scale * np.array(vals, dtype=float)
-        return f"{format(a.mean(), fmt)} ± {format(a.std(ddof=1), fmt.lstrip('+'))}"
+        a = np.array(vals, dtype=float)
+        return _mean_sd(float(a.mean()), float(a.std(ddof=1)), fmt, scale)
 
     def extra(t: str, values: list[list[float]]) -> str:
         """The helpfulness cells: the mean over the runs given, and the unedited model's figure."""
