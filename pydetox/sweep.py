@@ -21,6 +21,7 @@ each trial and of the chosen settings, and a budget of settings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -429,15 +430,22 @@ def _shares_teacher(cfg: SweepConfig) -> bool:
 
 def prepare_recipe(cfg: SweepConfig, model: Path, threads: int) -> dict[str, Any]:
     """The recipe's shared stages (`pydetox.recipe.prepare`) under OUT/stages, with `threads` torch threads; returns
-    each stage's time."""
+    each stage's time. Their progress (tens of minutes on a fresh cache) goes to `prepare_log(cfg)`: a Ray task's
+    output does not reach the terminal."""
     import torch
 
     from pydetox.recipe import prepare
 
     torch.set_num_threads(threads)
     settings = replace(recipe_settings(cfg, {}, cfg.seeds[0]), threads=threads)
-    timing: dict[str, Any] = prepare(model, cfg.out, settings, progress=False)
+    prepare_log(cfg).parent.mkdir(parents=True, exist_ok=True)
+    with open(prepare_log(cfg), "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        timing: dict[str, Any] = prepare(model, cfg.out, settings, progress=True)
     return timing
+
+
+def prepare_log(cfg: SweepConfig) -> Path:
+    return cfg.out / "stages" / "prepare.log"
 
 
 def final_eval(cfg: SweepConfig, folder: str, base_path: str, type_: str | None = None) -> dict[str, Any]:
@@ -578,7 +586,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = Tru
             # the stages every trial shares (F16, calibrator, teacher, clean targets) made once, on every CPU, before
             # trials start side by side and would each make them
             if progress:
-                print("sweep: the recipe's shared stages (F16, calibrator, teacher) ...", flush=True)
+                print(f"sweep: the recipe's shared stages (F16, calibrator, teacher) ... (progress: tail -f "
+                      f"{prepare_log(cfg)})", flush=True)
             shared = ray.get(ray.remote(num_cpus=cpus, max_retries=0)(prepare_recipe).remote(cfg, model, cpus))
             if progress:
                 print("sweep: shared stages " + ", ".join(
@@ -622,7 +631,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = Tru
         search_s = time.perf_counter() - t_start
         report = _report(cfg, study, base, search_s)
         if cfg.final_eval is not None and report["pareto"]:
-            fbase = {t: ray.get(task(baseline).remote(cfg, model, cfg.final_eval, "final_eval", t)) for t in cfg.finals}
+            base_refs = {t: task(baseline).remote(cfg, model, cfg.final_eval, "final_eval", t) for t in cfg.finals}
+            fbase = {t: ray.get(ref) for t, ref in base_refs.items()}  # the unedited models side by side
             refs = {task(final_eval).remote(cfg, row["per_seed"][str(s)]["folder"], fbase[t]["path"], t): (row, s, t)
                     for row in report["settings"] if row["pareto"] for s in cfg.seeds for t in cfg.finals}
             for ref in refs:
