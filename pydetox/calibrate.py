@@ -194,7 +194,9 @@ class _Trainer:
         self.val_rows = torch.from_numpy(rows[order[:n_val]]).to(dev)
         self.train_rows = torch.from_numpy(rows[order[n_val : n_val + n_train]]).to(dev)
         self.bf16 = autocast(settings.precision, "calibrate", dev)
-        self.W = fp.unembedding().clone()  # (V, d_target), frozen: the target's output layer
+        # (V, d_target): the target's output layer, frozen and never written (embeddings are not trained), so not
+        # copied: a copy is 671 MB on Gemma-3's 262k vocabulary
+        self.W = fp.unembedding()
         self.H_train = self.H_val = None
         if settings.objective == "fused":
             # The target's final hidden states of every row, once: the fused loss needs them at every step.
