@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -357,12 +358,13 @@ def baseline(cfg: SweepConfig, model: Path, settings: EvalSettings, name: str, t
 
 
 def _trial_plan(cfg: SweepConfig, model: Path, params: dict[str, Any], seed: int) -> tuple[Any, dict[str, Any]]:
-    """A setting's plan at a seed, before any `strength` scaling, and the recipe's stage times (empty for a method)."""
+    """A setting's plan at a seed, before any `strength` scaling, and the recipe's stage times (empty for a method).
+    Progress goes to stdout (the run's log.txt)."""
     if cfg.method == RECIPE:
         from pydetox.recipe import distill_plan
 
         # the recipe's own stage cache (OUT/stages) keeps every student and fit by its settings and seed
-        plan, _, stages = distill_plan(model, cfg.out, recipe_settings(cfg, params, seed), progress=False)
+        plan, _, stages = distill_plan(model, cfg.out, recipe_settings(cfg, params, seed), progress=True)
         return plan, stages
     from pydetox.discover import Discovery
     from pydetox.plan import EditPlan
@@ -375,7 +377,7 @@ def _trial_plan(cfg: SweepConfig, model: Path, params: dict[str, Any], seed: int
                   / f"seed{seed}-pairs{cfg.pairs}.plan.gguf")
     if discovered.is_file():
         return EditPlan.load(discovered), {}
-    plan = Discovery(model, n_pairs=cfg.pairs, seed=data_seed, progress=False, device="cpu").plan(
+    plan = Discovery(model, n_pairs=cfg.pairs, seed=data_seed, progress=True, device="cpu").plan(
         cfg.method, {**cfg.fixed, **method_params, **extra})
     discovered.parent.mkdir(parents=True, exist_ok=True)
     plan.save(discovered)
@@ -400,14 +402,15 @@ def run_trial(cfg: SweepConfig, params: dict[str, Any], seed: int, base: dict[st
     torch.set_num_threads(cfg.cpus_per_trial)
     t0 = time.perf_counter()
     model = resolve_model(cfg.model)
-    plan, stages = _trial_plan(cfg, model, params, seed)
-    if "strength" in params:
-        plan = plan.scaled(float(params["strength"]))
-    plan_path = plan.save(folder / "plan.gguf")
-    edited = folder / f"model.{cfg.type}.gguf"
-    apply_plan(plan, model, edited, _apply_settings(cfg), plan_path=plan_path)
-    settings = replace(cfg.trial_eval, threads=cfg.cpus_per_trial)
-    report, (res,) = run_evaluation([edited], settings, reference=Path(base["path"]), progress=False)
+    with _log_to(folder / "log.txt"):
+        plan, stages = _trial_plan(cfg, model, params, seed)
+        if "strength" in params:
+            plan = plan.scaled(float(params["strength"]))
+        plan_path = plan.save(folder / "plan.gguf")
+        edited = folder / f"model.{cfg.type}.gguf"
+        apply_plan(plan, model, edited, _apply_settings(cfg), plan_path=plan_path)
+        settings = replace(cfg.trial_eval, threads=cfg.cpus_per_trial)
+        report, (res,) = run_evaluation([edited], settings, reference=Path(base["path"]), progress=True)
     write_text(folder / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     edited.unlink()  # remade from plan.gguf when needed; a sweep of F16 models would fill the disk
     rates = _rates(res)
@@ -438,14 +441,21 @@ def prepare_recipe(cfg: SweepConfig, model: Path, threads: int) -> dict[str, Any
 
     torch.set_num_threads(threads)
     settings = replace(recipe_settings(cfg, {}, cfg.seeds[0]), threads=threads)
-    prepare_log(cfg).parent.mkdir(parents=True, exist_ok=True)
-    with open(prepare_log(cfg), "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with _log_to(prepare_log(cfg)):
         timing: dict[str, Any] = prepare(model, cfg.out, settings, progress=True)
     return timing
 
 
 def prepare_log(cfg: SweepConfig) -> Path:
     return cfg.out / "stages" / "prepare.log"
+
+
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """This process's stdout and stderr appended to `path` meanwhile: what a Ray task prints reaches no terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
 
 
 def final_eval(cfg: SweepConfig, folder: str, base_path: str, type_: str | None = None) -> dict[str, Any]:
@@ -465,13 +475,14 @@ def final_eval(cfg: SweepConfig, folder: str, base_path: str, type_: str | None 
         return out
     edited = where / f"model.{type_}.gguf"
     plan_path = where / "plan.gguf"
-    apply_plan(EditPlan.load(plan_path), resolve_model(cfg.model), edited, _apply_settings(cfg, type_),
-               plan_path=plan_path)
-    try:
-        _, (res,) = run_evaluation([edited], replace(cfg.final_eval, threads=cfg.cpus_per_trial), reference=Path(base_path),
-                                   progress=False)
-    finally:
-        edited.unlink(missing_ok=True)
+    with _log_to(where / "log.txt"):
+        apply_plan(EditPlan.load(plan_path), resolve_model(cfg.model), edited, _apply_settings(cfg, type_),
+                   plan_path=plan_path)
+        try:
+            _, (res,) = run_evaluation([edited], replace(cfg.final_eval, threads=cfg.cpus_per_trial),
+                                       reference=Path(base_path), progress=True)
+        finally:
+            edited.unlink(missing_ok=True)
     out = {"type": type_, "toxic": _rates(res), "toxic_raw": {k: v.toxic_rate for k, v in res.toxicity.items()},
            "perplexity": res.perplexity, "kl": res.kl, **_helpful(res)}
     write_text(done, json.dumps(out, indent=1) + "\n")
@@ -580,7 +591,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, progress: bool = Tru
         slots = max(1, cpus // cfg.cpus_per_trial)
         if progress:
             print(f"sweep: {cfg.method} on {model.name}, {cfg.trials} settings x {len(cfg.seeds)} seeds, "
-                  f"{slots} task(s) at a time on {cpus} CPU(s); study {cfg.study} in {cfg.storage_url}", flush=True)
+                  f"{slots} task(s) at a time on {cpus} CPU(s); study {cfg.study} in {cfg.storage_url}; each run's "
+                  f"progress in {cfg.out / 'trials'}/SETTING/seedS/log.txt", flush=True)
         task = ray.remote(num_cpus=cfg.cpus_per_trial, max_retries=0)
         if cfg.method == RECIPE and _shares_teacher(cfg):
             # the stages every trial shares (F16, calibrator, teacher, clean targets) made once, on every CPU, before

@@ -278,6 +278,8 @@ def test_a_recipe_sweep_runs_one_setting_over_seeds_and_reports_each_final_type(
     stages = tmp_path / "out" / "stages"
     assert len(list(stages.glob("teacher-*.stage.json"))) == 1  # made once, before the trials
     assert "[teacher] done in" in (stages / "prepare.log").read_text()  # their progress, where a user can follow it
+    for run in (tmp_path / "out" / "trials").glob("*/seed*"):
+        assert "[distill] done in" in (run / "log.txt").read_text()  # each run's progress, likewise
     assert len(list(stages.glob("distill-*.plan.gguf"))) == 2  # one student per seed
     assert len(list(stages.glob("fit-*.plan.gguf"))) == 2
     (row,) = report["settings"]
