@@ -45,6 +45,7 @@ from pydetox.gguf_io import AtomicGGUFWriter, ModelFile, OutTensor, nbytes
 from pydetox.output import atomic, write_text
 
 KEY_TARGET = keys.CALIBRATOR_TARGET
+_ROWS = 32768  # output-layer rows made float32 at once where the whole layer is used (Gemma-3 has 262,144)
 KEY_LAYERS = keys.CALIBRATOR_LAYERS
 
 
@@ -194,9 +195,10 @@ class _Trainer:
         self.val_rows = torch.from_numpy(rows[order[:n_val]]).to(dev)
         self.train_rows = torch.from_numpy(rows[order[n_val : n_val + n_train]]).to(dev)
         self.bf16 = autocast(settings.precision, "calibrate", dev)
-        # (V, d_target): the target's output layer, frozen and never written (embeddings are not trained), so not
-        # copied: a copy is 671 MB on Gemma-3's 262k vocabulary
-        self.W = fp.unembedding()
+        # (V, d_target): the target's output layer, frozen (embeddings are not trained), kept as the model stores it
+        # (a half type after the recipe's f16 stage) with float32 rows made where a use needs them: a float32 copy of
+        # the whole is 671 MB on Gemma-3's 262k vocabulary, and only the restricted softmax's rows are used per step.
+        self.W = fp.model.get_output_embeddings().weight.detach()
         self.H_train = self.H_val = None
         if settings.objective == "fused":
             # The target's final hidden states of every row, once: the fused loss needs them at every step.
@@ -223,7 +225,7 @@ class _Trainer:
         self.E_cal = model.get_input_embeddings().weight.detach()
         self.used = torch.from_numpy(np.unique(rows)).to(dev)
         # The softmax's rows: the whole output layer, or only the tokens of the training data (targets re-indexed).
-        self.W_lm = self.W[self.used] if settings.restrict_vocab else self.W
+        self.W_lm = (self.W[self.used] if settings.restrict_vocab else self.W).float()
         self.index = torch.full((self.W.shape[0],), -1, dtype=torch.long, device=dev)
         self.index[self.used] = torch.arange(len(self.used), device=dev)
         lo, hi = settings.train_alpha
@@ -239,7 +241,7 @@ class _Trainer:
         pick = self.rng.choice(len(used), min(s.vocab_sample, len(used)), replace=False)
         ids = used[self.torch.from_numpy(pick).to(self.dev)]
         c = F.normalize(self.E_cal[ids].float() @ self.A.T, dim=1)
-        t = F.normalize(self.W[ids], dim=1)
+        t = F.normalize(self.W[ids].float(), dim=1)
         return F.cross_entropy(c @ t.T / s.tau, self.torch.arange(len(ids), device=self.dev))
 
     def lm_loss(self, batch: Any, h_t: Any, alpha: float) -> Any:
@@ -263,12 +265,17 @@ class _Trainer:
 
     def target_alone(self) -> float:
         """The target's own validation loss (what fusion has to keep)."""
-        F, H, W, rows = self.torch.nn.functional, self.H_val, self.W, self.val_rows
+        torch, H, W, rows = self.torch, self.H_val, self.W, self.val_rows
         assert H is not None
-        with self.torch.no_grad():
-            return float(np.mean([float(F.cross_entropy((H[i : i + 16, :-1] @ W.T).reshape(-1, W.shape[0]),
-                                                        rows[i : i + 16, 1:].reshape(-1)))
-                                  for i in range(0, len(rows), 16)]))
+        losses = []
+        with torch.no_grad():
+            for i in range(0, len(rows), 16):
+                h, y = H[i : i + 16, :-1].reshape(-1, H.shape[-1]), rows[i : i + 16, 1:].reshape(-1)
+                # the cross-entropy over the whole vocabulary, a block of float32 output rows at a time
+                lse = torch.stack([torch.logsumexp(h @ W[j : j + _ROWS].float().T, dim=-1)
+                                   for j in range(0, len(W), _ROWS)]).logsumexp(0)
+                losses.append(float((lse - (h * W[y].float()).sum(-1)).mean()))
+        return float(np.mean(losses))
 
     def align(self, log: dict[str, Any], progress: bool) -> None:
         """Stage 1: A alone, by the contrastive loss."""
@@ -323,7 +330,9 @@ class _Trainer:
         """The calibrator GGUF at `out`, and how its hidden states in llama.cpp compare with torch's on one row."""
         s = self.settings
         with self.torch.no_grad():
-            W_fused = (self.W * self.g[None, :]) @ self.A  # (V, d_cal): W diag(g) A
+            # (V, d_cal): W diag(g) A, a block of float32 rows of W at a time
+            W_fused = self.torch.cat([(self.W[j : j + _ROWS].float() * self.g[None, :]) @ self.A
+                                      for j in range(0, len(self.W), _ROWS)])
             deltas = {n: (p.detach() - self.initial[n]).cpu().numpy() for n, p in self.trained.items()}
         with ModelFile(target) as src:
             write_calibrator(src, out, self.fp.arch, s.layers, deltas, W_fused.cpu().numpy(), s.output_type,
