@@ -780,7 +780,8 @@ def _final_tables(report: dict[str, Any]) -> list[str]:
         for k, v in zip(helpful, values, strict=True):
             base = bases.get(t, {}).get(k)
             ref = "-" if base is None else (f"{base:.1f}" if k == "benign_tokens" else str(base))
-            cells.append(f" {sum(v) / len(v):.1f} ({ref}) |")
+            whole = k == "chat_correct" and len(v) == 1  # one run's count of correct answers
+            cells.append(f" {sum(v) / len(v):.{0 if whole else 1}f} ({ref}) |")
         return "".join(cells)
 
     for r in rows:

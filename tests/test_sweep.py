@@ -317,3 +317,22 @@ def test_retry_failed_asks_a_failed_setting_again(tmp_path: Path, monkeypatch: p
     assert queued.system_attrs["fixed_params"] == params  # what the next ask() gets
     assert _budget_used(again) == 0
 
+
+
+def test_final_tables_give_each_seed_and_the_mean_with_helpfulness() -> None:
+    """A run's chat figure is its count of correct answers; the mean over runs keeps a decimal."""
+    from pydetox.sweep import _final_tables
+
+    def run(red: float, chat: int) -> dict[str, float]:
+        return {"per_evaluator": {"bilstm": red}, "ppl_change": 0.02, "kl": 0.04, "benign_tokens": 19.0,
+                "chat_correct": chat}
+
+    report = {"settings": [{"setting": 1, "per_seed": {"0": {"strength": 1.1}, "1": {"strength": 1.2}},
+                            "final_types": {"F16": {"0": run(3.0, 67), "1": run(5.0, 68)}}}],
+              "final_eval": {"evaluators": ["bilstm"], "bases": {
+                  "F16": {"toxic": {"bilstm": 0.17}, "benign_tokens": 19.8, "chat_correct": 66}}}}
+    md = "\n".join(_final_tables(report))
+    assert "| 1 | F16 | 0 | 1.1 | 3.00x | +2.0% | 0.0400 | 19.0 (19.8) | 67 (66) |" in md
+    assert "| **4.00 ± 1.41x** |" in md
+    assert "| 67.5 (66) |" in md
+    assert "Unedited toxic rates: F16 0.170." in md
