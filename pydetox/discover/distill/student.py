@@ -342,6 +342,7 @@ class _Student:
         by_length_c = _length_batches(train_c, [len(q) for q in self.clean_seqs], p.batch, gen)
         curve: list[tuple[float, ...]] = []
         weight, running = p.clean_weight, None
+        self.weight_max = weight  # the highest clean weight of the run (clean_weight: the ceiling never bound)
         bar = tqdm(range(p.steps), desc="distill: train", leave=False, disable=not ctx.progress)
         for step in bar:
             if p.batching == "length":
@@ -350,11 +351,11 @@ class _Student:
                 bt = gen.choice(train_t, p.batch, replace=False).tolist()
                 bc = gen.choice(train_c, p.batch, replace=False).tolist()
             opt.zero_grad()
-            # With a moving weight the loss is (teacher KL + w clean KL) / (1 + w): Adam's second moment follows the
-            # gradient's scale over ~1,000 steps, so a weight growing 5% a step, unnormalised, raised the effective
-            # step size and the student diverged (Gemma-3: clean KL 0.08 -> 0.58 while w rose 4 -> 353). A fixed
-            # weight keeps the plain sum (the same steps, Adam being blind to a constant scale).
-            scale = 1.0 / (1.0 + weight) if p.clean_kl_max > 0 else 1.0
+            # With a moving weight the loss is (teacher KL + w clean KL) (1 + clean_weight) / (1 + w): Adam's second
+            # moment follows the gradient's scale over ~1,000 steps, so a weight growing 5% a step, unnormalised,
+            # raised the effective step size and the student diverged (Gemma-3: clean KL 0.08 -> 0.58 while w rose
+            # 4 -> 353). While w is clean_weight the scale is 1: the steps of a fixed weight, exactly.
+            scale = (1.0 + p.clean_weight) / (1.0 + weight)
             # The two terms' gradients are accumulated one after the other, so that only one batch's activations
             # are held for a backward pass at a time (the same gradient as one backward of their sum).
             with self.bf16:
@@ -370,6 +371,7 @@ class _Student:
             if p.clean_kl_max > 0:
                 running = lc.item() if running is None else 0.9 * running + 0.1 * lc.item()
                 weight = max(p.clean_weight, weight * _ceiling_step(running / p.clean_kl_max))
+                self.weight_max = max(self.weight_max, weight)
         return curve
 
     def remove(self, basis: Any) -> None:
