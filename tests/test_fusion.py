@@ -210,15 +210,6 @@ def test_training_refuses_bad_settings(tmp_path: Path) -> None:
     assert not (tmp_path / "c.gguf").exists()
 
 
-def test_the_clean_weight_steps_by_at_most_five_percent_toward_the_ceiling() -> None:
-    from pydetox.discover.distill.student import _ceiling_step
-
-    assert _ceiling_step(1.0) == 1.0  # at the ceiling: unchanged
-    assert _ceiling_step(1.5) == pytest.approx(np.exp(0.025))
-    assert _ceiling_step(30.0) == pytest.approx(np.exp(0.05))  # far over it: the clipped step
-    assert _ceiling_step(0.0) == pytest.approx(np.exp(-0.05))  # under it: back down (to clean_weight at least)
-
-
 def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the_edit(
         trained: tuple[Path, Path], tmp_path: Path) -> None:
     """`distill` on the tiny model and its calibrator: held-out KL to the fused teacher on toxic contexts falls, the
@@ -253,15 +244,6 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
     assert anchored["clean_targets_from_cache"]  # and the unedited model's on the clean sequences: the same loss
     assert anchored["toxic_sequences"] == diag["toxic_sequences"]
     assert anchored["held_out_before"] == diag["held_out_before"]
-    # a ceiling on the clean KL: the clean weight rises from 0.1 while the running clean KL is over it, and the
-    # student ends nearer the unedited model on held-out clean text than at the fixed weight
-    assert {c[3] for c in diag["curve"]} == {0.1}
-    held = disc.plan("distill", {**settings, "clean_kl_max": str(diag["held_out_after"]["clean_kl"] / 10)})
-    held_diag = held.params["diagnostics"]
-    assert held_diag["teacher_from_cache"]
-    assert held_diag["clean_weight_max"] >= max(c[3] for c in held_diag["curve"]) > 1.0, held_diag["curve"]
-    assert "clean_weight_max" not in diag
-    assert held_diag["held_out_after"]["clean_kl"] < 0.7 * diag["held_out_after"]["clean_kl"], (held_diag, diag)
     # another training seed: the same teacher (from the cache) and held-out split, another start for the update
     one = disc.plan("distill", {**settings, "steps": "1"})
     reseeded = disc.plan("distill", {**settings, "steps": "1", "train_seed": "1"})

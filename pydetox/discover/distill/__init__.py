@@ -110,8 +110,7 @@ class Distill(Method):
             "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs),
             "discovery_prompts": len(prompts), "layers": [first, n - 1], "held_out_toxic_sequences": len(val_t),
             "held_out_contexts": len(np.unique(toxic.groups[val_t])), "held_out_before": before,
-            "held_out_after": after, "curve": curve, **({"vocab": restricted} if restricted is not None else {}),
-            **({"clean_weight_max": round(student.weight_max, 3)} if p.clean_kl_max > 0 else {})}
+            "held_out_after": after, "curve": curve, **({"vocab": restricted} if restricted is not None else {})}
 
 
 def prepare_targets(ctx: Context, overrides: dict[str, str]) -> dict[str, Any]:

@@ -18,12 +18,6 @@ class DistillParams:
     batch: int = 8  # sequences of each kind (toxic, clean) per step
     lr: float = 0.003  # Adam's learning rate
     clean_weight: float = 8.0  # weight of KL(unedited || student) on clean text against the teacher KL
-    # A ceiling on the clean KL (0: none, `clean_weight` fixed): the clean weight rises, by up to 5% a step, while
-    # the running mean of the training batches' clean KL is above it, and falls back towards `clean_weight` (never
-    # under it) while below: a Lagrange multiplier for "teacher KL as low as it goes, clean KL <= clean_kl_max". One
-    # fixed weight does not fit every model: at the weight that keeps SmolLM2 at ~0.03, Gemma-3's student drifts to
-    # 0.22 on clean text and the fit then scales the edit down to a quarter, where it no longer cuts.
-    clean_kl_max: float = 0.0
     clean_kl: str = "top"  # top: top_k tokens + a bucket; full: the whole vocabulary, unedited computed per step
     top_k: int = 32  # teacher tokens kept per position (the rest of the vocabulary is one bucket)
     # Train with the output layer restricted to this many tokens (0: the whole vocabulary): every token a target

@@ -3,7 +3,6 @@ it is trained on, a restricted vocabulary, and the end-of-generation directions 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +275,6 @@ def _eog_directions(ctx: Context, source: Path) -> Any:
     return q.to(torch.float32)
 
 
-def _ceiling_step(ratio: float) -> float:
-    """The clean weight's factor after a step whose running clean KL is `ratio` x the ceiling: exp(0.05 (ratio - 1)),
-    the exponent clipped to [-0.05, 0.05] (a batch's KL is noisy; 60 steps over the ceiling multiply it by 20)."""
-    return math.exp(0.05 * min(1.0, max(-1.0, ratio - 1.0)))
-
-
 class _Student:
     """The update being trained, with what it is trained against: the teacher's targets on the toxic sequences,
     the unedited model's on the clean ones (`clean`; None: computed at each step, `clean_kl=full`), and the
@@ -333,16 +326,13 @@ class _Student:
                 "mass_toxic": mass([self.toxic.seqs[i] for i in val_t]),
                 "mass_clean": mass([self.clean_seqs[i] for i in val_c])}
 
-    def train(self, train_t: Any, train_c: Any) -> list[tuple[float, ...]]:
-        """`steps` Adam steps of teacher KL + w x clean KL, w = clean_weight or, with clean_kl_max, the weight that
-        holds the clean KL under it; returns the loss curve every 20 steps: (step, teacher KL, clean KL, w)."""
+    def train(self, train_t: Any, train_c: Any) -> list[tuple[int, float, float]]:
+        """`steps` Adam steps of teacher KL + clean_weight x clean KL; returns the loss curve every 20 steps."""
         p, gen, ctx = self.p, self.gen, self.ctx
         opt = self.torch.optim.Adam(self.lora.params(), lr=p.lr)
         by_length_t = _length_batches(train_t, [len(q) for q in self.toxic.seqs], p.batch, gen)
         by_length_c = _length_batches(train_c, [len(q) for q in self.clean_seqs], p.batch, gen)
-        curve: list[tuple[float, ...]] = []
-        weight, running = p.clean_weight, None
-        self.weight_max = weight  # the highest clean weight of the run (clean_weight: the ceiling never bound)
+        curve = []
         bar = tqdm(range(p.steps), desc="distill: train", leave=False, disable=not ctx.progress)
         for step in bar:
             if p.batching == "length":
@@ -351,27 +341,18 @@ class _Student:
                 bt = gen.choice(train_t, p.batch, replace=False).tolist()
                 bc = gen.choice(train_c, p.batch, replace=False).tolist()
             opt.zero_grad()
-            # With a moving weight the loss is (teacher KL + w clean KL) (1 + clean_weight) / (1 + w): Adam's second
-            # moment follows the gradient's scale over ~1,000 steps, so a weight growing 5% a step, unnormalised,
-            # raised the effective step size and the student diverged (Gemma-3: clean KL 0.08 -> 0.58 while w rose
-            # 4 -> 353). While w is clean_weight the scale is 1: the steps of a fixed weight, exactly.
-            scale = (1.0 + p.clean_weight) / (1.0 + weight)
             # The two terms' gradients are accumulated one after the other, so that only one batch's activations
             # are held for a backward pass at a time (the same gradient as one backward of their sum).
             with self.bf16:
                 lt = _batch_kl(ctx, self.toxic, bt, self.vocab).mean()
-            (scale * lt).backward()
+            lt.backward()
             with self.bf16:
                 lc = self.clean_kl(bc, self.vocab).mean()
-            (scale * weight * lc).backward()
+            (p.clean_weight * lc).backward()
             opt.step()
             if step % 20 == 0 or step == p.steps - 1:
-                curve.append((step, round(lt.item(), 4), round(lc.item(), 5), round(weight, 3)))
-                bar.set_postfix(teacher_kl=f"{lt.item():.3f}", clean_kl=f"{lc.item():.4f}", w=f"{weight:.3g}")
-            if p.clean_kl_max > 0:
-                running = lc.item() if running is None else 0.9 * running + 0.1 * lc.item()
-                weight = max(p.clean_weight, weight * _ceiling_step(running / p.clean_kl_max))
-                self.weight_max = max(self.weight_max, weight)
+                curve.append((step, round(lt.item(), 4), round(lc.item(), 5)))
+                bar.set_postfix(teacher_kl=f"{lt.item():.3f}", clean_kl=f"{lc.item():.4f}")
         return curve
 
     def remove(self, basis: Any) -> None:
