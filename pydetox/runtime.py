@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -362,6 +363,23 @@ class LlamaRuntime:
     def clear(self) -> None:
         """Forget every sequence's cached context."""
         self._clear()
+
+    def logprob_blocks(self, tokens: list[int], block: int = 128) -> Iterator[np.ndarray]:
+        """`logprobs(tokens)` in consecutive blocks of at most `block` positions, the window decoded a block at a
+        time through the KV cache: llama.cpp's output buffer and the log-softmax's arrays then hold `block` rows of
+        the vocabulary, not the window's (a 512-token window of Gemma-3's 262k vocabulary: 537 MB each)."""
+        n = len(tokens)
+        if not 2 <= n <= self.n_ctx:
+            raise ValueError(f"a scoring window holds 2..{self.n_ctx} tokens, got {n}")
+        block = max(1, min(block, self.n_batch - 1))
+        self._clear()
+        for start in range(0, n - 1, block):
+            stop = min(start + block, n - 1)
+            # the last block decodes the last token too (no logits wanted): one block is then `logprobs`'s decode,
+            # to the bit; several differ from it by llama.cpp's batch-size-dependent rounding (~1e-4 here)
+            end = n if stop == n - 1 else stop
+            self._decode([(tokens[i], i, 0, i < stop) for i in range(start, end)])
+            yield log_softmax(self._output_logits(stop - start))
 
     def logprobs(self, tokens: list[int]) -> np.ndarray:
         """log p(token[i+1] | tokens[:i+1]) over the whole vocabulary, for i < len(tokens) - 1: an
