@@ -45,8 +45,8 @@ from pydetox.gguf_io import AtomicGGUFWriter, ModelFile, OutTensor, nbytes
 from pydetox.output import atomic, write_text
 
 KEY_TARGET = keys.CALIBRATOR_TARGET
-_ROWS = 32768  # output-layer rows made float32 at once where the whole layer is used (Gemma-3 has 262,144)
 KEY_LAYERS = keys.CALIBRATOR_LAYERS
+_ROWS = 32768  # output-layer rows made float32 at once where the whole layer is used (Gemma-3 has 262,144)
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,11 @@ def _check_paths(target: Path, out: Path) -> None:
         raise PydetoxError("the calibrator would overwrite its target; choose another output name")
 
 
+def _float_rows(W: Any) -> Any:
+    """The rows of the output layer `W` as float32 blocks of _ROWS rows (never the whole layer in float32)."""
+    return (W[j : j + _ROWS].float() for j in range(0, len(W), _ROWS))
+
+
 class _Trainer:
     """The calibrator being trained: the target's first layers (trainable), the alignment A (d_target x d_cal) and
     gain g into the target's frozen output layer W, the training and validation rows, and the target's own final
@@ -272,8 +277,7 @@ class _Trainer:
             for i in range(0, len(rows), 16):
                 h, y = H[i : i + 16, :-1].reshape(-1, H.shape[-1]), rows[i : i + 16, 1:].reshape(-1)
                 # the cross-entropy over the whole vocabulary, a block of float32 output rows at a time
-                lse = torch.stack([torch.logsumexp(h @ W[j : j + _ROWS].float().T, dim=-1)
-                                   for j in range(0, len(W), _ROWS)]).logsumexp(0)
+                lse = torch.stack([torch.logsumexp(h @ w.T, dim=-1) for w in _float_rows(W)]).logsumexp(0)
                 losses.append(float((lse - (h * W[y].float()).sum(-1)).mean()))
         return float(np.mean(losses))
 
@@ -331,8 +335,7 @@ class _Trainer:
         s = self.settings
         with self.torch.no_grad():
             # (V, d_cal): W diag(g) A, a block of float32 rows of W at a time
-            W_fused = self.torch.cat([(self.W[j : j + _ROWS].float() * self.g[None, :]) @ self.A
-                                      for j in range(0, len(self.W), _ROWS)])
+            W_fused = self.torch.cat([(w * self.g[None, :]) @ self.A for w in _float_rows(self.W)])
             deltas = {n: (p.detach() - self.initial[n]).cpu().numpy() for n, p in self.trained.items()}
         with ModelFile(target) as src:
             write_calibrator(src, out, self.fp.arch, s.layers, deltas, W_fused.cpu().numpy(), s.output_type,

@@ -375,8 +375,8 @@ class LlamaRuntime:
         self._clear()
         for start in range(0, n - 1, block):
             stop = min(start + block, n - 1)
-            # the last block decodes the last token too (no logits wanted): one block is then `logprobs`'s decode,
-            # to the bit; several differ from it by llama.cpp's batch-size-dependent rounding (~1e-4 here)
+            # the last block decodes the last token too (no logits wanted), so one block is the window's single
+            # decode; several differ from it by llama.cpp's batch-size-dependent rounding
             end = n if stop == n - 1 else stop
             self._decode([(tokens[i], i, 0, i < stop) for i in range(start, end)])
             yield log_softmax(self._output_logits(stop - start))
@@ -387,6 +387,4 @@ class LlamaRuntime:
         n = len(tokens)
         if not 2 <= n <= min(self.n_ctx, self.n_batch):
             raise ValueError(f"a scoring window holds 2..{min(self.n_ctx, self.n_batch)} tokens, got {n}")
-        self._clear()
-        self._decode([(t, i, 0, i < n - 1) for i, t in enumerate(tokens)])
-        return log_softmax(self._output_logits(n - 1))
+        return next(self.logprob_blocks(tokens, n - 1))  # the whole window as one block: one decode
