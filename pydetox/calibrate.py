@@ -205,10 +205,17 @@ class _Trainer:
         # the whole is 671 MB on Gemma-3's 262k vocabulary, and only the restricted softmax's rows are used per step.
         self.W = fp.model.get_output_embeddings().weight.detach()
         self.H_train = self.H_val = None
+        self.used = torch.from_numpy(np.unique(rows)).to(dev)
+        # H_train's row of each training row (-1: none; a row no step draws needs no hidden states)
+        self.slot = torch.full((len(self.train_rows),), -1, dtype=torch.long, device=dev)
         if settings.objective == "fused":
-            # The target's final hidden states of every row, once: the fused loss needs them at every step.
+            # The target's final hidden states once, of the rows the steps will draw (71% of them at the defaults):
+            # the fused loss needs them at every step.
+            drawn = _drawn_rows(rng, settings, len(self.train_rows), len(self.used))
+            self.slot[torch.from_numpy(drawn).to(dev)] = torch.arange(len(drawn), device=dev)
             with self.bf16:
-                self.H_train = _target_hidden(model, self.train_rows, settings.batch, progress)
+                self.H_train = _target_hidden(model, self.train_rows[torch.from_numpy(drawn).to(dev)], settings.batch,
+                                              progress)
                 self.H_val = _target_hidden(model, self.val_rows, settings.batch, progress)
         elif settings.objective != "standalone":
             raise PydetoxError(f"objective is 'fused' or 'standalone', not {settings.objective!r}")
@@ -228,7 +235,6 @@ class _Trainer:
             self.g = torch.nn.Parameter(torch.full((d_t,), float(h0.pow(2).mean(-1).sqrt().mean()), device=dev))
         self.eps = 1e-6
         self.E_cal = model.get_input_embeddings().weight.detach()
-        self.used = torch.from_numpy(np.unique(rows)).to(dev)
         # The softmax's rows: the whole output layer, or only the tokens of the training data (targets re-indexed).
         self.W_lm = (self.W[self.used] if settings.restrict_vocab else self.W).float()
         self.index = torch.full((self.W.shape[0],), -1, dtype=torch.long, device=dev)
@@ -312,8 +318,14 @@ class _Trainer:
             self.model.train()
             idx = torch.from_numpy(rng.integers(0, len(self.train_rows), s.batch)).to(self.dev)
             alpha = float(rng.uniform(lo, hi))
+            h_t = None
+            if self.H_train is not None:
+                slot = self.slot[idx]
+                if bool((slot < 0).any()):  # the draws differ from _drawn_rows': a change there or here broke the replay
+                    raise PydetoxError(f"calibrator step {step}: a training row without the target's hidden states")
+                h_t = self.H_train[slot]
             with self.bf16:
-                lm = self.lm_loss(self.train_rows[idx], None if self.H_train is None else self.H_train[idx], alpha)
+                lm = self.lm_loss(self.train_rows[idx], h_t, alpha)
                 loss = lm + s.contrastive_weight * self.contrastive() if s.contrastive_weight > 0 else lm
             opt.zero_grad()
             loss.backward()
@@ -367,7 +379,8 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     rng = np.random.default_rng(settings.seed)
     t = _Trainer(FullPrecisionModel(target, progress=progress, device=device), settings, rng, progress)
     log: dict[str, Any] = {"settings": asdict(settings), "device": t.dev, "target": str(target), "data": t.data_desc,
-                           "rows": {"train": len(t.train_rows), "val": len(t.val_rows), "seq_len": settings.seq_len},
+                           "rows": {"train": len(t.train_rows), "val": len(t.val_rows), "seq_len": settings.seq_len,
+                                    "target_states": 0 if t.H_train is None else len(t.H_train)},
                            "val_alpha": t.val_alpha if t.H_val is not None else None, "align": [], "train": [], "val": []}
     if t.H_val is not None:
         log["val_target_alone"] = t.target_alone()
@@ -457,6 +470,26 @@ def write_calibrator(src: ModelFile, out: Path, arch: str, layers: int, deltas: 
                                                        ot.qtype, threads=threads))
         writer.commit()
     return out
+
+
+def _drawn_rows(rng: np.random.Generator, settings: CalibrateSettings, n_train: int, n_used: int) -> np.ndarray:
+    """The training rows `_Trainer.language_model` will draw, sorted: its draws and align's, which come first from
+    the same generator, replayed on a copy (`rng` itself is not advanced). Mirrors `contrastive`'s and
+    `language_model`'s calls in order; a step drawing a row not found here stops with an error."""
+    import copy
+
+    sim = copy.deepcopy(rng)
+    k = min(settings.vocab_sample, n_used)
+    for _ in range(settings.align_steps):
+        sim.choice(n_used, k, replace=False)
+    lo, hi = settings.train_alpha
+    drawn = []
+    for _ in range(settings.steps):
+        drawn.append(sim.integers(0, n_train, settings.batch))
+        sim.uniform(lo, hi)
+        if settings.contrastive_weight > 0:
+            sim.choice(n_used, k, replace=False)
+    return np.unique(np.concatenate(drawn)) if drawn else np.zeros(0, np.int64)
 
 
 def _target_hidden(model: Any, rows: Any, batch: int, progress: bool) -> Any:

@@ -39,6 +39,9 @@ def test_training_writes_a_calibrator_llama_cpp_runs_as_torch_does(trained: tupl
     assert cal.with_name("cal.loss.png").stat().st_size > 0
     assert len(log["train"]) == TINY.steps
     assert len(log["align"]) == TINY.align_steps
+    # the target's hidden states only of the rows the steps draw (with replacement: 16 draws of 16 rows), found by
+    # replaying the generator: a step drawing any other row would have stopped the training
+    assert 0 < log["rows"]["target_states"] < log["rows"]["train"] == TINY.steps * TINY.batch
     # llama.cpp's forward pass of the written GGUF against torch's of the trained model (F32 weights: float noise)
     assert log["llama_cpp_check"]["rel_rms_diff"] < 1e-3, log["llama_cpp_check"]
     with ModelFile(cal) as m, ModelFile(target) as t:
@@ -551,6 +554,59 @@ def test_distill_benign_starts_join_the_clean_text_continued_by_the_unedited_mod
         again = disc.plan("distill", {**settings, "benign_starts": "6"}).params["diagnostics"]
     assert again["clean_sequences"] == more["clean_sequences"]
     assert again["held_out_before"] == more["held_out_before"]
+
+
+def test_distill_computes_the_unedited_targets_of_the_clean_sequences_its_steps_draw(
+        trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """A student computes the unedited model's targets only for the clean sequences its steps draw and the held-out
+    ones; another run's draws add theirs to the same cache, `prepare_targets` (the sweep's shared stage) completes
+    it, and what was computed piecemeal equals what one full pass computes."""
+    from pydetox.discover import Discovery
+    from pydetox.discover.distill import prepare_targets
+
+    target, cal = trained
+    disc = Discovery(target, n_pairs=8, progress=False)
+    settings = {"calibrator": str(cal), "alpha": "0.9", "max_prompts": "8", "pairs": "24", "clean_texts": "24",
+                "steps": "2", "rank": "2", "batch": "2", "first_layer": "1", "max_tokens": "32", "held_out": "2",
+                "cache": str(tmp_path / "a.npz")}
+    first = disc.plan("distill", settings).params["diagnostics"]
+    assert not first["clean_targets_from_cache"]
+    with np.load(tmp_path / "a.clean.npz") as z:
+        have = z["c_have"].copy()
+    n = first["clean_sequences"]
+    assert 4 <= have.sum() <= 2 * 2 + 2 < n  # two steps of two, two held out
+    again = disc.plan("distill", settings).params["diagnostics"]  # the same draws: nothing to compute
+    assert again["clean_targets_from_cache"]
+    assert again["held_out_after"] == first["held_out_after"]
+    other = disc.plan("distill", {**settings, "train_seed": "5"}).params["diagnostics"]
+    with np.load(tmp_path / "a.clean.npz") as z:
+        grown = z["c_have"].copy()
+    assert not other["clean_targets_from_cache"]
+    assert (grown >= have).all()
+    assert grown.sum() > have.sum()
+    assert not prepare_targets(disc.context, settings)["clean_targets_from_cache"]
+    assert prepare_targets(disc.context, settings)["clean_targets_from_cache"]
+    assert not prepare_targets(disc.context, {**settings, "cache": str(tmp_path / "b.npz")})["clean_targets_from_cache"]
+    with np.load(tmp_path / "a.clean.npz") as a, np.load(tmp_path / "b.clean.npz") as b:
+        assert "c_have" not in a
+        assert "c_have" not in b
+        assert np.array_equal(a["c_tokens"], b["c_tokens"])
+        np.testing.assert_allclose(a["c_logp"], b["c_logp"], atol=1e-4)
+        np.testing.assert_allclose(a["c_rest"], b["c_rest"], atol=1e-4)
+        assert (a["c_ids"] == b["c_ids"]).mean() > 0.99
+
+
+def test_schedule_draws_what_drawing_step_by_step_draws() -> None:
+    """`_schedule` draws every step's batches before training, in the order the steps drew them."""
+    from pydetox.discover.distill.params import DistillParams
+    from pydetox.discover.distill.student import _schedule
+
+    p = DistillParams(steps=7, batch=3)
+    train_t, train_c = np.arange(40), np.arange(100, 130)
+    gen = np.random.default_rng([1, 2])
+    expected = [(gen.choice(train_t, 3, replace=False).tolist(), gen.choice(train_c, 3, replace=False).tolist())
+                for _ in range(7)]
+    assert _schedule(p, np.random.default_rng([1, 2]), [], [], train_t, train_c) == expected
 
 
 def test_distill_chat_starts_are_answers_of_the_unedited_model_in_its_chat_format(trained: tuple[Path, Path]) -> None:

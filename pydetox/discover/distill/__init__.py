@@ -48,7 +48,7 @@ import numpy as np
 from pydetox.discover.base import Context, Method, register_method
 from pydetox.discover.distill.data import _contexts, _split_by_group
 from pydetox.discover.distill.params import DistillParams, _check
-from pydetox.discover.distill.student import _base_targets, _eog_directions, _Student
+from pydetox.discover.distill.student import _base_targets, _eog_directions, _schedule, _Student
 from pydetox.discover.distill.teacher import _targets
 from pydetox.discover.model import autocast
 from pydetox.errors import PydetoxError
@@ -75,7 +75,6 @@ class Distill(Method):
         prompts, toxic_texts, clean_texts = _contexts(p)
         toxic, clean_seqs, from_cache = _targets(ctx, p, source, prompts, toxic_texts, clean_texts)
         full = p.clean_kl == "full"  # then the unedited model's distributions are computed per step, not stored
-        clean, clean_hit = (None, False) if full else _clean_targets(ctx, p, source, clean_seqs, bf16)
         n = ctx.fp.n_layers
         first = p.first_layer if p.first_layer >= 0 else n // 3
         if not 0 <= first < n:
@@ -95,11 +94,16 @@ class Distill(Method):
             gen = np.random.default_rng([p.seed + 1, p.train_seed])
         if p.held_out > 0:
             val_t, val_c = val_t[: p.held_out], val_c[: p.held_out]
-        student = _Student(ctx, p, bf16, toxic, clean_seqs, clean, list(range(first, n)), train_c, gen)
+        schedule = _schedule(p, gen, [len(q) for q in toxic.seqs], [len(q) for q in clean_seqs], train_t, train_c)
+        # The unedited model's targets for the clean sequences the steps draw and the held-out ones (every one where
+        # a restricted vocabulary is picked from all of them).
+        need = None if p.vocab > 0 else {i for _, bc in schedule for i in bc} | set(val_c)
+        clean, clean_hit = (None, False) if full else _clean_targets(ctx, p, source, clean_seqs, bf16, need)
+        student = _Student(ctx, p, bf16, toxic, clean_seqs, clean, list(range(first, n)), train_c)
         try:
             restricted = student.coverage(val_t, val_c)
             before = student.held_out(val_t, val_c)
-            curve = student.train(train_t, train_c)
+            curve = student.train(schedule)
             if p.eog_free:
                 student.remove(_eog_directions(ctx, source))
             after = student.held_out(val_t, val_c)
@@ -135,11 +139,12 @@ def prepare_targets(ctx: Context, overrides: dict[str, str]) -> dict[str, Any]:
             "clean_sequences": len(clean_seqs)}
 
 
-def _clean_targets(ctx: Context, p: DistillParams, source: Path, seqs: list[list[int]],
-                   bf16: Any) -> tuple[Any, bool]:
-    """The unedited model's top-k distributions on the clean sequences, read from or written to `cache`'s sibling
-    CACHE.clean.npz (keyed by the model file, the sequences, top_k and precision: the training seed changes none of
-    them, so the runs of several seeds compute them once), and whether they came from there."""
+def _clean_targets(ctx: Context, p: DistillParams, source: Path, seqs: list[list[int]], bf16: Any,
+                   need: Any = None) -> tuple[Any, bool]:
+    """The unedited model's top-k distributions on the clean sequences `need` (None: all), read from or written to
+    `cache`'s sibling CACHE.clean.npz (keyed by the model file, the sequences, top_k and precision: the training seed
+    changes none of them, so the runs of several seeds share what they computed; each computes only the sequences
+    its own steps draw that are not there yet), and whether nothing had to be computed."""
     import hashlib
     import json
 
@@ -147,14 +152,25 @@ def _clean_targets(ctx: Context, p: DistillParams, source: Path, seqs: list[list
 
     digest = hashlib.sha256(np.concatenate([np.asarray(q, np.int64) for q in seqs]).tobytes()
                             + np.array([len(q) for q in seqs], np.int64).tobytes()).hexdigest()
-    key = json.dumps({"format": 1, "model": file_stamp(source), "sequences": digest, "top_k": p.top_k,
+    key = json.dumps({"format": 2, "model": file_stamp(source), "sequences": digest, "top_k": p.top_k,
                       "precision": p.precision}, sort_keys=True)
     path = _sibling(Path(p.cache) if p.cache else None, "clean")
+    n = len(seqs)
     cached = _read_npz(path, key, lambda z: _Targets.from_arrays(z, "c_"))
-    if cached is not None:
+    if cached is None:
+        cached = _Targets(seqs, [np.zeros((0, p.top_k), np.int64)] * n, [np.zeros((0, p.top_k), np.float32)] * n,
+                          [np.zeros(0, np.float32)] * n, np.arange(n), np.zeros(n, bool))
+    have = np.ones(n, bool) if cached.have is None else cached.have.copy()
+    want = np.ones(n, bool) if need is None else np.isin(np.arange(n), np.fromiter(need, np.int64))
+    todo = np.flatnonzero(want & ~have)
+    if not len(todo):
         return cached, True
     with bf16:
-        clean = _base_targets(ctx, seqs, p.top_k, ctx.progress)
+        new = _base_targets(ctx, [seqs[i] for i in todo], p.top_k, ctx.progress)
+    for j, i in enumerate(todo):
+        cached.ids[i], cached.logp[i], cached.rest[i] = new.ids[j], new.logp[j], new.rest[j]
+    have[todo] = True
+    clean = _Targets(seqs, cached.ids, cached.logp, cached.rest, np.arange(n), None if have.all() else have)
     if path is not None:
         _save_npz(path, key, clean.arrays("c_"))
     return clean, False

@@ -20,25 +20,32 @@ from pydetox.errors import PydetoxError
 class _Targets:
     """Token sequences with a target distribution at each position but the last: top-k token ids, their
     log-probabilities, and the log-probability of the rest of the vocabulary. `groups`: the context each sequence
-    came from (sequences of one group share their prompt, and are held out together)."""
+    came from (sequences of one group share their prompt, and are held out together). `have` (None: every one): which
+    sequences have their targets; the others hold none (zero rows)."""
 
     def __init__(self, seqs: list[list[int]], ids: list[Any], logp: list[Any], rest: list[Any],
-                 groups: np.ndarray) -> None:
-        self.seqs, self.ids, self.logp, self.rest, self.groups = seqs, ids, logp, rest, groups
+                 groups: np.ndarray, have: np.ndarray | None = None) -> None:
+        self.seqs, self.ids, self.logp, self.rest, self.groups, self.have = seqs, ids, logp, rest, groups, have
 
     def __len__(self) -> int:
         return len(self.seqs)
 
+    def missing(self, pick: Any) -> list[int]:
+        """The sequences of `pick` without targets."""
+        return [] if self.have is None else [int(i) for i in pick if not self.have[i]]
+
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {**_pack(self.seqs, prefix), f"{prefix}ids": np.concatenate(self.ids),
                 f"{prefix}logp": np.concatenate(self.logp), f"{prefix}rest": np.concatenate(self.rest),
-                f"{prefix}groups": self.groups}
+                f"{prefix}groups": self.groups, **({} if self.have is None else {f"{prefix}have": self.have})}
 
     @classmethod
     def from_arrays(cls, z: Any, prefix: str) -> _Targets:
-        pos = np.cumsum(z[f"{prefix}lengths"] - 1)[:-1]  # targets: every position but the last
+        have = z.get(f"{prefix}have", None)
+        rows = z[f"{prefix}lengths"] - 1  # targets: every position but the last
+        pos = np.cumsum(rows if have is None else rows * have)[:-1]
         return cls(_unpack(z, prefix), np.split(z[f"{prefix}ids"], pos), np.split(z[f"{prefix}logp"], pos),
-                   np.split(z[f"{prefix}rest"], pos), z[f"{prefix}groups"])
+                   np.split(z[f"{prefix}rest"], pos), z[f"{prefix}groups"], have)
 
 
 def _pack(seqs: list[list[int]], prefix: str) -> dict[str, np.ndarray]:
