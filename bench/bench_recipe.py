@@ -5,7 +5,11 @@
   against generating first and decoding every sequence again (the earlier two passes);
 - student step: bfloat16 autocast with the output layer cut to 8,192 tokens against float32 over the whole
   49,152-token vocabulary (8 toxic + 8 clean sequences of discovery length, rank-32 update from layer 10, exact clean
-  KL with the unedited model alongside).
+  KL with the unedited model alongside);
+- the default student's step (bfloat16 autocast, whole vocabulary, teacher and clean KL to top-32 targets, one
+  backward per term, as `_Student.train` runs it) against the same step in float32;
+- the unedited model's clean targets: the sequences a default student's 150 steps draw (and its held-out ones), top-k
+  by torch, against every clean sequence with numpy's argpartition (as before), on the same 384 sequences.
 
 Run: pytest bench/bench_recipe.py -s"""
 
@@ -129,5 +133,77 @@ def test_student_step(f16: Path, compare: Callable[..., float]) -> None:
             q.grad = None
 
     ratio = compare("float32, whole vocabulary", lambda: step(vocab, True), lambda: step(None, False), rounds=3)
+    lora.close()
+    assert ratio > 0
+
+
+def test_clean_targets(f16: Path, compare: Callable[..., float]) -> None:
+    from pydetox.discover.distill.params import DistillParams
+    from pydetox.discover.distill.student import _base_targets, _forward, _schedule
+    from pydetox.discover.distill.teacher import _Targets, _top
+    from pydetox.discover.model import FullPrecisionModel
+
+    fp = FullPrecisionModel(f16, progress=False)
+    ctx: Any = types.SimpleNamespace(fp=fp, progress=False)
+    rows, _ = usable_pairs(EMBEDDED, set())
+    tok = fp.tokenizer
+    seqs = [tok(" ".join(r["neutral"] for r in rows[3 * i : 3 * i + 3])).input_ids[:64] for i in range(384)]
+    # the default's proportions: 1,796 clean sequences, a tenth held out (48 used), 150 steps of 8 -> 384 here,
+    # 150 * 8 * 384 / 1796 draws over the 346 training ones
+    p = DistillParams(steps=round(150 * 384 / 1796), batch=8)
+    val, train = list(range(10)), np.arange(38, 384)
+    schedule = _schedule(p, np.random.default_rng([1, 0]), [], [len(q) for q in seqs], np.arange(100), train)
+    need = sorted({i for _, bc in schedule for i in bc} | set(val))
+    print(f"\n{len(need)} of {len(seqs)} clean sequences drawn or held out")
+
+    def before() -> None:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(seqs), 16):
+                chunk = seqs[s : s + 16]
+                lq = _forward(ctx, chunk).numpy()
+                at = 0
+                for c in chunk:
+                    out.append(_top(lq[at : at + len(c) - 1], 32))
+                    at += len(c) - 1
+        assert len(out) == len(seqs)
+
+    def after() -> _Targets:
+        return _base_targets(ctx, [seqs[i] for i in need], 32, progress=False)
+
+    assert compare("every sequence, numpy top-k", after, before, rounds=1) > 0
+
+
+def test_student_step_bf16(f16: Path, compare: Callable[..., float]) -> None:
+    import torch
+
+    from pydetox.discover.distill.student import _base_targets, _batch_kl, _LoRA
+    from pydetox.discover.model import FullPrecisionModel
+
+    fp = FullPrecisionModel(f16, progress=False)
+    fp.model.requires_grad_(False)
+    ctx: Any = types.SimpleNamespace(fp=fp, progress=False)
+    rows, _ = usable_pairs(EMBEDDED, set())
+    tok = fp.tokenizer
+    toxic = [tok(" ".join(r["toxic"] for r in rows[4 * i : 4 * i + 4])).input_ids[:64] for i in range(8)]
+    clean = [tok(" ".join(r["neutral"] for r in rows[40 + 4 * i : 44 + 4 * i])).input_ids[:64] for i in range(8)]
+    t_targets = _base_targets(ctx, toxic, 32, progress=False)  # stand-in teacher targets: the model's own top-32
+    c_targets = _base_targets(ctx, clean, 32, progress=False)
+    lora = _LoRA(ctx, list(range(fp.n_layers // 3, fp.n_layers)), 32, 0)
+    pick = list(range(8))
+
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            lt = _batch_kl(ctx, t_targets, pick).mean()
+        lt.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            lc = _batch_kl(ctx, c_targets, pick).mean()
+        (4 * lc).backward()
+        for q in lora.params():
+            q.grad = None
+
+    ratio = compare("float32", lambda: step(True), lambda: step(False), rounds=4)
     lora.close()
     assert ratio > 0

@@ -38,11 +38,13 @@ DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True
 # its helpfulness at that length: benign sentence starts continued by the unedited model join the clean anchor
 # (`benign_starts`; at half DistillParams' `clean_weight`, so that the larger anchor does not cancel the cut), and
 # the update loses its direct push on end-of-generation tokens (`eog_free`), which shortened benign answers and cost
-# chat answers (docs/speed-distill.md, docs/results/default-recipe-seeds.md). The per-step levers (bfloat16, a
-# restricted softmax, batches by length) made steps up to 2x faster and the edit weaker, so none is on. The held-out
+# chat answers (docs/speed-distill.md, docs/results/default-recipe-seeds.md). The student computes under bfloat16
+# autocast (the update and Adam's state stay float32): a step 1.8x faster on CPUs with AMX / AVX-512 BF16, and over
+# three training seeds the same cut, perplexity and KL as float32 within their spread. The other per-step levers (a
+# restricted softmax, batches by length) cost the edit its effect in single runs, so neither is on. The held-out
 # diagnostics are computed on 48 sequences of each kind (they do not change the training).
 DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_starts": "600", "clean_weight": "4",
-                                   "eog_free": "1"}
+                                   "eog_free": "1", "precision": "bfloat16"}
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class DistillParams:
     anti_rule: str = "prob"
     anti_margin: float = 3.0  # ratio rule: how many times likelier the anti-expert must rate a token
     # "bfloat16": the student's forward and backward passes under torch's CPU autocast (the update and Adam's state
-    # stay float32). On AVX-512 BF16 CPUs a step is ~1.3x faster, ~1.5x with `vocab`.
+    # stay float32). A SmolLM2 step 1.8x faster on a Xeon with AMX (bench/bench_recipe.py); the recipe's default.
     precision: str = "float32"
     # "random": each step's sequences drawn at random. "length": batches of sequences of similar length (a sortish
     # sampler: a shuffled pool of 32 batches sorted by length, cut into batches, the batches shuffled), so that a
