@@ -105,10 +105,9 @@ def test_teacher_one_pass(f16: Path, calibrator: Path, compare: Callable[..., fl
     assert ratio > 0
 
 
-def test_student_step(f16: Path, compare: Callable[..., float]) -> None:
-    import torch
-
-    from pydetox.discover.distill.student import _base_targets, _batch_kl, _full_kl, _LoRA, _Vocab
+def _student_inputs(f16: Path) -> tuple[Any, Any, list[list[int]], list[list[int]]]:
+    """The frozen model as the student sees it, and 8 toxic + 8 clean discovery-length sequences (a toxic sentence
+    and its continuation are ~40-80 tokens)."""
     from pydetox.discover.model import FullPrecisionModel
 
     fp = FullPrecisionModel(f16, progress=False)
@@ -116,9 +115,17 @@ def test_student_step(f16: Path, compare: Callable[..., float]) -> None:
     ctx: Any = types.SimpleNamespace(fp=fp, progress=False)
     rows, _ = usable_pairs(EMBEDDED, set())
     tok = fp.tokenizer
-    # discovery-length sequences: a toxic sentence and its continuation are ~40-80 tokens
     toxic = [tok(" ".join(r["toxic"] for r in rows[4 * i : 4 * i + 4])).input_ids[:64] for i in range(8)]
     clean = [tok(" ".join(r["neutral"] for r in rows[40 + 4 * i : 44 + 4 * i])).input_ids[:64] for i in range(8)]
+    return ctx, fp, toxic, clean
+
+
+def test_student_step(f16: Path, compare: Callable[..., float]) -> None:
+    import torch
+
+    from pydetox.discover.distill.student import _base_targets, _batch_kl, _full_kl, _LoRA, _Vocab
+
+    ctx, fp, toxic, clean = _student_inputs(f16)
     targets = _base_targets(ctx, toxic, 32, progress=False)  # stand-in teacher targets: the model's own top-32
     named = np.unique(np.concatenate(targets.ids))
     vocab = _Vocab(ctx, np.union1d(named, np.setdiff1d(np.arange(8192), named)[: 8192 - len(named)]))
@@ -180,15 +187,8 @@ def test_student_step_bf16(f16: Path, compare: Callable[..., float]) -> None:
     import torch
 
     from pydetox.discover.distill.student import _base_targets, _batch_kl, _LoRA
-    from pydetox.discover.model import FullPrecisionModel
 
-    fp = FullPrecisionModel(f16, progress=False)
-    fp.model.requires_grad_(False)
-    ctx: Any = types.SimpleNamespace(fp=fp, progress=False)
-    rows, _ = usable_pairs(EMBEDDED, set())
-    tok = fp.tokenizer
-    toxic = [tok(" ".join(r["toxic"] for r in rows[4 * i : 4 * i + 4])).input_ids[:64] for i in range(8)]
-    clean = [tok(" ".join(r["neutral"] for r in rows[40 + 4 * i : 44 + 4 * i])).input_ids[:64] for i in range(8)]
+    ctx, fp, toxic, clean = _student_inputs(f16)
     t_targets = _base_targets(ctx, toxic, 32, progress=False)  # stand-in teacher targets: the model's own top-32
     c_targets = _base_targets(ctx, clean, 32, progress=False)
     lora = _LoRA(ctx, list(range(fp.n_layers // 3, fp.n_layers)), 32, 0)
