@@ -9,12 +9,15 @@
 - the default student's step (bfloat16 autocast, whole vocabulary, teacher and clean KL to top-32 targets, one
   backward per term, as `_Student.train` runs it) against the same step in float32;
 - the unedited model's clean targets: the sequences a default student's 150 steps draw (and its held-out ones), top-k
-  by torch, against every clean sequence with numpy's argpartition (as before), on the same 384 sequences.
+  by torch, against every clean sequence with numpy's argpartition (as before), on the same 384 sequences;
+- the default student's step and the calibrator's target hidden states with the decoder's weights kept in bfloat16
+  for the stage (`FullPrecisionModel.computing_in`) against casting the stored float16 weights at every call.
 
 Run: pytest bench/bench_recipe.py -s"""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import types
 from collections.abc import Callable
@@ -206,4 +209,69 @@ def test_student_step_bf16(f16: Path, compare: Callable[..., float]) -> None:
 
     ratio = compare("float32", lambda: step(True), lambda: step(False), rounds=4)
     lora.close()
+    assert ratio > 0
+
+
+def _stored_in_compute_type(fp: Any, step: Callable[[], Any]) -> tuple[Callable[[], Any], contextlib.ExitStack]:
+    """`step` run with the decoder's weights kept in bfloat16 (`computing_in`), entered at its first call (after
+    `compare` has timed the baseline with the stored float16 weights) and left when the returned stack closes."""
+    stack = contextlib.ExitStack()
+
+    def run() -> Any:
+        if not stack._exit_callbacks:  # type: ignore[attr-defined]
+            stack.enter_context(fp.computing_in("bfloat16"))
+        return step()
+
+    return run, stack
+
+
+def test_student_step_weights_in_compute_type(f16: Path, compare: Callable[..., float]) -> None:
+    """The default bfloat16 step with the frozen decoder's weights kept in bfloat16 for the stage (distill's
+    `computing_in`) against the same step casting its float16 weights at every call."""
+    import torch
+
+    from pydetox.discover.distill.student import _base_targets, _batch_kl, _LoRA
+
+    ctx, fp, toxic, clean = _student_inputs(f16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t_targets = _base_targets(ctx, toxic, 32, progress=False)
+        c_targets = _base_targets(ctx, clean, 32, progress=False)
+    lora = _LoRA(ctx, list(range(fp.n_layers // 3, fp.n_layers)), 32, 0)
+    pick = list(range(8))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lt = _batch_kl(ctx, t_targets, pick).mean()
+        lt.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lc = _batch_kl(ctx, c_targets, pick).mean()
+        (4 * lc).backward()
+        for q in lora.params():
+            q.grad = None
+
+    ours, stack = _stored_in_compute_type(fp, step)
+    with stack:
+        ratio = compare("float16 weights cast at each call", ours, step, rounds=4)
+    lora.close()
+    assert ratio > 0
+
+
+def test_calibrator_target_states(f16: Path, compare: Callable[..., float]) -> None:
+    """The calibrator's first stage, the target's final hidden states of training rows (64 rows of the default's 64
+    tokens, bfloat16 autocast), with the decoder's weights kept in bfloat16 against cast at every call."""
+    import torch
+
+    from pydetox.calibrate import _target_hidden
+    from pydetox.discover.model import FullPrecisionModel
+
+    fp = FullPrecisionModel(f16, progress=False)
+    rows = torch.randint(0, 49152, (64, 64), generator=torch.Generator().manual_seed(0))
+
+    def states() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _target_hidden(fp.model, rows, 16, progress=False)
+
+    ours, stack = _stored_in_compute_type(fp, states)
+    with stack:
+        ratio = compare("float16 weights cast at each call", ours, states, rounds=3)
     assert ratio > 0

@@ -213,7 +213,9 @@ class _Trainer:
             # the fused loss needs them at every step.
             drawn = _drawn_rows(rng, settings, len(self.train_rows), len(self.used))
             self.slot[torch.from_numpy(drawn).to(dev)] = torch.arange(len(drawn), device=dev)
-            with self.bf16:
+            # computing_in: the decoder's weights in the autocast type while the states are computed (no cast at
+            # every call), read back before the kept layers become float32 trainable ones
+            with fp.computing_in(settings.precision), self.bf16:
                 self.H_train = _target_hidden(model, self.train_rows[torch.from_numpy(drawn).to(dev)], settings.batch,
                                               progress)
                 self.H_val = _target_hidden(model, self.val_rows, settings.batch, progress)

@@ -514,6 +514,46 @@ def test_weights_kept_in_float16_compute_what_float32_storage_does(tmp_path: Pat
         FullPrecisionModel(path, progress=False, weights="int8")
 
 
+def test_computing_in_bfloat16_keeps_outputs_and_restores_the_stored_weights(tmp_path: Path) -> None:
+    """`computing_in("bfloat16")` stores the decoder's matrices in bfloat16 for the duration: under bfloat16 autocast
+    the logits and input gradients are bit for bit those of the float16-stored model (the same rounding, made once),
+    and on exit every weight is its float16 value again, so float32 computations after it do not change."""
+    import torch
+
+    path = write_tiny_llama(tmp_path / "m.gguf", qtype=gguf.GGMLQuantizationType.F16, **SHAPE)
+    fp = FullPrecisionModel(path, progress=False)
+    assert fp.weights == "float16"
+    assert fp.checkpoint is not None
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 11]])
+    stored = {n: p.detach().clone() for n, p in fp.model.named_parameters()}
+    f32_logits = fp.model(input_ids=ids).logits
+
+    def autocast_pass() -> tuple[torch.Tensor, torch.Tensor]:
+        e = fp.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = fp.model(inputs_embeds=e).logits
+        logits.float().square().sum().backward()
+        assert e.grad is not None
+        return logits.detach(), e.grad
+
+    want_logits, want_grad = autocast_pass()
+    with fp.computing_in("bfloat16"):
+        assert fp.down_proj(0).weight.dtype == torch.bfloat16
+        assert fp.model.get_input_embeddings().weight.dtype == torch.float16  # embeddings and output layer as stored
+        logits, grad = autocast_pass()
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
+    for n, p in fp.model.named_parameters():
+        assert p.dtype == stored[n].dtype, n
+        torch.testing.assert_close(p.detach(), stored[n], rtol=0, atol=0)
+    torch.testing.assert_close(fp.model(input_ids=ids).logits, f32_logits, rtol=0, atol=0)
+    with fp.computing_in("float32"):  # nothing to keep in another type
+        assert fp.down_proj(0).weight.dtype == torch.float16
+    ref = FullPrecisionModel(path, progress=False, weights="float32")
+    with ref.computing_in("bfloat16"):  # float32 storage: torch's own autocast casts, nothing changed
+        assert ref.down_proj(0).weight.dtype == torch.float32
+
+
 def test_converted_model_cache_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each GGUF discovery reads leaves its Hugging Face form in the cache; without pruning that grows by a model's
     size per file (every training seed's model, every test's temporary file). A new conversion removes the folders

@@ -10,7 +10,8 @@ torch's down_proj weight exactly).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,23 @@ def store_half(model: Any, dtype: str) -> None:
         module.forward = types.MethodType(linear if isinstance(module, torch.nn.Linear) else embedding, module)
 
 
+def store_compute_type(modules: Any, dtype: str) -> int:
+    """Keep the half-stored Linear weights of `modules` in `dtype`, the type an autocast region computes in: such a
+    module casts its weight to the autocast type at every call (forward and backward; a fifth of a bfloat16 student
+    step on SmolLM2), and this makes that cast once. Outputs under autocast to `dtype` do not change (the cast is the
+    same rounding, made earlier); outside autocast they do, so a caller that computes in float32 again restores the
+    stored values first (`FullPrecisionModel.computing_in`). Returns the number of weights changed."""
+    import torch
+
+    target, n = getattr(torch, dtype), 0
+    for module in _matrix_modules(modules):
+        w = module.weight
+        if isinstance(module, torch.nn.Linear) and "forward" in module.__dict__ and w.dtype != target:
+            w.data = w.data.to(target)  # one module's copy at a time: no second model in memory
+            n += 1
+    return n
+
+
 def store_float32(modules: Any) -> None:
     """Undo `store_half` for `modules` (those about to be trained): float32 weights and torch's own forward."""
     for module in _matrix_modules(modules):
@@ -343,6 +361,10 @@ class FullPrecisionModel:
                 _small_tensors_float32(self.model, Path(folder))
         if converted is not None and "gguf_file" in kwargs:
             _save_converted(self.model, self.tokenizer, converted, native, path)
+        # where `computing_in` reads the stored matrices back from: a local checkpoint of the weights as kept
+        self.checkpoint = (converted if converted is not None else Path(folder)) if self.weights == native else None
+        if self.checkpoint is not None and not any(self.checkpoint.glob("*.safetensors")):
+            self.checkpoint = None
         self.source = str(source)
         self.device = "cpu"
         self.to(resolve_device(device))
@@ -353,6 +375,41 @@ class FullPrecisionModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
+
+    @contextlib.contextmanager
+    def computing_in(self, precision: str) -> Iterator[None]:
+        """For a stage that runs the decoder layers only under autocast to `precision`: their half-stored Linear
+        weights kept in that type for the duration (`store_compute_type`: no cast at each call, the same outputs),
+        and read back from the checkpoint on exit, so that later float32 computations see the stored values. A
+        no-op for float32, for weights already in that type, or where there is no local checkpoint to restore from
+        (a hub id, a float32 load)."""
+        modules = list(self.spec.layers(self.model).modules())
+        if precision == "float32" or self.weights == precision or self.checkpoint is None:
+            yield
+            return
+        changed = store_compute_type(modules, precision)
+        try:
+            yield
+        finally:
+            if changed:
+                self._restore_matrices(modules)
+
+    def _restore_matrices(self, modules: Any) -> None:
+        """Every half-stored Linear weight of `modules` back to its checkpoint value in the stored type."""
+        from safetensors import safe_open
+
+        assert self.checkpoint is not None
+        torch, stored = self.torch, getattr(self.torch, self.weights)
+        by_id = {id(m.weight): m for m in _matrix_modules(modules) if isinstance(m, torch.nn.Linear)}
+        wanted = {n: by_id[id(p)] for n, p in self.model.named_parameters() if id(p) in by_id}
+        for file in sorted(self.checkpoint.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118  (a safetensors file, not a dict)
+                    if key in wanted:
+                        module = wanted.pop(key)
+                        module.weight.data = f.get_tensor(key).to(device=module.weight.device, dtype=stored)
+        if wanted:
+            raise PydetoxError(f"{self.checkpoint}: no value for {', '.join(sorted(wanted)[:3])} in its *.safetensors")
 
     def to(self, device: str) -> None:
         """Move the model to the torch device `device` ("cpu" or "cuda")."""

@@ -98,17 +98,20 @@ class Distill(Method):
         # The unedited model's targets for the clean sequences the steps draw and the held-out ones (every one where
         # a restricted vocabulary is picked from all of them).
         need = None if p.vocab > 0 else {i for _, bc in schedule for i in bc} | set(val_c)
-        clean, clean_hit = (None, False) if full else _clean_targets(ctx, p, source, clean_seqs, bf16, need)
-        student = _Student(ctx, p, bf16, toxic, clean_seqs, clean, list(range(first, n)), train_c)
-        try:
-            restricted = student.coverage(val_t, val_c)
-            before = student.held_out(val_t, val_c)
-            curve = student.train(schedule)
-            if p.eog_free:
-                student.remove(_eog_directions(ctx, source))
-            after = student.held_out(val_t, val_c)
-        finally:
-            student.lora.close()
+        # Everything below runs the decoder under `bf16` (the teacher ran in llama.cpp): its weights are kept in the
+        # compute type meanwhile instead of cast at every call, and read back after.
+        with ctx.fp.computing_in(p.precision):
+            clean, clean_hit = (None, False) if full else _clean_targets(ctx, p, source, clean_seqs, bf16, need)
+            student = _Student(ctx, p, bf16, toxic, clean_seqs, clean, list(range(first, n)), train_c)
+            try:
+                restricted = student.coverage(val_t, val_c)
+                before = student.held_out(val_t, val_c)
+                curve = student.train(schedule)
+                if p.eog_free:
+                    student.remove(_eog_directions(ctx, source))
+                after = student.held_out(val_t, val_c)
+            finally:
+                student.lora.close()
         return student.edits(), {
             "device": ctx.fp.device, **from_cache, "clean_targets_from_cache": clean_hit,
             "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs),
@@ -134,7 +137,8 @@ def prepare_targets(ctx: Context, overrides: dict[str, str]) -> dict[str, Any]:
     toxic, clean_seqs, from_cache = _targets(ctx, p, source, prompts, toxic_texts, clean_texts)
     clean_hit = False
     if p.clean_kl != "full":
-        _, clean_hit = _clean_targets(ctx, p, source, clean_seqs, bf16)
+        with ctx.fp.computing_in(p.precision):
+            _, clean_hit = _clean_targets(ctx, p, source, clean_seqs, bf16)
     return {**from_cache, "clean_targets_from_cache": clean_hit, "toxic_sequences": len(toxic),
             "clean_sequences": len(clean_seqs)}
 
