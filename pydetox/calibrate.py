@@ -69,7 +69,7 @@ class CalibrateSettings:
     clean_text: str = "wiki"  # non-toxic clean text (not `news`: perplexity is measured there)
     clean_tokens: int = 300_000
     val_fraction: float = 0.05
-    eval_every: int = 25
+    eval_every: int = 25  # validation every this many steps (how training is watched: not in what it makes)
     # "fused": the loss is the cross-entropy of the fused model, alpha LN(A h_c) + (1 - alpha) h_t through W, with the
     # frozen target in the loop (its hidden states computed once), alpha drawn per step from `train_alpha`: the
     # calibrator learns what to add to the target on non-toxic text. "standalone": the calibrator alone through W.
@@ -88,6 +88,11 @@ class CalibrateSettings:
     restrict_vocab: bool = False
     seed: int = 0
     threads: int | None = None
+
+
+# Settings that change how training is watched, not the calibrator it makes (validation draws nothing from the
+# generator and runs without gradients): left out of the keys calibrators are cached under.
+WATCHING = ("eval_every",)
 
 
 @dataclass

@@ -55,6 +55,27 @@ def test_training_writes_a_calibrator_llama_cpp_runs_as_torch_does(trained: tupl
         assert trained_down != t.read(t.tensors["blk.0.ffn_down.weight"]).tobytes()
 
 
+def test_validating_less_often_trains_the_same_calibrator(tmp_path: Path) -> None:
+    """`eval_every` only watches: a calibrator validated at every step and one validated at the last step only are
+    the same file's tensors byte for byte, so the recipe's cache key leaves it out (`WATCHING`)."""
+    from dataclasses import replace
+
+    from pydetox.recipe import calibrator_key
+
+    target = write_tiny_llama(tmp_path / "target.gguf", **SHAPE)
+    often = train(target, tmp_path / "often.gguf", replace(TINY, eval_every=1), progress=False, plot=False)
+    once = train(target, tmp_path / "once.gguf", replace(TINY, eval_every=1000), progress=False, plot=False)
+    logs = [json.loads(r.log.read_text()) for r in (often, once)]
+    assert [len(log["val"]) for log in logs] == [TINY.steps + 1, 2]  # the start, then every step or the last
+    assert logs[0]["val"][-1] == logs[1]["val"][-1]
+    with ModelFile(often.calibrator) as a, ModelFile(once.calibrator) as b:
+        assert sorted(a.tensors) == sorted(b.tensors)
+        for name in a.tensors:
+            assert a.read(a.tensors[name]).tobytes() == b.read(b.tensors[name]).tobytes(), name
+    assert calibrator_key("src", replace(TINY, eval_every=1)) == calibrator_key("src", TINY)
+    assert calibrator_key("src", replace(TINY, steps=5)) != calibrator_key("src", TINY)
+
+
 def _prompts(rt: LlamaRuntime) -> list[list[int]]:
     return [rt.tokenize(t) for t in ("the cat is", "a dog was in the", "the", "and of to in the a cat")]
 
