@@ -549,6 +549,9 @@ def test_computing_in_bfloat16_keeps_outputs_and_restores_the_stored_weights(tmp
     torch.testing.assert_close(fp.model(input_ids=ids).logits, f32_logits, rtol=0, atol=0)
     with fp.computing_in("float32"):  # nothing to keep in another type
         assert fp.down_proj(0).weight.dtype == torch.float16
+    fp.checkpoint = tmp_path  # no *.safetensors there: nothing to restore from, so nothing is changed
+    with fp.computing_in("bfloat16"):
+        assert fp.down_proj(0).weight.dtype == torch.float16
     ref = FullPrecisionModel(path, progress=False, weights="float32")
     with ref.computing_in("bfloat16"):  # float32 storage: torch's own autocast casts, nothing changed
         assert ref.down_proj(0).weight.dtype == torch.float32

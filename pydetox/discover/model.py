@@ -272,21 +272,21 @@ def store_half(model: Any, dtype: str) -> None:
         module.forward = types.MethodType(linear if isinstance(module, torch.nn.Linear) else embedding, module)
 
 
-def store_compute_type(modules: Any, dtype: str) -> int:
+def store_compute_type(modules: Any, dtype: str) -> list[Any]:
     """Keep the half-stored Linear weights of `modules` in `dtype`, the type an autocast region computes in: such a
     module casts its weight to the autocast type at every call (forward and backward; a fifth of a bfloat16 student
     step on SmolLM2), and this makes that cast once. Outputs under autocast to `dtype` do not change (the cast is the
     same rounding, made earlier); outside autocast they do, so a caller that computes in float32 again restores the
-    stored values first (`FullPrecisionModel.computing_in`). Returns the number of weights changed."""
+    stored values first (`FullPrecisionModel.computing_in`). Returns the modules changed."""
     import torch
 
-    target, n = getattr(torch, dtype), 0
+    target, changed = getattr(torch, dtype), []
     for module in _matrix_modules(modules):
         w = module.weight
         if isinstance(module, torch.nn.Linear) and "forward" in module.__dict__ and w.dtype != target:
             w.data = w.data.to(target)  # one module's copy at a time: no second model in memory
-            n += 1
-    return n
+            changed.append(module)
+    return changed
 
 
 def store_float32(modules: Any) -> None:
@@ -384,32 +384,46 @@ class FullPrecisionModel:
         no-op for float32, for weights already in that type, or where there is no local checkpoint to restore from
         (a hub id, a float32 load)."""
         modules = list(self.spec.layers(self.model).modules())
-        if precision == "float32" or self.weights == precision or self.checkpoint is None:
+        if precision == "float32" or self.weights == precision or not (where := self._checkpoint_keys(modules)):
             yield
             return
         changed = store_compute_type(modules, precision)
         try:
             yield
         finally:
-            if changed:
-                self._restore_matrices(modules)
+            self._restore_matrices(changed, where)
 
-    def _restore_matrices(self, modules: Any) -> None:
-        """Every half-stored Linear weight of `modules` back to its checkpoint value in the stored type."""
+    def _linear_names(self, modules: Any) -> dict[str, Any]:
+        """The parameter name of every Linear weight of `modules`, to its module."""
+        by_id = {id(m.weight): m for m in _matrix_modules(modules) if isinstance(m, self.torch.nn.Linear)}
+        return {n: by_id[id(p)] for n, p in self.model.named_parameters() if id(p) in by_id}
+
+    def _checkpoint_keys(self, modules: Any) -> dict[str, Path]:
+        """The checkpoint file holding each Linear weight of `modules`; empty where there is no checkpoint or it
+        lacks one of them (then nothing could be restored, and `computing_in` changes nothing)."""
         from safetensors import safe_open
 
-        assert self.checkpoint is not None
-        torch, stored = self.torch, getattr(self.torch, self.weights)
-        by_id = {id(m.weight): m for m in _matrix_modules(modules) if isinstance(m, torch.nn.Linear)}
-        wanted = {n: by_id[id(p)] for n, p in self.model.named_parameters() if id(p) in by_id}
+        if self.checkpoint is None:
+            return {}
+        where: dict[str, Path] = {}
         for file in sorted(self.checkpoint.glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118  (a safetensors file, not a dict)
-                    if key in wanted:
-                        module = wanted.pop(key)
-                        module.weight.data = f.get_tensor(key).to(device=module.weight.device, dtype=stored)
-        if wanted:
-            raise PydetoxError(f"{self.checkpoint}: no value for {', '.join(sorted(wanted)[:3])} in its *.safetensors")
+                where.update(dict.fromkeys(f.keys(), file))
+        names = self._linear_names(modules)
+        return {n: where[n] for n in names} if all(n in where for n in names) else {}
+
+    def _restore_matrices(self, modules: Any, where: dict[str, Path]) -> None:
+        """The Linear weights of `modules` (those `store_compute_type` changed) back to their checkpoint values, in
+        the stored type."""
+        from safetensors import safe_open
+
+        stored = getattr(self.torch, self.weights)
+        names = self._linear_names(modules)
+        for file in sorted(set(where.values())):
+            with safe_open(str(file), framework="pt") as f:
+                for key in (n for n in names if where[n] == file):
+                    w = names[key].weight
+                    w.data = f.get_tensor(key).to(device=w.device, dtype=stored)
 
     def to(self, device: str) -> None:
         """Move the model to the torch device `device` ("cpu" or "cuda")."""

@@ -229,6 +229,11 @@ class _TeacherPass:
         return out
 
 
+# Prompts continued together: each decode carries 2 x WAVE sequences (the fused and the unedited continuation of
+# every prompt), all in one KV cache whose used cells every token attends over.
+WAVE = 16
+
+
 def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: list[str], progress: bool,
              tokenize_only: list[str]) -> tuple[_Targets, list[list[int]]]:
     """Contexts: the prompts continued greedily by the fused model and by the unedited model (where the edit has to
@@ -243,7 +248,7 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
     prompt through a copy of its KV cache), instead of generating first and decoding every sequence again."""
     from pydetox.fusion import FusedRuntime
 
-    n_seq = 16
+    n_seq = WAVE
     n_ctx = 2 * n_seq * (p.max_tokens + p.max_new_tokens) + 64
     seqs: list[list[int]] = []
     targets: list[list[Any]] = []
