@@ -186,13 +186,16 @@ def test_clean_targets(f16: Path, compare: Callable[..., float]) -> None:
     assert compare("every sequence, numpy top-k", after, before, rounds=1) > 0
 
 
-def test_student_step_bf16(f16: Path, compare: Callable[..., float]) -> None:
+def _default_step(f16: Path) -> tuple[Any, Callable[[bool], None], Any]:
+    """The model, the default student's step as `_Student.train` runs it (teacher and clean KL to top-32 stand-in
+    targets, the model's own, one backward per term; `step(bf16)` under bfloat16 autocast or float32), and its
+    update (close it after)."""
     import torch
 
     from pydetox.discover.distill.student import _base_targets, _batch_kl, _LoRA
 
     ctx, fp, toxic, clean = _student_inputs(f16)
-    t_targets = _base_targets(ctx, toxic, 32, progress=False)  # stand-in teacher targets: the model's own top-32
+    t_targets = _base_targets(ctx, toxic, 32, progress=False)
     c_targets = _base_targets(ctx, clean, 32, progress=False)
     lora = _LoRA(ctx, list(range(fp.n_layers // 3, fp.n_layers)), 32, 0)
     pick = list(range(8))
@@ -207,51 +210,39 @@ def test_student_step_bf16(f16: Path, compare: Callable[..., float]) -> None:
         for q in lora.params():
             q.grad = None
 
+    return fp, step, lora
+
+
+def test_student_step_bf16(f16: Path, compare: Callable[..., float]) -> None:
+    _, step, lora = _default_step(f16)
     ratio = compare("float32", lambda: step(True), lambda: step(False), rounds=4)
     lora.close()
     assert ratio > 0
 
 
-def _stored_in_compute_type(fp: Any, step: Callable[[], Any]) -> tuple[Callable[[], Any], contextlib.ExitStack]:
-    """`step` run with the decoder's weights kept in bfloat16 (`computing_in`), entered at its first call (after
-    `compare` has timed the baseline with the stored float16 weights) and left when the returned stack closes."""
+def _stored_in_compute_type(fp: Any, run: Callable[[], Any]) -> tuple[Callable[[], Any], contextlib.ExitStack]:
+    """`run` with the decoder's weights kept in bfloat16 (`computing_in`), entered at its first call (after `compare`
+    has timed the baseline with the stored float16 weights) and left when the returned stack closes."""
     stack = contextlib.ExitStack()
+    entered = False
 
-    def run() -> Any:
-        if not stack._exit_callbacks:  # type: ignore[attr-defined]
+    def ours() -> Any:
+        nonlocal entered
+        if not entered:
             stack.enter_context(fp.computing_in("bfloat16"))
-        return step()
+            entered = True
+        return run()
 
-    return run, stack
+    return ours, stack
 
 
 def test_student_step_weights_in_compute_type(f16: Path, compare: Callable[..., float]) -> None:
     """The default bfloat16 step with the frozen decoder's weights kept in bfloat16 for the stage (distill's
     `computing_in`) against the same step casting its float16 weights at every call."""
-    import torch
-
-    from pydetox.discover.distill.student import _base_targets, _batch_kl, _LoRA
-
-    ctx, fp, toxic, clean = _student_inputs(f16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        t_targets = _base_targets(ctx, toxic, 32, progress=False)
-        c_targets = _base_targets(ctx, clean, 32, progress=False)
-    lora = _LoRA(ctx, list(range(fp.n_layers // 3, fp.n_layers)), 32, 0)
-    pick = list(range(8))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            lt = _batch_kl(ctx, t_targets, pick).mean()
-        lt.backward()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            lc = _batch_kl(ctx, c_targets, pick).mean()
-        (4 * lc).backward()
-        for q in lora.params():
-            q.grad = None
-
-    ours, stack = _stored_in_compute_type(fp, step)
+    fp, step, lora = _default_step(f16)
+    ours, stack = _stored_in_compute_type(fp, lambda: step(True))
     with stack:
-        ratio = compare("float16 weights cast at each call", ours, step, rounds=4)
+        ratio = compare("float16 weights cast at each call", ours, lambda: step(True), rounds=4)
     lora.close()
     assert ratio > 0
 

@@ -296,18 +296,35 @@ def store_float32(modules: Any) -> None:
         module.__dict__.pop("forward", None)
 
 
-def _small_tensors_float32(model: Any, folder: Path) -> None:
-    """Give every parameter that `store_half` leaves in float32 (norms, biases) its checkpoint value in float32:
-    a model loaded in a half type has them rounded. Raises when the checkpoint lacks one."""
+def _checkpoint_names(folder: Path) -> set[str]:
+    """Every tensor name the *.safetensors files of `folder` hold."""
     from safetensors import safe_open
 
-    halves = {id(m.weight) for m in _matrix_modules(model.modules())}
-    wanted = {n: p for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in halves}
+    names: set[str] = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def _checkpoint_tensors(folder: Path, keys: set[str]) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of each of `keys` the *.safetensors files of `folder` hold, one file open at a time."""
+    from safetensors import safe_open
+
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118  (a safetensors file, not a dict)
-                if key in wanted:
-                    wanted.pop(key).data = f.get_tensor(key).float()
+                if key in keys:
+                    yield key, f.get_tensor(key)
+
+
+def _small_tensors_float32(model: Any, folder: Path) -> None:
+    """Give every parameter that `store_half` leaves in float32 (norms, biases) its checkpoint value in float32:
+    a model loaded in a half type has them rounded. Raises when the checkpoint lacks one."""
+    halves = {id(m.weight) for m in _matrix_modules(model.modules())}
+    wanted = {n: p for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in halves}
+    for key, tensor in _checkpoint_tensors(folder, set(wanted)):
+        wanted.pop(key).data = tensor.float()
     if wanted:
         raise PydetoxError(f"{folder}: no float32 value for {', '.join(sorted(wanted)[:3])} in its *.safetensors")
 
@@ -381,49 +398,25 @@ class FullPrecisionModel:
         """For a stage that runs the decoder layers only under autocast to `precision`: their half-stored Linear
         weights kept in that type for the duration (`store_compute_type`: no cast at each call, the same outputs),
         and read back from the checkpoint on exit, so that later float32 computations see the stored values. A
-        no-op for float32, for weights already in that type, or where there is no local checkpoint to restore from
-        (a hub id, a float32 load)."""
+        no-op for float32, for weights already in that type, or where no local checkpoint holds them all to restore
+        from (a hub id, a float32 load)."""
         modules = list(self.spec.layers(self.model).modules())
-        if precision == "float32" or self.weights == precision or not (where := self._checkpoint_keys(modules)):
+        by_id = {id(m.weight): m for m in _matrix_modules(modules) if isinstance(m, self.torch.nn.Linear)}
+        names = {n: by_id[id(p)] for n, p in self.model.named_parameters() if id(p) in by_id}
+        # nothing changes unless the checkpoint holds every weight to restore
+        if (precision == "float32" or self.weights == precision or self.checkpoint is None
+                or not set(names) <= _checkpoint_names(self.checkpoint)):
             yield
             return
-        changed = store_compute_type(modules, precision)
+        changed = {id(m) for m in store_compute_type(modules, precision)}
         try:
             yield
         finally:
-            self._restore_matrices(changed, where)
-
-    def _linear_names(self, modules: Any) -> dict[str, Any]:
-        """The parameter name of every Linear weight of `modules`, to its module."""
-        by_id = {id(m.weight): m for m in _matrix_modules(modules) if isinstance(m, self.torch.nn.Linear)}
-        return {n: by_id[id(p)] for n, p in self.model.named_parameters() if id(p) in by_id}
-
-    def _checkpoint_keys(self, modules: Any) -> dict[str, Path]:
-        """The checkpoint file holding each Linear weight of `modules`; empty where there is no checkpoint or it
-        lacks one of them (then nothing could be restored, and `computing_in` changes nothing)."""
-        from safetensors import safe_open
-
-        if self.checkpoint is None:
-            return {}
-        where: dict[str, Path] = {}
-        for file in sorted(self.checkpoint.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                where.update(dict.fromkeys(f.keys(), file))
-        names = self._linear_names(modules)
-        return {n: where[n] for n in names} if all(n in where for n in names) else {}
-
-    def _restore_matrices(self, modules: Any, where: dict[str, Path]) -> None:
-        """The Linear weights of `modules` (those `store_compute_type` changed) back to their checkpoint values, in
-        the stored type."""
-        from safetensors import safe_open
-
-        stored = getattr(self.torch, self.weights)
-        names = self._linear_names(modules)
-        for file in sorted(set(where.values())):
-            with safe_open(str(file), framework="pt") as f:
-                for key in (n for n in names if where[n] == file):
-                    w = names[key].weight
-                    w.data = f.get_tensor(key).to(device=w.device, dtype=stored)
+            stored = getattr(self.torch, self.weights)
+            restore = {n: m for n, m in names.items() if id(m) in changed}
+            for key, tensor in _checkpoint_tensors(self.checkpoint, set(restore)):
+                w = restore[key].weight
+                w.data = tensor.to(device=w.device, dtype=stored)
 
     def to(self, device: str) -> None:
         """Move the model to the torch device `device` ("cpu" or "cuda")."""
