@@ -234,6 +234,54 @@ def test_training_refuses_bad_settings(tmp_path: Path) -> None:
     assert not (tmp_path / "c.gguf").exists()
 
 
+def test_top_p_draw_samples_the_nucleus_in_proportion() -> None:
+    """Drawn tokens come from the nucleus only (the most probable tokens reaching top_p together, the crossing one
+    included), each in proportion to its probability; a flat vocabulary whose 256 most probable tokens hold less than
+    top_p is searched whole."""
+    from pydetox.discover.distill.teacher import top_p_draw
+
+    rng = np.random.default_rng(0)
+    z = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    draws = np.bincount([top_p_draw(z, 0.9, rng) for _ in range(4000)], minlength=4)
+    assert draws[3] == 0  # 0.5 + 0.3 < 0.9 <= 0.5 + 0.3 + 0.15: the third token crosses, the fourth is out
+    assert np.allclose(draws[:3] / 4000, np.array([0.5, 0.3, 0.15]) / 0.95, atol=0.03), draws
+    assert top_p_draw(z, 0.4, rng) == 0
+    flat = np.zeros(1000)
+    flat[0] = 5.0  # ~13% on token 0, the rest spread over 999 tokens
+    got = {top_p_draw(flat, 0.9, rng) for _ in range(2000)}
+    assert len(got) > 300
+    assert max(got) > 255
+
+
+def test_teacher_samples_continuations_with_the_targets_of_their_tokens(trained: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    """`samples`: each prompt is also continued that many times by sampling the unedited model; each sampled
+    sequence carries, at every position, the teacher's distribution a teacher-forced pass over the same tokens gives,
+    and shares its prompt's group (held out together)."""
+    from pydetox.discover.distill.params import DistillParams
+    from pydetox.discover.distill.teacher import _teacher, _TeacherPass
+    from pydetox.fusion import FusedRuntime
+
+    target, cal = trained
+    prompts = ["the cat sat on", "a dog ran", "we saw the", "she said that it"]
+    p = DistillParams(calibrator=str(cal), alpha=0.9, max_new_tokens=8, max_tokens=16, samples=2, plausible=0)
+    toxic, _ = _teacher(target, p, prompts, [], False, [])
+    counts = np.bincount(toxic.groups, minlength=len(prompts))
+    plain, _ = _teacher(target, DistillParams(calibrator=str(cal), alpha=0.9, max_new_tokens=8, max_tokens=16,
+                                              plausible=0), prompts, [], False, [])
+    # up to 4 continuations a prompt (fused, unedited, 2 sampled), equal ones kept once; sampled ones are new texts
+    assert (counts <= 4).all()
+    assert counts.sum() > len(plain)
+    new = [k for k, q in enumerate(toxic.seqs) if q not in plain.seqs]
+    assert new
+    with FusedRuntime(target, str(cal), 0.9, n_ctx=64, n_seq=1, n_batch=64) as rt:
+        forced = _TeacherPass(rt, p)
+        for k in new:
+            rows = forced.texts_wave([toxic.seqs[k]])[0]
+            assert np.array_equal(np.stack([r[0] for r in rows])[:, :4], toxic.ids[k][:, :4])
+            assert np.allclose(np.stack([r[1] for r in rows]), toxic.logp[k], atol=2e-3)
+
+
 def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the_edit(
         trained: tuple[Path, Path], tmp_path: Path) -> None:
     """`distill` on the tiny model and its calibrator: held-out KL to the fused teacher on toxic contexts falls, the

@@ -50,6 +50,12 @@ class DistillParams:
     prompts: str = "rtp-perspective"  # discovery prompts (those also in rtp-challenging are always left out)
     max_prompts: int = 0  # 0: every prompt of the set that is not an evaluation prompt
     max_new_tokens: int = 20  # tokens of each greedy continuation the teacher and the unedited model write
+    # Also this many continuations of each prompt sampled from the unedited model (temperature 1, nucleus `top_p`:
+    # `pydetox eval --samples`' decoding) as toxic contexts: greedy continuations alone show the student none of the
+    # contexts a sampled continuation reaches, and an edit trained on them cut toxicity about half as much sampled
+    # as greedy (docs/results/default-recipe-seeds.md).
+    samples: int = 0
+    top_p: float = 0.9
     max_tokens: int = 64  # prompts and texts are cut to this many tokens
     seed: int = 0  # the data draw, the held-out split and (unless train_seed) the training
     # The training's own seed (the update's initialisation and the order of the batches); -1: `seed`. Unlike `seed`
@@ -129,5 +135,7 @@ def _check(p: DistillParams, source: Path) -> None:
                            f"{p.anti_margin}")
     if p.batching not in ("random", "length"):
         raise PydetoxError(f"distill: batching is 'random' or 'length', got {p.batching!r}")
+    if p.samples < 0 or not 0.0 < p.top_p <= 1.0:
+        raise PydetoxError(f"distill: samples must be >= 0 and top_p lie in (0, 1], got {p.samples}, {p.top_p}")
     if p.rank < 1 or p.steps < 1 or p.batch < 1:
         raise PydetoxError(f"distill: rank, steps and batch must be >= 1, got {p.rank}, {p.steps}, {p.batch}")

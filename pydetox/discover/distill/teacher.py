@@ -59,7 +59,7 @@ def _unpack(z: Any, prefix: str) -> list[list[int]]:
 
 
 TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "pairs", "pair_prompts", "clean_texts", "prompts",
-                 "max_prompts", "max_new_tokens", "max_tokens", "seed")
+                 "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples", "top_p")
 
 
 def file_stamp(f: Path) -> list[Any]:
@@ -153,21 +153,43 @@ def _top_dense(logp: np.ndarray, k: int, plausible: np.ndarray | None = None) ->
     return idx, top, rest
 
 
+def top_p_draw(z: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
+    """One token drawn from softmax(z) (temperature 1) restricted to its nucleus: the most probable tokens whose
+    probabilities first reach `top_p` together, the token that crosses it included (llama.cpp's top-p sampler after
+    its temperature sampler, as `pydetox eval --temperature 1 --top-p P` samples). Exact: the nucleus is looked for
+    among the 256 most probable tokens, and over the whole sorted vocabulary only when they hold less than `top_p`."""
+    pr = np.exp(z.astype(np.float64) - z.max())
+    pr /= pr.sum()
+    cand = np.argpartition(-pr, 255)[:256] if pr.size > 256 else np.arange(pr.size)
+    if pr[cand].sum() < top_p:
+        cand = np.arange(pr.size)
+    cand = cand[np.argsort(-pr[cand], kind="stable")]
+    cum = np.cumsum(pr[cand])
+    keep = cand[: int(np.searchsorted(cum, top_p)) + 1]
+    w = pr[keep]
+    return int(keep[rng.choice(len(keep), p=w / w.sum())])
+
+
 class _TeacherPass:
-    """The fused runtime's decodes, read as targets: per decoded position the teacher's top-k row (ids, logp, rest)
-    and the argmax of the fused and of the unedited logits (the next greedy token of each continuation)."""
+    """The fused runtime's decodes, read as targets: per decoded position the teacher's top-k row (ids, logp, rest),
+    the argmax of the fused and of the unedited logits (the next greedy token of each continuation), and where asked
+    a token drawn from the unedited logits (the next token of a sampled continuation)."""
 
     def __init__(self, rt: Any, p: DistillParams) -> None:
         self.rt, self.p = rt, p
         self.floor = np.log(p.plausible) if p.plausible > 0 else None
+        self.rng = np.random.default_rng(p.seed)
 
-    def rows(self, items: list[tuple[int, int, int, bool]]) -> tuple[list[tuple[Any, Any, Any]], np.ndarray, np.ndarray]:
-        """Decode items (all with outputs) in chunks of the runtime's batch."""
+    def rows(self, items: list[tuple[int, int, int, bool]], draw: dict[int, int] | None = None,
+             ) -> tuple[list[tuple[Any, Any, Any]], np.ndarray, np.ndarray, dict[int, list[int]]]:
+        """Decode items (all with outputs) in chunks of the runtime's batch; for each item index in `draw`, that
+        many tokens sampled independently from its unedited logits (`top_p_draw`)."""
         from pydetox.runtime import log_softmax
 
         rt, p = self.rt, self.p
         out: list[tuple[Any, Any, Any]] = []
         best_f, best_b = [], []
+        drawn: dict[int, list[int]] = {}
         for c in range(0, len(items), rt.n_batch):
             chunk = items[c : c + rt.n_batch]
             rt.decode(chunk)
@@ -175,31 +197,44 @@ class _TeacherPass:
             zb = rt.target_logits(len(chunk))
             best_f.append(zf.argmax(1))
             best_b.append(zb.argmax(1))
+            for i in sorted(draw or ()):
+                if c <= i < c + len(chunk):
+                    drawn[i] = [top_p_draw(zb[i - c], p.top_p, self.rng) for _ in range(draw[i])]
             if self.floor is None:
                 i, lp, r = _top(log_softmax(zf), p.top_k)
             else:  # the restricted distribution is renormalised over the plausible tokens: raw logits will do
                 i, lp, r = _top(zf, p.top_k, zb >= zb.max(axis=1, keepdims=True) + self.floor)
             out += list(zip(i, lp, r, strict=True))
-        return out, np.concatenate(best_f), np.concatenate(best_b)
+        return out, np.concatenate(best_f), np.concatenate(best_b), drawn
 
     def continue_wave(self, wave: list[list[int]]) -> tuple[list[list[int]], list[list[Any]]]:
         """Prompts (at most n_seq) continued greedily by the fused model (sequences 0..n-1) and by the unedited one
-        (n..2n-1), both from one decode of each prompt (KV cache copied); each sequence with its target rows."""
+        (n..2n-1), and `samples` times sampled from the unedited one (2n.., prompt by prompt within each round), all
+        from one decode of each prompt (KV cache copied); each sequence with its target rows."""
         rt, p = self.rt, self.p
         n = len(wave)
+        m = (2 + p.samples) * n
         rt.clear()
-        got, bf, bb = self.rows([(t, j, s, True) for s, q in enumerate(wave) for j, t in enumerate(q)])
-        seq_rows: list[list[Any]] = [[] for _ in range(2 * n)]
+        last, at = [], 0
+        for q in wave:
+            at += len(q)
+            last.append(at - 1)
+        got, bf, bb, drawn = self.rows([(t, j, s, True) for s, q in enumerate(wave) for j, t in enumerate(q)],
+                                       dict.fromkeys(last, p.samples) if p.samples else None)
+        seq_rows: list[list[Any]] = [[] for _ in range(m)]
         nxt: dict[int, int] = {}
         at = 0
         for s, q in enumerate(wave):
-            seq_rows[s] = got[at : at + len(q)]
-            seq_rows[s + n] = list(seq_rows[s])
+            for k in range(2 + p.samples):
+                seq_rows[s + k * n] = list(got[at : at + len(q)])
+                if k:
+                    rt.copy_sequence(s, s + k * n)
             nxt[s], nxt[s + n] = int(bf[at + len(q) - 1]), int(bb[at + len(q) - 1])  # fused, unedited
+            for k in range(p.samples):
+                nxt[s + (2 + k) * n] = drawn[at + len(q) - 1][k]
             at += len(q)
-            rt.copy_sequence(s, s + n)
-        gen: list[list[int]] = [[] for _ in range(2 * n)]
-        active = list(range(2 * n))
+        gen: list[list[int]] = [[] for _ in range(m)]
+        active = list(range(m))
         for _ in range(p.max_new_tokens):
             still = []
             for s in active:
@@ -211,17 +246,18 @@ class _TeacherPass:
             active = still
             if not active:
                 break
-            got, bf, bb = self.rows([(nxt[s], len(wave[s % n]) + len(gen[s]) - 1, s, True) for s in active])
+            got, bf, bb, drawn = self.rows([(nxt[s], len(wave[s % n]) + len(gen[s]) - 1, s, True) for s in active],
+                                           {i: 1 for i, s in enumerate(active) if s >= 2 * n})
             for i, s in enumerate(active):
                 seq_rows[s].append(got[i])
-                nxt[s] = int(bf[i] if s < n else bb[i])
-        seqs = [wave[s % n] + gen[s] for s in range(2 * n)]
-        return seqs, [seq_rows[s][: len(seqs[s]) - 1] for s in range(2 * n)]
+                nxt[s] = int(bf[i] if s < n else bb[i] if s < 2 * n else drawn[i][0])
+        seqs = [wave[s % n] + gen[s] for s in range(m)]
+        return seqs, [seq_rows[s][: len(seqs[s]) - 1] for s in range(m)]
 
     def texts_wave(self, wave: list[list[int]]) -> list[list[Any]]:
         """Texts (teacher-forced, at most n_seq): the target rows of each."""
         self.rt.clear()
-        got, _, _ = self.rows([(t, j, s, True) for s, q in enumerate(wave) for j, t in enumerate(q)])
+        got, _, _, _ = self.rows([(t, j, s, True) for s, q in enumerate(wave) for j, t in enumerate(q)])
         out, at = [], 0
         for q in wave:
             out.append(got[at : at + len(q) - 1])
@@ -239,7 +275,8 @@ WAVE = 16
 def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: list[str], progress: bool,
              tokenize_only: list[str]) -> tuple[_Targets, list[list[int]]]:
     """Contexts: the prompts continued greedily by the fused model and by the unedited model (where the edit has to
-    act), and the toxic texts. Targets: the fused model's top-k next-token distribution at every position,
+    act), `samples` times sampled from the unedited model (where sampled decoding takes it), and the toxic texts.
+    Targets: the fused model's top-k next-token distribution at every position,
     restricted to tokens the unedited model finds plausible (probability >= `plausible` times its top token's, the
     adaptive plausibility constraint of contrastive decoding, Li et al. 2023): at a strong mixing weight the fused
     model puts mass on junk tokens ('HETATM', 'firehose') that a student would learn to emit. Also the llama.cpp
@@ -251,11 +288,12 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
     from pydetox.fusion import FusedRuntime
 
     n_seq = WAVE
-    n_ctx = 2 * n_seq * (p.max_tokens + p.max_new_tokens) + 64
+    per = 2 + p.samples  # continuations of each prompt
+    n_ctx = per * n_seq * (p.max_tokens + p.max_new_tokens) + 64
     seqs: list[list[int]] = []
     targets: list[list[Any]] = []
     groups: list[int] = []  # the prompt's index; len(prompts) + j for the j-th toxic text
-    with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_ctx, n_seq=2 * n_seq, n_batch=512) as rt:
+    with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_ctx, n_seq=per * n_seq, n_batch=512) as rt:
         teach = _TeacherPass(rt, p)
         toks = [rt.tokenize(q)[: p.max_tokens] for q in prompts]
         for s0 in tqdm(range(0, len(toks), n_seq), desc="teacher: continue prompts", leave=False, disable=not progress):
@@ -263,7 +301,7 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
             got_seqs, got_rows = teach.continue_wave(wave)
             seqs += got_seqs
             targets += got_rows
-            groups += [s0 + s % len(wave) for s in range(2 * len(wave))]
+            groups += [s0 + s % len(wave) for s in range(per * len(wave))]
         texts = [rt.tokenize(t)[: p.max_tokens] for t in toxic_texts]
         for s0 in tqdm(range(0, len(texts), n_seq), desc="teacher: toxic texts", leave=False, disable=not progress):
             numbered = [(s0 + j, t) for j, t in enumerate(texts[s0 : s0 + n_seq]) if len(t) >= 2]
