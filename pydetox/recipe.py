@@ -26,6 +26,7 @@ from typing import Any
 
 import gguf
 
+from pydetox import heap
 from pydetox.calibrate import WATCHING, CalibrateSettings
 from pydetox.errors import PydetoxError
 from pydetox.plan import EditPlan
@@ -274,20 +275,6 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
     return fitted
 
 
-def _release_memory() -> None:
-    """Give the heap that a torch stage freed back to the system before the llama.cpp stages: glibc keeps freed
-    memory mapped otherwise (Qwen2.5-0.5B after distill: 3.78 GB resident, 2.73 GB after the stage's objects are
-    collected, 0.51 GB after malloc_trim). A no-op where the C library has no malloc_trim."""
-    import contextlib
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-
-
 def _file_stamp(path: Path) -> Any:
     from pydetox.discover.distill.teacher import file_stamp
 
@@ -307,7 +294,7 @@ def _shared_stages(source: Path, out: Path, settings: RecipeSettings, progress: 
 
     f16, _ = stages.run("f16", src_key, ".gguf", make_f16)
     cal, cal_key = _calibrator(stages, f16, src_key, settings, progress)
-    _release_memory()
+    heap.release()
     return stages, f16, cal, cal_key
 
 
@@ -330,7 +317,7 @@ def prepare(source: Path, out: Path, settings: RecipeSettings = RecipeSettings()
         return info
 
     stages.run("teacher", teacher_key, ".npz", make_targets)  # the npz distill writes at overrides["cache"]
-    _release_memory()
+    heap.release()
     return stages.timing
 
 
@@ -340,6 +327,6 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
     where it was saved, and each stage's time."""
     stages, f16, cal, cal_key = _shared_stages(source, out, settings, progress)
     raw, plan_key = _distill(stages, f16, cal, cal_key, settings, progress)
-    _release_memory()
+    heap.release()
     fitted = _fit(stages, f16, raw, plan_key, settings, progress)
     return EditPlan.load(fitted), fitted, stages.timing

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from pydetox import heap
 from pydetox.discover.base import Context
 from pydetox.discover.distill.data import _length_batches
 from pydetox.discover.distill.params import DistillParams
@@ -361,6 +362,7 @@ class _Student:
                 lc = self.clean_kl(bc, self.vocab).mean()
             (p.clean_weight * lc).backward()
             opt.step()
+            heap.trim()  # this step's activations, freed, back to the system: the next batch pads to another length
             if step % 20 == 0 or step == len(schedule) - 1:
                 curve.append((step, round(lt.item(), 4), round(lc.item(), 5)))
                 bar.set_postfix(teacher_kl=f"{lt.item():.3f}", clean_kl=f"{lc.item():.4f}")
