@@ -55,7 +55,7 @@ class DistillParams:
     # contexts a sampled continuation reaches, and an edit trained on them cut toxicity about half as much sampled
     # as greedy (docs/results/default-recipe-seeds.md).
     samples: int = 0
-    top_p: float = 0.9
+    top_p: float = 0.9  # the nucleus of those samples: the likeliest tokens holding this much probability together
     max_tokens: int = 64  # prompts and texts are cut to this many tokens
     seed: int = 0  # the data draw, the held-out split and (unless train_seed) the training
     # The training's own seed (the update's initialisation and the order of the batches); -1: `seed`. Unlike `seed`
