@@ -79,6 +79,10 @@ class RecipeSettings:
     device: str = "auto"
     # llama.cpp threads of the fit (None: every core this process may run on); like `device`, in no stage's key
     threads: int | None = None
+    # Run the torch stages (calibrator, teacher, student) each in a child process (pydetox.child), so that what they
+    # leave in memory goes when they end and the llama.cpp stages after them peak at their own need; False: in this
+    # process (where a debugger or a profiler sees them). In no stage's key.
+    isolate: bool = True
 
 
 # RecipeSettings fields that an override in the `recipe` namespace may set (`--param recipe:KEY=VALUE`, a sweep's
@@ -122,6 +126,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
+def _in_stage(recipe: RecipeSettings, function: str, **kwargs: Any) -> dict[str, Any]:
+    """This module's `function(**kwargs)` (a stage's work, returning what to remember about it), in a child process
+    when `recipe.isolate`, with the child's peak resident memory added as `peak_rss_gb`."""
+    if not recipe.isolate:
+        out: dict[str, Any] = globals()[function](**kwargs)
+        return out
+    from pydetox import child
+
+    done = child.call(f"{__name__}:{function}", **kwargs)
+    return {**done.value, "peak_rss_gb": round(done.peak_rss / 1e9, 2)}
+
+
 class Stages:
     """Cached stage artefacts in one folder, and how long each stage took."""
 
@@ -151,7 +167,8 @@ class Stages:
             raise PydetoxError(f"stage {name} finished without writing {path}")
         meta = {"stage": name, "key": key, "seconds": round(seconds, 2), **info}
         _write_json(meta_path, meta)
-        self.timing[name] = {"seconds": round(seconds, 2), "cached": False}
+        self.timing[name] = {"seconds": round(seconds, 2), "cached": False,
+                             **({"peak_rss_gb": info["peak_rss_gb"]} if "peak_rss_gb" in info else {})}
         if self.progress:
             print(f"[{name}] done in {seconds:.0f} s -> {path.name}", flush=True)
         return path, meta
@@ -177,8 +194,6 @@ def _calibrator(stages: Stages, f16: Path, src_key: str, settings: RecipeSetting
         if not cal.is_file():
             raise PydetoxError(f"expected a calibrator GGUF at {cal}, found nothing")
         return cal, _key("calibrator-file", _file_stamp(cal))
-    from pydetox.calibrate import train
-
     # `seed` is the student's (its data draw, held-out split and initialisation): the calibrator, a property of
     # the model trained once, keeps its own (`calibrator.seed`), so runs over several seeds share it.
     cal_settings = settings.calibrator
@@ -186,14 +201,15 @@ def _calibrator(stages: Stages, f16: Path, src_key: str, settings: RecipeSetting
 
     def make_cal(path: Path) -> dict[str, Any]:
         tmp = path.with_name(path.name.removesuffix(".gguf") + ".partial.gguf")
-        result = train(f16, tmp, cal_settings, progress=progress, plot=False, device=settings.device)
+        info = _in_stage(settings, "_train_calibrator", f16=f16, out=tmp, settings=cal_settings, progress=progress,
+                         device=settings.device)
         # the alignment and log live beside the GGUF under its name; rename them first, the GGUF last
         from pydetox.fusion import alignment_path
 
         alignment_path(tmp).replace(alignment_path(path))
-        result.log.replace(path.with_name(path.name.removesuffix(".gguf") + ".train.json"))
+        Path(info.pop("log")).replace(path.with_name(path.name.removesuffix(".gguf") + ".train.json"))
         tmp.replace(path)
-        return {"val_loss_start": result.val_loss_start, "val_loss": result.val_loss}
+        return info
 
     shared = Stages(settings.calibrators or shared_calibrators(), progress)
     cal, _ = shared.run("calibrator", cal_key, ".gguf", make_cal)
@@ -224,16 +240,38 @@ def _distill(stages: Stages, f16: Path, cal: Path, cal_key: str, settings: Recip
     overrides, _, plan_key = _student_overrides(stages, cal, cal_key, settings)
 
     def make_plan(path: Path) -> dict[str, Any]:
-        from pydetox.discover import Discovery
-
-        plan = Discovery(f16, progress=progress, device=settings.device).plan("distill", overrides)
-        plan.save(path)
-        d = plan.params["diagnostics"]
-        return {"held_out_before": d["held_out_before"], "held_out_after": d["held_out_after"],
-                "teacher_from_cache": d["teacher_from_cache"]}
+        return _in_stage(settings, "_student_plan", f16=f16, overrides=overrides, out=path, progress=progress,
+                         device=settings.device)
 
     raw, _ = stages.run("distill", plan_key, ".plan.gguf", make_plan)
     return raw, plan_key
+
+
+# The torch stages' work, called by `_in_stage` (in a child process by default): arguments and results picklable.
+
+def _train_calibrator(f16: Path, out: Path, settings: CalibrateSettings, progress: bool, device: str) -> dict[str, Any]:
+    from pydetox.calibrate import train
+
+    result = train(f16, out, settings, progress=progress, plot=False, device=device)
+    return {"val_loss_start": result.val_loss_start, "val_loss": result.val_loss, "log": str(result.log)}
+
+
+def _student_plan(f16: Path, overrides: dict[str, str], out: Path, progress: bool, device: str) -> dict[str, Any]:
+    from pydetox.discover import Discovery
+
+    plan = Discovery(f16, progress=progress, device=device).plan("distill", overrides)
+    plan.save(out)
+    d = plan.params["diagnostics"]
+    return {"held_out_before": d["held_out_before"], "held_out_after": d["held_out_after"],
+            "teacher_from_cache": d["teacher_from_cache"]}
+
+
+def _teacher_targets(f16: Path, overrides: dict[str, str], progress: bool, device: str) -> dict[str, Any]:
+    from pydetox.discover import Discovery
+    from pydetox.discover.distill import prepare_targets
+
+    info: dict[str, Any] = prepare_targets(Discovery(f16, progress=progress, device=device).context, overrides)
+    return info
 
 
 def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSettings, progress: bool) -> Path:
@@ -307,11 +345,8 @@ def prepare(source: Path, out: Path, settings: RecipeSettings = RecipeSettings()
     overrides, teacher_key, _ = _student_overrides(stages, cal, cal_key, settings)
 
     def make_targets(path: Path) -> dict[str, Any]:
-        from pydetox.discover import Discovery
-        from pydetox.discover.distill import prepare_targets
-
-        discovery = Discovery(f16, progress=progress, device=settings.device)
-        info = prepare_targets(discovery.context, overrides)
+        info = _in_stage(settings, "_teacher_targets", f16=f16, overrides=overrides, progress=progress,
+                         device=settings.device)
         if not path.exists():
             raise PydetoxError(f"distill did not write its teacher cache {path}")
         return info

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny import write_tiny_llama
 
@@ -31,6 +32,8 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     plan, path, timing = distill_plan(model, out, settings, progress=True)
     ran = ["f16", "calibrator", "distill", "fit"]
     assert all(not timing[s]["cached"] and timing[s]["seconds"] > 0 for s in ran)
+    assert all(timing[s]["peak_rss_gb"] > 0 for s in ("calibrator", "distill"))  # each in its own process
+    assert "peak_rss_gb" not in timing["fit"]
     assert path.parent == out / "stages"
     assert {e.kind for e in plan.edits} == {EditKind.LOW_RANK}
     assert len(plan.edits) == 2
@@ -63,6 +66,20 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     _, _, timing = distill_plan(model, out, more, progress=False)
     assert [s for s in ran if not timing[s]["cached"]] == ["distill"]
     assert EditPlan.load(path3).params["diagnostics"]["held_out_after"]
+
+    # the student trained in this process instead of a child: the same update
+    (child_raw,) = (out / "stages").glob("distill-*.plan.gguf")
+    in_child = EditPlan.load(child_raw)
+    for f in (out / "stages").glob("distill-*"):
+        f.unlink()
+    _, _, timing = distill_plan(model, out, dataclasses.replace(more, isolate=False), progress=False)
+    assert not timing["distill"]["cached"]
+    assert "peak_rss_gb" not in timing["distill"]
+    (here_raw,) = (out / "stages").glob("distill-*.plan.gguf")
+    for a, b in zip(in_child.edits, EditPlan.load(here_raw).edits, strict=True):
+        assert a.tensor == b.tensor
+        np.testing.assert_array_equal(a.a, b.a)
+        np.testing.assert_array_equal(a.b, b.b)
 
 
 def test_a_given_calibrator_must_exist(tmp_path: Path) -> None:
