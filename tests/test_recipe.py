@@ -109,6 +109,8 @@ def test_detox_runs_the_recipe_by_default_and_reports_stages_and_helpfulness(tmp
     assert report["detox"]["methods"] == ["distill"]
     stages = report["detox"]["discovery"]["stages"]
     assert {"f16", "calibrator", "distill", "fit"} <= set(stages)
+    assert stages["distill"]["peak_rss_gb"] > 0  # the student's process
+    assert 0 < report["detox"]["peak_rss_gb"] < 100  # this one's
     assert (out / "distill.plan.gguf").is_file()
     assert (out / "m.distill.F16.gguf").is_file()
     (row,) = report["detox"]["summary"]
@@ -124,6 +126,7 @@ def test_detox_runs_the_recipe_by_default_and_reports_stages_and_helpfulness(tmp
         assert chat["template"] == "plain"
         assert len(chat["answers"]) == chat["questions"]
     assert "chat correct (base)" in (out / "report.md").read_text()
+    assert "peak memory of this process" in (out / "report.md").read_text()
     assert "hatesonar w/o identity-only (x less)" in (out / "report.md").read_text()
 
 
