@@ -11,6 +11,7 @@ RSS of the process (the interpreter with torch and transformers imported include
 size.
 
     pytest bench/bench_memory.py -s          # the three bundled models; ~8 min once they are fetched
+    pytest bench/bench_memory.py -k student -s   # the default student's steps at the recipe's batch shapes
 """
 
 from __future__ import annotations
@@ -66,6 +67,43 @@ print(json.dumps({"weights": fp.weights, "loss": loss, "step_s": step_s, "load_s
                   "after_pass": after_pass, "peak": hwm(), "params": sum(p.numel() for p in fp.model.parameters())}))
 """
 
+# The default student's steps at the recipe's batch shapes, with synthetic targets (no teacher needed): 8 toxic
+# sequences of 84 tokens (a 64-token prompt and 20 continued) and 8 clean of 64 per step, rank 32 on ffn_down of
+# the upper two thirds of the layers, bfloat16 autocast, `_Student.train` itself (per-step heap trim included).
+STUDENT = r"""
+import json, sys, time, types
+import numpy as np
+from pydetox.child import peak_rss
+from pydetox.discover.distill.params import DistillParams
+from pydetox.discover.distill.student import _Student
+from pydetox.discover.distill.teacher import _Targets
+from pydetox.discover.model import FullPrecisionModel, autocast
+
+path, steps = sys.argv[1], int(sys.argv[2])
+fp = FullPrecisionModel(path, progress=False)
+after_load = peak_rss()
+fp.model.requires_grad_(False)
+p = DistillParams(calibrator="-", steps=steps, rank=32, lr=0.003, clean_weight=4, precision="bfloat16")
+vocab, rng = fp.output_shape[0], np.random.default_rng(0)
+
+def targets(n, length, k=32):
+    seqs = [rng.integers(100, min(vocab, 30000), length).tolist() for _ in range(n)]
+    return _Targets(seqs, [rng.integers(0, vocab, (length - 1, k)) for _ in seqs],
+                    [np.full((length - 1, k), np.log(0.9 / k), np.float32) for _ in seqs],
+                    [np.full(length - 1, np.log(0.1), np.float32) for _ in seqs], np.arange(n))
+
+toxic, clean = targets(64, 84), targets(64, 64)
+n = fp.n_layers
+t0 = time.perf_counter()
+with fp.computing_in("bfloat16"):
+    student = _Student(types.SimpleNamespace(fp=fp, progress=False), p, autocast("bfloat16", "distill", fp.device),
+                       toxic, clean.seqs, clean, list(range(n // 3, n)), np.arange(64))
+    student.train([(rng.choice(64, 8, replace=False).tolist(), rng.choice(64, 8, replace=False).tolist())
+                   for _ in range(steps)])
+    student.lora.close()
+print(json.dumps({"after_load": after_load, "peak": peak_rss(), "step_s": (time.perf_counter() - t0) / steps}))
+"""
+
 
 def _f16(name: str, folder: Path) -> Path:
     """The bundled model `name` (fetched on first use) at F16, made with `pydetox apply`."""
@@ -79,9 +117,18 @@ def _f16(name: str, folder: Path) -> Path:
     return out
 
 
+def _python(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`code` run by a fresh interpreter that imports this checkout's pydetox (not an installed one)."""
+    import os
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          check=False)
+
+
 def _run(path: Path, weights: str, loss: str = "closed form") -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), weights, loss], capture_output=True, text=True,
-                         cwd=path.parent, check=False)
+    out = _python(CHILD, str(path), weights, loss, cwd=path.parent)
     assert out.returncode == 0, out.stderr[-3000:]
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -109,3 +156,21 @@ def test_discovery_memory(name: str, tmp_path_factory: pytest.TempPathFactory) -
     assert rows["auto"]["weights"] == "float16"
     assert rows["auto"]["peak"] < rows["float32"]["peak"]
     assert rows["auto"]["peak"] < rows["auto, autograd"]["peak"]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
+def test_student_memory_at_the_recipe_shapes(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Peak RSS of 4 default student steps (STUDENT) in a fresh process, as a multiple of the F16 file."""
+    from pydetox.assets import ASSETS
+
+    if name not in ASSETS:
+        pytest.skip(f"no asset {name}")
+    path = _f16(name, tmp_path_factory.mktemp("student"))
+    _run(path, "float32")  # the first load converts the GGUF for transformers and fills the cache: not measured
+    out = _python(STUDENT, str(path), "4", cwd=path.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    size = path.stat().st_size
+    print(f"\n{name}: F16 {size / 1e9:.2f} GB; after load {r['after_load'] / 1e9:.2f} GB; 4 student steps "
+          f"({r['step_s']:.1f} s each): peak {r['peak'] / 1e9:.2f} GB = {r['peak'] / size:.1f}x F16")
+    assert r["peak"] > r["after_load"]
