@@ -665,6 +665,30 @@ def test_distill_computes_the_unedited_targets_of_the_clean_sequences_its_steps_
         assert (a["c_ids"] == b["c_ids"]).mean() > 0.99
 
 
+def test_distill_unedited_targets_a_block_of_positions_at_a_time_equal_the_whole_batchs(
+        trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_base_targets` holds the vocabulary-wide log-softmax of TARGET_ROWS positions at a time: its top-k targets
+    are those of one log-softmax over the whole batch's positions."""
+    import types
+
+    import torch
+
+    from pydetox.discover.distill import student
+    from pydetox.discover.model import FullPrecisionModel
+
+    fp = FullPrecisionModel(trained[0], progress=False)
+    ctx = types.SimpleNamespace(fp=fp)
+    rng = np.random.default_rng(0)
+    seqs = [[1, *rng.integers(3, 275, n).tolist()] for n in (9, 4, 12, 7, 2)]
+    monkeypatch.setattr(student, "TARGET_ROWS", 5)  # 38 positions in 8 blocks, one of them across sequences
+    got = student._base_targets(ctx, seqs, 6, progress=False, batch=4)
+    with torch.no_grad():
+        top, idx = student._forward(ctx, seqs).topk(6, dim=1)
+    assert np.array_equal(np.concatenate(got.ids), idx.numpy())
+    np.testing.assert_allclose(np.concatenate(got.logp), top.numpy(), atol=1e-6)
+    assert [len(i) for i in got.ids] == [len(q) - 1 for q in seqs]
+
+
 def test_schedule_draws_what_drawing_step_by_step_draws() -> None:
     """`_schedule` draws every step's batches before training, in the order the steps drew them."""
     from pydetox.discover.distill.params import DistillParams

@@ -238,6 +238,9 @@ def _full_kl(ctx: Context, lora: _LoRA, seqs: list[list[int]], vocab: _Vocab | N
     return (lp.exp() * (lp - _forward(ctx, seqs, head))).sum(1)
 
 
+TARGET_ROWS = 128  # positions whose vocabulary-wide log-softmax `_base_targets` holds at once
+
+
 def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, batch: int = 16) -> _Targets:
     """The unedited model's top-k distributions (as `_top` gives them, in order of probability) on `seqs`."""
     torch = ctx.fp.torch
@@ -245,8 +248,13 @@ def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, b
     with torch.no_grad():
         for s in tqdm(range(0, len(seqs), batch), desc="unedited: distributions", leave=False, disable=not progress):
             chunk = seqs[s : s + batch]
-            # torch's top-k over the vocabulary, not numpy's argpartition: a sixth of this loop's time on SmolLM2
-            top, idx = _forward(ctx, chunk).topk(k, dim=1)
+            # The log-softmax a block of positions at a time: never the batch's (positions, vocabulary) arrays,
+            # ~1 GB each on Gemma-3's 262,144 tokens (its distill process peaked at 6.1 GB here). torch's top-k,
+            # not numpy's argpartition: a sixth of this loop's time on SmolLM2.
+            hidden = _hidden(ctx, chunk)
+            blocks = [_log_softmax(ctx, hidden[r : r + TARGET_ROWS]).topk(k, dim=1)
+                      for r in range(0, hidden.shape[0], TARGET_ROWS)]
+            top, idx = torch.cat([b.values for b in blocks]), torch.cat([b.indices for b in blocks])
             top = top.clamp(min=-1e4).cpu().numpy()
             idx = idx.cpu().numpy()
             mass = np.exp(top.astype(np.float64)).sum(1)
