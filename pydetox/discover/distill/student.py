@@ -249,7 +249,7 @@ def _base_targets(ctx: Context, seqs: list[list[int]], k: int, progress: bool, b
         for s in tqdm(range(0, len(seqs), batch), desc="unedited: distributions", leave=False, disable=not progress):
             chunk = seqs[s : s + batch]
             # The log-softmax a block of positions at a time: never the batch's (positions, vocabulary) arrays,
-            # ~1 GB each on Gemma-3's 262,144 tokens (its distill process peaked at 6.1 GB here). torch's top-k,
+            # ~1 GB each on Gemma-3's 262,144 tokens, several alive at once (docs/speed-distill.md). torch's top-k,
             # not numpy's argpartition: a sixth of this loop's time on SmolLM2.
             hidden = _hidden(ctx, chunk)
             blocks = [_log_softmax(ctx, hidden[r : r + TARGET_ROWS]).topk(k, dim=1)
