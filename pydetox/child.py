@@ -3,8 +3,7 @@
 torch's stages keep memory after their objects are dropped: oneDNN's primitive cache (a primitive per padded matmul
 shape) and heap fragments that `heap.release` cannot give back. After the SmolLM2 student, the llama.cpp stages that
 followed in the same process peaked at 2.71 GB where they need 1.33 GB alone (docs/speed-distill.md). A stage run
-through `call` starts a fresh interpreter (`python -m pydetox.child`), so its memory is the operating system's again
-when it returns.
+through `call` starts a fresh interpreter, so its memory is the operating system's again when it returns.
 
 The child imports pydetox from where this process did, runs with this process's torch thread count, and writes to
 this process's `sys.stdout` and `sys.stderr` (relayed, so that a redirection such as a sweep's log file catches it).
@@ -67,6 +66,22 @@ def _relay(pipe: IO[bytes], to: Any) -> None:
     to.flush()
 
 
+# The child's first lines: this pydetox package (argv[1], the folder it was imported from) loaded by its path before
+# anything imports `pydetox`, so that neither the working directory (first on a `-c` or `-m` interpreter's path: a
+# source checkout there has no compiled `_core`) nor the path's order picks another copy.
+_BOOT = """
+import importlib.util, sys
+from pathlib import Path
+init = Path(sys.argv[1]) / "__init__.py"
+spec = importlib.util.spec_from_file_location("pydetox", init, submodule_search_locations=[sys.argv[1]])
+package = importlib.util.module_from_spec(spec)
+sys.modules["pydetox"] = package
+spec.loader.exec_module(package)
+from pydetox.child import _main
+sys.exit(_main(Path(sys.argv[2]), Path(sys.argv[3])))
+"""
+
+
 def call(target: str, **kwargs: Any) -> Outcome:
     """`module:function` called with `kwargs` (picklable) in a fresh Python process; its return value (picklable)
     and the child's peak RSS."""
@@ -76,14 +91,13 @@ def call(target: str, **kwargs: Any) -> Outcome:
     threads = None
     if "torch" in sys.modules:  # the caller may have set it (a sweep's trial: its CPUs)
         threads = sys.modules["torch"].get_num_threads()
-    root = str(Path(__file__).resolve().parent.parent)  # where this pydetox was imported from
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-           "PYTHONUNBUFFERED": "1"}  # progress lines reach the terminal as they are printed
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress lines reach the terminal as they are printed
     with tempfile.TemporaryDirectory(prefix="pydetox-child-") as tmp:
         request, answer = Path(tmp) / "request.pkl", Path(tmp) / "answer.pkl"
         request.write_bytes(pickle.dumps({"module": module, "function": function, "kwargs": kwargs,
                                           "threads": threads}))
-        proc = subprocess.Popen([sys.executable, "-m", "pydetox.child", str(request), str(answer)], env=env,
+        proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(Path(__file__).resolve().parent), str(request),
+                                 str(answer)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         relays = [threading.Thread(target=_relay, args=(pipe, to), daemon=True)
                   for pipe, to in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
@@ -134,6 +148,3 @@ def _main(request: Path, answer: Path) -> int:
     tmp.replace(answer)
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(_main(Path(sys.argv[1]), Path(sys.argv[2])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,17 @@ def test_any_other_failure_raises_a_child_error_with_the_traceback() -> None:
         child.call("json:loads", s="{")
     with pytest.raises(ValueError, match="expected a target 'module:function'"):
         child.call("json.loads")
+
+
+def test_the_child_imports_this_pydetox_whatever_its_working_directory_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source checkout in the working directory (no compiled core) must not stand in for the installed package:
+    the README's main job runs from the repository root."""
+    import pydetox
+
+    shadow = tmp_path / "pydetox"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the working directory copy was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    assert child.call("importlib.util:find_spec", name="pydetox._core").value.origin.startswith(
+        str(Path(pydetox.__file__).parent))
