@@ -73,7 +73,7 @@ print(json.dumps({"weights": fp.weights, "loss": loss, "step_s": step_s, "load_s
 STUDENT = r"""
 import json, sys, time, types
 import numpy as np
-from pydetox.child import peak_rss
+from pydetox.apply import peak_rss_bytes as peak_rss
 from pydetox.discover.distill.params import DistillParams
 from pydetox.discover.distill.student import _Student
 from pydetox.discover.distill.teacher import _Targets

@@ -39,21 +39,6 @@ class Outcome:
     peak_rss: int  # the child's peak resident memory, bytes (VmHWM; ru_maxrss where there is no /proc)
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kb if sys.platform == "darwin" else kb * 1024)  # bytes on macOS, KiB elsewhere
-
-
 def _relay(pipe: IO[bytes], to: Any) -> None:
     """Copy the child's output to `to` as it comes (progress bars' carriage returns included)."""
     import codecs
@@ -127,6 +112,8 @@ def call(target: str, **kwargs: Any) -> Outcome:
 
 
 def _main(request: Path, answer: Path) -> int:
+    from pydetox.apply import peak_rss_bytes
+
     job = pickle.loads(request.read_bytes())
     if job["threads"]:
         import torch
@@ -134,7 +121,7 @@ def _main(request: Path, answer: Path) -> int:
         torch.set_num_threads(job["threads"])
     try:
         value = getattr(importlib.import_module(job["module"]), job["function"])(**job["kwargs"])
-        data = pickle.dumps({"value": value, "peak_rss": peak_rss()})
+        data = pickle.dumps({"value": value, "peak_rss": peak_rss_bytes()})
         code = 0
     except Exception as e:  # handed to the parent, which raises it (a value that cannot be pickled included)
         data = pickle.dumps({"error": str(e), "pydetox_error": isinstance(e, PydetoxError),

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pydetox import ggml
-from pydetox.apply import ApplyOptions, apply_plan
-from pydetox.child import peak_rss
+from pydetox.apply import ApplyOptions, apply_plan, peak_rss_bytes
 from pydetox.errors import PydetoxError
 from pydetox.evaluate import EvalSettings, ModelSpec, run_evaluation
 from pydetox.plan import EditPlan
@@ -309,6 +308,6 @@ def run(job: DetoxJob, progress: bool = True) -> dict[str, Any]:
                        "summary": rows, "apply_and_evaluation_s": round(time.perf_counter() - t_eval, 1),
                        # resident memory at its highest in this process (the stages run in child processes report
                        # their own under discovery's stages)
-                       "peak_rss_gb": round(peak_rss() / 1e9, 2)}
+                       "peak_rss_gb": round(peak_rss_bytes() / 1e9, 2)}
     _write_reports(job, report, rows, names, timing)
     return report
