@@ -12,6 +12,7 @@ size.
 
     pytest bench/bench_memory.py -s          # the three bundled models; ~8 min once they are fetched
     pytest bench/bench_memory.py -k student -s   # the default student's steps at the recipe's batch shapes
+    pytest bench/bench_memory.py -k first_load -s   # a GGUF's first load against transformers' GGUF loader
 """
 
 from __future__ import annotations
@@ -105,6 +106,26 @@ print(json.dumps({"after_load": after_load, "peak": peak_rss(), "step_s": (time.
 """
 
 
+# A GGUF's first load, from an empty converted-model cache: pydetox's (the folder written one tensor at a time,
+# then loaded in the source's precision) or transformers' own GGUF loader, the baseline (float32, as it dequantizes).
+FIRST_LOAD = r"""
+import json, os, sys, tempfile, time
+from pathlib import Path
+from pydetox.apply import peak_rss_bytes as peak_rss
+path, how = Path(sys.argv[1]), sys.argv[2]
+os.environ["PYDETOX_CACHE"] = tempfile.mkdtemp(dir=path.parent)
+import torch
+from transformers import AutoModelForCausalLM
+from pydetox.discover.model import FullPrecisionModel
+base = peak_rss()
+t0 = time.perf_counter()
+if how == "pydetox":
+    FullPrecisionModel(path, progress=False)
+else:
+    AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+print(json.dumps({"import_rss": base, "peak": peak_rss(), "load_s": time.perf_counter() - t0}))
+"""
+
 def _f16(name: str, folder: Path) -> Path:
     """The bundled model `name` (fetched on first use) at F16, made with `pydetox apply`."""
     import gguf
@@ -174,3 +195,26 @@ def test_student_memory_at_the_recipe_shapes(name: str, tmp_path_factory: pytest
     print(f"\n{name}: F16 {size / 1e9:.2f} GB; after load {r['after_load'] / 1e9:.2f} GB; 4 student steps "
           f"({r['step_s']:.1f} s each): peak {r['peak'] / 1e9:.2f} GB = {r['peak'] / size:.1f}x F16")
     assert r["peak"] > r["after_load"]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
+def test_first_load_memory(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Peak RSS of a GGUF's first load for discovery (FIRST_LOAD, fresh process, empty cache) against transformers'
+    own GGUF loader in the same run, as multiples of the F16 file."""
+    from pydetox.assets import ASSETS
+
+    if name not in ASSETS:
+        pytest.skip(f"no asset {name}")
+    path = _f16(name, tmp_path_factory.mktemp("first"))
+    size, rows = path.stat().st_size, {}
+    for how in ("pydetox", "transformers"):
+        out = _python(FIRST_LOAD, str(path), how, cwd=path.parent)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows[how] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n{name}: F16 {size / 1e9:.2f} GB")
+    for how, r in rows.items():
+        print(f"  first load by {how:12}: {r['load_s']:5.1f} s, peak {r['peak'] / 1e9:.2f} GB = {r['peak'] / size:.1f}x F16 "
+              f"(imports {r['import_rss'] / 1e9:.2f} GB)")
+    print(f"  peak, pydetox / transformers: {rows['pydetox']['peak'] / rows['transformers']['peak']:.2f}; "
+          f"time {rows['pydetox']['load_s'] / rows['transformers']['load_s']:.2f}")
+    assert rows["pydetox"]["peak"] < rows["transformers"]["peak"]

@@ -604,3 +604,52 @@ def test_converted_model_cache_stays_bounded(tmp_path: Path, monkeypatch: pytest
     assert model_mod._prune_converted(second, path) == [kept_other]
     assert model_mod._converted_folder(recent).exists()
     assert second.exists()
+
+
+@pytest.mark.parametrize(("qtype", "tied"), [(gguf.GGMLQuantizationType.F16, False),
+                                           (gguf.GGMLQuantizationType.Q8_0, True)])
+def test_a_gguf_converted_tensor_by_tensor_equals_transformers_own_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: gguf.GGMLQuantizationType, tied: bool
+) -> None:
+    """Discovery reads a GGUF through a folder written one tensor at a time (`gguf_folder.write_folder`), not
+    transformers' GGUF loader (the whole model in float32, twice). Every parameter must be what that loader gives
+    (the llama q/k rows put back in transformers' order included), the matrices of an F16 file kept as F16 in the
+    folder, and the model's logits equal."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from pydetox.discover import model as model_mod
+
+    monkeypatch.setenv("PYDETOX_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_llama(tmp_path / "m.gguf", qtype=qtype, tied=tied, **SHAPE)
+    ours = FullPrecisionModel(path, progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    want = dict(ref.named_parameters())
+    got = dict(ours.model.named_parameters())
+    assert set(got) == set(want)
+    for name, p in got.items():
+        torch.testing.assert_close(p.detach().float(), want[name].detach(), rtol=0, atol=0, msg=name)
+    ids = torch.tensor([[1, 260, 262, 263, 266, 259]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    with safe_open(str(model_mod._converted_folder(path) / "model.safetensors"), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118  (a safetensors file)
+    assert dtypes["model.layers.0.mlp.down_proj.weight"] == ("F16" if qtype == gguf.GGMLQuantizationType.F16 else "F32")
+    assert dtypes["model.layers.0.input_layernorm.weight"] == "F32"
+    assert ("lm_head.weight" in dtypes) != tied
+
+
+def test_a_gguf_whose_tensors_do_not_fit_the_model_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor transformers' model has no room for is an error naming it, and no converted folder is left."""
+    monkeypatch.setenv("PYDETOX_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    raw = bytearray(path.read_bytes())
+    key = b"llama.feed_forward_length"  # its value follows the key and a u32 type id: the FFN width, a u32
+    at = raw.index(key) + len(key) + 4
+    assert raw[at : at + 4] == SHAPE["ff"].to_bytes(4, "little")
+    raw[at : at + 4] = (SHAPE["ff"] * 2).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PydetoxError, match=r"ffn_(gate|up|down)"):
+        FullPrecisionModel(path, progress=False)
+    assert not any((tmp_path / "cache" / "converted").iterdir())

@@ -131,17 +131,18 @@ def test_qwen2_model_with_attention_biases_takes_a_plan(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
-def test_discovery_tokenizer_gives_llama_cpp_s_token_ids(name: str) -> None:
-    """Discovery tokenizes with transformers' tokenizer converted from the GGUF, the teacher and evaluation with
-    llama.cpp's; both must give the same ids (the student trains on ids llama.cpp produced), and llama.cpp must
-    give the text back."""
+def test_discovery_tokenizer_gives_llama_cpp_s_token_ids(name: str, tmp_path: Path) -> None:
+    """Discovery tokenizes with transformers' tokenizer converted from the GGUF and saved in the model's converted
+    folder (`gguf_folder.write_folder`), the teacher and evaluation with llama.cpp's; both must give the same ids
+    (the student trains on ids llama.cpp produced), and llama.cpp must give the text back."""
     from transformers import AutoTokenizer
 
     from pydetox.assets import fetch
     from pydetox.runtime import LlamaRuntime
 
     src = fetch(name, quiet=True)
-    hf = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
     texts = ["The quick brown fox jumps over the lazy dog.", "  two leading spaces and a tab\there",
              "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "Ünïcödé naïve café, 東京, emoji 🙂!",
              "You are such an idiot, shut up", "1234567 + 89 = 1234656", "line one\n\nline three\r\n"]
@@ -150,6 +151,29 @@ def test_discovery_tokenizer_gives_llama_cpp_s_token_ids(name: str) -> None:
             ids = rt.tokenize(text, add_special=False)
             assert hf.encode(text, add_special_tokens=False) == ids, text
             assert rt.detokenize(ids) == text, text
+
+
+@pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
+def test_a_real_gguf_converted_tensor_by_tensor_equals_transformers_own_load(name: str, tmp_path: Path) -> None:
+    """Discovery's tensor-by-tensor conversion against transformers' own GGUF loader on the real K-quant models:
+    Gemma-3 (norms stored with transformers' -1 offset undone, a tied output layer) and Qwen2.5 (q/k/v biases).
+    Every parameter equal, bit for bit (libggml's dequantization here, gguf-py's there)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pydetox.assets import fetch
+    from pydetox.discover.gguf_folder import write_folder
+
+    src = fetch(name, quiet=True)
+    write_folder(src, tmp_path, "float32", progress=False)
+    ours = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    want = dict(AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+                .named_parameters())
+    got = dict(ours.named_parameters())
+    assert set(got) == set(want)
+    for key, p in got.items():
+        assert torch.equal(p, want[key]), key
+        del want[key]  # one copy of the model less as the check goes
 
 
 def test_demo_runs_the_engine_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -97,7 +97,7 @@ def _converted_folder(gguf_path: Path) -> Path:
     from pydetox.paths import cache_dir
 
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v3".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v4".encode()).hexdigest()[:16]
     return cache_dir() / "converted" / f"{gguf_path.stem}-{key}"
 
 
@@ -141,46 +141,36 @@ def _prune_converted(keep: Path, source: Path) -> list[Path]:
     return removed
 
 
-def _save_converted(model: Any, tokenizer: Any, folder: Path, precision: str, source: Path) -> None:
-    """Save under a temporary name and rename when complete; a failure only costs the next load its speed. The
-    Linear and Embedding weights are saved in `precision` (the source's: exact), whatever the model holds now."""
+def _convert(source: Path, precision: str, progress: bool) -> Path:
+    """The converted folder of the GGUF `source` (`_converted_folder`), written now unless it exists: by
+    `gguf_folder.write_folder` (one tensor at a time, matrices in `precision`) into a temporary folder beside it,
+    renamed when complete, so an interrupted conversion leaves nothing a later load would read."""
     import shutil
     import tempfile
 
-    import torch
+    from pydetox.discover.gguf_folder import write_folder
 
-    matrices = {id(m.weight): m.weight for m in _matrix_modules(model.modules())}
-    held = {k: w.dtype for k, w in matrices.items()}
-    for w in matrices.values():
-        w.data = w.data.to(getattr(torch, precision))
+    folder = _converted_folder(source)
+    if (folder / _DONE).is_file():
+        (folder / _DONE).touch()  # its last use, for the cache's eviction order
+        return folder
     tmp: Path | None = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
-        # transformers marks a GGUF-loaded model as "quantized with gguf" and refuses to save it; its weights are
-        # plain float32 tensors, so the mark is dropped for the save and put back.
-        quantizer, qconfig = getattr(model, "hf_quantizer", None), getattr(model.config, "quantization_config", None)
-        model.hf_quantizer = None
-        if qconfig is not None:
-            del model.config.quantization_config
-        try:
-            model.save_pretrained(tmp)
-        finally:
-            model.hf_quantizer = quantizer
-            if qconfig is not None:
-                model.config.quantization_config = qconfig
-        tokenizer.save_pretrained(tmp)
+        write_folder(source, tmp, precision, progress=progress)
         (tmp / _DONE).write_text(f"converted by pydetox from a GGUF; safe to delete\nsource: {source.resolve()}\n")
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
-        _prune_converted(folder, source)
-    except (OSError, ValueError):
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        raise PydetoxError(f"cannot write the Hugging Face form of {source} under {folder.parent} ({exc}); discovery "
+                           "reads the model from there: free space or point $PYDETOX_CACHE at a writable folder") from exc
     finally:
-        for k, w in matrices.items():
-            w.data = w.data.to(held[k])
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _prune_converted(folder, source)
+    return folder
 
 
 WEIGHTS = ("auto", "float32", "float16", "bfloat16")
@@ -269,6 +259,9 @@ def store_half(model: Any, dtype: str) -> None:
 
     for module in _matrix_modules(model.modules()):
         module.weight.data = module.weight.data.to(half)  # a no-op for a tied output layer's shared Parameter
+        scalar = getattr(module, "scalar_embed_scale", None)
+        if scalar is not None:  # Gemma's sqrt(d): a model built in a half type holds it rounded (25.30 for 25.298)
+            module.embed_scale = torch.tensor(float(scalar), dtype=torch.float32, device=module.weight.device)
         module.forward = types.MethodType(linear if isinstance(module, torch.nn.Linear) else embedding, module)
 
 
@@ -346,38 +339,27 @@ class FullPrecisionModel:
         if not progress:
             transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         path = Path(source)
-        kwargs: dict[str, Any] = {}
-        converted = None
-        if path.is_file() and path.suffix == ".gguf":
-            converted = _converted_folder(path)
-            if (converted / _DONE).is_file():
-                folder = str(converted)
-                (converted / _DONE).touch()  # its last use, for the cache's eviction order
-            else:
-                folder, kwargs["gguf_file"] = str(path.parent), path.name
-        else:
-            folder = str(source)  # a local HF folder, or a hub id for online users
         if weights not in WEIGHTS:
             raise PydetoxError(f"weights is one of {', '.join(WEIGHTS)}; got {weights!r}")
         native = source_precision(source)
         self.weights = native if weights == "auto" else weights
-        # Loaded straight in the half type from a local checkpoint (no float32 copy of the whole model on the way),
-        # then the small tensors (norms, biases) read again in float32; a GGUF's first conversion, or a hub id, loads
-        # in float32 and converts after.
-        direct = self.weights != "float32" and "gguf_file" not in kwargs and Path(folder).is_dir()
+        # A GGUF is read from its converted folder (written on first use one tensor at a time, `_convert`); a local
+        # folder in the half type directly (no float32 copy of the whole model on the way), then the small tensors
+        # (norms, biases) read again in float32; a hub id loads in float32 and converts after.
+        converted = _convert(path, native, progress) if path.is_file() and path.suffix == ".gguf" else None
+        folder = str(converted if converted is not None else source)
+        direct = self.weights != "float32" and Path(folder).is_dir()
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=getattr(torch, self.weights) if direct else torch.float32, **kwargs)
+                folder, dtype=getattr(torch, self.weights) if direct else torch.float32)
             self.model.eval()  # type: ignore[no-untyped-call]
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as exc:
             raise PydetoxError(f"transformers could not load {source}: {exc}") from exc
         if self.weights != "float32":
             store_half(self.model, self.weights)
             if direct:
                 _small_tensors_float32(self.model, Path(folder))
-        if converted is not None and "gguf_file" in kwargs:
-            _save_converted(self.model, self.tokenizer, converted, native, path)
         # where `computing_in` reads the stored matrices back from: a local checkpoint of the weights as kept
         self.checkpoint = (converted if converted is not None else Path(folder)) if self.weights == native else None
         if self.checkpoint is not None and not any(self.checkpoint.glob("*.safetensors")):
