@@ -500,14 +500,16 @@ def _drawn_rows(rng: np.random.Generator, settings: CalibrateSettings, n_train: 
 
 
 def _target_hidden(model: Any, rows: Any, batch: int, progress: bool) -> Any:
-    """The full target's final hidden states (after its final norm) of token rows, (n, T, d) float32."""
+    """The full target's final hidden states (after its final norm) of token rows, (n, T, d) float32, written into
+    one array as the batches come: a list of batches joined at the end held them twice (3,648 rows x 64 tokens x
+    896 floats, 0.84 GB each, at the default's settings on Qwen2.5)."""
     import torch
 
-    out = []
+    out = torch.empty((*rows.shape, model.config.hidden_size), dtype=torch.float32, device=rows.device)
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch), desc="target hidden states", disable=not progress, leave=False):
-            out.append(model.model(input_ids=rows[i : i + batch]).last_hidden_state.float())
-    return torch.cat(out)
+            out[i : i + batch] = model.model(input_ids=rows[i : i + batch]).last_hidden_state
+    return out
 
 
 def calibrator_hidden(path: Path, tokens: list[int], threads: int | None = None) -> np.ndarray:
