@@ -126,6 +126,7 @@ else:
 print(json.dumps({"import_rss": base, "peak": peak_rss(), "load_s": time.perf_counter() - t0}))
 """
 
+
 def _f16(name: str, folder: Path) -> Path:
     """The bundled model `name` (fetched on first use) at F16, made with `pydetox apply`."""
     import gguf

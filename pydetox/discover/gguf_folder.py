@@ -33,12 +33,12 @@ _STORED_AS = {GQ.F32: "float32", GQ.F16: "float16", GQ.BF16: "bfloat16"}
 
 
 def matrix_names(model: Any) -> set[str]:
-    """The parameter names of `model`'s Linear and Embedding weights: the tensors kept in the source's precision
-    (`model._matrix_modules`); every other parameter (norms, biases) is kept in float32."""
-    import torch
+    """The parameter names of the weights `store_half` keeps in a half type (`model._matrix_modules`): the tensors
+    written in the source's precision; every other parameter (norms, biases) is written in float32."""
+    from pydetox.discover.model import _matrix_modules
 
-    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear | torch.nn.Embedding)}
+    kept = {id(m) for m in _matrix_modules(model.modules())}
+    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if id(m) in kept}
 
 
 def _tensor(raw: np.ndarray, qtype: GQ, shape: tuple[int, ...], dtype: str) -> Any:
@@ -101,7 +101,7 @@ def write_folder(source: Path, folder: Path, precision: str, progress: bool = Tr
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for _, hf, shape, dtype in work:
-            size = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+            size = math.prod(shape) * getattr(torch, dtype).itemsize
             header[hf] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
