@@ -32,12 +32,18 @@ _SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _STORED_AS = {GQ.F32: "float32", GQ.F16: "float16", GQ.BF16: "bfloat16"}
 
 
-def matrix_names(model: Any) -> set[str]:
-    """The parameter names of the weights `store_half` keeps in a half type (`model._matrix_modules`): the tensors
-    written in the source's precision; every other parameter (norms, biases) is written in float32."""
-    from pydetox.discover.model import _matrix_modules
+def matrix_modules(modules: Any) -> list[Any]:
+    """Those of `modules` whose weight is kept in a half type, both in a converted folder and by `model.store_half`:
+    every Linear and Embedding."""
+    import torch
 
-    kept = {id(m) for m in _matrix_modules(model.modules())}
+    return [m for m in modules if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
+
+
+def matrix_names(model: Any) -> set[str]:
+    """The parameter names of the weights `matrix_modules` keeps in a half type: the tensors written in the source's
+    precision; every other parameter (norms, biases) is written in float32."""
+    kept = {id(m) for m in matrix_modules(model.modules())}
     return {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if id(m) in kept}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import gguf
 
+from pydetox.discover.gguf_folder import matrix_modules as _matrix_modules
 from pydetox.errors import PydetoxError
 
 T = gguf.MODEL_TENSOR
@@ -174,13 +175,6 @@ def _convert(source: Path, precision: str, progress: bool) -> Path:
 
 
 WEIGHTS = ("auto", "float32", "float16", "bfloat16")
-
-
-def _matrix_modules(modules: Any) -> list[Any]:
-    """Those of `modules` whose weight `store_half` keeps in a half type: every Linear and Embedding."""
-    import torch
-
-    return [m for m in modules if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
 
 
 # Output rows upcast at a time from a half-stored layer (the HalfLinear here, distill's streamed loss): bounds the
