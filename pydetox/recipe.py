@@ -48,6 +48,21 @@ DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True
 # diagnostics are computed on 48 sequences of each kind (they do not change the training).
 DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_starts": "600", "clean_weight": "4",
                                    "eog_free": "1", "precision": "bfloat16"}
+# DEFAULT_DISTILL's additions for a source of one architecture (GGUF `general.architecture`), under what a run sets
+# itself. The student's learning rate (distill's 0.003 is SmolLM2's): the rank-32 update adds to the residual stream
+# in units of the down-projection's input, and Qwen2.5's residual stream is ~4x that input (rms, layers 8-23) against
+# SmolLM2's ~30x, so each step moves its hidden states ~8x more. At 0.003 its student drifted on clean text (held-out
+# clean KL 0.50, teacher KL 2.41 -> 1.77), the fit scaled it to 0.13 and nothing was cut; at 0.0004 (0.003 x 4 / 30):
+# clean KL 0.028, teacher KL -> 1.57, fitted strength 1.33, a cut (docs/results/qwen2.5-coder-0.5b.md).
+ARCH_DISTILL: dict[str, dict[str, str]] = {"qwen2": {"lr": "0.0004"}}
+
+
+def arch_distill(source: Path, distill: dict[str, str]) -> dict[str, str]:
+    """`distill` (DistillParams overrides) with ARCH_DISTILL's for the architecture of the GGUF `source` beneath it."""
+    from pydetox.gguf_header import read_header
+
+    kv = read_header(source).kvs.get("general.architecture")
+    return {**ARCH_DISTILL.get(str(kv.value) if kv else "", {}), **distill}
 
 
 @dataclass(frozen=True)
@@ -217,14 +232,15 @@ def _calibrator(stages: Stages, f16: Path, src_key: str, settings: RecipeSetting
     return cal, cal_key
 
 
-def _student_overrides(stages: Stages, cal: Path, cal_key: str,
+def _student_overrides(stages: Stages, f16: Path, cal: Path, cal_key: str,
                        settings: RecipeSettings) -> tuple[dict[str, str], str, str]:
-    """distill's overrides for this recipe (the teacher's targets cached in the stages folder as the "teacher"
-    stage's artefact, under a key of what they depend on), that key, and the student plan's key."""
+    """distill's overrides for this recipe on `f16` (`arch_distill`; the teacher's targets cached in the stages
+    folder as the "teacher" stage's artefact, under a key of what they depend on), that key, and the student plan's
+    key."""
     from pydetox.discover.base import get_method, make_params
     from pydetox.discover.distill.teacher import TEACHER_KEYS
 
-    overrides = {**settings.distill, "calibrator": str(cal), "seed": str(settings.seed)}
+    overrides = {**arch_distill(f16, settings.distill), "calibrator": str(cal), "seed": str(settings.seed)}
     # Keys from the settings as distill resolves them (a default given explicitly is the same setting); the teacher's
     # targets depend on fewer settings than the student, so a student setting changed reuses them.
     resolved = asdict(make_params(get_method("distill"), overrides))
@@ -237,7 +253,7 @@ def _student_overrides(stages: Stages, cal: Path, cal_key: str,
 def _distill(stages: Stages, f16: Path, cal: Path, cal_key: str, settings: RecipeSettings,
              progress: bool) -> tuple[Path, str]:
     """The student's plan (strength 1), its teacher's targets cached beside it; and the plan's key."""
-    overrides, _, plan_key = _student_overrides(stages, cal, cal_key, settings)
+    overrides, _, plan_key = _student_overrides(stages, f16, cal, cal_key, settings)
 
     def make_plan(path: Path) -> dict[str, Any]:
         return _in_stage(settings, "_student_plan", f16=f16, overrides=overrides, out=path, progress=progress,
@@ -342,7 +358,7 @@ def prepare(source: Path, out: Path, settings: RecipeSettings = RecipeSettings()
     targets and the unedited model's clean targets) without training a student, so that runs started side by side
     afterwards (a sweep's Ray tasks) read them instead of each computing them; returns each stage's time."""
     stages, f16, cal, cal_key = _shared_stages(source, out, settings, progress)
-    overrides, teacher_key, _ = _student_overrides(stages, cal, cal_key, settings)
+    overrides, teacher_key, _ = _student_overrides(stages, f16, cal, cal_key, settings)
 
     def make_targets(path: Path) -> dict[str, Any]:
         info = _in_stage(settings, "_teacher_targets", f16=f16, overrides=overrides, progress=progress,

@@ -175,3 +175,16 @@ def test_detox_refuses_an_unknown_recipe_setting(tmp_path: Path, capsys: pytest.
     assert main(["detox", "--model", str(model), "--out", str(tmp_path / "o"), "--param", "recipe:strength=2"]) == 2
     assert ("recipe has no parameter 'strength'; it has: fit_steps, fit_tokens, fit_type, kl_budget, max_strength"
             in capsys.readouterr().err)
+
+
+def test_architecture_defaults_sit_under_what_a_run_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ARCH_DISTILL's settings for the source's architecture join the student's, and a setting the run gives itself
+    (a --param) wins over them; another architecture's are left out."""
+    from pydetox import recipe
+
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    assert recipe.ARCH_DISTILL["qwen2"] == {"lr": "0.0004"}
+    assert recipe.arch_distill(model, {"steps": "8"}) == {"steps": "8"}  # llama: none of qwen2's
+    monkeypatch.setitem(recipe.ARCH_DISTILL, "llama", {"lr": "0.0004", "rank": "8"})
+    assert recipe.arch_distill(model, {"steps": "8"}) == {"lr": "0.0004", "rank": "8", "steps": "8"}
+    assert recipe.arch_distill(model, {"lr": "0.01"}) == {"lr": "0.01", "rank": "8"}
