@@ -60,10 +60,10 @@ ARCH_DISTILL: dict[str, dict[str, str]] = {"qwen2": {"lr": "0.0004"}}
 
 def arch_distill(source: Path, distill: dict[str, str]) -> dict[str, str]:
     """`distill` (DistillParams overrides) with ARCH_DISTILL's for the architecture of the GGUF `source` beneath it."""
-    from pydetox.gguf_header import read_header
+    from pydetox.gguf_io import ModelFile
 
-    kv = read_header(source).kvs.get("general.architecture")
-    return {**ARCH_DISTILL.get(str(kv.value) if kv else "", {}), **distill}
+    with ModelFile(source) as model:
+        return {**ARCH_DISTILL.get(model.arch, {}), **distill}
 
 
 @dataclass(frozen=True)
