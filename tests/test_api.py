@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny import write_tiny_llama
+
+from pydetox.errors import PydetoxError
 
 SHAPE = {"d": 64, "ff": 128, "heads": 2, "kv_heads": 1}
 
@@ -128,3 +131,21 @@ def test_training_data_never_holds_what_is_measured() -> None:
     wiki = load_clean_text("wiki")
     assert training_wiki(5) == wiki[WIKI_HELD_OUT : WIKI_HELD_OUT + 5]
     assert not set(training_wiki()) & set(wiki[:WIKI_HELD_OUT])
+
+
+def test_the_recipes_kl_budget_never_reads_the_news_the_report_measures() -> None:
+    """`news` (perplexity, KL, benign starts) and `news-held-out` (the recipe's KL budget) split one corpus in two:
+    disjoint, each half of it, and the recipe measures its budget on the held-out half unless told otherwise."""
+    from pydetox.helpfulness import benign_starts
+    from pydetox.prompts import load_clean_text
+    from pydetox.recipe import RecipeSettings
+
+    news, held = load_clean_text("news"), load_clean_text("news-held-out")
+    assert len(news) == len(held) == 150
+    assert not set(news) & set(held)
+    assert all(any(doc.startswith(start) for doc in news) for start in benign_starts(100))
+    assert RecipeSettings().fit_text == "news-held-out"
+    with pytest.raises(PydetoxError, match="found news: the report measures perplexity and KL there"):
+        RecipeSettings(fit_text="news")
+    with pytest.raises(PydetoxError, match="expected news-held-out, wiki or a text file, found 'nws'"):
+        RecipeSettings(fit_text="nws")

@@ -40,6 +40,7 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     strength = plan.params["plan_strength"]
     assert 0 < strength <= settings.max_strength
     assert plan.params["fit"]["kl_budget"] == 0.05
+    assert plan.params["fit"]["clean_text"] == "news-held-out"
     assert all(t["kl"] >= 0 for t in plan.params["fit"]["trials"])
     assert len(list((out / "stages").glob("teacher-*.npz"))) == 1
     assert len(list((tmp_path / "calibrators").glob("calibrator-*.stage.json"))) == 1  # shared by every output folder
@@ -173,7 +174,7 @@ def test_detox_refuses_an_unknown_recipe_setting(tmp_path: Path, capsys: pytest.
 
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
     assert main(["detox", "--model", str(model), "--out", str(tmp_path / "o"), "--param", "recipe:strength=2"]) == 2
-    assert ("recipe has no parameter 'strength'; it has: fit_steps, fit_tokens, fit_type, kl_budget, max_strength"
+    assert ("recipe has no parameter 'strength'; it has: fit_steps, fit_text, fit_tokens, fit_type, kl_budget, max_strength"
             in capsys.readouterr().err)
 
 

@@ -126,7 +126,8 @@ def _add_plan(sub: Any) -> None:
     ft.add_argument("--model", required=True, help="the GGUF the plan will be applied to (KL is measured against it)")
     ft.add_argument("--kl", type=_positive_float, required=True, help="budget: mean KL(unedited || edited) in nats/token")
     ft.add_argument("--clean-text", default="wiki", help="wiki (default: as in eval, its first paragraphs, which "
-                    "calibrator training and distill skip; evaluation measures on news), news, or a text file")
+                    "calibrator training and distill skip), news-held-out (the news documents evaluation does not "
+                    "read; the recipe's default), news (where evaluation measures), or a text file")
     ft.add_argument("--tokens", type=_positive_int, default=4096, help="clean-text tokens to measure on (default 4096)")
     ft.add_argument("--window", type=int, default=512)
     ft.add_argument("--edited-type", default="none", help="as apply's --edited-type (default none: types kept)")
