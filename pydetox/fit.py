@@ -3,8 +3,9 @@
 `pydetox plan scale` trades detox for capability at a strength the user picks; read off the evaluation prompts,
 that pick is tuned on the test set. `fit_strength` picks it from the other side: the largest strength whose edited
 model stays within `budget` nats/token of KL(unedited || edited) on clean text that neither discovery nor the
-evaluation uses (by default the first tokens of `wiki`, as `pydetox eval --clean-text wiki` reads them: they lie in
-the paragraphs `pydetox.splits` holds out from training, while evaluation measures on `news`). Each
+evaluation uses (`plan fit`'s default: the first tokens of `wiki`, as `pydetox eval --clean-text wiki` reads them,
+in the paragraphs `pydetox.splits` holds out from training; the recipe's: `news-held-out`, the news documents
+evaluation never reads, whose KL tracks the report's across models where wiki's does not). Each
 trial applies the scaled plan to the given GGUF exactly as `pydetox apply` would (same `edited_floor`) and measures
 KL in llama.cpp against that GGUF.
 
