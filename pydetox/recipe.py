@@ -76,8 +76,8 @@ class RecipeSettings:
     calibrators: Path | None = None
     # nats/token of KL(unedited || edited) on `fit_text`. On held-out news the same edit's KL runs ~1.5x its KL on
     # the news the report measures (SmolLM2 1.51x, Qwen2.5 1.55x, 4,096 tokens each), so 0.060 aims the report's F16
-    # KL at ~0.04, leaving room for Q4_K_M's (1.05-1.2x F16's) under 0.05. Held-out wiki, the text before `news-held-out`,
-    # tracked the report's news KL at 1.5x on SmolLM2 but 2.0x on Qwen2.5, so one wiki budget put Qwen's news KL at
+    # KL at ~0.04, leaving room for Q4_K_M's (1.05-1.2x F16's) under 0.05. On held-out wiki, the fit's text before this,
+    # the report's KL ran 1.5x the fit's on SmolLM2 but 2.0x on Qwen2.5, so one wiki budget put Qwen's report at
     # 0.058 (docs/results/kl-budget-text.md).
     kl_budget: float = 0.060
     fit_text: str = "news-held-out"  # a clean-text set or file (prompts.load_clean_text); never `news`, the report's
@@ -336,7 +336,7 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
     # and so does a fit at F16 (the only type before fit_type existed)
     ceiling = () if settings.max_strength == 1.0 else (settings.max_strength,)
     at = () if ftype is None else (settings.fit_type.upper(),)
-    # and so does a fit on wiki (the only text before fit_text existed); a file is keyed by its contents
+    # and so does a fit on wiki (the only text before fit_text existed); a file is keyed by its path, size and time
     text = () if settings.fit_text == "wiki" else (_text_stamp(settings.fit_text),)
     fitted, _ = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
                                           settings.edited_type, *ceiling, *at, *text), ".plan.gguf", make_fit)
