@@ -53,7 +53,7 @@ DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_sta
 # in units of the down-projection's input, and Qwen2.5's residual stream is ~4x that input (rms, layers 8-23) against
 # SmolLM2's ~30x, so each step moves its hidden states ~8x more. At 0.003 its student drifted on clean text (held-out
 # clean KL 0.50, teacher KL 2.41 -> 1.77), the fit scaled it to 0.13 and nothing was cut; at 0.0004 (0.003 x 4 / 30):
-# clean KL 0.028, teacher KL -> 1.57, fitted strength 1.33, a cut (docs/results/qwen2.5-coder-0.5b.md).
+# clean KL 0.028, teacher KL -> 1.57, a cut (docs/results/qwen2.5-coder-0.5b.md).
 # Its keys are none of DEFAULT_DISTILL's: a run's settings hold those, and would win over an entry here (test).
 ARCH_DISTILL: dict[str, dict[str, str]] = {"qwen2": {"lr": "0.0004"}}
 
