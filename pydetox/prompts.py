@@ -156,6 +156,7 @@ def _wiki_paragraphs(path: Path) -> list[str]:
 # `news` is the Lee corpus' first NEWS_HELD_OUT_FROM documents, `news-held-out` the rest (each ~30,000 words of 300
 # documents): evaluation reads the first, the recipe's KL budget the second (pydetox.splits)
 NEWS_HELD_OUT_FROM = 150
+CLEAN_TEXTS = ("news", "news-held-out", "wiki")  # the named clean-text sets of load_clean_text
 
 
 def load_clean_text(name_or_path: str) -> list[str]:
@@ -170,7 +171,7 @@ def load_clean_text(name_or_path: str) -> list[str]:
         return _wiki_paragraphs(next(folder.glob("enwiki-*.bz2")))
     path = Path(name_or_path)
     if not path.is_file():
-        raise PydetoxError(f"{name_or_path!r} is neither a clean-text set (news, news-held-out, wiki) nor a file")
+        raise PydetoxError(f"{name_or_path!r} is neither a clean-text set ({', '.join(CLEAN_TEXTS)}) nor a file")
     text = _read_utf8(path, "clean-text")
     parts = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     return parts if len(parts) > 1 else [line for line in text.splitlines() if line.strip()]

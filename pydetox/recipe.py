@@ -103,16 +103,17 @@ class RecipeSettings:
     isolate: bool = True
 
     def __post_init__(self) -> None:
+        from pydetox.prompts import CLEAN_TEXTS
+
         if self.fit_text == "news":
             raise PydetoxError("recipe:fit_text: expected news-held-out, wiki or a text file, found news: the report "
                                "measures perplexity and KL there, so a budget fitted on it would be judged on its own text")
-        if self.fit_text not in CLEAN_SETS and not Path(self.fit_text).is_file():
+        if self.fit_text not in CLEAN_TEXTS and not Path(self.fit_text).is_file():
             raise PydetoxError(f"recipe:fit_text: expected news-held-out, wiki or a text file, found {self.fit_text!r}")
 
 
 # RecipeSettings fields that an override in the `recipe` namespace may set (`--param recipe:KEY=VALUE`, a sweep's
 # `recipe:KEY`); the calibrator and the student have their own namespaces (`calibrator:`, `distill:`).
-CLEAN_SETS = ("news-held-out", "wiki")  # the named clean texts the fit may measure on (prompts.load_clean_text)
 RECIPE_SCALARS = ("kl_budget", "fit_text", "fit_tokens", "fit_steps", "max_strength", "fit_type")
 NAMESPACES = ("recipe", "distill", "calibrator")
 
@@ -344,7 +345,9 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
 
 
 def _text_stamp(name: str) -> Any:
-    return name if name in CLEAN_SETS else _file_stamp(Path(name))
+    from pydetox.prompts import CLEAN_TEXTS
+
+    return name if name in CLEAN_TEXTS else _file_stamp(Path(name))
 
 
 def _file_stamp(path: Path) -> Any:

@@ -85,7 +85,7 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--evaluators", default="profanity-check,bilstm,hatesonar",
                    help="comma-separated: profanity-check, bilstm, hatesonar, detoxify, perspective")
     e.add_argument("--reference", help="GGUF to measure KL against (the unedited or full-precision model)")
-    e.add_argument("--clean-text", default="news", help="news, wiki, or a text file")
+    e.add_argument("--clean-text", default="news", help="news, news-held-out, wiki, or a text file")
     e.add_argument("--ppl-tokens", type=_nonnegative_int, default=8192, help="clean-text tokens for perplexity/KL (0 = skip)")
     e.add_argument("--window", type=_positive_int, default=512, help="perplexity window in tokens")
     e.add_argument("--batch", type=_positive_int, default=16, help="sequences decoded together")
