@@ -205,9 +205,11 @@ def _given_plans(job: DetoxJob) -> dict[str, tuple[EditPlan, Path]]:
 
 
 def _recipe_settings(job: DetoxJob) -> RecipeSettings:
-    """The recipe's settings with the job's `--param recipe:`, `distill:` and `calibrator:` overrides and its seed."""
+    """The recipe's settings with the job's `--param recipe:`, `distill:` and `calibrator:` overrides and its seed, the
+    KL budget fitted at the job's least precise type unless `recipe:fit_type` names one."""
     overrides = job.overrides or {}
-    return with_overrides(job.recipe, {ns: overrides[ns] for ns in NAMESPACES if ns in overrides}, seed=job.seed)
+    settings = with_overrides(job.recipe, {ns: overrides[ns] for ns in NAMESPACES if ns in overrides}, seed=job.seed)
+    return settings.for_types(job.types)
 
 
 def _discover(job: DetoxJob, plans: dict[str, tuple[EditPlan, Path]], progress: bool) -> dict[str, Any]:

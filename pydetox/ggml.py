@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -106,6 +107,25 @@ def parse_ftype(name: str) -> gguf.LlamaFileType:
 
 def ftype_name(ftype: gguf.LlamaFileType) -> str:
     return "F32" if ftype == gguf.LlamaFileType.ALL_F32 else ftype.name.removeprefix("MOSTLY_")
+
+
+def least_precise(names: Sequence[str]) -> str:
+    """The model type of `names` (as llama-quantize names them) with the fewest bits per weight in its main tensor
+    type (Q4_K_M -> Q4_K, 4.5); of two with the same main type, the smaller mix (_XS, _S, _M, _L)."""
+    if not names:
+        raise UnsupportedTypeError("expected at least one model type, found none")
+
+    def rank(name: str) -> tuple[float, int]:
+        ftype_name(parse_ftype(name))  # unknown names are refused with the list of known ones
+        key, mix = name.upper(), 1
+        if key not in Q.__members__:  # a mix named after its main type: Q4_K_M -> Q4_K, IQ3_M -> IQ3_S, MXFP4_MOE
+            stem, _, size = key.rpartition("_")
+            mix = {"XS": -1, "S": 0, "M": 1, "L": 2}.get(size, 1)
+            key = stem if stem in Q.__members__ else f"{stem}_S"
+        block, size_bytes = gguf.GGML_QUANT_SIZES[Q[key]]
+        return 8 * size_bytes / block, mix
+
+    return min(names, key=rank).upper()
 
 
 def requires_imatrix(qtype: gguf.GGMLQuantizationType) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,10 +87,12 @@ class RecipeSettings:
     max_strength: float = 2.0
     edited_type: str | None = "Q8_0"  # floor of the edited tensors while fitting (as `pydetox detox` applies them)
     # the model type at which the KL budget is measured (the edit applied with it, against the unedited model at it);
-    # "F16" measures on the F16 source. Q4_K_M (`--param recipe:fit_type=Q4_K_M`) keeps the budget at that type, but
-    # on SmolLM2 its wiki KL runs ~1.5x the F16's where its news KL runs ~1.2x, so the same budget there cost 40% of
-    # the cut (docs/results/default-recipe-seeds.md): F16 stays the default.
-    fit_type: str = "F16"
+    # "F16" measures on the F16 source. "lowest": the least precise of the types the run ships (`pydetox detox
+    # --types`; Q4_K_M, the lowest default type, for the recipe on its own), so that the budget holds at every type
+    # shipped: the report's KL at Q4_K_M ran 1.17-1.24x its F16 KL on SmolLM2, and a fit at F16 put it at 0.051
+    # over three seeds. On held-out news the same edit's Q4_K_M KL is only ~1.09x its F16 KL (on wiki ~1.5x), so the
+    # fit at Q4_K_M costs ~3% of strength (docs/results/kl-budget-text.md).
+    fit_type: str = "lowest"
     seed: int = 0  # the student's seed (DistillParams.seed); the calibrator's is calibrator.seed
     # torch device of the calibrator's training and the student ("auto": CUDA when torch sees a GPU). Not part of any
     # stage's key: the results agree within numerical tolerance, and a stage made on one device is reused on another.
@@ -110,10 +112,27 @@ class RecipeSettings:
                                "measures perplexity and KL there, so a budget fitted on it would be judged on its own text")
         if self.fit_text not in CLEAN_TEXTS and not Path(self.fit_text).is_file():
             raise PydetoxError(f"recipe:fit_text: expected news-held-out, wiki or a text file, found {self.fit_text!r}")
+        if self.fit_type != "lowest":
+            from pydetox import ggml
+
+            ggml.parse_ftype(self.fit_type)  # an unknown model type is refused here, naming the known ones
+
+    def for_types(self, types: Sequence[str]) -> RecipeSettings:
+        """These settings with `fit_type` "lowest" resolved to the least precise of `types` (model types as `pydetox
+        detox --types` takes them); any other `fit_type` is kept."""
+        import dataclasses
+
+        from pydetox import ggml
+
+        if self.fit_type != "lowest":
+            return self
+        return dataclasses.replace(self, fit_type=ggml.least_precise(types))
 
 
 # RecipeSettings fields that an override in the `recipe` namespace may set (`--param recipe:KEY=VALUE`, a sweep's
 # `recipe:KEY`); the calibrator and the student have their own namespaces (`calibrator:`, `distill:`).
+# the types `fit_type` "lowest" picks from when no run names its types: `pydetox detox`'s default --types
+LOWEST_DEFAULT_TYPES = ("F16", "Q8_0", "Q4_K_M")
 RECIPE_SCALARS = ("kl_budget", "fit_text", "fit_tokens", "fit_steps", "max_strength", "fit_type")
 NAMESPACES = ("recipe", "distill", "calibrator")
 
@@ -307,7 +326,8 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
     measured in llama.cpp at `fit_type` with the edited tensors at their floor type."""
     from pydetox import ggml
 
-    ftype: gguf.LlamaFileType | None = ggml.parse_ftype(settings.fit_type)  # None: measured on the F16 source as is
+    fit_type = settings.for_types(LOWEST_DEFAULT_TYPES).fit_type
+    ftype: gguf.LlamaFileType | None = ggml.parse_ftype(fit_type)  # None: measured on the F16 source as is
     if ftype == gguf.LlamaFileType.MOSTLY_F16:
         ftype = None
 
@@ -328,7 +348,7 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
         scaled = plan.scaled(fit.strength, source=raw.name)
         fitted = EditPlan(scaled.arch, scaled.edits, scaled.method, {**scaled.params, "fit": {
             "kl_budget": settings.kl_budget, "clean_text": settings.fit_text, "tokens": settings.fit_tokens,
-            "edited_type": settings.edited_type, "max_strength": settings.max_strength, "model_type": settings.fit_type,
+            "edited_type": settings.edited_type, "max_strength": settings.max_strength, "model_type": fit_type,
             "trials": trials}}, scaled.model)
         fitted.save(path)
         return {"strength": fit.strength, "trials": trials}
@@ -336,7 +356,7 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
     # a ceiling of 1 (the search before max_strength existed) leaves the key as it was, so such fits stay valid
     # and so does a fit at F16 (the only type before fit_type existed)
     ceiling = () if settings.max_strength == 1.0 else (settings.max_strength,)
-    at = () if ftype is None else (settings.fit_type.upper(),)
+    at = () if ftype is None else (ggml.ftype_name(ftype),)
     # and so does a fit on wiki (the only text before fit_text existed); a file is keyed by its path, size and time
     text = () if settings.fit_text == "wiki" else (_text_stamp(settings.fit_text),)
     fitted, _ = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,

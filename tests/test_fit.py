@@ -111,3 +111,18 @@ def test_fit_at_a_model_type_measures_against_the_unedited_model_at_that_type(mo
     assert fit.trials[0].kl == pytest.approx(want, rel=1e-4)
     source = fit_strength(plan, model, 10.0, DOCS, max_tokens=256, window=64, progress=False).trials[0].kl
     assert abs(fit.trials[0].kl - source) > 1e-3 * source  # not the source's KL under another name
+
+
+def test_least_precise_ranks_model_types_by_their_main_tensor_type() -> None:
+    from pydetox.ggml import least_precise
+
+    assert least_precise(["F16", "Q8_0", "Q4_K_M"]) == "Q4_K_M"
+    assert least_precise(["q8_0", "f16"]) == "Q8_0"
+    assert least_precise(["Q4_K_M", "Q4_K_S", "Q4_K_M"]) == "Q4_K_S"  # the same main type: the smaller mix
+    assert least_precise(["IQ3_M", "IQ3_XS", "Q4_0"]) == "IQ3_XS"  # IQ3 mixes are named after IQ3_S
+    assert least_precise(["Q4_K_M", "IQ4_XS"]) == "IQ4_XS"  # 4.25 bits per weight against Q4_K's 4.5
+    assert least_precise(["BF16", "F32"]) == "BF16"
+    with pytest.raises(PydetoxError, match="unknown model type 'Q4_K_Z'"):
+        least_precise(["F16", "Q4_K_Z"])
+    with pytest.raises(PydetoxError, match="expected at least one model type, found none"):
+        least_precise([])

@@ -151,22 +151,36 @@ def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
     assert not timing["fit"]["cached"]
     assert plan.params["fit"]["max_strength"] == 3.0
     assert 0 < plan.params["plan_strength"] <= 3.0
+    first = EditPlan.load(path)
+    assert first.params["fit"]["model_type"] == "Q4_K_M"  # "lowest" of the default types, on its own
+    q4 = RecipeSettings(**{**settings.__dict__, "fit_type": "q4_k_m"})
+    assert distill_plan(model, out, q4, progress=False)[1] == path  # that type, spelt: the same fit
+    _, at_f16, timing = distill_plan(model, out, RecipeSettings(**{**settings.__dict__, "fit_type": "F16"}),
+                                     progress=False)
+    assert at_f16 != path
+    assert not timing["fit"]["cached"]
     f16 = RecipeSettings(**{**settings.__dict__, "fit_type": "f16"})
-    assert distill_plan(model, out, f16, progress=False)[1] == path  # F16, spelt: the fit before fit_type existed
+    assert distill_plan(model, out, f16, progress=False)[1] == at_f16  # F16, spelt: the fit before fit_type existed
     plan, at_q4, timing = distill_plan(model, out, RecipeSettings(**{**settings.__dict__, "fit_type": "Q4_0"}),
                                        progress=False)
-    assert at_q4 != path
+    assert at_q4 not in (path, at_f16)
     assert not timing["fit"]["cached"]
     assert plan.params["fit"]["model_type"] == "Q4_0"
 
 
-def test_detox_fit_type_is_a_recipe_setting() -> None:
+def test_detox_fits_the_kl_budget_at_its_least_precise_type() -> None:
+    """The budget holds at every type a run ships: the fit measures KL at the least precise of --types, unless
+    `recipe:fit_type` names a type."""
     from pydetox.detox import DetoxJob, _recipe_settings
 
     job = DetoxJob(model=Path("m.gguf"), methods=("distill",), types=("F16", "Q4_K_M", "Q8_0"))
-    assert _recipe_settings(job).fit_type == "F16"
-    at_q4 = dataclasses.replace(job, overrides={"recipe": {"fit_type": "Q4_K_M"}})
-    assert _recipe_settings(at_q4).fit_type == "Q4_K_M"
+    assert _recipe_settings(job).fit_type == "Q4_K_M"
+    assert _recipe_settings(dataclasses.replace(job, types=("F16",))).fit_type == "F16"
+    assert _recipe_settings(dataclasses.replace(job, types=("q8_0", "Q2_K", "F16"))).fit_type == "Q2_K"
+    at_f16 = dataclasses.replace(job, overrides={"recipe": {"fit_type": "F16"}})
+    assert _recipe_settings(at_f16).fit_type == "F16"
+    with pytest.raises(PydetoxError, match="unknown model type 'Q9_K'; expected one of: F32, F16"):
+        _recipe_settings(dataclasses.replace(job, overrides={"recipe": {"fit_type": "Q9_K"}}))
 
 
 def test_detox_refuses_an_unknown_recipe_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
