@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces docs/results/default-recipe-seeds.md: the default recipe on SmolLM2-135M-Instruct over three training
 # seeds (greedy, F16 and Q4_K_M), the same models under sampling, and the edited tensors' type at Q4_K_M.
-# That record fit on held-out wiki (recipe:fit_text=wiki, kl_budget=0.03, fit_tokens=2048); run as is, the script
-# measures the current default (held-out news; docs/results/kl-budget-text.md).
+# That record fit on held-out wiki at F16 (recipe:fit_text=wiki, kl_budget=0.03, fit_tokens=2048, fit_type=F16); run
+# as is, the script measures the current default (held-out news, at the least precise type; kl-budget-text.md).
 #
 #   scripts/default-recipe-seeds.sh OUT      # OUT: a folder to create; ~2 h on 2 cores with a cached calibrator
 #
