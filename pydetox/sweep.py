@@ -214,12 +214,14 @@ def _grouped(values: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 def recipe_settings(cfg: SweepConfig, params: dict[str, Any], seed: int) -> Any:
     """A recipe setting's RecipeSettings at a training seed (the student's `train_seed`: the calibrator and the
-    teacher's data stay the same and are shared); torch on the CPU, as every trial."""
+    teacher's data stay the same and are shared); torch on the CPU, as every trial; the KL budget fitted at the least
+    precise type the sweep evaluates unless `recipe:fit_type` names one."""
     from pydetox.recipe import RecipeSettings, with_overrides
 
     groups = _grouped({**cfg.fixed, **params})
     groups.setdefault("distill", {})["train_seed"] = str(seed)
-    return replace(with_overrides(RecipeSettings(), groups), device="cpu", threads=cfg.cpus_per_trial)
+    settings = with_overrides(RecipeSettings(), groups).for_types((cfg.type, *cfg.final_types))
+    return replace(settings, device="cpu", threads=cfg.cpus_per_trial)
 
 
 def _validate_recipe(cfg: SweepConfig, path: Path) -> None:

@@ -257,6 +257,7 @@ def test_recipe_parameters_read_as_sub_tables_or_namespaced_names(tmp_path: Path
     assert s.distill["lr"] == "0.01"
     assert s.distill["train_seed"] == "2"
     assert s.calibrator_file == Path("cal.gguf")
+    assert s.fit_type == "Q8_0"  # the KL budget holds at the least precise type the sweep evaluates
 
 
 def test_a_recipe_sweep_runs_one_setting_over_seeds_and_reports_each_final_type(
