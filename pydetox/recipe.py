@@ -90,8 +90,8 @@ class RecipeSettings:
     # "F16" measures on the F16 source. "lowest": the least precise of the types the run ships (`pydetox detox
     # --types`; Q4_K_M, the lowest default type, for the recipe on its own), so that the budget holds at every type
     # shipped: the report's KL at Q4_K_M ran 1.17-1.24x its F16 KL on SmolLM2, and a fit at F16 put it at 0.051
-    # over three seeds. On held-out news the same edit's Q4_K_M KL is only ~1.09x its F16 KL (on wiki ~1.5x), so the
-    # fit at Q4_K_M costs ~3% of strength (docs/results/kl-budget-text.md).
+    # over three seeds. On held-out news the same edit's Q4_K_M KL is 1.05-1.10x its F16 KL (on wiki ~1.5x), so the
+    # fit at Q4_K_M costs 2.5-6% of strength (docs/results/kl-budget-text.md).
     fit_type: str = "lowest"
     seed: int = 0  # the student's seed (DistillParams.seed); the calibrator's is calibrator.seed
     # torch device of the calibrator's training and the student ("auto": CUDA when torch sees a GPU). Not part of any
@@ -129,10 +129,10 @@ class RecipeSettings:
         return dataclasses.replace(self, fit_type=ggml.least_precise(types))
 
 
-# RecipeSettings fields that an override in the `recipe` namespace may set (`--param recipe:KEY=VALUE`, a sweep's
-# `recipe:KEY`); the calibrator and the student have their own namespaces (`calibrator:`, `distill:`).
 # the types `fit_type` "lowest" picks from when no run names its types: `pydetox detox`'s default --types
 LOWEST_DEFAULT_TYPES = ("F16", "Q8_0", "Q4_K_M")
+# RecipeSettings fields that an override in the `recipe` namespace may set (`--param recipe:KEY=VALUE`, a sweep's
+# `recipe:KEY`); the calibrator and the student have their own namespaces (`calibrator:`, `distill:`).
 RECIPE_SCALARS = ("kl_budget", "fit_text", "fit_tokens", "fit_steps", "max_strength", "fit_type")
 NAMESPACES = ("recipe", "distill", "calibrator")
 
