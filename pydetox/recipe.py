@@ -28,6 +28,7 @@ import gguf
 
 from pydetox import heap
 from pydetox.calibrate import WATCHING, CalibrateSettings
+from pydetox.discover.distill import Distill
 from pydetox.errors import PydetoxError
 from pydetox.plan import EditPlan
 
@@ -49,13 +50,10 @@ DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True
 DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_starts": "600", "clean_weight": "4",
                                    "eog_free": "1", "precision": "bfloat16"}
 # DEFAULT_DISTILL's additions for a source of one architecture (GGUF `general.architecture`), under what a run sets
-# itself. The student's learning rate (distill's 0.003 is SmolLM2's): the rank-32 update adds to the residual stream
-# in units of the down-projection's input, and Qwen2.5's residual stream is ~4x that input (rms, layers 8-23) against
-# SmolLM2's ~30x, so each step moves its hidden states ~8x more. At 0.003 its student drifted on clean text (held-out
-# clean KL 0.50, teacher KL 2.41 -> 1.77), the fit scaled it to 0.13 and nothing was cut; at 0.0004 (0.003 x 4 / 30):
-# clean KL 0.028, teacher KL -> 1.57, a cut (docs/results/qwen2.5-coder-0.5b.md).
+# itself: distill's own table (`Distill.arch_defaults`, which `pydetox discover --method distill` reads too; the
+# reasons are there). The recipe adds them to the student's settings itself, so that they are in its stage key.
 # Its keys are none of DEFAULT_DISTILL's: a run's settings hold those, and would win over an entry here (test).
-ARCH_DISTILL: dict[str, dict[str, str]] = {"qwen2": {"lr": "0.0004"}}
+ARCH_DISTILL: dict[str, dict[str, str]] = Distill.arch_defaults
 
 
 def arch_distill(source: Path, distill: dict[str, str]) -> dict[str, str]:

@@ -185,6 +185,24 @@ def test_plans_from_real_text_apply_to_tiny_ggufs(tmp_path: Path, tied: bool) ->
         assert llm("the cat", max_tokens=3, temperature=0.0)["usage"]["completion_tokens"] > 0
 
 
+def test_a_methods_architecture_defaults_sit_under_the_runs_own_parameters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Method.arch_defaults` for the source's architecture join the parameters of every discovery (`pydetox discover`
+    as well as the recipe), a parameter the run gives wins, and another architecture's are left out."""
+    from pydetox import recipe
+
+    assert get_method("distill").arch_defaults["qwen2"] == {"lr": "0.0004"}
+    assert recipe.ARCH_DISTILL is get_method("distill").arch_defaults  # one table for the recipe and discover
+    d = Discovery(write_tiny_llama(tmp_path / "m.gguf", **SHAPE), n_pairs=24, max_tokens=24, progress=False)
+    meow = get_method("meow2x")
+    monkeypatch.setattr(type(meow), "arch_defaults", {"qwen2": {"top": "3"}})
+    assert d.plan("meow2x", {"top": "8"}).params["top"] == 8  # llama: none of qwen2's
+    monkeypatch.setattr(type(meow), "arch_defaults", {"llama": {"top": "3", "gain": "0.5"}})
+    plan = d.plan("meow2x", {"top": "8"})
+    assert (plan.params["top"], plan.params["gain"]) == (8, 0.5)
+    assert d.plan("meow2x").params["top"] == 3
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_wordfilter_lowers_exactly_the_banned_tokens_in_llama_cpp(tmp_path: Path, tied: bool) -> None:
     from pydetox.runtime import LlamaRuntime

@@ -59,7 +59,7 @@ class Discovery:
 
     def plan(self, method: str, overrides: dict[str, str] | None = None) -> EditPlan:
         m = get_method(method)
-        params = make_params(m, overrides or {})
+        params = make_params(m, {**m.arch_defaults.get(self.fp.arch, {}), **(overrides or {})})
         if self.fp.device not in m.devices:
             if self.progress:
                 print(f"{method} runs on the CPU only: moving the model from {self.fp.device}", flush=True)

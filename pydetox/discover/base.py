@@ -53,6 +53,9 @@ class Method(ABC):
     Params: ClassVar[type]
     # torch devices the method's code runs on; on any other the model is moved to the CPU for it (see Discovery.plan)
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    # parameter overrides (strings, as `--params` gives them) for a source of one architecture (its GGUF
+    # `general.architecture`), under what a run sets itself: what a method's defaults, tuned on one model, need elsewhere
+    arch_defaults: ClassVar[dict[str, dict[str, str]]] = {}
 
     @abstractmethod
     def edits(self, ctx: Context, params: Any) -> tuple[list[Edit], dict[str, Any]]:
