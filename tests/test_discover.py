@@ -486,6 +486,7 @@ def test_every_method_lists_its_parameters_with_types_and_defaults(capsys: pytes
         assert main(["discover", "--method", name, "--params"]) == 0
         out = capsys.readouterr().out
         assert all(f"  {d.name} (" in out for d in docs)
+        assert ("default on qwen2 sources: lr=0.0004" in out) == (name == "distill")
     # the default recipe's method explains every key it takes
     assert all(d.help for d in param_docs(METHODS["distill"])), [d.name for d in param_docs(METHODS["distill"]) if not d.help]
     assert main(["discover", "--method", "profs"]) == 2  # neither --params nor a model and output

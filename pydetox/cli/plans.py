@@ -149,10 +149,13 @@ def _print_params(method: str) -> int:
     from pydetox.discover.base import get_method, param_docs
 
     print(f"{method}: --param KEY=VALUE (detox: --param {method}:KEY=VALUE)")
-    for d in param_docs(get_method(method)):
+    m = get_method(method)
+    for d in param_docs(m):
         print(f"  {d.name} ({d.type}, default {d.default!r})")
         if d.help:
             print(textwrap.fill(d.help, 100, initial_indent="      ", subsequent_indent="      "))
+    for arch, values in sorted(m.arch_defaults.items()):
+        print(f"  default on {arch} sources: " + " ".join(f"{k}={v}" for k, v in values.items()))
     return 0
 
 
