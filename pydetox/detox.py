@@ -17,7 +17,7 @@ from pydetox.apply import ApplyOptions, apply_plan, peak_rss_bytes
 from pydetox.errors import PydetoxError
 from pydetox.evaluate import EvalSettings, ModelSpec, run_evaluation
 from pydetox.plan import EditPlan
-from pydetox.recipe import NAMESPACES, RecipeSettings, distill_plan, with_overrides
+from pydetox.recipe import DEFAULT_TYPES, NAMESPACES, RecipeSettings, distill_plan, with_overrides
 from pydetox.report import label
 
 
@@ -25,7 +25,7 @@ from pydetox.report import label
 class DetoxJob:
     model: Path  # a GGUF (the bundled models ship only as GGUF)
     methods: tuple[str, ...]
-    types: tuple[str, ...] = ("F16", "Q8_0", "Q4_K_M")
+    types: tuple[str, ...] = DEFAULT_TYPES
     out: Path = Path("pydetox-detox")
     overrides: dict[str, dict[str, str]] | None = None  # method -> parameter overrides
     data: str = "paradetox-3000"

@@ -116,7 +116,7 @@ def least_precise(names: Sequence[str]) -> str:
         raise UnsupportedTypeError("expected at least one model type, found none")
 
     def rank(name: str) -> tuple[float, int]:
-        ftype_name(parse_ftype(name))  # unknown names are refused with the list of known ones
+        parse_ftype(name)  # unknown names are refused with the list of known ones
         key, mix = name.upper(), 1
         if key not in Q.__members__:  # a mix named after its main type: Q4_K_M -> Q4_K, IQ3_M -> IQ3_S, MXFP4_MOE
             stem, _, size = key.rpartition("_")

@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,17 +118,16 @@ class RecipeSettings:
     def for_types(self, types: Sequence[str]) -> RecipeSettings:
         """These settings with `fit_type` "lowest" resolved to the least precise of `types` (model types as `pydetox
         detox --types` takes them); any other `fit_type` is kept."""
-        import dataclasses
-
         from pydetox import ggml
 
         if self.fit_type != "lowest":
             return self
-        return dataclasses.replace(self, fit_type=ggml.least_precise(types))
+        return replace(self, fit_type=ggml.least_precise(types))
 
 
-# the types `fit_type` "lowest" picks from when no run names its types: `pydetox detox`'s default --types
-LOWEST_DEFAULT_TYPES = ("F16", "Q8_0", "Q4_K_M")
+# the model types `pydetox detox` writes and evaluates unless --types names others; `fit_type` "lowest" picks from
+# them when no run names its types
+DEFAULT_TYPES = ("F16", "Q8_0", "Q4_K_M")
 # RecipeSettings fields that an override in the `recipe` namespace may set (`--param recipe:KEY=VALUE`, a sweep's
 # `recipe:KEY`); the calibrator and the student have their own namespaces (`calibrator:`, `distill:`).
 RECIPE_SCALARS = ("kl_budget", "fit_text", "fit_tokens", "fit_steps", "max_strength", "fit_type")
@@ -139,8 +138,6 @@ def with_overrides(base: RecipeSettings, overrides: dict[str, dict[str, str]], s
     """`base` with overrides by namespace (strings, as the command line gives them): `recipe` (RECIPE_SCALARS),
     `distill` (DistillParams; `calibrator` there names a calibrator file to use instead of training one) and
     `calibrator` (CalibrateSettings), and the student's seed. Every key is checked against its owner's."""
-    import dataclasses
-
     from pydetox.discover.base import get_method, make_params, override
 
     unknown = sorted(set(overrides) - set(NAMESPACES))
@@ -153,9 +150,9 @@ def with_overrides(base: RecipeSettings, overrides: dict[str, dict[str, str]], s
     if stray:
         raise PydetoxError(f"recipe has no parameter {stray[0]!r}; it has: {', '.join(sorted(RECIPE_SCALARS))}")
     out = override(base, fit, "recipe")
-    out = dataclasses.replace(out, distill={**out.distill, **extra}, seed=out.seed if seed is None else seed,
-                              calibrator_file=Path(cal) if cal else out.calibrator_file,
-                              calibrator=override(out.calibrator, overrides.get("calibrator", {}), "calibrator"))
+    out = replace(out, distill={**out.distill, **extra}, seed=out.seed if seed is None else seed,
+                  calibrator_file=Path(cal) if cal else out.calibrator_file,
+                  calibrator=override(out.calibrator, overrides.get("calibrator", {}), "calibrator"))
     make_params(get_method("distill"), {**out.distill, "calibrator": "-"})  # every student key known, every value read
     return out
 
@@ -324,7 +321,7 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
     measured in llama.cpp at `fit_type` with the edited tensors at their floor type."""
     from pydetox import ggml
 
-    fit_type = settings.for_types(LOWEST_DEFAULT_TYPES).fit_type
+    fit_type = settings.for_types(DEFAULT_TYPES).fit_type
     ftype: gguf.LlamaFileType | None = ggml.parse_ftype(fit_type)  # None: measured on the F16 source as is
     if ftype == gguf.LlamaFileType.MOSTLY_F16:
         ftype = None

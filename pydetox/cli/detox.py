@@ -54,12 +54,13 @@ def _cmd_detox(args: argparse.Namespace) -> int:
 
 def _add_detox(sub: Any) -> None:
     from pydetox.discover import METHODS
+    from pydetox.recipe import DEFAULT_TYPES
 
     dx = sub.add_parser("detox", help="discover, apply at several types, evaluate before/after, report")
     dx.add_argument("--model", default="smollm2-135m-instruct", help="GGUF file or asset name (default: the bundled SmolLM2)")
     dx.add_argument("--method", help=f"one or more of {', '.join(sorted(METHODS))}, comma-separated (default distill: the staged recipe of "
                     "pydetox.recipe; none with --plan)")
-    dx.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="types to write and evaluate")
+    dx.add_argument("--types", default=",".join(DEFAULT_TYPES), help="types to write and evaluate")
     dx.add_argument("--out", default="pydetox-detox", help="output folder")
     dx.add_argument("--data", default="paradetox-3000")
     dx.add_argument("--pairs", type=_positive_int, default=500)
