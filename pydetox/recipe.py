@@ -46,9 +46,13 @@ DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True
 # autocast (the update and Adam's state stay float32): a step 1.8x faster on CPUs with AMX / AVX-512 BF16, and over
 # three training seeds the same cut, perplexity and KL as float32 within their spread. The other per-step levers (a
 # restricted softmax, batches by length) cost the edit its effect in single runs, so neither is on. The held-out
-# diagnostics are computed on 48 sequences of each kind (they do not change the training).
+# diagnostics are computed on 48 sequences of each kind (they do not change the training). 300 training-wiki
+# sentences asked as user turns in the model's chat template and answered by the unedited model join the clean anchor
+# (`chat_starts`; none is a chat-check question): an anchor of prose alone let the edit cost SmolLM2 2-3 of the chat
+# check's 113 answers (three training seeds); with them the three seeds' mean kept them all, and cut more at the same
+# KL budget (docs/results/chat-anchor.md).
 DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_starts": "600", "clean_weight": "4",
-                                   "eog_free": "1", "precision": "bfloat16"}
+                                   "eog_free": "1", "precision": "bfloat16", "chat_starts": "300"}
 # DEFAULT_DISTILL's additions for a source of one architecture (GGUF `general.architecture`), under what a run sets
 # itself: distill's own table (`Distill.arch_defaults`, which `pydetox discover --method distill` reads too; the
 # reasons are there). The recipe adds them to the student's settings itself, so that they are in its stage key.
