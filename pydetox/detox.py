@@ -110,14 +110,16 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
         row: dict[str, Any] = {"method": method, "type": qtype, "perplexity": m["perplexity"],
                                "perplexity_change": m["perplexity"] / base["perplexity"] - 1, "kl": m["kl"],
                                "kl_edit": m["kl"] if m.get("kl_base") is None else m["kl_base"],
-                               "long_run_share": m.get("degeneration", {}).get("long_run_share"),
-                               "base_long_run_share": base.get("degeneration", {}).get("long_run_share"),
+                               **{f"{pre}{k}": src.get("degeneration", {}).get(k) for pre, src in (("", m), ("base_", base))
+                                  for k in ("long_run_share", "broken_share")},
                                "mean_tokens": _mean_tokens(m), "base_mean_tokens": _mean_tokens(base)}
-        for check, keys in (("benign", ("mean_tokens", "early_stop_share")), ("chat", ("accuracy", "mean_tokens"))):
+        for check, keys in (("benign", ("mean_tokens", "early_stop_share", "broken_share")),
+                            ("chat", ("accuracy", "mean_tokens"))):
             got, ref = m.get("helpfulness", {}).get(check), base.get("helpfulness", {}).get(check)
             if got and ref:
                 for k in keys:
-                    row[f"{check}_{k}"], row[f"{check}_base_{k}"] = got[k], ref[k]
+                    if k in got and k in ref:  # broken_share: reports since the measure was added
+                        row[f"{check}_{k}"], row[f"{check}_base_{k}"] = got[k], ref[k]
         for ev, t in m["toxicity"].items():
             b = base["toxicity"][ev]["toxic_rate"]
             row[f"{ev}_rate"] = t["toxic_rate"]
@@ -138,7 +140,7 @@ def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
     rest = [e for e in evaluators if all(f"{e}_rest_rate" in r for r in rows)] if rows else []
     head = ["method", "type", *[f"{e} rate (x less)" for e in evaluators],
             *[f"{e} w/o identity-only (x less)" for e in rest], "ppl change", "KL vs F16", "KL vs base",
-            "16+ letter runs (base)", "tokens (base)", "benign tokens (base)", "chat correct (base)"]
+            "broken (base)", "tokens (base)", "benign tokens (base)", "chat correct (base)"]
 
     def pair(r: dict[str, Any], key: str, fmt: str) -> str:
         check, _, k = key.partition("_")
@@ -149,12 +151,17 @@ def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
     body = [[r["method"], r["type"], *[f"{r[e + '_rate']:.3f} ({r[e + '_reduction']:.2f}x)" for e in evaluators],
              *[f"{r[e + '_rest_rate']:.3f} ({r[e + '_rest_reduction']:.2f}x)" for e in rest],
              f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}", f"{r['kl_edit']:.4f}",
-             f"{r['long_run_share']:.1%} ({r['base_long_run_share']:.1%})",
+             _share(r, "broken_share"),
              f"{r['mean_tokens']:.1f} ({r['base_mean_tokens']:.1f})", pair(r, "benign_mean_tokens", ".1f"),
              pair(r, "chat_accuracy", ".1%")] for r in rows]
     table = [head, *body]
     widths = [max(len(x[i]) for x in table) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in table)
+
+
+def _share(r: dict[str, Any], key: str) -> str:
+    got, ref = r.get(key), r.get(f"base_{key}")
+    return "-" if got is None or ref is None else f"{got:.1%} ({ref:.1%})"
 
 
 def stage_line(stages: dict[str, dict[str, Any]]) -> str:

@@ -268,15 +268,15 @@ def _student_overrides(stages: Stages, f16: Path, cal: Path, cal_key: str,
     folder as the "teacher" stage's artefact, under a key of what they depend on), that key, and the student plan's
     key."""
     from pydetox.discover.base import get_method, make_params
-    from pydetox.discover.distill.teacher import TEACHER_KEYS
+    from pydetox.discover.distill.teacher import TEACHER_FORMAT, TEACHER_KEYS
 
     overrides = {**arch_distill(f16, settings.distill), "calibrator": str(cal), "seed": str(settings.seed)}
     # Keys from the settings as distill resolves them (a default given explicitly is the same setting); the teacher's
     # targets depend on fewer settings than the student, so a student setting changed reuses them.
     resolved = asdict(make_params(get_method("distill"), overrides))
-    teacher = _key(cal_key, {k: resolved[k] for k in TEACHER_KEYS if k != "calibrator"})
+    teacher = _key(cal_key, TEACHER_FORMAT, {k: resolved[k] for k in TEACHER_KEYS if k != "calibrator"})
     overrides["cache"] = str(stages.folder / f"teacher-{teacher}.npz")
-    plan_key = _key("distill", cal_key, {k: v for k, v in resolved.items() if k not in ("calibrator", "cache")})
+    plan_key = _key("distill", cal_key, TEACHER_FORMAT, {k: v for k, v in resolved.items() if k not in ("calibrator", "cache")})
     return overrides, teacher, plan_key
 
 

@@ -308,7 +308,8 @@ def test_detox_command_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest
     rows = report["detox"]["summary"]
     assert {(r["method"], r["type"]) for r in rows} == {(m, t) for m in ("aura", "profs") for t in ("F16", "Q8_0")}
     assert all("profanity-check_reduction" in r and r["kl"] >= 0 for r in rows)
-    assert all(0 <= r["long_run_share"] <= 1 and 0 <= r["base_long_run_share"] <= 1 for r in rows)
+    assert all(0 <= r[f"{pre}{k}_share"] <= 1 for r in rows for pre in ("", "base_") for k in ("long_run", "broken"))
+    assert all(0 <= r["benign_broken_share"] <= 1 for r in rows)
     by = {(r["method"], r["type"]): r for r in rows}
     assert by[("profs", "F16")]["kl_edit"] == by[("profs", "F16")]["kl"]  # at F16 the base is the KL reference
     assert by[("profs", "Q8_0")]["kl_edit"] != by[("profs", "Q8_0")]["kl"]  # against the unedited Q8_0

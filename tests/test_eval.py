@@ -179,3 +179,16 @@ def test_degeneration_flags_loops_of_word_pieces() -> None:
     # distinct word bigrams: 3/3, 5/5, 2/5 ('a b', 'b a'); one-word texts have none
     assert out["distinct_2"] == pytest.approx((1 + 1 + 0.4) / 3)
     assert degeneration([]) == {}
+
+
+def test_degeneration_flags_blank_runs_and_loops() -> None:
+    from pydetox.evaluate import degeneration
+
+    texts = [" of his\u00a0\u00a0\u00a0\u00a0\u00a0", " up at the" + " " * 9 + "end",  # blank runs
+             " the first thing that happens is that the first thing that happens",  # a word 4-gram twice
+             " line one\n\nline two", " a\u00a0b and the first thing that is the first",  # none of them
+             " said the man, who said the man"]  # a 3-gram twice is no loop
+    out = degeneration([texts])
+    assert out["blank_run_share"] == pytest.approx(2 / 6)
+    assert out["loop_share"] == pytest.approx(1 / 6)
+    assert out["broken_share"] == pytest.approx(3 / 6)

@@ -58,6 +58,8 @@ def _unpack(z: Any, prefix: str) -> list[list[int]]:
     return [t.tolist() for t in np.split(z[f"{prefix}tokens"], np.cumsum(z[f"{prefix}lengths"])[:-1])]
 
 
+# Bumped when the teacher's contexts or targets change for the same settings, so that no cache serves the old ones.
+TEACHER_FORMAT = 4
 TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "pairs", "pair_prompts", "clean_texts", "prompts",
                  "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples", "top_p")
 
@@ -71,7 +73,7 @@ def file_stamp(f: Path) -> list[Any]:
 def _cache_key(source: Path, p: DistillParams) -> str:
     import json
 
-    return json.dumps({"format": 3, "model": file_stamp(source), "calibrator_file": file_stamp(Path(p.calibrator)),
+    return json.dumps({"format": TEACHER_FORMAT, "model": file_stamp(source), "calibrator_file": file_stamp(Path(p.calibrator)),
                        **{k: getattr(p, k) for k in TEACHER_KEYS}}, sort_keys=True)
 
 
@@ -195,15 +197,20 @@ class _TeacherPass:
             rt.decode(chunk)
             zf = rt.logits(len(chunk))
             zb = rt.target_logits(len(chunk))
-            best_f.append(zf.argmax(1))
             best_b.append(zb.argmax(1))
             for i in sorted(draw or ()):
                 if c <= i < c + len(chunk):
                     drawn[i] = [top_p_draw(zb[i - c], p.top_p, self.rng) for _ in range(draw[i])]
             if self.floor is None:
+                best_f.append(zf.argmax(1))
                 i, lp, r = _top(log_softmax(zf), p.top_k)
             else:  # the restricted distribution is renormalised over the plausible tokens: raw logits will do
-                i, lp, r = _top(zf, p.top_k, zb >= zb.max(axis=1, keepdims=True) + self.floor)
+                ok = zb >= zb.max(axis=1, keepdims=True) + self.floor
+                # the fused continuation follows the restricted teacher too: the raw fused argmax walks into junk
+                # ('pulumi', runs of no-break spaces) that the targets then have to continue, and the student learns
+                # to emit it (docs/results/teacher-junk.md)
+                best_f.append(np.where(ok, zf, -np.inf).argmax(1))
+                i, lp, r = _top(zf, p.top_k, ok)
             out += list(zip(i, lp, r, strict=True))
         return out, np.concatenate(best_f), np.concatenate(best_b), drawn
 
