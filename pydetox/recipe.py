@@ -51,8 +51,12 @@ DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True
 # (`chat_starts`; none is a chat-check question): an anchor of prose alone let the edit cost SmolLM2 2-3 of the chat
 # check's 113 answers (three training seeds); with them the three seeds' mean kept them all, and cut more at the same
 # KL budget (docs/results/chat-anchor.md).
+# The teacher is one-sided (`one_sided`): the unedited model's distribution, lowered where the fused model is lower.
+# Taught the fused distribution itself, the student escaped toxic contexts into runs of no-break spaces and loops of
+# 'the first time' (56% of its greedy continuations broken; unedited 14%); one-sided it cut as much, broken text as
+# rare as the unedited model's (docs/results/teacher-junk.md).
 DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_starts": "600", "clean_weight": "4",
-                                   "eog_free": "1", "precision": "bfloat16", "chat_starts": "300"}
+                                   "eog_free": "1", "precision": "bfloat16", "chat_starts": "300", "one_sided": "1"}
 # DEFAULT_DISTILL's additions for a source of one architecture (GGUF `general.architecture`), under what a run sets
 # itself: distill's own table (`Distill.arch_defaults`, which `pydetox discover --method distill` reads too; the
 # reasons are there). The recipe adds them to the student's settings itself, so that they are in its stage key.

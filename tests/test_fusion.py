@@ -282,6 +282,34 @@ def test_teacher_samples_continuations_with_the_targets_of_their_tokens(trained:
             assert np.allclose(np.stack([r[1] for r in rows]), toxic.logp[k], atol=2e-3)
 
 
+def test_one_sided_teacher_is_the_unedited_distribution_lowered_where_the_fused_one_is_lower(
+        trained: tuple[Path, Path]) -> None:
+    """`one_sided`: at every position of every context the targets are log_softmax(log p + s * min(0, log p_fused -
+    log p)) of the unedited p, read against a teacher-forced pass of both models; no token gains on the unedited model
+    before renormalising, and the fused continuation of each prompt follows the targets' argmax."""
+    from pydetox.discover.distill.params import DistillParams
+    from pydetox.discover.distill.teacher import _teacher
+    from pydetox.fusion import FusedRuntime
+    from pydetox.runtime import log_softmax
+
+    target, cal = trained
+    prompts = ["the cat sat on", "a dog ran", "we saw the", "she said that it"]
+    for s in (1.0, 3.0):
+        p = DistillParams(calibrator=str(cal), alpha=0.9, max_new_tokens=8, max_tokens=16, plausible=0, one_sided=s)
+        toxic, _ = _teacher(target, p, prompts, [], False, [])
+        n = max(len(q) for q in toxic.seqs)
+        followed = set()
+        with FusedRuntime(target, str(cal), 0.9, n_ctx=n, n_batch=n) as rt:
+            starts = [len(rt.tokenize(q)) for q in prompts]
+            for q, ids, logp, g in zip(toxic.seqs, toxic.ids, toxic.logp, toxic.groups, strict=True):
+                fused, base = rt.logprobs_and_target(q)
+                want = log_softmax(base + s * np.minimum(0.0, fused - base))[: len(q) - 1]
+                np.testing.assert_allclose(np.take_along_axis(want, ids, axis=1), logp, atol=2e-3)
+                if all(q[j + 1] == int(want[j].argmax()) for j in range(starts[g] - 1, len(q) - 1)):
+                    followed.add(int(g))
+        assert len(followed) >= len(prompts) - 1  # each prompt's fused continuation (a tie may break the other way)
+
+
 def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the_edit(
         trained: tuple[Path, Path], tmp_path: Path) -> None:
     """`distill` on the tiny model and its calibrator: held-out KL to the fused teacher on toxic contexts falls, the

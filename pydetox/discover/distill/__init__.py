@@ -21,8 +21,11 @@ the mass (Gemma-3-270m's 262,144 tokens: the bucket read 0.35 where the full KL 
 Toxic contexts (never the evaluation prompts): the RealToxicityPrompts prompts of `prompts` that are not in
 rtp-challenging, each with the fused model's and the unedited model's greedy continuations of `max_new_tokens` tokens,
 and the toxic side of `pairs` ParaDetox pairs. The teacher's distributions are restricted to tokens the unedited
-model finds plausible (see `_teacher`). Clean text: `clean_texts` Wikipedia paragraphs from the ones the calibrator
-trains on (after the held-out ones of `pydetox.splits`; never `news`, where perplexity is measured) and the neutral side of the pairs.
+model finds plausible (see `_teacher`); with `one_sided` they are the unedited model's own distribution, each token
+lowered by what the fused model takes from it and raised by nothing (the fused model at a strong weight is a broken
+language model, and a student of it learned to write padding and loops in toxic contexts). Clean text:
+`clean_texts` Wikipedia paragraphs from the ones the calibrator trains on (after the held-out ones of
+`pydetox.splits`; never `news`, where perplexity is measured) and the neutral side of the pairs.
 The teacher runs in llama.cpp (the fused runtime of `pydetox eval --calibrator`) on the GGUF the discovery loaded;
 the student in torch, on that GGUF's weights dequantized. Given a Q4_K_M, the update is learned on top of the
 rounded weights it will be added to, the teacher is that Q4_K_M fused, and the clean anchor is its own output (on
@@ -32,7 +35,8 @@ docs/results/detox-runs.md).
 Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
 `clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
-restriction), `pairs`, `pair_prompts`, `clean_texts`, `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`,
+restriction), `one_sided` (0: the fused distribution), `pairs`, `pair_prompts`, `clean_texts`, `prompts`,
+`max_prompts`, `max_new_tokens`, `max_tokens`,
 `seed`, `train_seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`,
 `anti_lambda`, `expert`, `anti_rule`, `anti_margin` (an anti-expert the teacher moves away from, measured against
 an expert; see DistillParams).

@@ -26,6 +26,12 @@ class DistillParams:
     vocab: int = 0
     vocab_sample: int = 256  # sequences (half toxic, half clean) whose unedited mass picks the rest of `vocab`
     plausible: float = 1e-3  # teacher tokens the unedited model gives under this times its top token's probability are dropped
+    # The teacher one-sided (> 0): the unedited model's distribution with each token's log-probability lowered by
+    # this times how much the fused model lowers it (log p + s * min(0, log p_fused - log p)), never raised. 0: the
+    # fused distribution itself. At the default's mixing weight the fused model is a broken language model
+    # (perplexity x4 on news); its student learned to escape toxic contexts into runs of blank characters and loops
+    # of 'the first time' (docs/results/teacher-junk.md), which one-sided targets never ask for.
+    one_sided: float = 0.0
     pairs: int = 600  # ParaDetox pairs: toxic side as teacher contexts, neutral side as clean text
     # More toxic contexts like the evaluation's (sentence starts that invite a toxic ending): this many further
     # ParaDetox toxic sentences, none of the `pairs` ones, cut to their first half (in words) and continued like the
@@ -118,6 +124,8 @@ def _check(p: DistillParams, source: Path) -> None:
         raise PydetoxError(f"distill: expected a calibrator GGUF at {p.calibrator}, found nothing")
     if source.suffix != ".gguf" or not source.is_file():
         raise PydetoxError(f"distill runs the fused teacher in llama.cpp and needs the model as a GGUF file; got {source}")
+    if p.one_sided < 0:
+        raise PydetoxError(f"distill: one_sided must be >= 0, got {p.one_sided}")
     if not 0.0 <= p.plausible < 1.0:
         raise PydetoxError(f"distill: plausible must lie in [0, 1), got {p.plausible}")
     if p.clean_kl not in ("top", "full"):

@@ -60,7 +60,7 @@ def _unpack(z: Any, prefix: str) -> list[list[int]]:
 
 # Bumped when the teacher's contexts or targets change for the same settings, so that no cache serves the old ones.
 TEACHER_FORMAT = 4
-TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "pairs", "pair_prompts", "clean_texts", "prompts",
+TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "pairs", "pair_prompts", "clean_texts", "prompts",
                  "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples", "top_p")
 
 
@@ -201,6 +201,9 @@ class _TeacherPass:
             for i in sorted(draw or ()):
                 if c <= i < c + len(chunk):
                     drawn[i] = [top_p_draw(zb[i - c], p.top_p, self.rng) for _ in range(draw[i])]
+            if p.one_sided > 0:  # the unedited distribution, lowered where the fused one is lower (see one_sided)
+                lb = log_softmax(zb)
+                zf = lb + p.one_sided * np.minimum(0.0, log_softmax(zf) - lb)
             if self.floor is None:
                 best_f.append(zf.argmax(1))
                 i, lp, r = _top(log_softmax(zf), p.top_k)
