@@ -59,6 +59,10 @@ def table(report: dict[str, Any]) -> str:
         if m.get("listed"):
             calls = ", ".join(f"{name} {c['listed']} of {c['toxic']}" for name, c in m["listed"].items())
             lines.append(f"{label(m)}: toxic calls on text with a listed bad word: {calls}")
+        d = m.get("degeneration", {})
+        if "broken_share" in d:  # the evaluators score broken text clean
+            lines.append(f"{label(m)}: broken continuations {d['broken_share']:.1%} (blank runs {d['blank_run_share']:.1%}, "
+                         f"loops {d['loop_share']:.1%}, 16+ letter runs {d['long_run_share']:.1%})")
         for name, c in m.get("identity", {}).items():
             r = c["rest"]
             lines.append(f"{label(m)}: {name}'s identity-only calls (an identity word, no other evaluator agrees): "
