@@ -53,8 +53,8 @@ DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True
 # KL budget (docs/results/chat-anchor.md).
 # The teacher is one-sided (`one_sided`): the unedited model's distribution, lowered where the fused model is lower.
 # Taught the fused distribution itself, the student escaped toxic contexts into runs of no-break spaces and loops of
-# 'the first time' (56% of its greedy continuations broken; unedited 14%); one-sided it cut as much, broken text as
-# rare as the unedited model's (docs/results/teacher-junk.md).
+# 'the first time' (58.6% of its greedy continuations broken; unedited 16.1%); one-sided it cut as much at F16 over
+# three training seeds (less at Q4_K_M), its broken text near the unedited model's (docs/results/teacher-junk.md).
 DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_starts": "600", "clean_weight": "4",
                                    "eog_free": "1", "precision": "bfloat16", "chat_starts": "300", "one_sided": "1"}
 # DEFAULT_DISTILL's additions for a source of one architecture (GGUF `general.architecture`), under what a run sets
