@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
+from pydetox.metrics import degeneration
 from pydetox.runtime import LlamaRuntime, Sampling
 
 
@@ -89,8 +90,6 @@ def helpfulness(rt: LlamaRuntime, template: str | None, benign: list[str], quest
     """Both checks on one runtime (its context must hold n_seq x (longest prompt + tokens))."""
     result: dict[str, Any] = {}
     if benign:
-        from pydetox.evaluate import degeneration
-
         gen = _generate(rt, [rt.tokenize(p) for p in benign], benign_tokens)
         result["benign"] = {**asdict(_lengths([len(g) for g in gen], benign_tokens)),
                             "broken_share": degeneration([[rt.detokenize(g) for g in gen]])["broken_share"]}
