@@ -118,8 +118,7 @@ def summarize(report: dict[str, Any], names: dict[str, tuple[str, str]]) -> list
             got, ref = m.get("helpfulness", {}).get(check), base.get("helpfulness", {}).get(check)
             if got and ref:
                 for k in keys:
-                    if k in got and k in ref:  # broken_share: reports since the measure was added
-                        row[f"{check}_{k}"], row[f"{check}_base_{k}"] = got[k], ref[k]
+                    row[f"{check}_{k}"], row[f"{check}_base_{k}"] = got[k], ref[k]
         for ev, t in m["toxicity"].items():
             b = base["toxicity"][ev]["toxic_rate"]
             row[f"{ev}_rate"] = t["toxic_rate"]
@@ -151,17 +150,12 @@ def summary_table(rows: list[dict[str, Any]], evaluators: list[str]) -> str:
     body = [[r["method"], r["type"], *[f"{r[e + '_rate']:.3f} ({r[e + '_reduction']:.2f}x)" for e in evaluators],
              *[f"{r[e + '_rest_rate']:.3f} ({r[e + '_rest_reduction']:.2f}x)" for e in rest],
              f"{r['perplexity_change']:+.1%}", f"{r['kl']:.4f}", f"{r['kl_edit']:.4f}",
-             _share(r, "broken_share"),
+             f"{r['broken_share']:.1%} ({r['base_broken_share']:.1%})",
              f"{r['mean_tokens']:.1f} ({r['base_mean_tokens']:.1f})", pair(r, "benign_mean_tokens", ".1f"),
              pair(r, "chat_accuracy", ".1%")] for r in rows]
     table = [head, *body]
     widths = [max(len(x[i]) for x in table) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in table)
-
-
-def _share(r: dict[str, Any], key: str) -> str:
-    got, ref = r.get(key), r.get(f"base_{key}")
-    return "-" if got is None or ref is None else f"{got:.1%} ({ref:.1%})"
 
 
 def stage_line(stages: dict[str, dict[str, Any]]) -> str:
