@@ -199,6 +199,7 @@ def test_architecture_defaults_sit_under_what_a_run_sets(tmp_path: Path, monkeyp
 
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
     assert recipe.ARCH_DISTILL["qwen2"] == {"lr": "0.0004"}
+    assert recipe.ARCH_DISTILL["gemma3"] == {"lr": "0.00025"}
     assert not any(set(entry) & set(recipe.DEFAULT_DISTILL) for entry in recipe.ARCH_DISTILL.values())
     assert recipe.arch_distill(model, {"steps": "8"}) == {"steps": "8"}  # llama: none of qwen2's
     monkeypatch.setitem(recipe.ARCH_DISTILL, "llama", {"lr": "0.0004", "rank": "8"})
