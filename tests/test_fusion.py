@@ -286,7 +286,8 @@ def test_one_sided_teacher_is_the_unedited_distribution_lowered_where_the_fused_
         trained: tuple[Path, Path]) -> None:
     """`one_sided`: at every position of every context the targets are log_softmax(log p + s * min(0, log p_fused -
     log p)) of the unedited p, read against a teacher-forced pass of both models; no token gains on the unedited model
-    before renormalising, and the fused continuation of each prompt follows the targets' argmax."""
+    before renormalising, and the fused continuation of each prompt follows the targets' argmax. `one_sided_center`:
+    the same with the change log p_fused - log p less its median over the unedited model's top_k likeliest tokens."""
     from pydetox.discover.distill.params import DistillParams
     from pydetox.discover.distill.teacher import _teacher
     from pydetox.fusion import FusedRuntime
@@ -294,8 +295,9 @@ def test_one_sided_teacher_is_the_unedited_distribution_lowered_where_the_fused_
 
     target, cal = trained
     prompts = ["the cat sat on", "a dog ran", "we saw the", "she said that it"]
-    for s in (1.0, 3.0):
-        p = DistillParams(calibrator=str(cal), alpha=0.9, max_new_tokens=8, max_tokens=16, plausible=0, one_sided=s)
+    for s, center in ((1.0, False), (3.0, False), (1.0, True)):
+        p = DistillParams(calibrator=str(cal), alpha=0.9, max_new_tokens=8, max_tokens=16, plausible=0, one_sided=s,
+                          one_sided_center=center)
         toxic, _ = _teacher(target, p, prompts, [], False, [])
         n = max(len(q) for q in toxic.seqs)
         followed = set()
@@ -303,7 +305,11 @@ def test_one_sided_teacher_is_the_unedited_distribution_lowered_where_the_fused_
             starts = [len(rt.tokenize(q)) for q in prompts]
             for q, ids, logp, g in zip(toxic.seqs, toxic.ids, toxic.logp, toxic.groups, strict=True):
                 fused, base = rt.logprobs_and_target(q)
-                want = log_softmax(base + s * np.minimum(0.0, fused - base))[: len(q) - 1]
+                shift = fused - base
+                if center:
+                    likeliest = np.argsort(-base, axis=1)[:, : p.top_k]
+                    shift -= np.median(np.take_along_axis(shift, likeliest, axis=1), axis=1, keepdims=True)
+                want = log_softmax(base + s * np.minimum(0.0, shift))[: len(q) - 1]
                 np.testing.assert_allclose(np.take_along_axis(want, ids, axis=1), logp, atol=2e-3)
                 if all(q[j + 1] == int(want[j].argmax()) for j in range(starts[g] - 1, len(q) - 1)):
                     followed.add(int(g))

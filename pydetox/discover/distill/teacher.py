@@ -60,8 +60,8 @@ def _unpack(z: Any, prefix: str) -> list[list[int]]:
 
 # Bumped when the teacher's contexts or targets change for the same settings, so that no cache serves the old ones.
 TEACHER_FORMAT = 4
-TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "pairs", "pair_prompts", "clean_texts", "prompts",
-                 "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples", "top_p")
+TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "one_sided_center", "pairs", "pair_prompts",
+                "clean_texts", "prompts", "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples", "top_p")
 
 
 def file_stamp(f: Path) -> list[Any]:
@@ -203,7 +203,11 @@ class _TeacherPass:
                     drawn[i] = [top_p_draw(zb[i - c], p.top_p, self.rng) for _ in range(draw[i])]
             if p.one_sided > 0:  # the unedited distribution, lowered where the fused one is lower (see one_sided)
                 lb = log_softmax(zb)
-                zf = lb + p.one_sided * np.minimum(0.0, log_softmax(zf) - lb)
+                shift = log_softmax(zf) - lb
+                if p.one_sided_center:
+                    likeliest = np.argpartition(-lb, p.top_k, axis=1)[:, : p.top_k]
+                    shift -= np.median(np.take_along_axis(shift, likeliest, axis=1), axis=1, keepdims=True)
+                zf = lb + p.one_sided * np.minimum(0.0, shift)
             if self.floor is None:
                 best_f.append(zf.argmax(1))
                 i, lp, r = _top(log_softmax(zf), p.top_k)
