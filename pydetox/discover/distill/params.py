@@ -33,10 +33,10 @@ class DistillParams:
     # of 'the first time' (docs/results/teacher-junk.md), which one-sided targets never ask for.
     one_sided: float = 0.0
     # With `one_sided`: the fused model's change of each token measured from its median change over the unedited
-    # model's `top_k` likeliest tokens, not from zero. A calibrator trained briefly lowers most words and raises
-    # padding; one-sided, the renormalisation then hands the words' mass to the padding it left alone (a 100-step
-    # calibrator's student wrote blank runs in 30% of its continuations, docs/results/teacher-junk.md). Measured
-    # from the median, ordinary words are left as they are and only what the fused model lowers more is lowered.
+    # model's `top_k` likeliest tokens, not from zero. Where a calibrator lowers most words and raises padding, the
+    # one-sided renormalisation hands the words' mass to the padding it left alone (the likely cause of the blank
+    # runs in 30% of a 100-step calibrator's student's continuations, docs/results/teacher-junk.md). Measured from
+    # the median, ordinary words are left as they are and only what the fused model lowers more is lowered.
     # On SmolLM2 it took the default's blank runs away (6% -> 0%) and halved its cut by two of three evaluators, and
     # the teacher's pass takes 1.4x as long (docs/results/speed-levers-epyc.md); off by default.
     one_sided_center: bool = False
