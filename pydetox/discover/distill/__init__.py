@@ -35,8 +35,8 @@ docs/results/detox-runs.md).
 Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `alpha` (teacher's mixing weight),
 `rank`, `first_layer` (-1: a third of the way up), `steps`, `batch` (sequences of each kind per step), `lr`,
 `clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
-restriction), `one_sided` (0: the fused distribution), `one_sided_center`, `pairs`, `pair_prompts`, `clean_texts`, `prompts`,
-`max_prompts`, `max_new_tokens`, `max_tokens`,
+restriction), `one_sided` (0: the fused distribution), `one_sided_center`, `pairs`, `pair_prompts`, `clean_texts`,
+`prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`,
 `seed`, `train_seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`,
 `anti_lambda`, `expert`, `anti_rule`, `anti_margin` (an anti-expert the teacher moves away from, measured against
 an expert; see DistillParams).
