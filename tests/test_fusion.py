@@ -316,6 +316,46 @@ def test_one_sided_teacher_is_the_unedited_distribution_lowered_where_the_fused_
         assert len(followed) >= len(prompts) - 1  # each prompt's fused continuation (a tie may break the other way)
 
 
+def test_blank_cap_keeps_whitespace_tokens_at_the_unedited_probability_and_gives_their_gain_to_the_rest(
+        trained: tuple[Path, Path]) -> None:
+    """`blank_cap`: against a teacher-forced pass of both models, every whitespace-only token of the one-sided
+    teacher's top-k holds at most the unedited probability (where uncapped it would hold more, at some positions), the
+    other tokens keep their ratios to each other (scaled up by one factor per position), and the mass still sums to 1."""
+    from pydetox.discover.distill.params import DistillParams
+    from pydetox.discover.distill.teacher import _teacher, blank_tokens
+    from pydetox.fusion import FusedRuntime
+    from pydetox.runtime import log_softmax
+
+    target, cal = trained
+    prompts = ["the cat sat on", "a dog ran", "we saw the", "she said that it"]
+    p = DistillParams(calibrator=str(cal), alpha=0.9, max_new_tokens=8, max_tokens=16, plausible=0, one_sided=1.0,
+                      blank_cap=True)
+    toxic, _ = _teacher(target, p, prompts, [], False, [])
+    n = max(len(q) for q in toxic.seqs)
+    gained = 0
+    with FusedRuntime(target, str(cal), 0.9, n_ctx=n, n_batch=n) as rt:
+        blank = blank_tokens(rt)
+        assert len(blank) > 0
+        assert all(not rt.detokenize([int(b)]).strip() for b in blank)
+        for q, ids, logp, rest in zip(toxic.seqs, toxic.ids, toxic.logp, toxic.rest, strict=True):
+            fused, base = rt.logprobs_and_target(q)
+            want = log_softmax(base + np.minimum(0.0, fused - base))[: len(q) - 1]
+            at_want = np.take_along_axis(want, ids, axis=1)
+            at_base = np.take_along_axis(base[: len(q) - 1], ids, axis=1)
+            capped = np.isin(ids, blank)
+            gained += int((capped & (at_want > at_base + 0.05)).sum())
+            assert (logp[capped] <= at_base[capped] + 2e-3).all()
+            lift = np.where(capped, np.nan, logp - at_want)
+            for row in lift:
+                row = row[np.isfinite(row)]
+                if len(row):
+                    assert row.min() >= -2e-3
+                    assert row.max() - row.min() < 2e-3
+            np.testing.assert_allclose(np.exp(logp.astype(np.float64)).sum(1) + np.exp(rest.astype(np.float64)), 1.0,
+                                       atol=1e-4)
+    assert gained > 0  # some whitespace token would have gained: the cap was put to work
+
+
 def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the_edit(
         trained: tuple[Path, Path], tmp_path: Path) -> None:
     """`distill` on the tiny model and its calibrator: held-out KL to the fused teacher on toxic contexts falls, the

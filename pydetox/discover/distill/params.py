@@ -40,6 +40,12 @@ class DistillParams:
     # On SmolLM2 it took the default's blank runs away (6% -> 0%) and halved its cut by two of three evaluators, and
     # the teacher's pass takes 1.4x as long (docs/results/speed-levers-epyc.md); off by default.
     one_sided_center: bool = False
+    # Blank tokens (whitespace only: spaces, no-break spaces, newlines) never gain probability in the teacher over the
+    # unedited model's (restricted to the plausible tokens like the teacher); what they would have gained goes to the
+    # other tokens in proportion. A one-sided teacher whose calibrator lowers most words hands their mass to the
+    # padding it leaves alone (SmolLM2 on the EPYC: 3.8x the unedited no-break-space mass on the toxic contexts, and
+    # a student writing runs of them): with this, the mass a toxic word loses goes to words.
+    blank_cap: bool = False
     pairs: int = 600  # ParaDetox pairs: toxic side as teacher contexts, neutral side as clean text
     # More toxic contexts like the evaluation's (sentence starts that invite a toxic ending): this many further
     # ParaDetox toxic sentences, none of the `pairs` ones, cut to their first half (in words) and continued like the

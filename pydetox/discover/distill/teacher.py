@@ -60,7 +60,7 @@ def _unpack(z: Any, prefix: str) -> list[list[int]]:
 
 # Bumped when the teacher's contexts or targets change for the same settings, so that no cache serves the old ones.
 TEACHER_FORMAT = 4
-TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "one_sided_center", "pairs", "pair_prompts",
+TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "one_sided_center", "blank_cap", "pairs", "pair_prompts",
                 "clean_texts", "prompts", "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples", "top_p")
 
 
@@ -172,6 +172,35 @@ def top_p_draw(z: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
     return int(keep[rng.choice(len(keep), p=w / w.sum())])
 
 
+def blank_tokens(rt: Any) -> np.ndarray:
+    """Ids of the tokens whose text is whitespace only (spaces, no-break spaces, tabs, newlines); control and
+    end-of-generation tokens excluded."""
+    out = []
+    for t in range(rt.n_vocab):
+        if rt.is_eog(t) or rt.lib.llama_vocab_is_control(rt.vocab, t):
+            continue
+        text = rt.detokenize([t])
+        if text and not text.strip():
+            out.append(t)
+    return np.asarray(out, np.int64)
+
+
+def cap_gain(ids: np.ndarray, lp: np.ndarray, rest: np.ndarray, base: np.ndarray, capped: np.ndarray,
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows (`ids`, log-probabilities `lp`, the rest's `rest`) with the `capped` slots lowered to at most
+    `base` (the unedited log-probabilities at `ids`) and the mass they lose given to the other slots and the rest in
+    proportion. Rows whose capped tokens hold everything are left as they are."""
+    p = np.exp(lp.astype(np.float64))
+    new = np.where(capped, np.minimum(p, np.exp(base.astype(np.float64))), p)
+    freed = (p - new).sum(1)
+    others = np.where(capped, 0.0, p).sum(1) + np.exp(rest.astype(np.float64))
+    scale = np.where(others > 0, 1.0 + freed / np.maximum(others, 1e-300), 1.0)
+    new = np.where(capped, new, p * scale[:, None])
+    new = np.where((others > 0)[:, None], new, p)
+    out = np.where(lp <= -1e4, lp, np.log(np.maximum(new, 1e-300))).astype(np.float32)  # no-mass slots stay so
+    return out, (rest + np.log(scale)).astype(np.float32)
+
+
 class _TeacherPass:
     """The fused runtime's decodes, read as targets: per decoded position the teacher's top-k row (ids, logp, rest),
     the argmax of the fused and of the unedited logits (the next greedy token of each continuation), and where asked
@@ -181,6 +210,7 @@ class _TeacherPass:
         self.rt, self.p = rt, p
         self.floor = np.log(p.plausible) if p.plausible > 0 else None
         self.rng = np.random.default_rng(p.seed)
+        self.blank = blank_tokens(rt) if p.blank_cap else None
 
     def rows(self, items: list[tuple[int, int, int, bool]], draw: dict[int, int] | None = None,
              ) -> tuple[list[tuple[Any, Any, Any]], np.ndarray, np.ndarray, dict[int, list[int]]]:
@@ -201,8 +231,8 @@ class _TeacherPass:
             for i in sorted(draw or ()):
                 if c <= i < c + len(chunk):
                     drawn[i] = [top_p_draw(zb[i - c], p.top_p, self.rng) for _ in range(draw[i])]
+            lb = log_softmax(zb) if p.one_sided > 0 or self.blank is not None else None
             if p.one_sided > 0:  # the unedited distribution, lowered where the fused one is lower (see one_sided)
-                lb = log_softmax(zb)
                 shift = log_softmax(zf) - lb
                 if p.one_sided_center:
                     likeliest = np.argpartition(-lb, p.top_k, axis=1)[:, : p.top_k]
@@ -211,6 +241,7 @@ class _TeacherPass:
             if self.floor is None:
                 best_f.append(zf.argmax(1))
                 i, lp, r = _top(log_softmax(zf), p.top_k)
+                ok = None
             else:  # the restricted distribution is renormalised over the plausible tokens: raw logits will do
                 ok = zb >= zb.max(axis=1, keepdims=True) + self.floor
                 # the fused continuation follows the restricted teacher too: the raw fused argmax walks into junk
@@ -218,6 +249,17 @@ class _TeacherPass:
                 # to emit it (docs/results/teacher-junk.md)
                 best_f.append(np.where(ok, zf, -np.inf).argmax(1))
                 i, lp, r = _top(zf, p.top_k, ok)
+            if self.blank is not None:
+                assert lb is not None
+                base = np.take_along_axis(lb, i, axis=1)
+                if ok is not None:  # the unedited model restricted to the plausible tokens, as the teacher is
+                    rows, cols = np.nonzero(ok)
+                    mass = np.bincount(rows, weights=np.exp(lb[rows, cols].astype(np.float64)), minlength=len(ok))
+                    base = base - np.log(mass)[:, None].astype(np.float32)
+                lp, r = cap_gain(i, lp, r, base, np.isin(i, self.blank))
+                order = np.argsort(-lp, axis=1, kind="stable")  # most likely first, as `_top` gives them
+                i, lp = np.take_along_axis(i, order, axis=1), np.take_along_axis(lp, order, axis=1)
+                best_f[-1] = i[:, 0]
             out += list(zip(i, lp, r, strict=True))
         return out, np.concatenate(best_f), np.concatenate(best_b), drawn
 
