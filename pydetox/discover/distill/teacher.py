@@ -60,8 +60,9 @@ def _unpack(z: Any, prefix: str) -> list[list[int]]:
 
 # Bumped when the teacher's contexts or targets change for the same settings, so that no cache serves the old ones.
 TEACHER_FORMAT = 4
-TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "one_sided_center", "blank_cap", "pairs", "pair_prompts",
-                "clean_texts", "prompts", "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples", "top_p")
+TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "one_sided_center", "blank_cap", "pairs",
+                "pair_prompts", "clean_texts", "prompts", "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples",
+                "top_p")
 
 
 def file_stamp(f: Path) -> list[Any]:
@@ -185,18 +186,16 @@ def blank_tokens(rt: Any) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def cap_gain(ids: np.ndarray, lp: np.ndarray, rest: np.ndarray, base: np.ndarray, capped: np.ndarray,
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k rows (`ids`, log-probabilities `lp`, the rest's `rest`) with the `capped` slots lowered to at most
-    `base` (the unedited log-probabilities at `ids`) and the mass they lose given to the other slots and the rest in
-    proportion. Rows whose capped tokens hold everything are left as they are."""
+def cap_gain(lp: np.ndarray, rest: np.ndarray, base: np.ndarray, capped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows (log-probabilities `lp`, the rest's `rest`) with the `capped` slots lowered to at most `base` (the
+    unedited log-probabilities there) and the mass they lose given to the other slots and the rest in proportion.
+    Rows whose capped tokens hold everything are left as they are."""
     p = np.exp(lp.astype(np.float64))
-    new = np.where(capped, np.minimum(p, np.exp(base.astype(np.float64))), p)
-    freed = (p - new).sum(1)
     others = np.where(capped, 0.0, p).sum(1) + np.exp(rest.astype(np.float64))
-    scale = np.where(others > 0, 1.0 + freed / np.maximum(others, 1e-300), 1.0)
+    capped = capped & (others > 0)[:, None]
+    new = np.where(capped, np.minimum(p, np.exp(base.astype(np.float64))), p)
+    scale = 1.0 + (p - new).sum(1) / np.maximum(others, 1e-300)
     new = np.where(capped, new, p * scale[:, None])
-    new = np.where((others > 0)[:, None], new, p)
     out = np.where(lp <= -1e4, lp, np.log(np.maximum(new, 1e-300))).astype(np.float32)  # no-mass slots stay so
     return out, (rest + np.log(scale)).astype(np.float32)
 
@@ -256,7 +255,7 @@ class _TeacherPass:
                     rows, cols = np.nonzero(ok)
                     mass = np.bincount(rows, weights=np.exp(lb[rows, cols].astype(np.float64)), minlength=len(ok))
                     base = base - np.log(mass)[:, None].astype(np.float32)
-                lp, r = cap_gain(i, lp, r, base, np.isin(i, self.blank))
+                lp, r = cap_gain(lp, r, base, np.isin(i, self.blank))
                 order = np.argsort(-lp, axis=1, kind="stable")  # most likely first, as `_top` gives them
                 i, lp = np.take_along_axis(i, order, axis=1), np.take_along_axis(lp, order, axis=1)
                 best_f[-1] = i[:, 0]
