@@ -15,11 +15,14 @@ def tensor_name(kind: gguf.MODEL_TENSOR, bid: int | None = None) -> str:
     return (name.format(bid=bid) if bid is not None else name) + ".weight"
 
 
-def _vocab() -> tuple[list[str], list[float], list[int]]:
-    # A SentencePiece-style vocabulary: unk, bos, eos, the 256 byte tokens, then a few words.
+def _vocab(size: int = 0) -> tuple[list[str], list[float], list[int]]:
+    # A SentencePiece-style vocabulary: unk, bos, eos, the 256 byte tokens, then a few words; padded with filler
+    # pieces to `size` tokens (a real model's output-layer shape) when `size` is larger.
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
     words = ["▁the", "▁a", "▁cat", "▁dog", "▁is", "▁was", "▁and", "▁of", "▁to", "▁in", "e", "t", "a", "o", "n", "s"]
+    filler = [f"▁w{i}" for i in range(max(0, size - len(tokens) - len(words)))]
+    words += filler
     tokens += words
     types += [gguf.TokenType.NORMAL] * len(words)
     scores = [0.0] * 259 + [-float(i) for i in range(len(words))]
@@ -38,10 +41,12 @@ def write_tiny_llama(
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
     seed: int = 0,
     eos: int = 2,
+    vocab_size: int = 0,
 ) -> Path:
-    """A random llama model (end-of-text token `eos`); 2-D weights stored as `qtype` (F32, F16 or Q8_0, quantized by gguf-py), norms F32."""
+    """A random llama model (end-of-text token `eos`); 2-D weights stored as `qtype` (F32, F16 or Q8_0, quantized by
+    gguf-py), norms F32; its vocabulary padded to `vocab_size` tokens when that is larger than the 275 of its own."""
     rng = np.random.default_rng(seed)
-    tokens, scores, types = _vocab()
+    tokens, scores, types = _vocab(vocab_size)
     vocab = len(tokens)
     w = gguf.GGUFWriter(path, "llama")
     w.add_name("tiny-llama-test")
