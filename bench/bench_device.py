@@ -7,8 +7,8 @@ travel to the machines a GPU is lent on here. It is converted for transformers o
 cost of any model, and on this random vocabulary a slow one: transformers builds its BPE merges, ~105 s). The settings
 are the recipe's defaults with the work cut to fit a short lease: the calibrator 100 steps of 400 (align 25, 50,000
 clean tokens), the student 40 steps of 150 on 100 prompts, pairs, clean texts and benign starts, no chat starts (a
-random model has no chat template) and no `eog_free` (llama.cpp finds no end-of-generation token in the padded random
-vocabulary). Each device runs the calibrator, the teacher and the student from nothing in its own folder, in this
+random model has no chat template) and no `eog_free` (on the padded random vocabulary it finds no special token that
+llama.cpp ends a generation at). Each device runs the calibrator, the teacher and the student from nothing in its own folder, in this
 process, the CPU on every core the machine has; the teacher's generation runs in llama.cpp on the CPU in both runs.
 
 Printed and kept in the benchmark's extra_info: each stage's seconds on both devices and the ratio; the calibrator's
