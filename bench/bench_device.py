@@ -3,13 +3,14 @@ against `--device cpu`). Skipped where torch sees no GPU; CI's machines have non
 
 The model is a random llama with SmolLM2-135M-Instruct's shapes (30 layers, d 576, FFN 1536, 9 query and 3 key/value
 heads, 49,152 tokens; F16): a stage's cost follows the shapes, not the values, and the real weights (270 MB) do not
-travel to the machines a GPU is lent on here. It is converted for transformers once before either run (a one-time
-cost of any model, and on this random vocabulary a slow one: transformers builds its BPE merges, ~105 s). The settings
-are the recipe's defaults with the work cut to fit a short lease: the calibrator 100 steps of 400 (align 25, 50,000
-clean tokens), the student 40 steps of 150 on 100 prompts, pairs, clean texts and benign starts, no chat starts (a
-random model has no chat template) and no `eog_free` (on the padded random vocabulary it finds no special token that
-llama.cpp ends a generation at). Each device runs the calibrator, the teacher and the student from nothing in its own folder, in this
-process, the CPU on every core the machine has; the teacher's generation runs in llama.cpp on the CPU in both runs.
+travel to the machines a GPU is lent on here. It is converted for transformers once before either run (a one-time cost
+of any model, and on this random vocabulary a slow one: transformers builds its BPE merges, ~105 s). The settings are
+the recipe's defaults with the work cut to fit a short lease: the calibrator 100 steps of 400 (align 25, 50,000 clean
+tokens), the student 40 steps of 150 on 100 prompts, pairs, clean texts and benign starts, no chat starts (a random
+model has no chat template) and no `eog_free` (on the padded random vocabulary it finds no special token that
+llama.cpp ends a generation at). Each device runs the calibrator, the teacher and the student from nothing in its own
+folder, in this process, the CPU on every core the machine has; the teacher's generation runs in llama.cpp on the CPU
+in both runs.
 
 Printed and kept in the benchmark's extra_info: each stage's seconds on both devices and the ratio; the calibrator's
 validation loss on each; the relative difference of the two students' updates (bfloat16 autocast on both, each from
