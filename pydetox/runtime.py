@@ -28,13 +28,16 @@ _lock = threading.Lock()
 
 
 def load_llama(path: str | Path, *, repack: bool = False, **kwargs: Any) -> Any:
-    """A `llama_cpp.Llama` for `path`; `repack=False` disables llama.cpp's extra (AMX / repacked) buffer types."""
+    """A `llama_cpp.Llama` for `path`; `repack=False` disables llama.cpp's extra (AMX / repacked) buffer types.
+    Every layer goes to the GPU when llama.cpp was built with one (`n_gpu_layers=-1`, llama.cpp's own default, which
+    `LlamaRuntime` keeps; llama-cpp-python's `Llama` would offload none); a CPU build ignores it."""
     try:
         import llama_cpp
         import llama_cpp.llama as llama_mod
     except ImportError as exc:
         raise RuntimeUnavailableError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36") from exc
     kwargs.setdefault("verbose", False)
+    kwargs.setdefault("n_gpu_layers", -1)
     with _lock:
         original = llama_cpp.llama_cpp.llama_model_default_params
 
@@ -111,6 +114,8 @@ class LlamaRuntime:
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_extra_bufts = False  # see the module docstring: the AMX path crashes here
+        # n_gpu_layers stays llama.cpp's default (-1: every layer on the GPU of a CUDA / Metal / Vulkan build), so the
+        # teacher's and the evaluation's generation run there with such a build of llama-cpp-python.
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise RuntimeUnavailableError(f"llama.cpp could not load {self.path}")
