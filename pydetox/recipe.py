@@ -284,10 +284,27 @@ def _student_overrides(stages: Stages, f16: Path, cal: Path, cal_key: str,
     return overrides, teacher, plan_key
 
 
+def _teacher(stages: Stages, f16: Path, overrides: dict[str, str], teacher_key: str, settings: RecipeSettings,
+             progress: bool) -> None:
+    """The "teacher" stage: the teacher's targets and the unedited model's continuations (llama.cpp), in a process of
+    their own that never loads the torch model, at the npz distill reads them from (`overrides["cache"]`). The
+    student's process then holds the torch model alone; in one process the teacher's llama.cpp model and buffers sat
+    beside it."""
+
+    def make_targets(path: Path) -> dict[str, Any]:
+        info = _in_stage(settings, "_teacher_only", f16=f16, overrides=overrides, progress=progress)
+        if not path.exists():
+            raise PydetoxError(f"distill did not write its teacher cache {path}")
+        return info
+
+    stages.run("teacher", teacher_key, ".npz", make_targets)
+
+
 def _distill(stages: Stages, f16: Path, cal: Path, cal_key: str, settings: RecipeSettings,
              progress: bool) -> tuple[Path, str]:
     """The student's plan (strength 1), its teacher's targets cached beside it; and the plan's key."""
-    overrides, _, plan_key = _student_overrides(stages, f16, cal, cal_key, settings)
+    overrides, teacher_key, plan_key = _student_overrides(stages, f16, cal, cal_key, settings)
+    _teacher(stages, f16, overrides, teacher_key, settings, progress)
 
     def make_plan(path: Path) -> dict[str, Any]:
         return _in_stage(settings, "_student_plan", f16=f16, overrides=overrides, out=path, progress=progress,
@@ -314,6 +331,12 @@ def _student_plan(f16: Path, overrides: dict[str, str], out: Path, progress: boo
     d = plan.params["diagnostics"]
     return {"held_out_before": d["held_out_before"], "held_out_after": d["held_out_after"],
             "teacher_from_cache": d["teacher_from_cache"]}
+
+
+def _teacher_only(f16: Path, overrides: dict[str, str], progress: bool) -> dict[str, Any]:
+    from pydetox.discover.distill import teacher_targets
+
+    return teacher_targets(f16, overrides, progress)
 
 
 def _teacher_targets(f16: Path, overrides: dict[str, str], progress: bool, device: str) -> dict[str, Any]:
@@ -403,15 +426,10 @@ def prepare(source: Path, out: Path, settings: RecipeSettings = RecipeSettings()
     afterwards (a sweep's Ray tasks) read them instead of each computing them; returns each stage's time."""
     stages, f16, cal, cal_key = _shared_stages(source, out, settings, progress)
     overrides, teacher_key, _ = _student_overrides(stages, f16, cal, cal_key, settings)
-
-    def make_targets(path: Path) -> dict[str, Any]:
-        info = _in_stage(settings, "_teacher_targets", f16=f16, overrides=overrides, progress=progress,
-                         device=settings.device)
-        if not path.exists():
-            raise PydetoxError(f"distill did not write its teacher cache {path}")
-        return info
-
-    stages.run("teacher", teacher_key, ".npz", make_targets)  # the npz distill writes at overrides["cache"]
+    _teacher(stages, f16, overrides, teacher_key, settings, progress)
+    # the unedited model's clean targets (torch), cached beside the teacher's; a no-op but for loading the model when
+    # they are there already
+    _in_stage(settings, "_teacher_targets", f16=f16, overrides=overrides, progress=progress, device=settings.device)
     heap.release()
     return stages.timing
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +88,33 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     out -= out.max(axis=1, keepdims=True)
     out -= np.log(np.exp(out).sum(axis=1, keepdims=True))
     return out
+
+
+def special_tokens(path: str | Path, candidates: Iterable[int] | None = None, *, eog_only: bool = False) -> list[int]:
+    """The tokens of `candidates` (None: the whole vocabulary) that the GGUF `path` marks as control tokens or at
+    which llama.cpp ends a generation (`eog_only`: only the latter), read from its vocabulary alone (vocab_only: no
+    weights loaded, where a runtime would map the whole model)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise RuntimeUnavailableError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36") from exc
+    path = Path(path)
+    _quiet_llama_cpp()
+    if not path.is_file():
+        raise RuntimeUnavailableError(f"expected a GGUF model at {path}, found nothing")
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise RuntimeUnavailableError(f"llama.cpp could not read the vocabulary of {path}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        tokens = range(llama_cpp.llama_vocab_n_tokens(vocab)) if candidates is None else candidates
+        return [int(t) for t in tokens if llama_cpp.llama_vocab_is_eog(vocab, int(t))
+                or (not eog_only and llama_cpp.llama_vocab_is_control(vocab, int(t)))]
+    finally:
+        llama_cpp.llama_model_free(model)
 
 
 class LlamaRuntime:

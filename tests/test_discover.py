@@ -577,6 +577,60 @@ def test_computing_in_bfloat16_keeps_outputs_and_restores_the_stored_weights(tmp
         assert ref.down_proj(0).weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_checkpoint_tensors_read_what_safetensors_loads_and_refuse_a_truncated_file(tmp_path: Path, dtype: str) -> None:
+    """The checkpoint reader (plain reads into memory of each tensor's own, no memory map) gives safetensors' own
+    values, shapes and dtypes, 0-d and empty tensors included, and names the tensor a truncated file cuts."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pydetox.discover.model import _checkpoint_names, _checkpoint_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 5, generator=gen).to(getattr(torch, dtype)),
+               "b.bias": torch.randn(3, generator=gen).to(getattr(torch, dtype)), "c.scalar": torch.tensor(2.5),
+               "d.ids": torch.arange(6, dtype=torch.int64).reshape(2, 3), "e.empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    want = load_file(str(tmp_path / "model.safetensors"))
+    assert _checkpoint_names(tmp_path) == set(tensors)
+    got = dict(_checkpoint_tensors(tmp_path, {"a.weight", "c.scalar", "d.ids", "e.empty", "absent"}))
+    assert set(got) == {"a.weight", "c.scalar", "d.ids", "e.empty"}
+    for name, t in got.items():
+        assert t.dtype == want[name].dtype, name
+        assert t.shape == want[name].shape, name
+        torch.testing.assert_close(t, want[name], rtol=0, atol=0)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])  # the last tensor in the file loses its end
+    with pytest.raises(PydetoxError, match="truncated file"):
+        dict(_checkpoint_tensors(tmp_path, set(tensors)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
+def test_a_half_stored_model_keeps_no_view_of_its_checkpoint_file(tmp_path: Path) -> None:
+    """transformers loads a checkpoint of the model's own dtype as views of the memory-mapped file; every page of it
+    read stays resident next to any copy made from it. The model holds weights of its own instead: no mapping of the
+    checkpoint is left once it is loaded, and the weights are the checkpoint's."""
+    import gc
+
+    import torch
+
+    from pydetox.discover.model import _checkpoint_tensors
+
+    path = write_tiny_llama(tmp_path / "m.gguf", qtype=gguf.GGMLQuantizationType.F16, **SHAPE)
+    FullPrecisionModel(path, progress=False)  # the first load converts the GGUF
+    fp = FullPrecisionModel(path, progress=False)  # this one reads the converted folder straight in float16
+    gc.collect()
+    assert fp.weights == "float16"
+    assert fp.checkpoint is not None
+    files = [str(f) for f in fp.checkpoint.glob("*.safetensors")]
+    assert files
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if any(f in line for f in files)]
+    assert mapped == []
+    params = dict(fp.model.named_parameters())
+    for name, tensor in _checkpoint_tensors(fp.checkpoint, set(params)):
+        torch.testing.assert_close(params[name].detach(), tensor.to(params[name].dtype), rtol=0, atol=0)
+
+
 def test_converted_model_cache_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each GGUF discovery reads leaves its Hugging Face form in the cache; without pruning that grows by a model's
     size per file (every training seed's model, every test's temporary file). A new conversion removes the folders

@@ -632,6 +632,77 @@ def test_distill_loss_streamed_over_the_output_layer_equals_autograd_through_the
     lora.close()
 
 
+def test_recomputed_layers_give_the_same_loss_and_update_gradients(trained: tuple[Path, Path]) -> None:
+    """`recompute`: the edited decoder layers keep only their inputs and run again in the backward pass; the loss and
+    the update's gradients are those of the plain pass (the same operations, computed twice), under bfloat16
+    autocast as the recipe trains; closing it gives the layers back their own forward."""
+    import types
+
+    import torch
+
+    from pydetox.discover.distill import student
+    from pydetox.discover.distill.teacher import _Targets, _top
+    from pydetox.discover.model import FullPrecisionModel
+
+    fp = FullPrecisionModel(trained[0], progress=False)
+    fp.model.requires_grad_(False)
+    ctx = types.SimpleNamespace(fp=fp)
+    seqs = [[1, 260, 261, 262, 263, 264, 265], [1, 266, 267], [1, 268, 269, 270, 271]]
+    rng = np.random.default_rng(0)
+    parts = [_top(np.log(rng.dirichlet(np.ones(275), len(q) - 1)).astype(np.float32), 6) for q in seqs]
+    t = _Targets(seqs, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], np.arange(3))
+    lora = student._LoRA(ctx, [1, 2], 4, seed=1)  # type: ignore[arg-type]
+    with torch.no_grad():
+        for b in lora.B:
+            b.normal_(0, 0.1)
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for q in lora.params():
+            q.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kl = student._batch_kl(ctx, t, [0, 1, 2]).mean()  # type: ignore[arg-type]
+        kl.backward()
+        return kl.detach(), [q.grad.clone() for q in lora.params()]
+
+    calls = []
+    # a pre-hook: the recomputation stops once it has what the backward pass needs, which can be before a
+    # module's own forward hooks
+    counter = fp.down_proj(2).register_forward_pre_hook(lambda *_: calls.append(1))
+    want, g_want = loss_and_grads()
+    assert len(calls) == 1
+    layers = [fp.spec.layers(fp.model)[i] for i in (1, 2)]
+    recompute = student._Recompute(torch, layers)
+    got, g_got = loss_and_grads()
+    assert len(calls) == 3  # the layer ran again in the backward pass
+    counter.remove()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    recompute.close()
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    lora.close()
+
+
+def test_special_tokens_read_from_the_vocabulary_alone_are_the_runtimes(trained: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    """`special_tokens` loads the vocabulary only (no weights) and names the tokens a full llama.cpp runtime treats
+    as end of generation, and with them the control tokens."""
+    from pydetox.errors import RuntimeUnavailableError
+    from pydetox.runtime import LlamaRuntime, special_tokens
+
+    target = trained[0]
+    with LlamaRuntime(target, n_ctx=16) as rt:
+        eog = [t for t in range(rt.n_vocab) if rt.is_eog(t)]
+        control = [t for t in range(rt.n_vocab) if rt.lib.llama_vocab_is_control(rt.vocab, t)]
+    assert eog
+    assert special_tokens(target, eog_only=True) == eog
+    assert special_tokens(target) == sorted(set(eog) | set(control))
+    assert special_tokens(target, [5, *eog, 7], eog_only=True) == eog
+    with pytest.raises(RuntimeUnavailableError, match="expected a GGUF model at"):
+        special_tokens(tmp_path / "absent.gguf")
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 def test_the_step_interface_forks_a_sequence_like_decoding_it_again(trained: tuple[Path, Path], fused: bool) -> None:
     """decode / copy_sequence / logits / target_logits / clear, as discovery drives them: a sequence forked after

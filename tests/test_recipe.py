@@ -30,9 +30,9 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     settings = RecipeSettings(calibrator=TINY_CAL, distill=TINY_DISTILL, kl_budget=0.05, fit_tokens=256, fit_steps=3,
                               calibrators=tmp_path / "calibrators")
     plan, path, timing = distill_plan(model, out, settings, progress=True)
-    ran = ["f16", "calibrator", "distill", "fit"]
+    ran = ["f16", "calibrator", "teacher", "distill", "fit"]
     assert all(not timing[s]["cached"] and timing[s]["seconds"] > 0 for s in ran)
-    assert all(timing[s]["peak_rss_gb"] > 0 for s in ("calibrator", "distill"))  # each in its own process
+    assert all(timing[s]["peak_rss_gb"] > 0 for s in ("calibrator", "teacher", "distill"))  # each in its own process
     assert "peak_rss_gb" not in timing["fit"]
     assert path.parent == out / "stages"
     assert {e.kind for e in plan.edits} == {EditKind.LOW_RANK}
@@ -53,12 +53,12 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     assert all(timing[s]["cached"] for s in ran)
     assert again == path
     assert again.read_bytes() == first
-    assert capsys.readouterr().out.count("cached") == 4
+    assert capsys.readouterr().out.count("cached") == 5
 
     # another student setting: the calibrator and the teacher are reused, the student and the fit run again
     more = RecipeSettings(**{**settings.__dict__, "distill": {**TINY_DISTILL, "steps": "10"}})
     plan3, path3, timing = distill_plan(model, out, more, progress=False)
-    assert [s for s in ran if timing[s]["cached"]] == ["f16", "calibrator"]
+    assert [s for s in ran if timing[s]["cached"]] == ["f16", "calibrator", "teacher"]
     assert path3 != path
     assert plan3.params["diagnostics"]["teacher_from_cache"] is True
     # an interrupted student stage (its plan gone) is the only one made again, with the teacher read back

@@ -18,6 +18,7 @@ from typing import Any
 
 import gguf
 
+from pydetox import heap
 from pydetox.discover.gguf_folder import matrix_modules as _matrix_modules
 from pydetox.errors import PydetoxError
 
@@ -272,6 +273,7 @@ def store_compute_type(modules: Any, dtype: str) -> list[Any]:
         w = module.weight
         if isinstance(module, torch.nn.Linear) and "forward" in module.__dict__ and w.dtype != target:
             w.data = w.data.to(target)  # one module's copy at a time: no second model in memory
+            heap.trim()  # the old copy, under glibc's mmap threshold, back to the system
             changed.append(module)
     return changed
 
@@ -283,26 +285,70 @@ def store_float32(modules: Any) -> None:
         module.__dict__.pop("forward", None)
 
 
+_SAFETENSORS_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _safetensors_index(file: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """The offset of a .safetensors file's data and its header's entries (dtype, shape, data_offsets) by name."""
+    import json
+    import struct
+
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 def _checkpoint_names(folder: Path) -> set[str]:
     """Every tensor name the *.safetensors files of `folder` hold."""
-    from safetensors import safe_open
-
     names: set[str] = set()
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            names.update(f.keys())
+        names.update(_safetensors_index(file)[1])
     return names
 
 
 def _checkpoint_tensors(folder: Path, keys: set[str]) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) of each of `keys` the *.safetensors files of `folder` hold, one file open at a time."""
-    from safetensors import safe_open
+    """(name, tensor) of each of `keys` the *.safetensors files of `folder` hold, each read into memory of its own
+    with plain reads. Not through a memory map (safetensors' safe_open, transformers' loader): tensors that view a
+    mapped file keep all of it that was ever read resident, counted in the process's memory, for as long as any of
+    them lives (a Qwen2.5-0.5B student held its 1.15 GB of float16 beside the bfloat16 copy it computed with)."""
+    import torch
 
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118  (a safetensors file, not a dict)
-                if key in keys:
-                    yield key, f.get_tensor(key)
+        start, header = _safetensors_index(file)
+        with open(file, "rb", buffering=0) as f:
+            for key in sorted(set(header) & keys, key=lambda k: header[k]["data_offsets"][0]):
+                entry = header[key]
+                dtype = _SAFETENSORS_TORCH.get(entry["dtype"])
+                if dtype is None:
+                    raise PydetoxError(f"{file}: tensor {key} has dtype {entry['dtype']}; expected one of "
+                                       f"{', '.join(_SAFETENSORS_TORCH)}")
+                begin, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=getattr(torch, dtype))
+                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                if view.nbytes != end - begin:
+                    raise PydetoxError(f"{file}: tensor {key} holds {end - begin} bytes; its dtype and shape "
+                                       f"{entry['dtype']} {entry['shape']} make {view.nbytes}")
+                f.seek(start + begin)
+                got = 0
+                while got < view.nbytes:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise PydetoxError(f"{file}: ends inside tensor {key} (truncated file)")
+                    got += n
+                yield key, tensor
+
+
+def _own_weights(model: Any, folder: Path) -> None:
+    """Give every parameter of `model` that the checkpoint in `folder` holds (in the parameter's dtype) memory of its
+    own, read with `_checkpoint_tensors`: transformers loads a checkpoint of the model's dtype as views of its
+    memory-mapped file, so every page any computation reads stays resident as well as every copy made from it."""
+    params = dict(model.named_parameters())  # a tied Parameter under its first name only
+    for key, tensor in _checkpoint_tensors(folder, set(params)):
+        param = params[key]
+        param.data = tensor.to(dtype=param.dtype, device=param.device)
 
 
 def _small_tensors_float32(model: Any, folder: Path) -> None:
@@ -350,6 +396,8 @@ class FullPrecisionModel:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as exc:
             raise PydetoxError(f"transformers could not load {source}: {exc}") from exc
+        if direct:
+            _own_weights(self.model, Path(folder))
         if self.weights != "float32":
             store_half(self.model, self.weights)
             if direct:
@@ -393,6 +441,7 @@ class FullPrecisionModel:
             for key, tensor in _checkpoint_tensors(self.checkpoint, set(restore)):
                 w = restore[key].weight
                 w.data = tensor.to(device=w.device, dtype=stored)
+                heap.trim()  # the compute-type copy just freed: no second model builds up in the heap meanwhile
 
     def to(self, device: str) -> None:
         """Move the model to the torch device `device` ("cpu" or "cuda")."""

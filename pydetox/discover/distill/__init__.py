@@ -58,7 +58,7 @@ from pydetox.discover.model import autocast
 from pydetox.errors import PydetoxError
 from pydetox.plan import Edit
 
-__all__ = ["Distill", "DistillParams", "prepare_targets"]
+__all__ = ["Distill", "DistillParams", "prepare_targets", "teacher_targets"]
 
 
 @register_method
@@ -88,7 +88,8 @@ class Distill(Method):
         torch = ctx.fp.torch
         torch.manual_seed(p.seed)
         prompts, toxic_texts, clean_texts = _contexts(p)
-        toxic, clean_seqs, from_cache = _targets(ctx, p, source, prompts, toxic_texts, clean_texts)
+        toxic, clean_seqs, from_cache = _targets(p, source, prompts, toxic_texts, clean_texts, ctx.progress,
+                                                 lambda: ctx.fp.tokenizer.all_special_ids)
         full = p.clean_kl == "full"  # then the unedited model's distributions are computed per step, not stored
         n = ctx.fp.n_layers
         first = p.first_layer if p.first_layer >= 0 else n // 3
@@ -126,7 +127,7 @@ class Distill(Method):
                     student.remove(_eog_directions(ctx, source))
                 after = student.held_out(val_t, val_c)
             finally:
-                student.lora.close()
+                student.close()
         return student.edits(), {
             "device": ctx.fp.device, **from_cache, "clean_targets_from_cache": clean_hit,
             "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs),
@@ -149,13 +150,32 @@ def prepare_targets(ctx: Context, overrides: dict[str, str]) -> dict[str, Any]:
     _check(p, source)
     bf16 = autocast(p.precision, "distill", ctx.fp.device)
     prompts, toxic_texts, clean_texts = _contexts(p)
-    toxic, clean_seqs, from_cache = _targets(ctx, p, source, prompts, toxic_texts, clean_texts)
+    toxic, clean_seqs, from_cache = _targets(p, source, prompts, toxic_texts, clean_texts, ctx.progress,
+                                             lambda: ctx.fp.tokenizer.all_special_ids)
     clean_hit = False
     if p.clean_kl != "full":
         with ctx.fp.computing_in(p.precision):
             _, clean_hit = _clean_targets(ctx, p, source, clean_seqs, bf16)
     return {**from_cache, "clean_targets_from_cache": clean_hit, "toxic_sequences": len(toxic),
             "clean_sequences": len(clean_seqs)}
+
+
+def teacher_targets(source: Path, overrides: dict[str, str], progress: bool = True) -> dict[str, Any]:
+    """Compute and cache (`cache` is required) the teacher's targets, the benign and the chat continuations, all of
+    them llama.cpp's work, without loading the model in torch: a process that runs only this holds the GGUF in
+    llama.cpp and nothing besides (the student's process, later, then holds only the torch model). Returns what came
+    from the cache and how many sequences there are."""
+    from pydetox.discover.base import get_method, make_params
+    from pydetox.runtime import special_tokens
+
+    p: DistillParams = make_params(get_method("distill"), overrides)
+    if not p.cache:
+        raise PydetoxError("distill: computing the teacher's targets apart needs a `cache` (.npz) to keep them in")
+    _check(p, source)
+    prompts, toxic_texts, clean_texts = _contexts(p)
+    toxic, clean_seqs, from_cache = _targets(p, source, prompts, toxic_texts, clean_texts, progress,
+                                             lambda: special_tokens(source))
+    return {**from_cache, "toxic_sequences": len(toxic), "clean_sequences": len(clean_seqs)}
 
 
 def _clean_targets(ctx: Context, p: DistillParams, source: Path, seqs: list[list[int]], bf16: Any,

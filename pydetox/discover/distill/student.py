@@ -18,6 +18,8 @@ from pydetox.discover.model import OUTPUT_ROWS
 from pydetox.errors import PydetoxError
 from pydetox.plan import Edit, EditKind
 
+HEAD_BLOCK = 1 << 21  # logits (positions x output rows) the streamed KL computes at once
+
 
 class _LoRA:
     """W x + B (A x) on the down-projections of the chosen layers, through forward hooks (the model stays frozen)."""
@@ -51,11 +53,37 @@ class _LoRA:
             h.remove()
 
 
+class _Recompute:
+    """Activation checkpointing of decoder layers (`recompute`): while grad is enabled, each wrapped layer keeps
+    only its inputs for the backward pass and runs again there (torch.utils.checkpoint, non-reentrant: the update's
+    hooks run again too, and the gradients are the same). Without grad the layers run as they are."""
+
+    def __init__(self, torch: Any, layers: list[Any]) -> None:
+        from torch.utils.checkpoint import checkpoint
+
+        self.layers = layers
+        for layer in layers:
+            plain = layer.forward
+
+            def forward(*args: Any, _plain: Any = plain, **kwargs: Any) -> Any:
+                if not torch.is_grad_enabled():
+                    return _plain(*args, **kwargs)
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = forward
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+
+
 def _hidden(ctx: Context, seqs: list[list[int]]) -> Any:
     """The final (normalised) hidden states at every position but the last of each sequence, (n_positions, d), in
     the order of `seqs`; padded positions never reach the output layer."""
     inp, att = ctx.fp.padded(seqs)
-    hidden = ctx.fp.model.model(input_ids=inp, attention_mask=att).last_hidden_state  # after the final norm
+    # use_cache=False: no key-value cache is built (nothing generates here), and none is appended to twice where a
+    # checkpointed layer runs again in the backward pass
+    hidden = ctx.fp.model.model(input_ids=inp, attention_mask=att, use_cache=False).last_hidden_state  # final norm
     return ctx.fp.torch.cat([hidden[k, : len(s) - 1] for k, s in enumerate(seqs)])
 
 
@@ -80,8 +108,8 @@ def _forward(ctx: Context, seqs: list[list[int]], head: Any = None) -> Any:
 def _head_kl_stream(x: Any, weight: Any, bias: Any, cap: float | None, ids: Any, lp: Any, rest: Any,
                     with_grad: bool) -> tuple[Any, Any]:
     """`_kl` of the output layer's log-softmax at hidden states `x` (n, d) and, with `with_grad`, its gradient with
-    respect to `x` (n, d), in one pass over the output layer `OUTPUT_ROWS` rows at a time (each chunk upcast once),
-    never holding more than (n, OUTPUT_ROWS) logits: the normaliser is a running log-sum-exp, and the gradient's
+    respect to `x` (n, d), in one pass over the output layer a chunk of rows at a time (each chunk upcast once),
+    never holding more than about HEAD_BLOCK logits: the normaliser is a running log-sum-exp, and the gradient's
     softmax-weighted sum of output rows is accumulated with the same running rescaling (as flash attention does).
 
     For logits z, q = softmax(z), the top-k set T with target p_i, the rest r = p_rest, S = sum_T q_i and
@@ -91,6 +119,10 @@ def _head_kl_stream(x: Any, weight: Any, bias: Any, cap: float | None, ids: Any,
 
     n, dim = x.shape
     vocab = weight.shape[0]
+    # rows of the output layer per chunk: ~HEAD_BLOCK logits, so a chunk's float32 arrays (logits, their
+    # exponentials, a softcap's tanh) stay ~8 MB each whatever the number of positions (at 16,384 rows a 1,000-position
+    # held-out chunk of Qwen2.5 held 0.4 GB of them)
+    rows = max(1, min(OUTPUT_ROWS, HEAD_BLOCK // max(n, 1)))
     mm = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else torch.float32
     with torch.autocast(x.device.type, enabled=False):
         xm = x.to(mm)
@@ -101,11 +133,11 @@ def _head_kl_stream(x: Any, weight: Any, bias: Any, cap: float | None, ids: Any,
         m = torch.full((n,), -torch.inf, device=x.device)  # running max of the logits
         total = torch.zeros(n, device=x.device)  # sum_j exp(z_j - m)
         acc = torch.zeros(n, dim, device=x.device) if with_grad else None  # sum_j exp(z_j - m) z'_j w_j
-        for i in range(0, vocab, OUTPUT_ROWS):
-            w = weight[i : i + OUTPUT_ROWS].to(mm)
+        for i in range(0, vocab, rows):
+            w = weight[i : i + rows].to(mm)
             z = (xm @ w.T).float()
             if bias is not None:
-                z += bias[i : i + OUTPUT_ROWS].float()
+                z += bias[i : i + rows].float()
             t = None
             if cap:
                 t = torch.tanh(z / cap)
@@ -273,17 +305,19 @@ def _eog_directions(ctx: Context, source: Path) -> Any:
     the vocabulary's mean: gamma * (w_k - mean_j w_j) for every token k llama.cpp ends a generation at (gamma: the
     final norm's gain, Gemma's 1 + weight)."""
     from pydetox.discover.base import final_gain
-    from pydetox.runtime import LlamaRuntime
+    from pydetox.runtime import special_tokens
 
     torch = ctx.fp.torch
     special = sorted(set(ctx.fp.tokenizer.all_special_ids) | {ctx.fp.tokenizer.eos_token_id} - {None})
-    with LlamaRuntime(source, n_ctx=16) as rt:
-        eog = [t for t in special if rt.is_eog(int(t))]
+    eog = special_tokens(source, special, eog_only=True)
     if not eog:
         raise PydetoxError(f"distill: eog_free, but no special token of {source.name} ends a generation in llama.cpp")
-    w = ctx.fp.model.get_output_embeddings().weight.detach()  # as stored: no float64 copy of the whole layer
+    w = ctx.fp.model.get_output_embeddings().weight.detach()  # as stored
     gamma = torch.from_numpy(final_gain(ctx)).to(w.device)
-    rows = (w[eog].double() - w.sum(0, dtype=torch.float64) / w.shape[0]) * gamma
+    # the column sums a block of rows at a time: `w.sum(0, dtype=float64)` converts the whole layer first (1.1 GB
+    # for Qwen2.5's 151,936 x 896)
+    total = sum(w[i : i + OUTPUT_ROWS].sum(0, dtype=torch.float64) for i in range(0, w.shape[0], OUTPUT_ROWS))
+    rows = (w[eog].double() - total / w.shape[0]) * gamma
     q, _ = torch.linalg.qr(rows.T)
     return q.to(torch.float32)
 
@@ -310,6 +344,8 @@ class _Student:
         self.ctx, self.p, self.bf16, self.toxic, self.clean_seqs, self.clean = ctx, p, bf16, toxic, clean_seqs, clean
         self.torch = ctx.fp.torch
         self.lora = _LoRA(ctx, layers, p.rank, p.seed if p.train_seed < 0 else p.train_seed)
+        decoder = ctx.fp.spec.layers(ctx.fp.model)
+        self.recompute = _Recompute(self.torch, [decoder[i] for i in layers]) if p.recompute else None
         self.n_vocab = ctx.fp.output_shape[0]
         self.vocab: _Vocab | None = None
         if 0 < p.vocab < self.n_vocab:
@@ -331,9 +367,14 @@ class _Student:
         """Mean KL to the teacher on the held-out toxic sequences and to the unedited model on the held-out clean
         ones, over the whole vocabulary."""
         torch, ctx = self.torch, self.ctx
+        def trimmed(kl: Any) -> Any:
+            heap.trim()  # each chunk pads to its own length: its freed arrays back to the system, as after a step
+            return kl
+
         with torch.no_grad(), self.bf16:
-            kt = torch.cat([_batch_kl(ctx, self.toxic, val_t[s : s + 16]) for s in self._chunks(len(val_t), "held out: toxic")])
-            kc = torch.cat([self.clean_kl(val_c[s : s + 16]) for s in self._chunks(len(val_c), "held out: clean")])
+            kt = torch.cat([trimmed(_batch_kl(ctx, self.toxic, val_t[s : s + 16]))
+                            for s in self._chunks(len(val_t), "held out: toxic")])
+            kc = torch.cat([trimmed(self.clean_kl(val_c[s : s + 16])) for s in self._chunks(len(val_c), "held out: clean")])
         return {"teacher_kl": round(float(kt.mean()), 4), "clean_kl": round(float(kc.mean()), 5)}
 
     def coverage(self, val_t: list[int], val_c: list[int]) -> dict[str, Any] | None:
@@ -381,6 +422,12 @@ class _Student:
         with self.torch.no_grad():
             for b in self.lora.B:  # (d, rank)
                 b -= basis @ (basis.T @ b)
+
+    def close(self) -> None:
+        """The model as it was: the update's hooks and any recomputation wrappers removed."""
+        self.lora.close()
+        if self.recompute is not None:
+            self.recompute.close()
 
     def edits(self) -> list[Edit]:
         """The update as `low_rank` edits of the down-projections (W <- W + L^T R, L = B^T, R = A)."""

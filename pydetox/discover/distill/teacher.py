@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from pydetox.discover.base import Context
 from pydetox.discover.distill.data import _benign_continuations, _chat_continuations
 from pydetox.discover.distill.params import DistillParams
 from pydetox.errors import PydetoxError
@@ -461,29 +460,30 @@ def _continuations(cache: Path | None, role: str, source: Path, p: DistillParams
     return seqs
 
 
-def _targets(ctx: Context, p: DistillParams, source: Path, prompts: list[str], toxic_texts: list[str],
-             clean_texts: list[str]) -> tuple[_Targets, list[list[int]], dict[str, Any]]:
+def _targets(p: DistillParams, source: Path, prompts: list[str], toxic_texts: list[str], clean_texts: list[str],
+             progress: bool, special: Callable[[], Any]) -> tuple[_Targets, list[list[int]], dict[str, Any]]:
     """The teacher's targets on the toxic contexts and the tokenized clean texts, from `cache` when it holds them
-    for these settings; with the anti-expert's decay applied when `anti` is set. Also what came from the cache."""
+    for these settings; with the anti-expert's decay applied when `anti` is set (`special()`: the token ids it leaves
+    alone). Also what came from the cache. llama.cpp only: no torch model is needed."""
     cache = Path(p.cache) if p.cache else None
     if cache is not None and cache.suffix != ".npz":
         raise PydetoxError(f"distill: the teacher cache is a .npz file, got {p.cache}")
     key = _cache_key(source, p)
     cached = _read_npz(cache, key, lambda z: (_Targets.from_arrays(z, "t_"), _unpack(z, "clean_")))
     if cached is None:
-        toxic, clean_seqs = _teacher(source, p, prompts, toxic_texts, ctx.progress, clean_texts)
+        toxic, clean_seqs = _teacher(source, p, prompts, toxic_texts, progress, clean_texts)
         if cache is not None:
             _save_cache(cache, key, toxic, clean_seqs)
     else:
         toxic, clean_seqs = cached
     anti_cached = None
     if p.anti:
-        spare = np.asarray(ctx.fp.tokenizer.all_special_ids, np.int64)  # the anti-expert's data ends every text at EOS
-        toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, ctx.progress, spare)
+        spare = np.asarray(special(), np.int64)  # the anti-expert's data ends every text at EOS
+        toxic, anti_cached = _anti_targets(source, p, toxic, key, cache, progress, spare)
     if p.benign_starts > 0:
         clean_seqs = clean_seqs + _continuations(cache, "benign", source, p, ("benign_starts", "max_new_tokens"),
-                                                 lambda: _benign_continuations(source, p, ctx.progress))
+                                                 lambda: _benign_continuations(source, p, progress))
     if p.chat_starts > 0:
         clean_seqs = clean_seqs + _continuations(cache, "chat", source, p, ("chat_starts", "chat_tokens"),
-                                                 lambda: _chat_continuations(source, p, ctx.progress))
+                                                 lambda: _chat_continuations(source, p, progress))
     return toxic, clean_seqs, {"teacher_from_cache": cached is not None, **({"anti_from_cache": anti_cached} if p.anti else {})}
