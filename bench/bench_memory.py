@@ -80,11 +80,12 @@ from pydetox.discover.distill.student import _Student
 from pydetox.discover.distill.teacher import _Targets
 from pydetox.discover.model import FullPrecisionModel, autocast
 
-path, steps = sys.argv[1], int(sys.argv[2])
+path, steps, recompute = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 fp = FullPrecisionModel(path, progress=False)
 after_load = peak_rss()
 fp.model.requires_grad_(False)
-p = DistillParams(calibrator="-", steps=steps, rank=32, lr=0.003, clean_weight=4, precision="bfloat16")
+p = DistillParams(calibrator="-", steps=steps, rank=32, lr=0.003, clean_weight=4, precision="bfloat16",
+                  recompute=recompute)
 vocab, rng = fp.output_shape[0], np.random.default_rng(0)
 
 def targets(n, length, k=32):
@@ -101,7 +102,7 @@ with fp.computing_in("bfloat16"):
                        toxic, clean.seqs, clean, list(range(n // 3, n)), np.arange(64))
     student.train([(rng.choice(64, 8, replace=False).tolist(), rng.choice(64, 8, replace=False).tolist())
                    for _ in range(steps)])
-    student.lora.close()
+    student.close()
 print(json.dumps({"after_load": after_load, "peak": peak_rss(), "step_s": (time.perf_counter() - t0) / steps}))
 """
 
@@ -182,20 +183,25 @@ def test_discovery_memory(name: str, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
 def test_student_memory_at_the_recipe_shapes(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Peak RSS of 4 default student steps (STUDENT) in a fresh process, as a multiple of the F16 file."""
+    """Peak RSS of 4 default student steps (STUDENT) in a fresh process, as a multiple of the F16 file, with the
+    edited layers' activations kept for the backward pass (the default) and recomputed there (`recompute=1`)."""
     from pydetox.assets import ASSETS
 
     if name not in ASSETS:
         pytest.skip(f"no asset {name}")
     path = _f16(name, tmp_path_factory.mktemp("student"))
     _run(path, "float32")  # the first load converts the GGUF for transformers and fills the cache: not measured
-    out = _python(STUDENT, str(path), "4", cwd=path.parent)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    size = path.stat().st_size
-    print(f"\n{name}: F16 {size / 1e9:.2f} GB; after load {r['after_load'] / 1e9:.2f} GB; 4 student steps "
-          f"({r['step_s']:.1f} s each): peak {r['peak'] / 1e9:.2f} GB = {r['peak'] / size:.1f}x F16")
-    assert r["peak"] > r["after_load"]
+    size, rows = path.stat().st_size, {}
+    for recompute in ("0", "1"):
+        out = _python(STUDENT, str(path), "4", recompute, cwd=path.parent)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows[recompute] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"\n{name}: F16 {size / 1e9:.2f} GB; after load {r['after_load'] / 1e9:.2f} GB; 4 student steps, "
+              f"recompute={recompute} ({r['step_s']:.1f} s each): peak {r['peak'] / 1e9:.2f} GB = {r['peak'] / size:.1f}x F16")
+    print(f"  recompute=1 / 0: peak {rows['1']['peak'] / rows['0']['peak']:.2f}, step time "
+          f"{rows['1']['step_s'] / rows['0']['step_s']:.2f}")
+    assert all(r["peak"] > r["after_load"] for r in rows.values())
+    assert rows["1"]["peak"] < rows["0"]["peak"]
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"])

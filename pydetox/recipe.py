@@ -55,8 +55,12 @@ DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True
 # Taught the fused distribution itself, the student escaped toxic contexts into runs of no-break spaces and loops of
 # 'the first time' (58.6% of its greedy continuations broken; unedited 16.1%); one-sided it cut as much at F16 over
 # three training seeds (less at Q4_K_M), its broken text near the unedited model's (docs/results/teacher-junk.md).
+# The edited layers' activations are recomputed in the backward pass (`recompute`; the same gradients): they were the
+# student's largest memory on SmolLM2 (30 steps: peak 2.33 GB against 1.80 GB recomputed, for 2.45 -> 2.96 s a step)
+# and a third of Qwen2.5-0.5B's step memory; a run that has the memory to spare can turn it off for speed.
 DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_starts": "600", "clean_weight": "4",
-                                   "eog_free": "1", "precision": "bfloat16", "chat_starts": "300", "one_sided": "1"}
+                                   "eog_free": "1", "precision": "bfloat16", "chat_starts": "300", "one_sided": "1",
+                                   "recompute": "1"}
 # DEFAULT_DISTILL's additions for a source of one architecture (GGUF `general.architecture`), under what a run sets
 # itself: distill's own table (`Distill.arch_defaults`, which `pydetox discover --method distill` reads too; the
 # reasons are there). The recipe adds them to the student's settings itself, so that they are in its stage key.

@@ -37,7 +37,8 @@ Parameters: `calibrator` (path to a `pydetox calibrate train` GGUF; required), `
 `clean_weight`, `clean_kl` (top | full), `top_k`, `vocab` (0: the whole vocabulary), `plausible` (0: no
 restriction), `one_sided` (0: the fused distribution), `one_sided_center`, `pairs`, `pair_prompts`, `clean_texts`,
 `prompts`, `max_prompts`, `max_new_tokens`, `max_tokens`,
-`seed`, `train_seed`, `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`,
+`seed`, `train_seed`, `recompute` (edited layers' activations recomputed in the backward pass: less memory,
+more time), `cache` (a .npz to keep the teacher's targets in between runs), `anti`, `anti_alpha`,
 `anti_lambda`, `expert`, `anti_rule`, `anti_margin` (an anti-expert the teacher moves away from, measured against
 an expert; see DistillParams).
 """
