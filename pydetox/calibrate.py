@@ -38,7 +38,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from pydetox import ggml, kernels, keys, splits
+from pydetox import ggml, heap, kernels, keys, splits
 from pydetox.errors import PydetoxError
 from pydetox.fusion import Alignment, alignment_path, vocab_fingerprint
 from pydetox.gguf_io import AtomicGGUFWriter, ModelFile, OutTensor, nbytes
@@ -221,13 +221,15 @@ class _Trainer:
             # computing_in: the decoder's weights in the autocast type while the states are computed (no cast at
             # every call), read back before the kept layers become float32 trainable ones
             with fp.computing_in(settings.precision), self.bf16:
+                # on the CPU in a temporary file (`_DiskStates`); a GPU's states stay in its memory
                 self.H_train = _target_hidden(model, self.train_rows[torch.from_numpy(drawn).to(dev)], settings.batch,
-                                              progress)
+                                              progress, on_disk=dev == "cpu")
                 self.H_val = _target_hidden(model, self.val_rows, settings.batch, progress)
         elif settings.objective != "standalone":
             raise PydetoxError(f"objective is 'fused' or 'standalone', not {settings.objective!r}")
         _truncate(fp, settings.layers)
         store_float32(model.model.layers.modules())  # the kept layers are trained: float32 whatever the target's storage
+        heap.release()  # the dropped layers and the kept ones' half-type weights, back to the system
         params = dict(model.named_parameters())
         for n, p in params.items():
             p.requires_grad_(_trainable(n))
@@ -339,6 +341,7 @@ class _Trainer:
             torch.nn.utils.clip_grad_norm_(weights, 1.0)
             opt.step()
             sched.step()
+            heap.trim()  # this step's freed arrays back to the system, as the student does
             lm_value = float(lm.detach())
             ema = lm_value if ema is None else 0.9 * ema + 0.1 * lm_value
             log["train"].append([step + 1, lm_value])
@@ -347,6 +350,8 @@ class _Trainer:
             bar.set_postfix(loss=f"{ema:.3f}", val=f"{log['val'][-1][1]:.3f}")
         bar.close()
         self.model.eval()
+        for w in weights:
+            w.grad = None  # nothing reads them after training; the optimizer's state goes with `opt`
         return ema
 
     def write(self, target: Path, out: Path) -> dict[str, Any]:
@@ -398,7 +403,10 @@ def train(target: str | Path, out: str | Path, settings: CalibrateSettings = Cal
     val_start = t.validate()
     log["val"].append([0, val_start])
     ema = t.language_model(log, progress)
+    if isinstance(t.H_train, _DiskStates):
+        t.H_train.close()
     t.H_train = t.H_val = None  # the target's states are done with: memory for writing the calibrator
+    heap.release()
     check = log["llama_cpp_check"] = t.write(target, out)
     with ModelFile(out) as cal:
         fingerprint = vocab_fingerprint(cal)
@@ -462,7 +470,9 @@ def write_calibrator(src: ModelFile, out: Path, arch: str, layers: int, deltas: 
         t = ltype if len(entry.ne) == 2 and entry.cols % gguf.GGML_QUANT_SIZES[ltype][0] == 0 else gguf.GGMLQuantizationType.F32
         plan.append((OutTensor(name, t, entry.ne, nbytes(t, entry.ne)), entry, W))
     out_ne = (output.shape[1], output.shape[0])
-    plan.append((OutTensor("output.weight", qtype, out_ne, nbytes(qtype, out_ne)), None, output.astype(np.float32)))
+    # as given when already float32 (astype copies by default: 545 MB more on Qwen2.5's output layer)
+    plan.append((OutTensor("output.weight", qtype, out_ne, nbytes(qtype, out_ne)), None,
+                 output.astype(np.float32, copy=False)))
     V = gguf.GGUFValueType
     metadata = {
         f"{arch}.block_count": (layers, V.UINT32),
@@ -503,16 +513,62 @@ def _drawn_rows(rng: np.random.Generator, settings: CalibrateSettings, n_train: 
     return np.unique(np.concatenate(drawn)) if drawn else np.zeros(0, np.int64)
 
 
-def _target_hidden(model: Any, rows: Any, batch: int, progress: bool) -> Any:
+class _DiskStates:
+    """(n, T, d) float32 rows in an anonymous temporary file (unlinked at creation, gone when closed), written and
+    read back a block of rows at a time with plain file reads: the target's states for the training steps are the
+    calibrator's largest array (3,640 rows x 64 tokens x 896 floats, 0.84 GB, at the default's settings on Qwen2.5;
+    x4.6 on a 7B model's 4,096 dimensions) and each step reads 16 rows of them. Not a memory map: pages of a mapped
+    file that were read count as the process's resident memory; read this way they sit in the system's page cache,
+    which gives them up under pressure. `H[idx]` with a tensor of row indices gives those rows as a CPU tensor."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        import tempfile
+
+        self.shape = shape
+        self.row_bytes = shape[1] * shape[2] * 4
+        self.file = tempfile.TemporaryFile(prefix="pydetox-states-")  # noqa: SIM115  (owned until close())
+        self.file.truncate(shape[0] * self.row_bytes)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def write(self, start: int, block: Any) -> None:
+        data = np.ascontiguousarray(block.detach().cpu().numpy(), np.float32)
+        self.file.seek(start * self.row_bytes)
+        self.file.write(memoryview(data).cast("B"))
+
+    def __getitem__(self, index: Any) -> Any:
+        import torch
+
+        rows = index.tolist() if hasattr(index, "tolist") else list(index)
+        out = np.empty((len(rows), *self.shape[1:]), np.float32)
+        for k, i in enumerate(rows):
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"row {i} of {self.shape[0]} target states")
+            self.file.seek(i * self.row_bytes)
+            if self.file.readinto(memoryview(out[k]).cast("B")) != self.row_bytes:
+                raise PydetoxError(f"the target states' temporary file ends before row {i}")
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _target_hidden(model: Any, rows: Any, batch: int, progress: bool, on_disk: bool = False) -> Any:
     """The full target's final hidden states (after its final norm) of token rows, (n, T, d) float32, written into
-    one array as the batches come: a list of batches joined at the end held them twice (3,648 rows x 64 tokens x
-    896 floats, 0.84 GB each, at the default's settings on Qwen2.5)."""
+    one array as the batches come (a list of batches joined at the end held them twice), or with `on_disk` into a
+    `_DiskStates` file."""
     import torch
 
-    out = torch.empty((*rows.shape, model.config.hidden_size), dtype=torch.float32, device=rows.device)
+    shape = (*rows.shape, model.config.hidden_size)
+    out = _DiskStates(shape) if on_disk else torch.empty(shape, dtype=torch.float32, device=rows.device)
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch), desc="target hidden states", disable=not progress, leave=False):
-            out[i : i + batch] = model.model(input_ids=rows[i : i + batch]).last_hidden_state
+            h = model.model(input_ids=rows[i : i + batch]).last_hidden_state
+            if on_disk:
+                out.write(i, h)
+            else:
+                out[i : i + batch] = h
     return out
 
 

@@ -80,6 +80,27 @@ def _prompts(rt: LlamaRuntime) -> list[list[int]]:
     return [rt.tokenize(t) for t in ("the cat is", "a dog was in the", "the", "and of to in the a cat")]
 
 
+def test_target_states_kept_on_disk_read_back_what_was_computed(trained: tuple[Path, Path]) -> None:
+    """The calibrator's target states for the training steps, kept in a temporary file on the CPU (`_DiskStates`),
+    read back bit for bit what the in-memory array holds, for any rows in any order; a row outside them is refused."""
+    import torch
+
+    from pydetox.calibrate import _DiskStates, _target_hidden
+    from pydetox.discover.model import FullPrecisionModel
+
+    fp = FullPrecisionModel(trained[0], progress=False)
+    rows = torch.randint(3, 270, (7, 9), generator=torch.Generator().manual_seed(0))
+    in_memory = _target_hidden(fp.model, rows, 3, progress=False)
+    on_disk = _target_hidden(fp.model, rows, 3, progress=False, on_disk=True)
+    assert isinstance(on_disk, _DiskStates)
+    assert len(on_disk) == 7
+    pick = torch.tensor([6, 0, 3, 3, 5])
+    torch.testing.assert_close(on_disk[pick], in_memory[pick], rtol=0, atol=0)
+    with pytest.raises(IndexError, match="row 7 of 7"):
+        on_disk[torch.tensor([1, 7])]
+    on_disk.close()
+
+
 def test_alpha_zero_is_exactly_the_target(trained: tuple[Path, Path]) -> None:
     """Fused logits at alpha = 0 equal the target's own (tolerance 0: (1 - 0) * z + 0 * z' is z in float32), and
     llama.cpp's samplers on them draw the same tokens, greedy and sampled."""
