@@ -56,8 +56,8 @@ DEFAULT_CALIBRATOR = CalibrateSettings(precision="bfloat16", restrict_vocab=True
 # 'the first time' (58.6% of its greedy continuations broken; unedited 16.1%); one-sided it cut as much at F16 over
 # three training seeds (less at Q4_K_M), its broken text near the unedited model's (docs/results/teacher-junk.md).
 # The edited layers' activations are recomputed in the backward pass (`recompute`; the same gradients): they were the
-# student's largest memory on SmolLM2 (30 steps: peak 2.33 GB against 1.80 GB recomputed, for 2.45 -> 2.96 s a step)
-# and a third of Qwen2.5-0.5B's step memory; a run that has the memory to spare can turn it off for speed.
+# student's largest memory on SmolLM2 (its stage: peak 2.68 -> 2.16 GB, the same update, training 6:36 -> 8:30) and a
+# third of a Qwen2.5-0.5B step's (docs/results/discovery-memory.md); a run with memory to spare can turn it off.
 DEFAULT_DISTILL: dict[str, str] = {"held_out": "48", "steps": "150", "benign_starts": "600", "clean_weight": "4",
                                    "eog_free": "1", "precision": "bfloat16", "chat_starts": "300", "one_sided": "1",
                                    "recompute": "1"}
