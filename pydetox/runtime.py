@@ -27,15 +27,21 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 
 
+def _llama_cpp() -> Any:
+    """llama-cpp-python's module, or a clear error naming the install command."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise RuntimeUnavailableError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36") from exc
+    return llama_cpp
+
+
 def load_llama(path: str | Path, *, repack: bool = False, **kwargs: Any) -> Any:
     """A `llama_cpp.Llama` for `path`; `repack=False` disables llama.cpp's extra (AMX / repacked) buffer types.
     Every layer goes to the GPU when llama.cpp was built with one (`n_gpu_layers=-1`, llama.cpp's own default, which
     `LlamaRuntime` keeps; llama-cpp-python's `Llama` would offload none); a CPU build ignores it."""
-    try:
-        import llama_cpp
-        import llama_cpp.llama as llama_mod
-    except ImportError as exc:
-        raise RuntimeUnavailableError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36") from exc
+    llama_cpp = _llama_cpp()
+    import llama_cpp.llama as llama_mod
     kwargs.setdefault("verbose", False)
     kwargs.setdefault("n_gpu_layers", -1)
     with _lock:
@@ -94,10 +100,7 @@ def special_tokens(path: str | Path, candidates: Iterable[int] | None = None, *,
     """The tokens of `candidates` (None: the whole vocabulary) that the GGUF `path` marks as control tokens or at
     which llama.cpp ends a generation (`eog_only`: only the latter), read from its vocabulary alone (vocab_only: no
     weights loaded, where a runtime would map the whole model)."""
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise RuntimeUnavailableError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36") from exc
+    llama_cpp = _llama_cpp()
     path = Path(path)
     _quiet_llama_cpp()
     if not path.is_file():
@@ -127,10 +130,7 @@ class LlamaRuntime:
                  lora: str | Path | None = None, lora_scale: float = 1.0) -> None:
         """`lora`: a LoRA adapter GGUF (pydetox export-lora, llama.cpp's convert_lora_to_gguf) applied at run time
         at `lora_scale`."""
-        try:
-            import llama_cpp
-        except ImportError as exc:
-            raise RuntimeUnavailableError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36") from exc
+        llama_cpp = _llama_cpp()
         from pydetox.kernels import default_threads
 
         self.lib = llama_cpp
