@@ -129,13 +129,18 @@ class Alignment:
 
 
 def fuse(target_logits: FloatArray, cal_logits: FloatArray, cal_hidden: FloatArray, align: Alignment,
-         alpha: float) -> FloatArray:
+         alpha: float, *, overwrite: bool = False) -> FloatArray:
     """(1 - alpha) W h_t + alpha W LN(A h_c) from the target's logits W h_t, the calibrator's logits W' h_c (its output
-    tensor is W' = W diag(g) A) and its hidden states h_c; rows are positions."""
+    tensor is W' = W diag(g) A) and its hidden states h_c; rows are positions. `overwrite`: `cal_logits` may be
+    scaled in place (one vocabulary-wide array fewer; the same result)."""
     u = cal_hidden.astype(np.float32) @ align.A.T
     scale = alpha / np.sqrt((u.astype(np.float64) ** 2).mean(axis=1) + align.eps)
     out = target_logits * np.float32(1.0 - alpha)
-    out += cal_logits * scale.astype(np.float32)[:, None]
+    if overwrite:
+        cal_logits *= scale.astype(np.float32)[:, None]
+        out += cal_logits
+    else:
+        out += cal_logits * scale.astype(np.float32)[:, None]
     return out
 
 
@@ -230,6 +235,7 @@ class FusedRuntime(LlamaRuntime):
         self.cal.clear()
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        self._fused = self._fused[:0]  # the last decode's fused rows are not kept beside this one's
         super()._decode(items)
         rows = [i for i, it in enumerate(items) if it[3]]
         self._rows = {i: r for r, i in enumerate(rows)}
@@ -253,7 +259,7 @@ class FusedRuntime(LlamaRuntime):
         for r, i in enumerate(idx):
             zc[r] = cal.logits_at(i)
             h[r] = cal.embedding_at(i)
-        self._fused = fuse(zt, zc, h, self.align, self.alpha)
+        self._fused = fuse(zt, zc, h, self.align, self.alpha, overwrite=True)
 
     def _output_logits(self, n: int) -> FloatArray:
         return self._fused[:n]

@@ -303,6 +303,41 @@ def test_teacher_samples_continuations_with_the_targets_of_their_tokens(trained:
             assert np.allclose(np.stack([r[1] for r in rows]), toxic.logp[k], atol=2e-3)
 
 
+@pytest.mark.parametrize("plausible", [0.0, 1e-3, 0.5], ids=["unrestricted", "plausible", "few-plausible"])
+def test_teacher_targets_do_not_depend_on_the_blocks_its_rows_are_computed_in(
+        trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, plausible: float) -> None:
+    """The teacher's numpy work on a decode's rows a block of ROW_BLOCK rows at a time gives, bit for bit, what it
+    gives on the whole batch at once: the same sequences (greedy and sampled continuations), ids, log-probabilities
+    and rests, with the one-sided teacher, the whitespace cap and the plausibility restriction (whose dense or sparse
+    path is chosen for the whole batch: the two agree only to rounding)."""
+    import pydetox.discover.distill.teacher as teacher
+    from pydetox.discover.distill.params import DistillParams
+
+    target, cal = trained
+    prompts = ["the cat sat on", "a dog ran", "we saw the", "she said that it", "they went to"]
+    p = DistillParams(calibrator=str(cal), alpha=0.9, max_new_tokens=8, max_tokens=16, samples=2, plausible=plausible,
+                      one_sided=1.0, blank_cap=True)
+    got = []
+    for block in (512, 3):
+        monkeypatch.setattr(teacher, "ROW_BLOCK", block)
+        toxic, _ = teacher._teacher(target, p, prompts, ["a cat is a cat", "the dog"], False, [])
+        got.append(toxic.arrays(""))
+    assert got[0].keys() == got[1].keys()
+    for k in got[0]:
+        assert np.array_equal(got[0][k], got[1][k]), k
+
+
+def test_teacher_batch_keeps_a_decode_s_vocabulary_wide_rows_under_its_budget() -> None:
+    from pydetox.discover.distill.teacher import TEACHER_LOGITS, teacher_batch
+
+    assert [teacher_batch(v) for v in (49152, 151936, 262144, 32000, 128256)] == [512, 128, 128, 512, 256]
+    assert teacher_batch(10**7) == 32  # never fewer positions than 32, whatever the vocabulary
+    for v in (1000, 49152, 151936, 262144):
+        n = teacher_batch(v)
+        assert n * v <= TEACHER_LOGITS
+        assert n == 512 or 2 * n * v > TEACHER_LOGITS  # the largest that fits
+
+
 def test_one_sided_teacher_is_the_unedited_distribution_lowered_where_the_fused_one_is_lower(
         trained: tuple[Path, Path]) -> None:
     """`one_sided`: at every position of every context the targets are log_softmax(log p + s * min(0, log p_fused -

@@ -57,8 +57,9 @@ def _unpack(z: Any, prefix: str) -> list[list[int]]:
     return [t.tolist() for t in np.split(z[f"{prefix}tokens"], np.cumsum(z[f"{prefix}lengths"])[:-1])]
 
 
-# Bumped when the teacher's contexts or targets change for the same settings, so that no cache serves the old ones.
-TEACHER_FORMAT = 4
+# Bumped when the teacher's contexts or targets change for the same settings, so that no cache serves the old ones
+# (5: decodes of `teacher_batch` positions, which moves some targets by llama.cpp's rounding).
+TEACHER_FORMAT = 5
 TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "one_sided_center", "blank_cap", "pairs",
                 "pair_prompts", "clean_texts", "prompts", "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples",
                 "top_p")
@@ -105,14 +106,22 @@ def _save_cache(path: Path, key: str, toxic: _Targets, clean: list[list[int]]) -
     _save_npz(path, key, {**_pack(clean, "clean_"), **toxic.arrays("t_")})
 
 
-def _top(logp: np.ndarray, k: int, plausible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _top(logp: np.ndarray, k: int, plausible: np.ndarray | None = None, sparse: bool | None = None,
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k ids, their log-probabilities and the log-probability of the rest, per row. With `plausible` (a mask of
-    the same shape), the distribution is first restricted to the masked tokens and renormalized over them."""
-    if plausible is not None:
-        per_row = np.count_nonzero(plausible, axis=1)  # one pass over the mask for both conditions
-        if per_row.all() and per_row.sum() < 0.01 * plausible.size:
-            return _top_plausible(logp, k, plausible)
+    the same shape), the distribution is first restricted to the masked tokens and renormalized over them. `sparse`:
+    whether to compute on the masked tokens alone (None: `_sparse` of the mask decides)."""
+    if plausible is not None and (_sparse(np.count_nonzero(plausible, axis=1), plausible.shape[1])
+                                  if sparse is None else sparse):
+        return _top_plausible(logp, k, plausible)
     return _top_dense(logp, k, plausible)
+
+
+def _sparse(per_row: np.ndarray, vocab: int) -> bool:
+    """Whether a mask with `per_row` tokens in each row is for `_top_plausible` (each row has one, all together
+    under 1% of the rows' vocabulary) rather than `_top_dense`. The two agree to rounding, not bit for bit: a
+    teacher's rows all take the path its whole decode batch takes, whatever blocks it is computed in."""
+    return bool(per_row.all() and per_row.sum() < 0.01 * per_row.size * vocab)
 
 
 def _top_plausible(logp: np.ndarray, k: int, plausible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,52 +223,78 @@ class _TeacherPass:
              ) -> tuple[list[tuple[Any, Any, Any]], np.ndarray, np.ndarray, dict[int, list[int]]]:
         """Decode items (all with outputs) in chunks of the runtime's batch; for each item index in `draw`, that
         many tokens sampled independently from its unedited logits (`top_p_draw`)."""
-        from pydetox.runtime import log_softmax
-
-        rt, p = self.rt, self.p
+        rt = self.rt
         out: list[tuple[Any, Any, Any]] = []
         best_f, best_b = [], []
         drawn: dict[int, list[int]] = {}
         for c in range(0, len(items), rt.n_batch):
             chunk = items[c : c + rt.n_batch]
             rt.decode(chunk)
-            zf = rt.logits(len(chunk))
-            zb = rt.target_logits(len(chunk))
-            best_b.append(zb.argmax(1))
-            for i in sorted(draw or ()):
-                if c <= i < c + len(chunk):
-                    drawn[i] = [top_p_draw(zb[i - c], p.top_p, self.rng) for _ in range(draw[i])]
-            lb = log_softmax(zb) if p.one_sided > 0 or self.blank is not None else None
-            if p.one_sided > 0:  # the unedited distribution, lowered where the fused one is lower (see one_sided)
-                shift = log_softmax(zf) - lb
-                if p.one_sided_center:
-                    likeliest = np.argpartition(-lb, p.top_k, axis=1)[:, : p.top_k]
-                    shift -= np.median(np.take_along_axis(shift, likeliest, axis=1), axis=1, keepdims=True)
-                zf = lb + p.one_sided * np.minimum(0.0, shift)
-            if self.floor is None:
-                best_f.append(zf.argmax(1))
-                i, lp, r = _top(log_softmax(zf), p.top_k)
-                ok = None
-            else:  # the restricted distribution is renormalised over the plausible tokens: raw logits will do
-                ok = zb >= zb.max(axis=1, keepdims=True) + self.floor
-                # the fused continuation follows the restricted teacher too: the raw fused argmax walks into junk
-                # ('pulumi', runs of no-break spaces) that the targets then have to continue, and the student learns
-                # to emit it (docs/results/teacher-junk.md)
-                best_f.append(np.where(ok, zf, -np.inf).argmax(1))
-                i, lp, r = _top(zf, p.top_k, ok)
-            if self.blank is not None:
-                assert lb is not None
-                base = np.take_along_axis(lb, i, axis=1)
-                if ok is not None:  # the unedited model restricted to the plausible tokens, as the teacher is
-                    rows, cols = np.nonzero(ok)
-                    mass = np.bincount(rows, weights=np.exp(lb[rows, cols].astype(np.float64)), minlength=len(ok))
-                    base = base - np.log(mass)[:, None].astype(np.float32)
-                lp, r = cap_gain(lp, r, base, np.isin(i, self.blank))
-                order = np.argsort(-lp, axis=1, kind="stable")  # most likely first, as `_top` gives them
-                i, lp = np.take_along_axis(i, order, axis=1), np.take_along_axis(lp, order, axis=1)
-                best_f[-1] = i[:, 0]
-            out += list(zip(i, lp, r, strict=True))
+            zf, zb = rt.logits(len(chunk)), rt.target_logits(len(chunk))
+            sparse = None if self.floor is None else _sparse(np.concatenate(
+                [np.count_nonzero(self._plausible(zb[b : b + ROW_BLOCK]), axis=1)
+                 for b in range(0, len(chunk), ROW_BLOCK)]), rt.n_vocab)
+            # Every step below is row by row: a block of rows at a time holds a few vocabulary-wide float32 copies
+            # of ROW_BLOCK rows, not of the whole batch (Qwen2.5: 0.6 MB a row)
+            for b in range(0, len(chunk), ROW_BLOCK):
+                rows = range(c + b, c + min(b + ROW_BLOCK, len(chunk)))
+                blk = self._block(zf[b : b + ROW_BLOCK], zb[b : b + ROW_BLOCK],
+                                  {i - c - b: draw[i] for i in sorted(draw or ()) if i in rows}, sparse)
+                out += list(zip(blk[0], blk[1], blk[2], strict=True))
+                best_f.append(blk[3])
+                best_b.append(blk[4])
+                drawn.update({i + c + b: d for i, d in blk[5].items()})
+            del zf, zb  # views of this decode's buffers: the next decode replaces them
         return out, np.concatenate(best_f), np.concatenate(best_b), drawn
+
+    def _plausible(self, zb: np.ndarray) -> np.ndarray:
+        """The tokens the unedited model finds plausible, per row of its logits `zb` (`plausible`)."""
+        assert self.floor is not None
+        return zb >= zb.max(axis=1, keepdims=True) + self.floor
+
+    def _block(self, zf: np.ndarray, zb: np.ndarray, draw: dict[int, int], sparse: bool | None) -> tuple[Any, ...]:
+        """Rows of one decode (fused logits `zf`, unedited `zb`): top-k ids, log-probabilities and rest, the fused
+        and the unedited argmax, and the tokens drawn for the rows in `draw` (row: how many). `sparse`: `_top`'s."""
+        from pydetox.runtime import log_softmax
+
+        p = self.p
+        best_b = zb.argmax(1)
+        drawn = {i: [top_p_draw(zb[i], p.top_p, self.rng) for _ in range(n)] for i, n in draw.items()}
+        lb = log_softmax(zb) if p.one_sided > 0 or self.blank is not None else None
+        if p.one_sided > 0:  # the unedited distribution, lowered where the fused one is lower (see one_sided)
+            assert lb is not None
+            shift = log_softmax(zf)
+            shift -= lb
+            if p.one_sided_center:
+                likeliest = np.argpartition(-lb, p.top_k, axis=1)[:, : p.top_k]
+                shift -= np.median(np.take_along_axis(shift, likeliest, axis=1), axis=1, keepdims=True)
+            np.minimum(shift, 0.0, out=shift)
+            shift *= p.one_sided
+            shift += lb
+            zf = shift
+        if self.floor is None:
+            best_f = zf.argmax(1)
+            i, lp, r = _top(log_softmax(zf), p.top_k)
+            ok = None
+        else:  # the restricted distribution is renormalised over the plausible tokens: raw logits will do
+            ok = self._plausible(zb)
+            # the fused continuation follows the restricted teacher too: the raw fused argmax walks into junk
+            # ('pulumi', runs of no-break spaces) that the targets then have to continue, and the student learns
+            # to emit it (docs/results/teacher-junk.md)
+            best_f = np.where(ok, zf, -np.inf).argmax(1)
+            i, lp, r = _top(zf, p.top_k, ok, sparse)
+        if self.blank is not None:
+            assert lb is not None
+            base = np.take_along_axis(lb, i, axis=1)
+            if ok is not None:  # the unedited model restricted to the plausible tokens, as the teacher is
+                rows, cols = np.nonzero(ok)
+                mass = np.bincount(rows, weights=np.exp(lb[rows, cols].astype(np.float64)), minlength=len(ok))
+                base = base - np.log(mass)[:, None].astype(np.float32)
+            lp, r = cap_gain(lp, r, base, np.isin(i, self.blank))
+            order = np.argsort(-lp, axis=1, kind="stable")  # most likely first, as `_top` gives them
+            i, lp = np.take_along_axis(i, order, axis=1), np.take_along_axis(lp, order, axis=1)
+            best_f = i[:, 0]
+        return i, lp, r, best_f, best_b, drawn
 
     def continue_wave(self, wave: list[list[int]]) -> tuple[list[list[int]], list[list[Any]]]:
         """Prompts (at most n_seq) continued greedily by the fused model (sequences 0..n-1) and by the unedited one
@@ -319,6 +354,25 @@ class _TeacherPass:
         return out
 
 
+# Logits a teacher decode may hold per vocabulary-wide copy: llama.cpp keeps about four (each model's output buffer and
+# its graph's output tensor) and the fused logits one more, so at 512 positions Qwen2.5's 151,936 tokens took 0.3 GB a
+# copy and the stage 3.35 GB against 2.94 GB at 128 (32 prompts; the same targets bit for bit).
+TEACHER_LOGITS = 1 << 25
+
+
+def teacher_batch(vocab: int) -> int:
+    """Positions per teacher decode for a vocabulary of `vocab` tokens: the largest power of two from 32 to 512 whose
+    vocabulary-wide rows hold at most TEACHER_LOGITS logits (SmolLM2: 512, Qwen2.5: 128, Gemma-3: 128)."""
+    n = 512
+    while n > 32 and n * vocab > TEACHER_LOGITS:
+        n //= 2
+    return n
+
+
+# Rows of a decode the teacher's numpy work takes at a time (`_TeacherPass.rows`): each of its vocabulary-wide
+# float32 copies is this many rows, whatever the batch.
+ROW_BLOCK = 32
+
 # Prompts continued together: each decode carries 2 x WAVE sequences (the fused and the unedited continuation of
 # every prompt), all in one KV cache whose used cells every token attends over. 32 was no faster on SmolLM2 (96
 # prompts + 32 texts: 38.2 s against 33.1-37.8 s at 16) and changes the continuations (other batch shapes, other
@@ -340,14 +394,17 @@ def _teacher(source: Path, p: DistillParams, prompts: list[str], toxic_texts: li
     targets are read off while the continuations are generated (both continuations of a prompt share its decoded
     prompt through a copy of its KV cache), instead of generating first and decoding every sequence again."""
     from pydetox.fusion import FusedRuntime
+    from pydetox.gguf_io import ModelFile
 
+    with ModelFile(source) as model:
+        batch = teacher_batch(model.tensors["token_embd.weight"].rows)
     n_seq = WAVE
     per = 2 + p.samples  # continuations of each prompt
     n_ctx = per * n_seq * (p.max_tokens + p.max_new_tokens) + 64
     seqs: list[list[int]] = []
     targets: list[list[Any]] = []
     groups: list[int] = []  # the prompt's index; len(prompts) + j for the j-th toxic text
-    with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_ctx, n_seq=per * n_seq, n_batch=512) as rt:
+    with FusedRuntime(source, p.calibrator, p.alpha, n_ctx=n_ctx, n_seq=per * n_seq, n_batch=batch) as rt:
         teach = _TeacherPass(rt, p)
         toks = [rt.tokenize(q)[: p.max_tokens] for q in prompts]
         for s0 in tqdm(range(0, len(toks), n_seq), desc="teacher: continue prompts", leave=False, disable=not progress):
