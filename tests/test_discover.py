@@ -631,6 +631,23 @@ def test_a_half_stored_model_keeps_no_view_of_its_checkpoint_file(tmp_path: Path
         torch.testing.assert_close(params[name].detach(), tensor.to(params[name].dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("given", [None, "7"], ids=["unset", "user's"])
+def test_discovery_bounds_onednn_s_primitive_cache_unless_the_user_set_it(given: str | None) -> None:
+    """A process that loads discovery's model caps oneDNN's primitive cache (every padded batch length would keep
+    primitives and their scratch memory), before anything has built one; a capacity the user set stays theirs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if given is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
+    out = subprocess.run([sys.executable, "-c", "import os, pydetox.discover.model; "
+                          "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (given or "128")
+
+
 def test_converted_model_cache_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each GGUF discovery reads leaves its Hugging Face form in the cache; without pruning that grows by a model's
     size per file (every training seed's model, every test's temporary file). A new conversion removes the folders
