@@ -632,7 +632,7 @@ def test_a_half_stored_model_keeps_no_view_of_its_checkpoint_file(tmp_path: Path
 
 
 @pytest.mark.parametrize("given", [None, "7"], ids=["unset", "user's"])
-def test_discovery_bounds_onednn_s_primitive_cache_unless_the_user_set_it(given: str | None) -> None:
+def test_discovery_bounds_onednn_s_primitive_cache_unless_the_user_set_it(given: str | None, tmp_path: Path) -> None:
     """A process that loads discovery's model caps oneDNN's primitive cache (every padded batch length would keep
     primitives and their scratch memory), before anything has built one; a capacity the user set stays theirs."""
     import os
@@ -644,7 +644,8 @@ def test_discovery_bounds_onednn_s_primitive_cache_unless_the_user_set_it(given:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
     out = subprocess.run([sys.executable, "-c", "import os, pydetox.discover.model; "
                           "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+                         env=env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    # cwd: away from the source tree, whose pydetox/ has no built core; the installed package is imported
     assert out == (given or "128")
 
 
