@@ -235,7 +235,9 @@ class FusedRuntime(LlamaRuntime):
         self.cal.clear()
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
-        self._fused = self._fused[:0]  # the last decode's fused rows are not kept beside this one's
+        # the last decode's fused rows are not kept beside this one's (a slice of them would be a view that keeps
+        # the whole array alive)
+        self._fused = np.zeros((0, self.n_vocab), np.float32)
         super()._decode(items)
         rows = [i for i, it in enumerate(items) if it[3]]
         self._rows = {i: r for r, i in enumerate(rows)}
