@@ -231,30 +231,29 @@ class _TeacherPass:
             chunk = items[c : c + rt.n_batch]
             rt.decode(chunk)
             zf, zb = rt.logits(len(chunk)), rt.target_logits(len(chunk))
-            sparse = None if self.floor is None else _sparse(np.concatenate(
-                [np.count_nonzero(self._plausible(zb[b : b + ROW_BLOCK]), axis=1)
-                 for b in range(0, len(chunk), ROW_BLOCK)]), rt.n_vocab)
+            # the tokens the unedited model finds plausible (a bool per logit: a quarter of a float32 copy), for the
+            # whole decode: it also picks `_top`'s path for every row of it
+            ok = None if self.floor is None else zb >= zb.max(axis=1, keepdims=True) + self.floor
+            sparse = None if ok is None else _sparse(np.count_nonzero(ok, axis=1), rt.n_vocab)
             # Every step below is row by row: a block of rows at a time holds a few vocabulary-wide float32 copies
             # of ROW_BLOCK rows, not of the whole batch (Qwen2.5: 0.6 MB a row)
             for b in range(0, len(chunk), ROW_BLOCK):
                 rows = range(c + b, c + min(b + ROW_BLOCK, len(chunk)))
-                blk = self._block(zf[b : b + ROW_BLOCK], zb[b : b + ROW_BLOCK],
-                                  {i - c - b: draw[i] for i in sorted(draw or ()) if i in rows}, sparse)
-                out += list(zip(blk[0], blk[1], blk[2], strict=True))
-                best_f.append(blk[3])
-                best_b.append(blk[4])
-                drawn.update({i + c + b: d for i, d in blk[5].items()})
+                ids, lp, rest, bf, bb, got = self._block(
+                    zf[b : b + ROW_BLOCK], zb[b : b + ROW_BLOCK], None if ok is None else ok[b : b + ROW_BLOCK],
+                    {i - c - b: draw[i] for i in sorted(draw or ()) if i in rows}, sparse)
+                out += list(zip(ids, lp, rest, strict=True))
+                best_f.append(bf)
+                best_b.append(bb)
+                drawn.update({i + c + b: d for i, d in got.items()})
             del zf, zb  # views of this decode's buffers: the next decode replaces them
         return out, np.concatenate(best_f), np.concatenate(best_b), drawn
 
-    def _plausible(self, zb: np.ndarray) -> np.ndarray:
-        """The tokens the unedited model finds plausible, per row of its logits `zb` (`plausible`)."""
-        assert self.floor is not None
-        return zb >= zb.max(axis=1, keepdims=True) + self.floor
-
-    def _block(self, zf: np.ndarray, zb: np.ndarray, draw: dict[int, int], sparse: bool | None) -> tuple[Any, ...]:
-        """Rows of one decode (fused logits `zf`, unedited `zb`): top-k ids, log-probabilities and rest, the fused
-        and the unedited argmax, and the tokens drawn for the rows in `draw` (row: how many). `sparse`: `_top`'s."""
+    def _block(self, zf: np.ndarray, zb: np.ndarray, ok: np.ndarray | None, draw: dict[int, int],
+               sparse: bool | None) -> tuple[Any, ...]:
+        """Rows of one decode (fused logits `zf`, unedited `zb`, the plausible tokens `ok`; None: no restriction):
+        top-k ids, log-probabilities and rest, the fused and the unedited argmax, and the tokens drawn for the rows in
+        `draw` (row: how many). `sparse`: `_top`'s."""
         from pydetox.runtime import log_softmax
 
         p = self.p
@@ -272,12 +271,10 @@ class _TeacherPass:
             shift *= p.one_sided
             shift += lb
             zf = shift
-        if self.floor is None:
+        if ok is None:
             best_f = zf.argmax(1)
             i, lp, r = _top(log_softmax(zf), p.top_k)
-            ok = None
         else:  # the restricted distribution is renormalised over the plausible tokens: raw logits will do
-            ok = self._plausible(zb)
             # the fused continuation follows the restricted teacher too: the raw fused argmax walks into junk
             # ('pulumi', runs of no-break spaces) that the targets then have to continue, and the student learns
             # to emit it (docs/results/teacher-junk.md)
