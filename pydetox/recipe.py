@@ -401,9 +401,10 @@ def _text_stamp(name: str) -> Any:
 
 
 def _file_stamp(path: Path) -> Any:
-    from pydetox.discover.distill.teacher import file_stamp
-
-    return file_stamp(path)
+    """A file outside the stages folder (the source, a calibrator or text file) as the recipe's keys see it: its
+    path, size and modification time."""
+    st = path.stat()
+    return [path.resolve().as_posix(), st.st_size, st.st_mtime_ns]
 
 
 def _shared_stages(source: Path, out: Path, settings: RecipeSettings, progress: bool) -> tuple[Stages, Path, Path, str]:

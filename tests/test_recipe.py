@@ -82,6 +82,17 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
         np.testing.assert_array_equal(a.a, b.a)
         np.testing.assert_array_equal(a.b, b.b)
 
+    # the output folder moved: its stages still serve, and the student reads the teacher's targets from their cache
+    # instead of computing them again in its own process
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    for f in (moved / "stages").glob("distill-*"):
+        f.unlink()
+    _, _, timing = distill_plan(model, moved, more, progress=False)
+    assert [s for s in ran if not timing[s]["cached"]] == ["distill"]
+    (raw,) = (moved / "stages").glob("distill-*.plan.gguf")
+    assert EditPlan.load(raw).params["diagnostics"]["teacher_from_cache"] is True
+
 
 def test_a_given_calibrator_must_exist(tmp_path: Path) -> None:
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
