@@ -68,8 +68,8 @@ TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "one_s
 def file_stamp(f: Path) -> list[Any]:
     """A file as distill's caches see it: its name, size and modification time, not its folder. The recipe's stages
     are keyed by their inputs, not by where the stages folder lies, so a moved or renamed output folder keeps them;
-    with the path in these keys its student found the teacher's cache stale and computed the teacher again in its
-    own process (a quarter of an hour and the teacher's memory on top of the student's, on Qwen2.5-0.5B)."""
+    with the path in these keys its student would find the teacher's cache stale and compute the teacher again in
+    its own process, beside the torch model."""
     st = f.stat()
     return [f.name, st.st_size, st.st_mtime_ns]
 
