@@ -1,6 +1,8 @@
 """What a calibrator lowers, one-sided as distill's teacher takes it: at the unedited model's 32 likeliest tokens on a teacher's
 toxic sequences, the fused model's log-ratio to the unedited one per token (from the position's least lowered token) and
-each token's share of the probability taken away. Usage: python calibrator_lowers.py TEACHER.npz F16.gguf CAL.gguf ALPHA N."""
+each token's share of the probability taken away. Usage: python calibrator_lowers.py TEACHER.npz F16.gguf CAL.gguf ALPHA N [MARGIN]
+(MARGIN: each log-ratio measured from the position's median over the 32 plus MARGIN first, as `one_sided_center`
+at MARGIN 0; the per-token log-ratios printed are then those of the centred shift)."""
 
 import collections
 import sys
@@ -15,6 +17,7 @@ model = sys.argv[2]
 cal = sys.argv[3]
 alpha = float(sys.argv[4])
 nseq = int(sys.argv[5])
+center = float(sys.argv[6]) if len(sys.argv) > 6 else None
 L = z["t_lengths"]
 T = z["t_tokens"]
 s0 = np.concatenate([[0], np.cumsum(L)[:-1]])
@@ -31,7 +34,10 @@ with FusedRuntime(model, cal, alpha, n_ctx=128, n_batch=128) as rt:
         la, lb = rt.logprobs_and_target(tox[k])
         top = np.argpartition(-lb, 32, axis=1)[:, :32]
         lbt = np.take_along_axis(lb, top, 1).astype(np.float64)
-        d = np.minimum(np.take_along_axis(la, top, 1) - lbt, 0)
+        r = np.take_along_axis(la, top, 1) - lbt
+        if center is not None:
+            r = r - np.median(r, axis=1, keepdims=True) + center
+        d = np.minimum(r, 0)
         new = lbt + d
         new -= np.logaddexp.reduce(new, axis=1, keepdims=True)
         lbn = lbt - np.logaddexp.reduce(lbt, axis=1, keepdims=True)
