@@ -8,8 +8,8 @@ import collections
 import sys
 
 import numpy as np
-from llama_cpp import Llama
 
+from pydetox.discover.distill.teacher import _unpack
 from pydetox.fusion import FusedRuntime
 
 z = np.load(sys.argv[1])
@@ -18,11 +18,7 @@ cal = sys.argv[3]
 alpha = float(sys.argv[4])
 nseq = int(sys.argv[5])
 center = float(sys.argv[6]) if len(sys.argv) > 6 else None
-L = z["t_lengths"]
-T = z["t_tokens"]
-s0 = np.concatenate([[0], np.cumsum(L)[:-1]])
-tox = [T[a : a + n].tolist() for a, n in zip(s0, L, strict=True)]
-tok = Llama(model, vocab_only=True, verbose=False)
+tox = _unpack(z, "t_")  # the teacher's toxic sequences
 rng = np.random.default_rng(0)
 pick = rng.choice(len(tox), nseq, replace=False)
 low = collections.Counter()
@@ -48,31 +44,27 @@ with FusedRuntime(model, cal, alpha, n_ctx=128, n_batch=128) as rt:
             for a, x, y in zip(ids, ms, dd, strict=True):
                 low[int(a)] += x
                 D[int(a)].append(y)
-print(f"one-sided KL over top-32 {np.mean(kl):.3f}, moved per position {tot / len(kl):.3f}")
-ranked = [a for a, _ in low.most_common()]
-print(
-    " | ".join(
-        f"{tok.detokenize([a]).decode('utf-8', 'replace')!r} {x / tot * 100:.2f}" for a, x in low.most_common(40)
-    )
-)
-for w in [
-    ",",
-    " the",
-    " a",
-    " fuck",
-    " fucking",
-    " shit",
-    " hell",
-    " ass",
-    " stupid",
-    " idiot",
-    " sex",
-    " dick",
-    " bitch",
-]:
-    t = tok.tokenize(w.encode(), add_bos=False)
-    if len(t) == 1 and t[0] in D:
-        print(
-            f"{w!r:10} rank {ranked.index(t[0]) + 1:5} share {low[t[0]] / tot * 100:.2f}%"
-            f" median log-ratio {np.median(D[t[0]]):6.2f} n={len(D[t[0]])}"
-        )
+    print(f"one-sided KL over top-32 {np.mean(kl):.3f}, moved per position {tot / len(kl):.3f}")
+    ranked = [a for a, _ in low.most_common()]
+    print(" | ".join(f"{rt.detokenize([a])!r} {x / tot * 100:.2f}" for a, x in low.most_common(40)))
+    for w in [
+        ",",
+        " the",
+        " a",
+        " fuck",
+        " fucking",
+        " shit",
+        " hell",
+        " ass",
+        " stupid",
+        " idiot",
+        " sex",
+        " dick",
+        " bitch",
+    ]:
+        t = rt.tokenize(w, add_special=False)
+        if len(t) == 1 and t[0] in D:
+            print(
+                f"{w!r:10} rank {ranked.index(t[0]) + 1:5} share {low[t[0]] / tot * 100:.2f}%"
+                f" median log-ratio {np.median(D[t[0]]):6.2f} n={len(D[t[0]])}"
+            )

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from pydetox.discover.distill.teacher import _unpack
 from pydetox.fusion import FusedRuntime
 
 z = np.load(sys.argv[1])
@@ -13,17 +14,8 @@ model = sys.argv[2]
 cal = sys.argv[3]
 alpha = float(sys.argv[4])
 nseq = int(sys.argv[5])
-
-
-def seqs(prefix):
-    L = z[prefix + "lengths"]
-    T = z[prefix + "tokens"]
-    s = np.concatenate([[0], np.cumsum(L)[:-1]])
-    return [T[a : a + n].tolist() for a, n in zip(s, L, strict=True)]
-
-
-clean = seqs("clean_")
-tox = seqs("t_")
+clean = _unpack(z, "clean_")
+tox = _unpack(z, "t_")
 rng = np.random.default_rng(0)
 with FusedRuntime(model, cal, alpha, n_ctx=128, n_batch=128) as rt:
     V = rt.n_vocab
@@ -36,8 +28,7 @@ with FusedRuntime(model, cal, alpha, n_ctx=128, n_batch=128) as rt:
         num += (pu * (la - lb)).sum(0)
         den += pu.sum(0)
     print("clean positions done; tokens with den>1:", (den > 1).sum())
-    for c in [1.0]:
-        b = num / (den + c)
+    b = num / (den + 1.0)  # one unit of probability mass at log-ratio 0 pulls rarely seen tokens toward no shift
     lowered = {"raw": collections.Counter(), "debiased": collections.Counter()}
     tot = {"raw": 0.0, "debiased": 0.0}
     for k in rng.choice(len(tox), min(nseq, len(tox)), replace=False):

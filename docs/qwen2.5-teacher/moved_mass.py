@@ -1,75 +1,46 @@
-"""What a distill teacher moves: KL(teacher || unedited) per position and the tokens that lose the most probability.
+"""What a distill teacher moves: KL(teacher || unedited) per position and the tokens that lose the most probability,
+over the teacher's own top-k (a token the teacher lowers far enough leaves it, so per-token shares undercount those:
+calibrator_lowers.py measures at the unedited model's top 32 instead).
 Usage: python moved_mass.py STAGES/teacher-KEY.npz STAGES/f16-KEY.gguf N_SEQUENCES (a random draw, seed 0)."""
 
 import collections
 import sys
 
 import numpy as np
-from llama_cpp import Llama
+
+from pydetox.discover.distill.teacher import _Targets
+from pydetox.runtime import LlamaRuntime
 
 z = np.load(sys.argv[1])
 model = sys.argv[2]
 nseq = int(sys.argv[3])
-lengths = z["t_lengths"]
-toks = z["t_tokens"]
-ids = z["t_ids"]
-lp = z["t_logp"]
-rest = z["t_rest"]
-starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-rstarts = np.concatenate([[0], np.cumsum(lengths - 1)[:-1]])
-llm = Llama(model, n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+t = _Targets.from_arrays(z, "t_")
 rng = np.random.default_rng(0)
-pick = rng.choice(len(lengths), nseq, replace=False)
+pick = rng.choice(len(t), nseq, replace=False)
 drop = collections.Counter()
 gain = collections.Counter()
 kl = []
-npos = 0
-for s in pick:
-    seq = toks[starts[s] : starts[s] + lengths[s]].tolist()
-    llm.reset()
-    llm.eval(seq)
-    logits = np.array(llm.scores[: len(seq) - 1], dtype=np.float64)
-    logits -= logits.max(1, keepdims=True)
-    lb = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    r0 = rstarts[s]
-    for j in range(len(seq) - 1):
-        i = ids[r0 + j]
-        t = lp[r0 + j].astype(np.float64)
-        pu = np.exp(lb[j, i])
-        pt = np.exp(t)
-        # KL(teacher || unedited) over the top-k plus rest bucket
-        ru = max(1e-12, 1 - pu.sum())
-        rt = np.exp(rest[r0 + j])
-        kl.append((pt * (t - lb[j, i])).sum() + rt * (rest[r0 + j] - np.log(ru)))
-        d = pu - pt
-        for a, b in zip(i, d, strict=True):
-            if b > 0:
-                drop[int(a)] += b
-            else:
-                gain[int(a)] -= b
-        npos += 1
-tot = sum(drop.values())
-print(
-    "positions",
-    npos,
-    "mean KL(teacher||unedited) on top-k",
-    np.mean(kl),
-    "median",
-    np.median(kl),
-    "mass moved per position",
-    tot / npos,
-)
-
-
-def show(c, n=60):
-    for a, b in c.most_common(n):
-        print(repr(llm.detokenize([a]).decode("utf-8", "replace")), round(b / tot * 100, 2), end=" | ")
-    print()
-
-
-print("LOWERED (share of mass moved, %):")
-show(drop)
-print("RAISED:")
-show(gain, 40)
-top = sum(b for _, b in drop.most_common(50)) / tot
-print("top-50 lowered share", top)
+with LlamaRuntime(model, n_ctx=256, n_batch=256) as rt:
+    for s in pick:
+        lb = rt.logprobs(t.seqs[s]).astype(np.float64)
+        ids, lp, rest = t.ids[s], t.logp[s].astype(np.float64), t.rest[s].astype(np.float64)
+        lu = np.take_along_axis(lb, ids, axis=1)
+        pu, pt = np.exp(lu), np.exp(lp)
+        # KL(teacher || unedited) over the top-k and the rest bucket
+        ru = np.maximum(1e-12, 1 - pu.sum(1))
+        kl += list((pt * (lp - lu)).sum(1) + np.exp(rest) * (rest - np.log(ru)))
+        for row, d in zip(ids, pu - pt, strict=True):
+            for a, b in zip(row, d, strict=True):
+                if b > 0:
+                    drop[int(a)] += b
+                else:
+                    gain[int(a)] -= b
+    tot = sum(drop.values())
+    print(
+        f"positions {len(kl)}, mean KL(teacher || unedited) {np.mean(kl):.4f} (median {np.median(kl):.4f}),"
+        f" probability moved per position {tot / len(kl):.4f}"
+    )
+    for name, c, n in (("LOWERED", drop, 60), ("RAISED", gain, 40)):
+        print(f"{name} (share of the probability moved, %):")
+        print(" | ".join(f"{rt.detokenize([a])!r} {b / tot * 100:.2f}" for a, b in c.most_common(n)))
+    print("top-50 lowered share", round(sum(b for _, b in drop.most_common(50)) / tot, 4))
