@@ -343,21 +343,25 @@ def test_one_sided_teacher_is_the_unedited_distribution_lowered_where_the_fused_
     """`one_sided`: at every position of every context the targets are log_softmax(log p + s * min(0, log p_fused -
     log p)) of the unedited p, read against a teacher-forced pass of both models; no token gains on the unedited model
     before renormalising, and the fused continuation of each prompt follows the targets' argmax. `one_sided_center`:
-    the same with the change log p_fused - log p less its median over the unedited model's top_k likeliest tokens."""
+    the same with the change log p_fused - log p less its median over the unedited model's top_k likeliest tokens.
+    `toxic_gate`: the lowering of each token weighted by `toxic_gate`'s weight for it."""
     from pydetox.discover.distill.params import DistillParams
-    from pydetox.discover.distill.teacher import _teacher
+    from pydetox.discover.distill.teacher import _teacher, toxic_gate
     from pydetox.fusion import FusedRuntime
     from pydetox.runtime import log_softmax
 
     target, cal = trained
     prompts = ["the cat sat on", "a dog ran", "we saw the", "she said that it"]
-    for s, center in ((1.0, False), (3.0, False), (1.0, True)):
+    for s, center, gated in ((1.0, False, False), (3.0, False, False), (1.0, True, False), (3.0, False, True)):
         p = DistillParams(calibrator=str(cal), alpha=0.9, max_new_tokens=8, max_tokens=16, plausible=0, one_sided=s,
-                          one_sided_center=center)
+                          one_sided_center=center, toxic_gate=gated, toxic_gate_from=0.0)
         toxic, _ = _teacher(target, p, prompts, [], False, [])
         n = max(len(q) for q in toxic.seqs)
         followed = set()
         with FusedRuntime(target, str(cal), 0.9, n_ctx=n, n_batch=n) as rt:
+            gate = toxic_gate(rt, 0.0) if gated else 1.0
+            if gated:  # the pairs weight some of this vocabulary's tokens, and leave most at 0
+                assert 0 < np.count_nonzero(gate) < len(gate) / 2
             starts = [len(rt.tokenize(q)) for q in prompts]
             for q, ids, logp, g in zip(toxic.seqs, toxic.ids, toxic.logp, toxic.groups, strict=True):
                 fused, base = rt.logprobs_and_target(q)
@@ -365,11 +369,29 @@ def test_one_sided_teacher_is_the_unedited_distribution_lowered_where_the_fused_
                 if center:
                     likeliest = np.argsort(-base, axis=1)[:, : p.top_k]
                     shift -= np.median(np.take_along_axis(shift, likeliest, axis=1), axis=1, keepdims=True)
-                want = log_softmax(base + s * np.minimum(0.0, shift))[: len(q) - 1]
+                want = log_softmax(base + s * np.minimum(0.0, shift) * gate)[: len(q) - 1]
                 np.testing.assert_allclose(np.take_along_axis(want, ids, axis=1), logp, atol=2e-3)
                 if all(q[j + 1] == int(want[j].argmax()) for j in range(starts[g] - 1, len(q) - 1)):
                     followed.add(int(g))
         assert len(followed) >= len(prompts) - 1  # each prompt's fused continuation (a tie may break the other way)
+
+
+def test_toxic_gate_weights_tokens_the_toxic_side_makes_likelier() -> None:
+    """`gate_weights`: 0 for tokens both sides use alike (a function word, an identity word the paraphrases keep) and
+    for tokens the toxic side uses under 3 times; 1 where the smoothed log-odds reach `start` + 1; linear between."""
+    from pydetox.discover.distill.teacher import gate_weights
+
+    # tokens: function word, identity word, profanity, rare, between; 10,000 uses a side
+    toxic = np.array([5000.0, 40.0, 300.0, 2.0, 0.0])
+    neutral = np.array([5000.0, 40.0, 0.0, 0.0, 0.0])
+    toxic[4] = np.exp(1.5) * 20 - 1  # log-odds 1.5 against a neutral count of 19
+    neutral[4] = 19
+    toxic[0] += 10_000 - toxic.sum()
+    neutral[0] += 10_000 - neutral.sum()
+    w = gate_weights(toxic, neutral, 1.0)
+    assert w[0] == 0 and w[1] == 0 and w[3] == 0
+    assert w[2] == 1
+    np.testing.assert_allclose(w[4], 0.5, atol=0.01)
 
 
 def test_blank_cap_keeps_whitespace_tokens_at_the_unedited_probability_and_gives_their_gain_to_the_rest(
@@ -484,6 +506,8 @@ def test_distill_moves_the_model_toward_the_fused_teacher_and_llama_cpp_runs_the
         disc.plan("distill", {**settings, "expert": str(cal)})
     with pytest.raises(PydetoxError, match="anti_rule is 'prob' or 'ratio'"):
         disc.plan("distill", {**anti, "anti_rule": "log"})
+    with pytest.raises(PydetoxError, match="toxic_gate weights the one-sided teacher"):
+        disc.plan("distill", {**settings, "toxic_gate": "1", "one_sided": "0"})
     # trained on a restricted vocabulary (every target token, then the unedited model's most likely ones): it still
     # learns, and the held-out figures stay over the whole vocabulary (same before-training numbers as `exact`)
     small = disc.plan("distill", {**settings, "clean_weight": "10", "clean_kl": "full", "top_k": "4",

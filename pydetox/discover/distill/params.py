@@ -48,6 +48,16 @@ class DistillParams:
     # seeds it took the blank runs to 0% at the same KL and perplexity and at least the same cut, and loops rose
     # from 15% to 21% (unedited 16%; docs/results/blank-cap.md); off by default.
     blank_cap: bool = False
+    # With `one_sided`: each token's lowering weighted by how much likelier the toxic side of the ParaDetox pairs
+    # makes it than the neutral side (their paraphrases, in the same informal register): the weight rises from 0 to 1
+    # as the token's log-odds (toxic against neutral, add-one smoothed, tokens the toxic side uses 3+ times) rise from
+    # `toxic_gate_from` nats to one nat more. A calibrator trained on clean text learns the register of its text as
+    # well as the absence of toxicity; on a coder model most of what it lowers on toxic contexts is function words
+    # (',' by 3.6 nats, ' the' by 1.4: docs/results/qwen2.5-coder-0.5b.md), which the pairs use alike on both sides
+    # (weight 0), while ' fuck', ' shit', ' stupid' or ' idiot' get 1. Identity words are not singled out: the
+    # paraphrases keep them (' women', ' white', ' muslim': log-odds -0.5 to 0.1, weight 0).
+    toxic_gate: bool = False
+    toxic_gate_from: float = 1.0
     pairs: int = 600  # ParaDetox pairs: toxic side as teacher contexts, neutral side as clean text
     # More toxic contexts like the evaluation's (sentence starts that invite a toxic ending): this many further
     # ParaDetox toxic sentences, none of the `pairs` ones, cut to their first half (in words) and continued like the
@@ -146,6 +156,8 @@ def _check(p: DistillParams, source: Path) -> None:
         raise PydetoxError(f"distill runs the fused teacher in llama.cpp and needs the model as a GGUF file; got {source}")
     if p.one_sided < 0:
         raise PydetoxError(f"distill: one_sided must be >= 0, got {p.one_sided}")
+    if p.toxic_gate and p.one_sided <= 0:
+        raise PydetoxError("distill: toxic_gate weights the one-sided teacher's lowering; it needs one_sided > 0")
     if not 0.0 <= p.plausible < 1.0:
         raise PydetoxError(f"distill: plausible must lie in [0, 1), got {p.plausible}")
     if p.clean_kl not in ("top", "full"):

@@ -60,9 +60,9 @@ def _unpack(z: Any, prefix: str) -> list[list[int]]:
 # Bumped when the teacher's contexts or targets change for the same settings, so that no cache serves the old ones
 # (5: decodes of `teacher_batch` positions, which moves some targets by llama.cpp's rounding).
 TEACHER_FORMAT = 5
-TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "one_sided_center", "blank_cap", "pairs",
-                "pair_prompts", "clean_texts", "prompts", "max_prompts", "max_new_tokens", "max_tokens", "seed", "samples",
-                "top_p")
+TEACHER_KEYS = ("calibrator", "alpha", "top_k", "plausible", "one_sided", "one_sided_center", "blank_cap", "toxic_gate",
+                "toxic_gate_from", "pairs", "pair_prompts", "clean_texts", "prompts", "max_prompts", "max_new_tokens",
+                "max_tokens", "seed", "samples", "top_p")
 
 
 def file_stamp(f: Path) -> list[Any]:
@@ -197,6 +197,32 @@ def blank_tokens(rt: Any) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
+GATE_MIN_COUNT = 3  # toxic-side uses of a token in the pairs before `toxic_gate` can weight it
+
+
+def gate_weights(toxic: np.ndarray, neutral: np.ndarray, start: float) -> np.ndarray:
+    """`toxic_gate`'s weight per token from its counts on the two sides of the pairs: the add-one smoothed log-odds
+    of the toxic side against the neutral one, from `start` nats (weight 0) to `start` + 1 (weight 1); 0 for a token
+    the toxic side uses under GATE_MIN_COUNT times."""
+    log_odds = np.log((toxic + 1.0) / max(1.0, toxic.sum())) - np.log((neutral + 1.0) / max(1.0, neutral.sum()))
+    return (np.clip(log_odds - start, 0.0, 1.0) * (toxic >= GATE_MIN_COUNT)).astype(np.float32)
+
+
+def toxic_gate(rt: Any, start: float) -> np.ndarray:
+    """`gate_weights` on the runtime's tokenization of every usable embedded ParaDetox pair (evaluation prompts left
+    out), each text after a space as the teacher's contexts continue mid-text."""
+    from pydetox import splits
+    from pydetox.discover.data import EMBEDDED, usable_pairs
+
+    rows, _ = usable_pairs(EMBEDDED, set(splits.evaluation_prompts()))
+    counts = np.zeros((2, rt.n_vocab), np.float64)
+    for r in rows:
+        for side, text in enumerate((r["toxic"], r["neutral"])):
+            ids = np.asarray(rt.tokenize(" " + text, add_special=False), np.int64)
+            np.add.at(counts[side], ids[ids < rt.n_vocab], 1.0)
+    return gate_weights(counts[0], counts[1], start)
+
+
 def cap_gain(lp: np.ndarray, rest: np.ndarray, base: np.ndarray, capped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows (log-probabilities `lp`, the rest's `rest`) with the `capped` slots lowered to at most `base` (the
     unedited log-probabilities there) and the mass they lose given to the other slots and the rest in proportion.
@@ -221,6 +247,7 @@ class _TeacherPass:
         self.floor = np.log(p.plausible) if p.plausible > 0 else None
         self.rng = np.random.default_rng(p.seed)
         self.blank = blank_tokens(rt) if p.blank_cap else None
+        self.gate = toxic_gate(rt, p.toxic_gate_from) if p.toxic_gate else None
 
     def rows(self, items: list[tuple[int, int, int, bool]], draw: dict[int, int] | None = None,
              ) -> tuple[list[tuple[Any, Any, Any]], np.ndarray, np.ndarray, dict[int, list[int]]]:
@@ -271,6 +298,8 @@ class _TeacherPass:
                 likeliest = np.argpartition(-lb, p.top_k, axis=1)[:, : p.top_k]
                 shift -= np.median(np.take_along_axis(shift, likeliest, axis=1), axis=1, keepdims=True)
             np.minimum(shift, 0.0, out=shift)
+            if self.gate is not None:
+                shift *= self.gate
             shift *= p.one_sided
             shift += lb
             zf = shift
