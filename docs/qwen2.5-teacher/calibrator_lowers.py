@@ -1,17 +1,23 @@
 """What a calibrator lowers, one-sided as distill's teacher takes it: at the unedited model's 32 likeliest tokens on a teacher's
 toxic sequences, the fused model's log-ratio to the unedited one per token (from the position's least lowered token) and
 each token's share of the probability taken away. Usage: python calibrator_lowers.py TEACHER.npz F16.gguf CAL.gguf ALPHA N [MARGIN]
-(MARGIN: each log-ratio measured from the position's median over the 32 plus MARGIN first, as `one_sided_center`
-at MARGIN 0; the per-token log-ratios printed are then those of the centred shift)."""
+[--gate FROM] (MARGIN: each log-ratio measured from the position's median over the 32 plus MARGIN first, as
+`one_sided_center` at MARGIN 0; the per-token log-ratios printed are then those of the centred shift. --gate: each
+token's lowering weighted as distill's `toxic_gate` with `toxic_gate_from` FROM)."""
 
 import collections
 import sys
 
 import numpy as np
 
-from pydetox.discover.distill.teacher import _unpack
+from pydetox.discover.distill.teacher import _unpack, toxic_gate
 from pydetox.fusion import FusedRuntime
 
+gate_from = None
+if "--gate" in sys.argv:
+    at = sys.argv.index("--gate")
+    gate_from = float(sys.argv[at + 1])
+    del sys.argv[at : at + 2]
 z = np.load(sys.argv[1])
 model = sys.argv[2]
 cal = sys.argv[3]
@@ -26,6 +32,7 @@ D = collections.defaultdict(list)
 tot = 0.0
 kl = []
 with FusedRuntime(model, cal, alpha, n_ctx=128, n_batch=128) as rt:
+    gate = None if gate_from is None else toxic_gate(rt, gate_from)
     for k in pick:
         la, lb = rt.logprobs_and_target(tox[k])
         top = np.argpartition(-lb, 32, axis=1)[:, :32]
@@ -34,6 +41,8 @@ with FusedRuntime(model, cal, alpha, n_ctx=128, n_batch=128) as rt:
         if center is not None:
             r = r - np.median(r, axis=1, keepdims=True) + center
         d = np.minimum(r, 0)
+        if gate is not None:
+            d = d * gate[top]
         new = lbt + d
         new -= np.logaddexp.reduce(new, axis=1, keepdims=True)
         lbn = lbt - np.logaddexp.reduce(lbt, axis=1, keepdims=True)

@@ -55,7 +55,10 @@ class DistillParams:
     # well as the absence of toxicity; on a coder model most of what it lowers on toxic contexts is function words
     # (',' by 3.6 nats, ' the' by 1.4: docs/results/qwen2.5-coder-0.5b.md), which the pairs use alike on both sides
     # (weight 0), while ' fuck', ' shit', ' stupid' or ' idiot' get 1. Identity words are not singled out: the
-    # paraphrases keep them (' women', ' white', ' muslim': log-odds -0.5 to 0.1, weight 0).
+    # paraphrases keep them (' women', ' white', ' muslim': log-odds -0.5 to 0.1, weight 0). On Qwen2.5 it took the
+    # teacher's KL from 1.37 to 0.022 nats per position, all of it on toxic tokens, and its edit cut a fifth to a half
+    # as much as the default's at the same news KL, for more perplexity (docs/results/qwen2.5-coder-0.5b.md): the
+    # function words lowered where a toxic continuation comes are what turns it. Off by default.
     toxic_gate: bool = False
     toxic_gate_from: float = 1.0
     pairs: int = 600  # ParaDetox pairs: toxic side as teacher contexts, neutral side as clean text
