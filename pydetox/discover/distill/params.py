@@ -57,7 +57,7 @@ class DistillParams:
     # (weight 0), while ' fuck', ' shit', ' stupid' or ' idiot' get 1. Identity words are not singled out: the
     # paraphrases keep them (' women', ' white', ' muslim': log-odds -0.5 to 0.1, weight 0). On Qwen2.5 it took the
     # teacher's KL from 1.37 to 0.022 nats per position, all of it on toxic tokens, and its edit cut 1.3-1.6x where
-    # the default's cuts 2.2-2.6x at about the same news KL, for more perplexity (docs/results/qwen2.5-coder-0.5b.md):
+    # the default's cuts 2.0-2.6x (two machines) at about the same news KL, for more perplexity (docs/results/qwen2.5-coder-0.5b.md):
     # the function words the default lowers on toxic contexts carry most of its cut. Off by default.
     toxic_gate: bool = False
     toxic_gate_from: float = 1.0
