@@ -60,7 +60,7 @@ class DistillParams:
     # the default's cuts 2.0-2.6x (two machines) at about the same news KL, for more perplexity (docs/results/qwen2.5-coder-0.5b.md):
     # the function words the default lowers on toxic contexts carry most of its cut. Off by default.
     toxic_gate: bool = False
-    toxic_gate_from: float = 1.0
+    toxic_gate_from: float = 1.0  # toxic_gate: the log-odds (nats) where a token's weight starts to rise from 0
     pairs: int = 600  # ParaDetox pairs: toxic side as teacher contexts, neutral side as clean text
     # More toxic contexts like the evaluation's (sentence starts that invite a toxic ending): this many further
     # ParaDetox toxic sentences, none of the `pairs` ones, cut to their first half (in words) and continued like the
