@@ -13,6 +13,10 @@ KL grows about quadratically with strength (the edited logits move linearly), so
 s * sqrt(budget / KL(s)) and falls back to bisection when that leaves the bracket. The search starts at strength 1
 (the edit as discovered) and goes above it up to `max_strength` when the budget allows: a plan whose KL at strength 1
 is far under the budget leaves effect unused (Plan.scaled extrapolates the same edit linearly).
+
+A `fixed` plan rides along at strength 1 in every trial (merged after the scaled plan): an edit that is all or
+nothing, such as the word filter's rows scaled to 0 (scaled by 1.2 they would turn negative), whose KL the budget
+must still hold.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class Fit:
 def fit_strength(plan: EditPlan, model: str | Path, budget: float, documents: list[str], *, max_tokens: int = 4096,
                  window: int = 512, edited_floor: gguf.GGMLQuantizationType | None = None, steps: int = 6,
                  tol: float = 0.05, max_strength: float = 1.0, threads: int | None = None,
-                 ftype: gguf.LlamaFileType | None = None, progress: bool = True) -> Fit:
+                 ftype: gguf.LlamaFileType | None = None, fixed: EditPlan | None = None, progress: bool = True) -> Fit:
     """`ftype` None: each trial edits `model` keeping its types and KL is measured against `model` itself. Given, the
     KL is measured at that model type: each trial applies the plan with `ftype` (as `pydetox apply --type` does) and
     the reference is `model` converted to `ftype` unedited, so the budget holds for the quantized model a user runs
@@ -72,17 +76,22 @@ def fit_strength(plan: EditPlan, model: str | Path, budget: float, documents: li
             return _search(plan, model, budget, documents, ref, Path(tmp), max_tokens=max_tokens, window=window,
                            options=ApplyOptions(ftype=ftype, edited_floor=edited_floor, threads=threads, verify=False,
                                                 progress=False),
-                           steps=steps, tol=tol, max_strength=max_strength, progress=progress)
+                           steps=steps, tol=tol, max_strength=max_strength, fixed=fixed, progress=progress)
+
+
+def with_fixed(scaled: EditPlan, fixed: EditPlan | None) -> EditPlan:
+    """`scaled` with the edits of `fixed` after it (`EditPlan.merged`), or `scaled` alone."""
+    return scaled if fixed is None else EditPlan.merged([("scaled", scaled), ("fixed", fixed)])
 
 
 def _search(plan: EditPlan, model: str | Path, budget: float, documents: list[str], ref: LlamaRuntime, tmp: Path, *,
             max_tokens: int, window: int, options: ApplyOptions, steps: int, tol: float, max_strength: float,
-            progress: bool) -> Fit:
+            fixed: EditPlan | None, progress: bool) -> Fit:
     trials: list[Trial] = []
 
     def measure(strength: float) -> Trial:
         out = tmp / f"s{strength:.4f}.gguf"
-        apply_plan(plan.scaled(strength), model, out, options)
+        apply_plan(with_fixed(plan.scaled(strength), fixed), model, out, options)
         with LlamaRuntime(out, n_ctx=window, n_batch=window, threads=options.threads) as rt:
             cap = capability(rt, documents, reference=ref, max_tokens=max_tokens, window=window, progress=False)
         out.unlink()

@@ -103,6 +103,10 @@ class RecipeSettings:
     # over three seeds. On held-out news the same edit's Q4_K_M KL is 1.05-1.10x its F16 KL (on wiki ~1.5x), so the
     # fit at Q4_K_M costs 2.5-6% of strength (docs/results/kl-budget-text.md).
     fit_type: str = "lowest"
+    # Also ban the word filter's tokens (pydetox.discover.wordfilter, its defaults: output rows of the listed bad
+    # words and the pair-attested pieces scaled to 0), merged after the student's edit. The filter is all or nothing,
+    # so the fit scales the student alone with the filter in every trial: the KL budget holds both.
+    word_filter: bool = False
     seed: int = 0  # the student's seed (DistillParams.seed); the calibrator's is calibrator.seed
     # torch device of the calibrator's training and the student ("auto": CUDA when torch sees a GPU). Not part of any
     # stage's key: the results agree within numerical tolerance, and a stage made on one device is reused on another.
@@ -142,7 +146,7 @@ class RecipeSettings:
 DEFAULT_TYPES = ("F16", "Q8_0", "Q4_K_M")
 # RecipeSettings fields that an override in the `recipe` namespace may set (`--param recipe:KEY=VALUE`, a sweep's
 # `recipe:KEY`); the calibrator and the student have their own namespaces (`calibrator:`, `distill:`).
-RECIPE_SCALARS = ("kl_budget", "fit_text", "fit_tokens", "fit_steps", "max_strength", "fit_type")
+RECIPE_SCALARS = ("kl_budget", "fit_text", "fit_tokens", "fit_steps", "max_strength", "fit_type", "word_filter")
 NAMESPACES = ("recipe", "distill", "calibrator")
 
 
@@ -337,6 +341,14 @@ def _student_plan(f16: Path, overrides: dict[str, str], out: Path, progress: boo
             "teacher_from_cache": d["teacher_from_cache"]}
 
 
+def _word_filter_plan(f16: Path, out: Path, progress: bool, device: str) -> dict[str, Any]:
+    from pydetox.discover import Discovery
+
+    plan = Discovery(f16, progress=progress, device=device).plan("wordfilter")
+    plan.save(out)
+    return {"banned_tokens": plan.params["diagnostics"]["banned_tokens"]}
+
+
 def _teacher_only(f16: Path, overrides: dict[str, str], progress: bool) -> dict[str, Any]:
     from pydetox.discover.distill import teacher_targets
 
@@ -351,9 +363,27 @@ def _teacher_targets(f16: Path, overrides: dict[str, str], progress: bool, devic
     return info
 
 
-def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSettings, progress: bool) -> Path:
+def _word_filter(stages: Stages, f16: Path, src_key: str, settings: RecipeSettings,
+                 progress: bool) -> tuple[Path, str] | None:
+    """The "wordfilter" stage when `settings.word_filter`: the word filter's plan at its defaults for this source,
+    and its key; None otherwise."""
+    if not settings.word_filter:
+        return None
+    from pydetox.discover.wordfilter import WordFilterParams
+
+    def make(path: Path) -> dict[str, Any]:
+        return _in_stage(settings, "_word_filter_plan", f16=f16, out=path, progress=progress, device=settings.device)
+
+    key = _key("wordfilter", src_key, asdict(WordFilterParams()))
+    path, _ = stages.run("wordfilter", key, ".plan.gguf", make)
+    return path, key
+
+
+def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSettings, progress: bool,
+         fixed: tuple[Path, str] | None = None) -> Path:
     """The student's plan scaled to the largest strength (up to `max_strength`) within the KL budget on `fit_text`,
-    measured in llama.cpp at `fit_type` with the edited tensors at their floor type."""
+    measured in llama.cpp at `fit_type` with the edited tensors at their floor type; with `fixed` (a plan file and
+    its key: the word filter) merged after it at strength 1 in every trial and in the plan it returns."""
     from pydetox import ggml
 
     fit_type = settings.for_types(DEFAULT_TYPES).fit_type
@@ -362,21 +392,25 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
         ftype = None
 
     def make_fit(path: Path) -> dict[str, Any]:
-        from pydetox.fit import fit_strength
+        from pydetox.fit import fit_strength, with_fixed
         from pydetox.prompts import load_clean_text
 
         plan = EditPlan.load(raw)
+        extra = EditPlan.load(fixed[0]) if fixed else None
         floor = ggml.parse_type(settings.edited_type) if settings.edited_type else None
         fit = fit_strength(plan, f16, settings.kl_budget, load_clean_text(settings.fit_text),
                            max_tokens=settings.fit_tokens,
                            edited_floor=floor, steps=settings.fit_steps, max_strength=settings.max_strength,
-                           ftype=ftype, threads=settings.threads, progress=progress)
+                           ftype=ftype, threads=settings.threads, fixed=extra, progress=progress)
         if fit.strength == 0:
             raise PydetoxError(f"no strength tried keeps KL within {settings.kl_budget:g}: "
                                + ", ".join(f"{t.strength:g} -> {t.kl:.4f}" for t in fit.trials))
         trials = [{"strength": t.strength, "kl": round(t.kl, 5), "perplexity": round(t.perplexity, 3)} for t in fit.trials]
         scaled = plan.scaled(fit.strength, source=raw.name)
-        fitted = EditPlan(scaled.arch, scaled.edits, scaled.method, {**scaled.params, "fit": {
+        both = with_fixed(scaled, extra)
+        # the student's parameters stay on top (its strength, diagnostics); a merged plan's record of the parts beside
+        both_params = {**scaled.params, **({"merged": both.params["merged"]} if extra else {})}
+        fitted = EditPlan(scaled.arch, both.edits, both.method, {**both_params, "fit": {
             "kl_budget": settings.kl_budget, "clean_text": settings.fit_text, "tokens": settings.fit_tokens,
             "edited_type": settings.edited_type, "max_strength": settings.max_strength, "model_type": fit_type,
             "trials": trials}}, scaled.model)
@@ -389,8 +423,10 @@ def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSe
     at = () if ftype is None else (ggml.ftype_name(ftype),)
     # and so does a fit on wiki (the only text before fit_text existed); a file is keyed by its path, size and time
     text = () if settings.fit_text == "wiki" else (_text_stamp(settings.fit_text),)
+    # and so does a fit without a fixed plan
+    also = () if fixed is None else (fixed[1],)
     fitted, _ = stages.run("fit", _key("fit", plan_key, settings.kl_budget, settings.fit_tokens, settings.fit_steps,
-                                          settings.edited_type, *ceiling, *at, *text), ".plan.gguf", make_fit)
+                                          settings.edited_type, *ceiling, *at, *text, *also), ".plan.gguf", make_fit)
     return fitted
 
 
@@ -407,7 +443,8 @@ def _file_stamp(path: Path) -> Any:
     return [path.resolve().as_posix(), st.st_size, st.st_mtime_ns]
 
 
-def _shared_stages(source: Path, out: Path, settings: RecipeSettings, progress: bool) -> tuple[Stages, Path, Path, str]:
+def _shared_stages(source: Path, out: Path, settings: RecipeSettings,
+                   progress: bool) -> tuple[Stages, Path, Path, str, str]:
     stages = Stages(out / "stages", progress)
     src_key = _key("source", _file_stamp(source))
 
@@ -421,7 +458,7 @@ def _shared_stages(source: Path, out: Path, settings: RecipeSettings, progress: 
     f16, _ = stages.run("f16", src_key, ".gguf", make_f16)
     cal, cal_key = _calibrator(stages, f16, src_key, settings, progress)
     heap.release()
-    return stages, f16, cal, cal_key
+    return stages, f16, cal, cal_key, src_key
 
 
 def prepare(source: Path, out: Path, settings: RecipeSettings = RecipeSettings(),
@@ -429,9 +466,10 @@ def prepare(source: Path, out: Path, settings: RecipeSettings = RecipeSettings()
     """Make the stages that runs of several student seeds or settings share (the F16, the calibrator, the teacher's
     targets and the unedited model's clean targets) without training a student, so that runs started side by side
     afterwards (a sweep's Ray tasks) read them instead of each computing them; returns each stage's time."""
-    stages, f16, cal, cal_key = _shared_stages(source, out, settings, progress)
+    stages, f16, cal, cal_key, src_key = _shared_stages(source, out, settings, progress)
     overrides, teacher_key, _ = _student_overrides(stages, f16, cal, cal_key, settings)
     _teacher(stages, f16, overrides, teacher_key, settings, progress)
+    _word_filter(stages, f16, src_key, settings, progress)
     # the unedited model's clean targets (torch), cached beside the teacher's; a no-op but for loading the model when
     # they are there already
     _in_stage(settings, "_teacher_targets", f16=f16, overrides=overrides, progress=progress, device=settings.device)
@@ -443,8 +481,9 @@ def distill_plan(source: Path, out: Path, settings: RecipeSettings = RecipeSetti
                  progress: bool = True) -> tuple[EditPlan, Path, dict[str, dict[str, Any]]]:
     """Run (or resume) the recipe on the GGUF `source` with its stages under `out/stages`; returns the fitted plan,
     where it was saved, and each stage's time."""
-    stages, f16, cal, cal_key = _shared_stages(source, out, settings, progress)
+    stages, f16, cal, cal_key, src_key = _shared_stages(source, out, settings, progress)
     raw, plan_key = _distill(stages, f16, cal, cal_key, settings, progress)
+    fixed = _word_filter(stages, f16, src_key, settings, progress)
     heap.release()
-    fitted = _fit(stages, f16, raw, plan_key, settings, progress)
+    fitted = _fit(stages, f16, raw, plan_key, settings, progress, fixed)
     return EditPlan.load(fitted), fitted, stages.timing

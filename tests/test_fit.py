@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny import write_tiny_llama
 
@@ -126,3 +127,35 @@ def test_least_precise_ranks_model_types_by_their_main_tensor_type() -> None:
         least_precise(["F16", "Q4_K_Z"])
     with pytest.raises(PydetoxError, match="expected at least one model type, found none"):
         least_precise([])
+
+
+def test_a_fixed_plan_rides_along_at_strength_one(model_and_plan: tuple[Path, Path], tmp_path: Path) -> None:
+    """`fixed` (the recipe's word filter: rows scaled to 0, which no strength but 1 keeps at 0) is merged after the
+    scaled plan in every trial, so its KL counts against the budget and the fit scales the other plan alone."""
+    from pydetox.apply import ApplyOptions, apply_plan
+    from pydetox.capability import capability
+    from pydetox.fit import with_fixed
+    from pydetox.plan import Edit
+    from pydetox.runtime import LlamaRuntime
+
+    model, path = model_and_plan
+    plan = EditPlan.load(path)
+    with ModelFile(model) as m:
+        rows, cols = m.tensors["output.weight"].shape
+    gain = np.ones(rows, np.float32)
+    gain[[5, 9, 40]] = 0.0
+    fixed = EditPlan("llama", [Edit("output.weight", EditKind.SCALE_ROWS, (rows, cols), gain)], "wordfilter")
+    alone = fit_strength(plan, model, 10.0, DOCS, max_tokens=256, window=64, progress=False).trials[0].kl
+    both = fit_strength(plan, model, 10.0, DOCS, max_tokens=256, window=64, fixed=fixed, progress=False).trials[0].kl
+    edited = tmp_path / "both.gguf"
+    apply_plan(with_fixed(plan, fixed), model, edited, ApplyOptions(progress=False))
+    with LlamaRuntime(model, n_ctx=64, n_batch=64) as r, LlamaRuntime(edited, n_ctx=64, n_batch=64) as e:
+        want = capability(e, DOCS, reference=r, max_tokens=256, window=64, progress=False).kl
+    assert both == pytest.approx(want, rel=1e-4)  # the trial is the merged plan
+    assert both > alone * 1.01
+    # a budget the plan alone meets at strength 1: with the filter in every trial the fit settles lower
+    fit = fit_strength(plan, model, alone, DOCS, max_tokens=256, window=64, fixed=fixed, progress=False)
+    assert 0 < fit.strength < 1
+    assert with_fixed(plan, None) is plan
+    merged = with_fixed(plan.scaled(0.5), fixed)
+    assert merged.edits[-1].a[5] == 0.0  # the filter unscaled

@@ -179,6 +179,45 @@ def test_a_default_given_explicitly_is_the_same_stage(tmp_path: Path) -> None:
     assert plan.params["fit"]["model_type"] == "Q4_0"
 
 
+def test_the_word_filter_joins_the_fit_unscaled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`word_filter`: a stage of its own (the filter's plan for the source, cached), merged after the student in every
+    trial of the fit and in the fitted plan, where its banned rows stay at 0 while the student is scaled; the
+    student's stages are shared with the run without it."""
+    from pydetox.discover import wordfilter
+
+    model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
+    out = tmp_path / "out"
+    settings = RecipeSettings(calibrator=TINY_CAL, distill=TINY_DISTILL, kl_budget=0.05, fit_tokens=256, fit_steps=3,
+                              calibrators=tmp_path / "calibrators", max_strength=3.0)
+    plain, path, _ = distill_plan(model, out, settings, progress=False)
+    # the tiny vocabulary has no word of the bad-words list: the filter bans three tokens, in this process
+    monkeypatch.setattr(wordfilter, "banned_tokens", lambda ctx, p: (np.array([7, 20, 33]), {}))
+    filtered = dataclasses.replace(settings, word_filter=True, isolate=False)
+    plan, with_filter, timing = distill_plan(model, out, filtered, progress=False)
+    assert with_filter != path
+    assert all(timing[s]["cached"] for s in ("f16", "calibrator", "teacher", "distill"))
+    assert not timing["wordfilter"]["cached"]
+    assert not timing["fit"]["cached"]
+    assert "wordfilter" not in distill_plan(model, out, settings, progress=False)[2]  # off: no such stage
+    assert plan.method.endswith("+wordfilter")
+    *student, banned = plan.edits
+    assert banned.kind == EditKind.SCALE_ROWS
+    assert np.flatnonzero(banned.a == 0).tolist() == [7, 20, 33]
+    assert np.all(banned.a[banned.a != 0] == 1)
+    strength = plan.params["plan_strength"]
+    assert 0 < strength <= 3.0
+    raw = EditPlan.load(next((out / "stages").glob("distill-*.plan.gguf")))
+    np.testing.assert_allclose(student[0].a, raw.scaled(strength).edits[0].a)
+    assert plan.params["merged"][1]["method"] == "wordfilter"
+    assert all(t["kl"] <= 0.05 for t in plan.params["fit"]["trials"] if t["strength"] == strength)
+    # the filter's KL is counted: at its strength the student alone fits the budget with room the filter took
+    assert plain.params["plan_strength"] >= strength
+    _, again, timing = distill_plan(model, out, filtered, progress=False)
+    assert again == with_filter
+    assert timing["wordfilter"]["cached"]
+    assert timing["fit"]["cached"]
+
+
 def test_detox_fits_the_kl_budget_at_its_least_precise_type() -> None:
     """The budget holds at every type a run ships: the fit measures KL at the least precise of --types, unless
     `recipe:fit_type` names a type."""
@@ -199,7 +238,8 @@ def test_detox_refuses_an_unknown_recipe_setting(tmp_path: Path, capsys: pytest.
 
     model = write_tiny_llama(tmp_path / "m.gguf", **SHAPE)
     assert main(["detox", "--model", str(model), "--out", str(tmp_path / "o"), "--param", "recipe:strength=2"]) == 2
-    assert ("recipe has no parameter 'strength'; it has: fit_steps, fit_text, fit_tokens, fit_type, kl_budget, max_strength"
+    assert ("recipe has no parameter 'strength'; it has: fit_steps, fit_text, fit_tokens, fit_type, kl_budget, max_strength, "
+            "word_filter"
             in capsys.readouterr().err)
 
 
