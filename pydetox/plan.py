@@ -127,7 +127,10 @@ class Edit:
         """The same edit at `strength`: 0 leaves the tensor as it is, 1 is this edit, and between them the change is
         interpolated in the edit's own parameters: projections damp by strength * (1 - g), low_rank and add_rows
         add strength times their change, scalings become 1 + strength * (s - 1). Every kind is linear in these, so
-        the edited tensor is exactly (1 - strength) W + strength W_edited (above 1: the edit extrapolated)."""
+        the edited tensor is exactly (1 - strength) W + strength W_edited (above 1: the edit extrapolated), with one
+        exception: a scaling never goes below 0. Extrapolating a gain under 1 past 0 would flip the sign of a row a
+        plan meant to silence (a word filter's banned token at 0 would come out at -0.2 for strength 1.2), so it
+        stops at 0."""
         if not (np.isfinite(strength) and 0 <= strength <= MAX_STRENGTH):
             raise PlanError(f"strength must be a number in [0, {MAX_STRENGTH:g}] (1: the plan as discovered), got {strength}")
         k = self.kind
@@ -138,7 +141,8 @@ class Edit:
         if k is EditKind.LOW_RANK:
             return Edit(self.tensor, k, self.shape, (s * self.a).astype(np.float32), self.b, self.gain, self.source)
         if k in (EditKind.SCALE_ROWS, EditKind.SCALE_COLS):
-            return Edit(self.tensor, k, self.shape, (1 + s * (self.a - 1)).astype(np.float32), self.b, self.gain, self.source)
+            gains = np.maximum(1 + s * (self.a - 1), 0)
+            return Edit(self.tensor, k, self.shape, gains.astype(np.float32), self.b, self.gain, self.source)
         if k is EditKind.ADD_ROWS:
             assert self.b is not None
             return Edit(self.tensor, k, self.shape, self.a, (s * self.b).astype(np.float32), self.gain, self.source)

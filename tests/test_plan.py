@@ -139,6 +139,15 @@ def test_scaled_plan_interpolates_between_the_model_and_the_edit(tmp_path: Path,
             plan.scaled(bad)
 
 
+def test_a_scaling_extrapolated_stops_at_zero() -> None:
+    """Above strength 1 a gain under 1 falls, but never past 0: a silenced row (a banned token) stays silent, it
+    does not come back with its sign flipped. Between 0 and 1 nothing is clamped."""
+    e = Edit("output.weight", EditKind.SCALE_ROWS, (4, 3), np.array([0.0, 0.5, 1.0, 2.0], np.float32))
+    np.testing.assert_allclose(e.scaled(1.5).a, [0.0, 0.25, 1.0, 2.5])
+    np.testing.assert_allclose(e.scaled(3.0).a, [0.0, 0.0, 1.0, 4.0])
+    np.testing.assert_allclose(e.scaled(0.5).a, [0.5, 0.75, 1.0, 1.5])
+
+
 def test_plan_scale_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pydetox.cli import main
 
