@@ -32,5 +32,9 @@ class AssetError(PydetoxError):
     """A named asset is unknown, cannot be fetched, or fails its checksum."""
 
 
+class NothingToBanError(PydetoxError):
+    """The word filter found no token of the model's vocabulary to ban (no word of its list is spelled there)."""
+
+
 class RuntimeUnavailableError(PydetoxError):
     """llama-cpp-python (and with it libggml) is not installed or cannot be loaded."""

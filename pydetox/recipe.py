@@ -105,8 +105,13 @@ class RecipeSettings:
     fit_type: str = "lowest"
     # Also ban the word filter's tokens (pydetox.discover.wordfilter, its defaults: output rows of the listed bad
     # words and the pair-attested pieces scaled to 0), merged after the student's edit. The filter is all or nothing,
-    # so the fit scales the student alone with the filter in every trial: the KL budget holds both.
-    word_filter: bool = False
+    # so the fit scales the student alone with the filter in every trial: the KL budget holds both. "auto": where the
+    # model has an output layer of its own (Qwen2.5-Coder-0.5B), where the filter costs no bytes and the edit stays
+    # a LoRA adapter; not where the output layer is the token embedding (SmolLM2, Gemma-3), where it would add a
+    # whole output tensor (SmolLM2: +21% at F16, +35% at Q4_K_M) and rule out the adapter. Nor where no listed word
+    # is a token of the vocabulary. True / False (1 / 0 on the command line): always (an error if nothing is
+    # banned) / never.
+    word_filter: bool | str = "auto"
     seed: int = 0  # the student's seed (DistillParams.seed); the calibrator's is calibrator.seed
     # torch device of the calibrator's training and the student ("auto": CUDA when torch sees a GPU). Not part of any
     # stage's key: the results agree within numerical tolerance, and a stage made on one device is reused on another.
@@ -126,6 +131,12 @@ class RecipeSettings:
                                "measures perplexity and KL there, so a budget fitted on it would be judged on its own text")
         if self.fit_text not in CLEAN_TEXTS and not Path(self.fit_text).is_file():
             raise PydetoxError(f"recipe:fit_text: expected news-held-out, wiki or a text file, found {self.fit_text!r}")
+        if not isinstance(self.word_filter, bool) and self.word_filter != "auto":
+            flag = {"1": True, "true": True, "yes": True, "on": True,
+                    "0": False, "false": False, "no": False, "off": False}.get(str(self.word_filter).lower())
+            if flag is None:
+                raise PydetoxError(f"recipe:word_filter: expected auto, 1 or 0, found {self.word_filter!r}")
+            object.__setattr__(self, "word_filter", flag)
         if self.fit_type != "lowest":
             from pydetox import ggml
 
@@ -204,30 +215,33 @@ class Stages:
         folder.mkdir(parents=True, exist_ok=True)
         self.timing: dict[str, dict[str, Any]] = {}
 
-    def run(self, name: str, key: str, suffix: str, make: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    def run(self, name: str, key: str, suffix: str, make: Callable[[Path], dict[str, Any]],
+            empty_ok: bool = False) -> tuple[Path, dict[str, Any]]:
         """The artefact of stage `name` for `key`: made by `make(path)` (which writes `path` and returns what to
-        remember about it) unless it is there already."""
+        remember about it) unless it is there already. With `empty_ok`, `make` may write nothing and return
+        `empty`: True (a stage that found nothing to do); the record says so and `path` does not exist."""
         path = self.folder / f"{name}-{key}{suffix}"
         meta_path = self.folder / f"{name}-{key}.stage.json"
-        if path.exists() and meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        if meta is not None and (path.exists() or (empty_ok and meta.get("empty"))):
             self.timing[name] = {"seconds": 0.0, "cached": True, "made_in_s": meta["seconds"]}
             if self.progress:
-                print(f"[{name}] cached: {path.name} (made in {meta['seconds']:.0f} s)", flush=True)
+                print(f"[{name}] cached: {path.name if path.exists() else 'nothing to keep'} "
+                      f"(made in {meta['seconds']:.0f} s)", flush=True)
             return path, meta
         if self.progress:
             print(f"[{name}] running ...", flush=True)
         t0 = time.perf_counter()
         info = make(path)
         seconds = time.perf_counter() - t0
-        if not path.exists():
+        if not path.exists() and not (empty_ok and info.get("empty")):
             raise PydetoxError(f"stage {name} finished without writing {path}")
         meta = {"stage": name, "key": key, "seconds": round(seconds, 2), **info}
         _write_json(meta_path, meta)
         self.timing[name] = {"seconds": round(seconds, 2), "cached": False,
                              **({"peak_rss_gb": info["peak_rss_gb"]} if "peak_rss_gb" in info else {})}
         if self.progress:
-            print(f"[{name}] done in {seconds:.0f} s -> {path.name}", flush=True)
+            print(f"[{name}] done in {seconds:.0f} s -> {path.name if path.exists() else 'nothing to keep'}", flush=True)
         return path, meta
 
 
@@ -341,12 +355,27 @@ def _student_plan(f16: Path, overrides: dict[str, str], out: Path, progress: boo
             "teacher_from_cache": d["teacher_from_cache"]}
 
 
-def _word_filter_plan(f16: Path, out: Path, progress: bool, device: str) -> dict[str, Any]:
+def _word_filter_plan(f16: Path, out: Path, progress: bool, device: str, required: bool) -> dict[str, Any]:
+    """The word filter's plan for `f16` saved at `out`; when nothing is banned, an error if `required`, else no
+    file and `empty` in the stage's record."""
     from pydetox.discover import Discovery
+    from pydetox.errors import NothingToBanError
 
-    plan = Discovery(f16, progress=progress, device=device).plan("wordfilter")
+    try:
+        plan = Discovery(f16, progress=progress, device=device).plan("wordfilter")
+    except NothingToBanError:
+        if required:
+            raise
+        return {"banned_tokens": 0, "empty": True}
     plan.save(out)
     return {"banned_tokens": plan.params["diagnostics"]["banned_tokens"]}
+
+
+def ties_output(model: Path) -> bool:
+    """Whether the GGUF `model` has no output layer of its own (llama.cpp then uses the token embedding)."""
+    from pydetox.gguf_header import read_header
+
+    return all(t.name != "output.weight" for t in read_header(model).tensors)
 
 
 def _teacher_only(f16: Path, overrides: dict[str, str], progress: bool) -> dict[str, Any]:
@@ -365,18 +394,27 @@ def _teacher_targets(f16: Path, overrides: dict[str, str], progress: bool, devic
 
 def _word_filter(stages: Stages, f16: Path, src_key: str, settings: RecipeSettings,
                  progress: bool) -> tuple[Path, str] | None:
-    """The "wordfilter" stage when `settings.word_filter`: the word filter's plan at its defaults for this source,
-    and its key; None otherwise."""
-    if not settings.word_filter:
+    """The "wordfilter" stage when `settings.word_filter` is on (True, or "auto" on a model with an output layer of
+    its own): the word filter's plan at its defaults for this source, and its key; None when off, or "auto" found
+    nothing to ban."""
+    if settings.word_filter is False:
+        return None
+    if settings.word_filter == "auto" and ties_output(f16):
+        if progress:
+            print("[wordfilter] off: the output layer is the token embedding, so the filter would add an output "
+                  "tensor (recipe:word_filter=1 to add it)", flush=True)
         return None
     from pydetox.discover.wordfilter import WordFilterParams
 
+    required = settings.word_filter is True
+
     def make(path: Path) -> dict[str, Any]:
-        return _in_stage(settings, "_word_filter_plan", f16=f16, out=path, progress=progress, device=settings.device)
+        return _in_stage(settings, "_word_filter_plan", f16=f16, out=path, progress=progress, device=settings.device,
+                         required=required)
 
     key = _key("wordfilter", src_key, asdict(WordFilterParams()))
-    path, _ = stages.run("wordfilter", key, ".plan.gguf", make)
-    return path, key
+    path, meta = stages.run("wordfilter", key, ".plan.gguf", make, empty_ok=not required)
+    return None if meta.get("empty") else (path, key)
 
 
 def _fit(stages: Stages, f16: Path, raw: Path, plan_key: str, settings: RecipeSettings, progress: bool,

@@ -4,6 +4,7 @@ finds them all and runs nothing, and a changed setting reruns only the stages th
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from tiny import write_tiny_llama
 from pydetox.calibrate import CalibrateSettings
 from pydetox.errors import PydetoxError
 from pydetox.plan import EditKind, EditPlan
-from pydetox.recipe import RecipeSettings, distill_plan
+from pydetox.recipe import RecipeSettings, distill_plan, with_overrides
 
 SHAPE = {"d": 64, "ff": 128, "layers": 3, "heads": 4, "kv_heads": 2}
 TINY_CAL = CalibrateSettings(layers=1, steps=4, batch=4, seq_len=32, align_steps=3, eval_every=2, clean_tokens=0,
@@ -46,6 +47,13 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     assert len(list((tmp_path / "calibrators").glob("calibrator-*.stage.json"))) == 1  # shared by every output folder
     assert not list((out / "stages").glob("*.tmp*"))
     assert not list((out / "stages").glob("*.partial*"))
+    # the word filter ("auto"): the tiny model has an output layer of its own, but no listed word is in its
+    # vocabulary, so the stage records that it found nothing and the fit goes without it
+    (record,) = (out / "stages").glob("wordfilter-*.stage.json")
+    assert json.loads(record.read_text())["empty"] is True
+    assert not list((out / "stages").glob("wordfilter-*.plan.gguf"))
+    assert not timing["wordfilter"]["cached"]
+    assert not plan.method.endswith("+wordfilter")
     first = path.read_bytes()
 
     capsys.readouterr()
@@ -53,7 +61,11 @@ def test_stages_run_then_resume_from_their_artefacts(tmp_path: Path, capsys: pyt
     assert all(timing[s]["cached"] for s in ran)
     assert again == path
     assert again.read_bytes() == first
-    assert capsys.readouterr().out.count("cached") == 5
+    assert timing["wordfilter"]["cached"]
+    assert capsys.readouterr().out.count("cached") == 6
+    # asked for, a filter that bans nothing is an error
+    with pytest.raises(PydetoxError, match="no token of this vocabulary is a word of the bad-words list"):
+        distill_plan(model, out, dataclasses.replace(settings, word_filter=True), progress=False)
 
     # another student setting: the calibrator and the teacher are reused, the student and the fit run again
     more = RecipeSettings(**{**settings.__dict__, "distill": {**TINY_DISTILL, "steps": "10"}})
@@ -189,7 +201,7 @@ def test_the_word_filter_joins_the_fit_unscaled(tmp_path: Path, monkeypatch: pyt
     out = tmp_path / "out"
     settings = RecipeSettings(calibrator=TINY_CAL, distill=TINY_DISTILL, kl_budget=0.05, fit_tokens=256, fit_steps=3,
                               calibrators=tmp_path / "calibrators", max_strength=3.0)
-    plain, path, _ = distill_plan(model, out, settings, progress=False)
+    plain, path, _ = distill_plan(model, out, dataclasses.replace(settings, word_filter=False), progress=False)
     # the tiny vocabulary has no word of the bad-words list: the filter bans three tokens, in this process
     monkeypatch.setattr(wordfilter, "banned_tokens", lambda ctx, p: (np.array([7, 20, 33]), {}))
     filtered = dataclasses.replace(settings, word_filter=True, isolate=False)
@@ -198,7 +210,8 @@ def test_the_word_filter_joins_the_fit_unscaled(tmp_path: Path, monkeypatch: pyt
     assert all(timing[s]["cached"] for s in ("f16", "calibrator", "teacher", "distill"))
     assert not timing["wordfilter"]["cached"]
     assert not timing["fit"]["cached"]
-    assert "wordfilter" not in distill_plan(model, out, settings, progress=False)[2]  # off: no such stage
+    off = dataclasses.replace(settings, word_filter=False)
+    assert "wordfilter" not in distill_plan(model, out, off, progress=False)[2]  # off: no such stage
     assert plan.method.endswith("+wordfilter")
     *student, banned = plan.edits
     assert banned.kind == EditKind.SCALE_ROWS
@@ -216,6 +229,41 @@ def test_the_word_filter_joins_the_fit_unscaled(tmp_path: Path, monkeypatch: pyt
     assert again == with_filter
     assert timing["wordfilter"]["cached"]
     assert timing["fit"]["cached"]
+
+
+def test_the_word_filter_by_default_only_where_the_output_layer_is_its_own(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto" (the default) adds the filter to a model with an output layer of its own, not to one that uses its
+    token embedding as output layer (the filter would add an output tensor there)."""
+    from pydetox.discover import wordfilter
+
+    settings = RecipeSettings(calibrator=TINY_CAL, distill=TINY_DISTILL, kl_budget=0.05, fit_tokens=256, fit_steps=3,
+                              calibrators=tmp_path / "calibrators")
+    assert settings.word_filter == "auto"
+    tied = write_tiny_llama(tmp_path / "tied.gguf", **SHAPE, tied=True)
+    plan, _, timing = distill_plan(tied, tmp_path / "tied", settings, progress=False)
+    assert "wordfilter" not in timing
+    assert not plan.method.endswith("+wordfilter")
+    # the tiny vocabulary has no word of the bad-words list: the filter bans three tokens, in this process (the
+    # torch stages are cached: only the filter and the fit run here)
+    monkeypatch.setattr(wordfilter, "banned_tokens", lambda ctx, p: (np.array([7, 20, 33]), {}))
+    here = dataclasses.replace(settings, isolate=False)
+    plan, _, timing = distill_plan(tied, tmp_path / "tied", dataclasses.replace(here, word_filter=True), progress=False)
+    assert plan.method.endswith("+wordfilter")  # asked for, it is added there too
+    own = write_tiny_llama(tmp_path / "own.gguf", **SHAPE)
+    distill_plan(own, tmp_path / "own", dataclasses.replace(settings, word_filter=False), progress=False)
+    plan, _, timing = distill_plan(own, tmp_path / "own", here, progress=False)
+    assert plan.method.endswith("+wordfilter")
+    assert not timing["wordfilter"]["cached"]
+
+
+def test_word_filter_reads_auto_1_and_0() -> None:
+    assert RecipeSettings().word_filter == "auto"
+    assert RecipeSettings(word_filter="1").word_filter is True
+    assert with_overrides(RecipeSettings(), {"recipe": {"word_filter": "off"}}).word_filter is False
+    assert with_overrides(RecipeSettings(), {"recipe": {"word_filter": "auto"}}).word_filter == "auto"
+    with pytest.raises(PydetoxError, match="recipe:word_filter: expected auto, 1 or 0, found 'maybe'"):
+        with_overrides(RecipeSettings(), {"recipe": {"word_filter": "maybe"}})
 
 
 def test_detox_fits_the_kl_budget_at_its_least_precise_type() -> None:

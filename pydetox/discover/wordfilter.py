@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pydetox.discover.base import Context, Method, badword_token_mask, register_method, token_strings
-from pydetox.errors import PydetoxError
+from pydetox.errors import NothingToBanError, PydetoxError
 from pydetox.plan import Edit, EditKind
 
 
@@ -165,7 +165,7 @@ class WordFilter(Method):
         torch = ctx.fp.torch
         banned, chosen = banned_tokens(ctx, p)
         if len(banned) == 0:
-            raise PydetoxError("wordfilter: no token of this vocabulary is a word of the bad-words list")
+            raise NothingToBanError("wordfilter: no token of this vocabulary is a word of the bad-words list")
         w = ctx.fp.unembedding()
         texts = ctx.data.neutral[: p.texts]
         tok = ctx.fp.tokenizer
