@@ -132,8 +132,9 @@ class RecipeSettings:
         if self.fit_text not in CLEAN_TEXTS and not Path(self.fit_text).is_file():
             raise PydetoxError(f"recipe:fit_text: expected news-held-out, wiki or a text file, found {self.fit_text!r}")
         if not isinstance(self.word_filter, bool) and self.word_filter != "auto":
-            flag = {"1": True, "true": True, "yes": True, "on": True,
-                    "0": False, "false": False, "no": False, "off": False}.get(str(self.word_filter).lower())
+            from pydetox.discover.base import BOOL_WORDS
+
+            flag = BOOL_WORDS.get(str(self.word_filter).lower())
             if flag is None:
                 raise PydetoxError(f"recipe:word_filter: expected auto, 1 or 0, found {self.word_filter!r}")
             object.__setattr__(self, "word_filter", flag)

@@ -264,6 +264,12 @@ def test_word_filter_reads_auto_1_and_0() -> None:
     assert with_overrides(RecipeSettings(), {"recipe": {"word_filter": "auto"}}).word_filter == "auto"
     with pytest.raises(PydetoxError, match="recipe:word_filter: expected auto, 1 or 0, found 'maybe'"):
         with_overrides(RecipeSettings(), {"recipe": {"word_filter": "maybe"}})
+    # every yes-or-no setting: a word that is neither is refused, not read as no
+    from pydetox.discover.base import override
+
+    assert override(RecipeSettings(), {"isolate": "off"}, "recipe").isolate is False
+    with pytest.raises(PydetoxError, match=r"recipe.isolate: cannot read 'maybe' as bool \(1 or 0\)"):
+        override(RecipeSettings(), {"isolate": "maybe"}, "recipe")
 
 
 def test_detox_fits_the_kl_budget_at_its_least_precise_type() -> None:

@@ -115,6 +115,10 @@ def make_params(method: Method, overrides: dict[str, str]) -> Any:
     return override(method.Params(), overrides, method.name)
 
 
+# how a command line spells a yes or a no; anything else is refused rather than read as no
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def override(defaults: Any, overrides: dict[str, str], owner: str) -> Any:
     """A copy of the dataclass instance `defaults` with `key=value` overrides (strings, as the command line gives
     them), each converted to its field's type."""
@@ -128,7 +132,10 @@ def override(defaults: Any, overrides: dict[str, str], owner: str) -> Any:
         default = getattr(defaults, key)
         try:
             if isinstance(default, bool):
-                values[key] = raw.lower() in ("1", "true", "yes")
+                flag = BOOL_WORDS.get(raw.lower())
+                if flag is None:
+                    raise ValueError(raw)
+                values[key] = flag
             elif isinstance(default, tuple):
                 values[key] = tuple(int(x) for x in raw.split(",") if x)
             elif default is None:
@@ -136,7 +143,8 @@ def override(defaults: Any, overrides: dict[str, str], owner: str) -> Any:
             else:
                 values[key] = type(default)(raw)
         except ValueError as exc:
-            raise PydetoxError(f"{owner}.{key}: cannot read {raw!r} as {type(default).__name__}") from exc
+            kind = "bool (1 or 0)" if isinstance(default, bool) else type(default).__name__
+            raise PydetoxError(f"{owner}.{key}: cannot read {raw!r} as {kind}") from exc
     return dataclasses.replace(defaults, **values)
 
 
